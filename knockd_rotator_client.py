@@ -1,0 +1,419 @@
+#!/usr/bin/env python3
+"""knockd-rotator client: compute the current knock sequence and knock.
+
+The server and every client derive the same sequence from a shared secret, the
+door's name and the UNIX time floored to a period, so the sequence rotates with
+no communication between them.  docs/SPEC.md specifies the algorithm.
+
+Usage:
+    export KNOCKD_ROTATOR_SECRET=...        # the secret the server uses
+    knockd_rotator_client.py generate ssh   # print the sequence, knockd.conf form
+    knockd_rotator_client.py knock myserver.example ssh --check 22
+
+Environment:
+    KNOCKD_ROTATOR_SECRET         required, at least 10 characters
+    KNOCKD_ROTATOR_LENGTH         ports per sequence, 1-32 (default 10)
+    KNOCKD_ROTATOR_PORT_MODULO    0: every knock is TCP; M > 0: TCP when
+                                  port % M == 0, otherwise UDP (default 0)
+    KNOCKD_ROTATOR_PERIOD_MODULO  rotation period in seconds (default 21600)
+
+Safety:
+    The secret is read from the environment only: never from the command line,
+    never printed.  A TCP knock is exactly one SYN (a non-blocking connect that
+    is closed at once), so the kernel never retransmits it: knockd would take a
+    repeated port as a wrong knock and reset the attempt.
+
+This file is self-contained (Python 3.8+ standard library only) so that it can
+be copied alone onto a laptop or a phone.
+"""
+
+import argparse
+import hashlib
+import hmac
+import os
+import sys
+import time
+
+VERSION = "0.1.0"
+
+# Exit codes, listed in the README.
+EXIT_OK = 0
+EXIT_FAILED = 1       # the job ran but did not succeed (the door did not open)
+EXIT_USAGE = 2        # bad command line
+EXIT_ENVIRONMENT = 3  # a KNOCKD_ROTATOR_* variable is missing or invalid
+EXIT_NETWORK = 5      # the host cannot be resolved or a knock cannot be sent
+
+# How often --check tries the guarded port, and how long one try may take.
+CHECK_INTERVAL = 0.1
+CHECK_CONNECT_TIMEOUT = 1.0
+
+
+# BEGIN SHARED GENERATOR
+# This block is byte-identical in knockd_rotator_client.py and
+# knockd_rotator_server.py (tests/test_shared_block.py compares them): the two
+# files are deployed apart, so each carries its own copy.  It is pure: no clock,
+# no environment, no I/O; callers pass the time and the variables in.
+# docs/SPEC.md specifies the algorithm byte by byte.
+
+ROTATOR_SUFFIX = "_ROTATOR"
+ALGORITHM_TAG = b"knockd-rotator/1"
+MIN_PORT = 2000        # below this live well-known services a scan hits first
+MAX_PORT = 65535
+PORT_SPAN = MAX_PORT - MIN_PORT + 1   # 63536 equally likely ports
+MAX_LENGTH = 32        # knockd 0.8 takes at most 32 ports in a sequence
+MIN_SECRET_CHARS = 10
+MAX_PERIOD = 366 * 86400   # a longer period is a static sequence in practice
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+DEFAULTS = {"LENGTH": 10, "PORT_MODULO": 0, "PERIOD_MODULO": 21600}
+
+
+class RotatorError(Exception):
+    """An expected failure: printed as `error: WHAT (FIX)`, exits with CODE."""
+
+    def __init__(self, what, fix, code):
+        super().__init__(what)
+        self.what, self.fix, self.code = what, fix, code
+
+    def __str__(self):
+        return "error: %s (%s)" % (self.what, self.fix)
+
+
+def door_name(service):
+    """The knockd section name for SERVICE: `_ROTATOR` is appended if missing."""
+    return service if service.endswith(ROTATOR_SUFFIX) else service + ROTATOR_SUFFIX
+
+
+def period_start(now, period, offset=0):
+    """Start of the period holding NOW, moved by OFFSET whole periods."""
+    return (int(now // period) + offset) * period
+
+
+def _field(data):
+    return len(data).to_bytes(4, "big") + data
+
+
+def _is_monotonic(ports):
+    pairs = list(zip(ports, ports[1:]))
+    return all(a < b for a, b in pairs) or all(a > b for a, b in pairs)
+
+
+def generate_sequence(secret, door, start, length, port_modulo):
+    """The knock sequence of DOOR for the period starting at START.
+
+    SECRET is bytes; DOOR is the full section name (with `_ROTATOR`).
+    Returns a list of (port, "tcp" | "udp").
+    """
+    if not INT64_MIN <= start <= INT64_MAX:
+        raise RotatorError("period start %d is out of range" % start,
+                           "use a smaller --offset", EXIT_USAGE)
+    prefix = (_field(ALGORITHM_TAG)
+              + _field(door.encode("utf-8", "surrogateescape"))
+              + start.to_bytes(8, "big", signed=True))
+    ports = []
+    counter = 0
+    while True:
+        block = hmac.new(secret, prefix + counter.to_bytes(4, "big"),
+                         hashlib.sha256).digest()
+        counter += 1
+        for i in range(0, len(block), 2):
+            value = int.from_bytes(block[i:i + 2], "big")
+            # Rejection sampling: 65536 is not a multiple of PORT_SPAN, and a
+            # modulo would make the low ports more likely than the others.
+            if value >= PORT_SPAN:
+                continue
+            port = MIN_PORT + value
+            if port in ports:
+                continue
+            ports.append(port)
+            if len(ports) < length:
+                continue
+            # An ascending (or descending) port scan opens a monotonic door,
+            # since knockd never sees the ports between its knocks.
+            if length >= 3 and _is_monotonic(ports):
+                ports = []
+                continue
+            return [(p, "tcp" if port_modulo == 0 or p % port_modulo == 0 else "udp")
+                    for p in ports]
+
+
+def format_sequence(sequence, separator=","):
+    """`port:proto` items: knockd.conf form, or the C `knock` form with " "."""
+    return separator.join("%d:%s" % knock for knock in sequence)
+
+
+def _whole_number(environ, name, low, high):
+    variable = "KNOCKD_ROTATOR_" + name
+    if variable not in environ:
+        return DEFAULTS[name]
+    text = environ[variable]
+    digits = text[1:] if text[:1] == "-" else text
+    if not (digits.isascii() and digits.isdigit()) or not low <= int(text) <= high:
+        raise RotatorError("%s must be a whole number from %d to %d, not %r"
+                           % (variable, low, high, text[:40]),
+                           "fix it in the environment or the environment file",
+                           EXIT_ENVIRONMENT)
+    return int(text)
+
+
+def read_settings(environ):
+    """(secret bytes, length, port modulo, period) from KNOCKD_ROTATOR_* in ENVIRON."""
+    secret = environ.get("KNOCKD_ROTATOR_SECRET", "")
+    if len(secret) < MIN_SECRET_CHARS:
+        what = ("KNOCKD_ROTATOR_SECRET is not set" if "KNOCKD_ROTATOR_SECRET" not in environ
+                else "KNOCKD_ROTATOR_SECRET is empty" if not secret else
+                "KNOCKD_ROTATOR_SECRET is shorter than %d characters" % MIN_SECRET_CHARS)
+        raise RotatorError(what, "set it to the secret the server uses, at least "
+                           "%d characters; a new one: python3 -c 'import secrets; "
+                           "print(secrets.token_urlsafe(32))'" % MIN_SECRET_CHARS,
+                           EXIT_ENVIRONMENT)
+    return (secret.encode("utf-8", "surrogateescape"),
+            _whole_number(environ, "LENGTH", 1, MAX_LENGTH),
+            _whole_number(environ, "PORT_MODULO", 0, MAX_PORT),
+            _whole_number(environ, "PERIOD_MODULO", 1, MAX_PERIOD))
+
+
+def resolve_command(word, commands):
+    """The command that WORD names exactly or is a unique prefix of."""
+    matches = [c for c in commands if c == word] or [c for c in commands if c.startswith(word)]
+    if len(matches) == 1:
+        return matches[0]
+    kind = "ambiguous" if matches else "unknown"
+    raise RotatorError("%s command %r" % (kind, word),
+                       "choose one of: %s" % ", ".join(matches or commands), EXIT_USAGE)
+# END SHARED GENERATOR
+
+
+# ---------------------------------------------------------------- knocking
+
+def resolve_host(host, family):
+    """One address for HOST: (family, sockaddr with port 0)."""
+    import socket
+    try:
+        infos = socket.getaddrinfo(host, 0, family, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise RotatorError("cannot resolve host %r: %s" % (host, getattr(exc, "strerror", exc)),
+                           "check the name, or give an IPv4 or IPv6 address",
+                           EXIT_NETWORK) from None
+    return infos[0][0], infos[0][4]
+
+
+def with_port(sockaddr, port):
+    return (sockaddr[0], port) + tuple(sockaddr[2:])
+
+
+def send_knocks(family, sockaddr, sequence, delay):
+    """One SYN per TCP knock, one datagram per UDP knock, in order."""
+    import errno
+    import socket
+    # A refused or pending connect is the normal fate of a knock.
+    harmless = {0, errno.EINPROGRESS, errno.EAGAIN, errno.ECONNREFUSED}
+    for index, (port, protocol) in enumerate(sequence):
+        if index and delay:
+            time.sleep(delay)
+        address = with_port(sockaddr, port)
+        kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+        with socket.socket(family, kind) as sock:
+            try:
+                if protocol == "tcp":
+                    # Non-blocking, then closed at once: the kernel sends one
+                    # SYN and never a retransmission.
+                    sock.setblocking(False)
+                    error = sock.connect_ex(address)
+                else:
+                    sock.sendto(b"\0", address)
+                    error = 0
+            except OSError as exc:
+                error = exc.errno
+        if error not in harmless:
+            raise RotatorError("cannot knock on %s port %d/%s: %s"
+                               % (sockaddr[0], port, protocol, os.strerror(error)),
+                               "check the route to the host and the local firewall",
+                               EXIT_NETWORK)
+
+
+def wait_for_port(family, sockaddr, port, timeout):
+    """Seconds until PORT accepts a TCP connection, or None after TIMEOUT."""
+    import socket
+    started = time.monotonic()
+    deadline = started + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(min(remaining, CHECK_CONNECT_TIMEOUT))
+            try:
+                sock.connect(with_port(sockaddr, port))
+                return time.monotonic() - started
+            except OSError:
+                pass
+        time.sleep(min(CHECK_INTERVAL, max(0.0, deadline - time.monotonic())))
+
+
+# ---------------------------------------------------------------- CLI
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one `error: ...` line, exit code 2."""
+
+    def error(self, message):
+        raise RotatorError(message, "see %s --help" % self.prog, EXIT_USAGE)
+
+
+def port_number(text):
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_PORT:
+        raise argparse.ArgumentTypeError("%r is not a port from 1 to %d" % (text, MAX_PORT))
+    return int(text)
+
+
+def offset_number(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a whole number" % text) from None
+
+
+def positive_seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError("%r is not a number of seconds from 0 to 86400" % text)
+    return value
+
+
+def delay_ms(text):
+    if not (text.isascii() and text.isdigit()) or int(text) > 60000:
+        raise argparse.ArgumentTypeError("%r is not milliseconds from 0 to 60000" % text)
+    return int(text)
+
+
+COMMANDS = ("generate", "knock")
+
+EPILOG = """\
+examples:
+  export KNOCKD_ROTATOR_SECRET=...   (the server's secret; never on a command line)
+  %(prog)s generate ssh                  12345:tcp,23456:tcp,...
+  %(prog)s gen ssh --offset -1           the previous period's sequence
+  knock myserver $(%(prog)s gen ssh --format knock)
+  %(prog)s knock myserver ssh --check 22
+
+Commands may be shortened to a unique prefix (gen, kn).
+exit codes: 0 ok, 1 door did not open, 2 bad command line,
+            3 bad KNOCKD_ROTATOR_* variable, 5 host unresolvable or unreachable
+"""
+
+
+def build_parser():
+    parser = Parser(prog=os.path.basename(sys.argv[0]), allow_abbrev=False,
+                    description="Compute the current knockd-rotator sequence and knock.",
+                    epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    def door_arguments(sub):
+        sub.add_argument("service", metavar="SERVICE",
+                         help="door name; _ROTATOR is appended when missing")
+        sub.add_argument("--offset", type=offset_number, default=0, metavar="N",
+                         help="periods to move: -1 is the previous sequence (default 0)")
+
+    generate = commands.add_parser(
+        "generate", allow_abbrev=False, help="print the current sequence",
+        description="Print the current sequence of a door.",
+        epilog="examples:\n  generate ssh\n  generate ssh --format knock\n"
+               "  generate ssh --format json --offset -1",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    door_arguments(generate)
+    generate.add_argument("--format", choices=("knockd", "knock", "json"), default="knockd",
+                          help="knockd: knockd.conf form (default); knock: arguments "
+                               "for knockd's C knock client; json: with the period")
+
+    knock = commands.add_parser(
+        "knock", allow_abbrev=False, help="send the current sequence to a host",
+        description="Send the current sequence of a door to HOST, in order.",
+        epilog="examples:\n  knock myserver ssh\n  knock myserver ssh --check 22\n"
+               "  knock 2001:db8::1 ssh -6 --delay 50",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    knock.add_argument("host", metavar="HOST", help="name or IPv4/IPv6 address")
+    door_arguments(knock)
+    knock.add_argument("--delay", type=delay_ms, default=0, metavar="MS",
+                       help="milliseconds between knocks (default 0)")
+    family = knock.add_mutually_exclusive_group()
+    family.add_argument("-4", dest="family", action="store_const", const=4, help="IPv4 only")
+    family.add_argument("-6", dest="family", action="store_const", const=6, help="IPv6 only")
+    knock.add_argument("--check", type=port_number, metavar="PORT",
+                       help="then wait until PORT accepts a TCP connection")
+    knock.add_argument("--check-timeout", type=positive_seconds, default=10.0, metavar="S",
+                       help="how long --check waits (default 10)")
+    return parser
+
+
+# Options whose value may be negative.  `knock` has the options -4 and -6, so
+# argparse takes any `-1` there for an option: such values are glued to their
+# option (`--offset=-1`) before parsing.
+NUMERIC_OPTIONS = ("--offset", "--check-timeout", "--delay")
+
+
+def prepare_argv(argv):
+    """ARGV with the command word expanded from a prefix and negative values glued."""
+    argv = list(argv)
+    for index, word in enumerate(argv):
+        if not word.startswith("-"):
+            argv[index] = resolve_command(word, COMMANDS)
+            break
+    prepared = []
+    for word in argv:
+        if prepared and prepared[-1] in NUMERIC_OPTIONS:
+            prepared[-1] += "=" + word
+        else:
+            prepared.append(word)
+    return prepared
+
+
+def run(argv, environ, now):
+    args = build_parser().parse_args(prepare_argv(argv))
+    secret, length, port_modulo, period = read_settings(environ)
+    door = door_name(args.service)
+    start = period_start(now, period, args.offset)
+    sequence = generate_sequence(secret, door, start, length, port_modulo)
+
+    if args.command == "generate":
+        if args.format == "json":
+            import json
+            print(json.dumps({"door": door, "sequence": format_sequence(sequence),
+                              "ports": [{"port": p, "protocol": proto} for p, proto in sequence],
+                              "period_start": start, "period_end": start + period}))
+        else:
+            print(format_sequence(sequence, "," if args.format == "knockd" else " "))
+        return EXIT_OK
+
+    import socket
+    family = {None: socket.AF_UNSPEC, 4: socket.AF_INET, 6: socket.AF_INET6}[args.family]
+    family, sockaddr = resolve_host(args.host, family)
+    send_knocks(family, sockaddr, sequence, args.delay / 1000.0)
+    if args.check is None:
+        return EXIT_OK
+    took = wait_for_port(family, sockaddr, args.check, args.check_timeout)
+    if took is None:
+        raise RotatorError("port %d on %s did not open within %g s"
+                           % (args.check, args.host, args.check_timeout),
+                           "compare the clock, the secret and the KNOCKD_ROTATOR_* "
+                           "settings with the server's", EXIT_FAILED)
+    print("port %d on %s open after %.2f s" % (args.check, args.host, took))
+    return EXIT_OK
+
+
+def main():
+    try:
+        return run(sys.argv[1:], os.environ, time.time())
+    except RotatorError as exc:
+        print(exc, file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Shared test helpers: run the scripts, make network namespaces, run real knockd.
+
+Tests that need root or a Debian package fail on CI (CI=true) when it is
+missing, since tests/run installs everything there; off CI they skip with the
+reason.  Traffic only ever goes to loopback addresses inside namespaces that a
+test made, and every namespace and process is removed afterwards.
+"""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT = ROOT / "knockd_rotator_client.py"
+SERVER = ROOT / "knockd_rotator_server.py"
+SECRET = "test-secret-not-for-production"
+
+
+def need(condition, reason):
+    """Skip off CI, fail on CI, when CONDITION does not hold."""
+    if condition:
+        return
+    if os.environ.get("CI"):
+        pytest.fail("CI must provide this: " + reason)
+    pytest.skip(reason)
+
+
+def need_root_and(*programs):
+    need(os.geteuid() == 0, "needs root (network namespaces, iptables)")
+    for program in programs:
+        need(shutil.which(program), "needs %s (run tests/run to install it)" % program)
+
+
+def rotator_env(**overrides):
+    """The test process's environment with only our KNOCKD_ROTATOR_* settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KNOCKD_ROTATOR_")}
+    env["KNOCKD_ROTATOR_SECRET"] = SECRET
+    for key, value in overrides.items():
+        name = "KNOCKD_ROTATOR_" + key
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = str(value)
+    return env
+
+
+def run_script(script, *args, env=None, netns=None, timeout=60, prefix=(), **kwargs):
+    command = list(prefix) + [sys.executable, str(script)] + [str(a) for a in args]
+    if netns:
+        command = ["ip", "netns", "exec", netns] + command
+    return subprocess.run(command, env=rotator_env() if env is None else env,
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def run_client(*args, **kwargs):
+    return run_script(CLIENT, *args, **kwargs)
+
+
+def wait_until(predicate, timeout, what, interval=0.05):
+    """Poll PREDICATE until it returns a true value, failing after TIMEOUT s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail("timed out after %g s waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+class Namespace:
+    def __init__(self, name):
+        self.name = name
+
+    def run(self, *command, check=True, **kwargs):
+        return subprocess.run(["ip", "netns", "exec", self.name] + [str(c) for c in command],
+                              check=check, capture_output=True, text=True, **kwargs)
+
+    def popen(self, *command, **kwargs):
+        return subprocess.Popen(["ip", "netns", "exec", self.name] + [str(c) for c in command],
+                                **kwargs)
+
+    def tcp_open(self, port, host="127.0.0.1", timeout=0.3):
+        """True when a TCP connect to HOST:PORT succeeds inside the namespace."""
+        code = ("import socket,sys\ns=socket.socket(socket.AF_INET6 if ':' in sys.argv[1] "
+                "else socket.AF_INET)\ns.settimeout(%r)\n"
+                "sys.exit(s.connect_ex((sys.argv[1], int(sys.argv[2]))) != 0)" % timeout)
+        return self.run(sys.executable, "-c", code, host, port, check=False).returncode == 0
+
+
+@pytest.fixture
+def netns():
+    need_root_and("ip")
+    name = "krtest-%d-%s" % (os.getpid(), uuid.uuid4().hex[:8])
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield Namespace(name)
+    finally:
+        # knockd's children (sleep cmd_timeout, then stop_command) live on
+        # after knockd; kill everything in the namespace before deleting it.
+        pids = subprocess.run(["ip", "netns", "pids", name],
+                              capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+class Knockd:
+    """Debian's knockd, in the foreground, on the loopback of a test namespace."""
+
+    def __init__(self, namespace, directory, config):
+        self.namespace = namespace
+        self.config = Path(config)
+        self.log = Path(directory) / "knockd.log"
+        self.process = None
+
+    def start(self):
+        self.log.write_text("")
+        self.process = self.namespace.popen("knockd", "-i", "lo", "-c", self.config,
+                                            stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL)
+        self.wait_log(r"listening on lo", "knockd to start")
+        return self
+
+    def log_text(self):
+        return self.log.read_text(errors="replace")
+
+    def wait_log(self, pattern, what, timeout=10, count=1):
+        def seen():
+            if self.process.poll() is not None:
+                pytest.fail("knockd exited (%s) while waiting for %s:\n%s"
+                            % (self.process.returncode, what, self.log_text()))
+            return len(re.findall(pattern, self.log_text())) >= count
+        wait_until(seen, timeout, what)
+
+    def reload(self):
+        """SIGHUP, as Debian's `systemctl reload knockd` sends."""
+        self.process.send_signal(signal.SIGHUP)
+
+    @property
+    def pid(self):
+        return self.process.pid
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def start_knockd(netns, tmp_path):
+    """start_knockd(config_text) -> a running Knockd; stopped after the test."""
+    need_root_and("knockd")
+    started = []
+
+    def start(config_text, name="knockd.conf"):
+        config = tmp_path / name
+        log = tmp_path / "knockd.log"
+        config.write_text("[options]\n\tlogfile = %s\n%s" % (log, config_text))
+        knockd = Knockd(netns, tmp_path, config)
+        started.append(knockd)
+        return knockd.start()
+
+    yield start
+    for knockd in started:
+        knockd.stop()

@@ -1,0 +1,90 @@
+"""docs/SPEC.md's test vectors, checked against the shared generator and
+against a second implementation written from the SPEC's text alone."""
+
+import hashlib
+import hmac
+import json
+import re
+import struct
+
+import pytest
+
+import knockd_rotator_client as client
+from conftest import ROOT
+
+FIELDS = ("secret", "door", "now", "period", "offset", "length", "port_modulo",
+          "period_start", "sequence")
+
+
+def spec_vectors():
+    text = (ROOT / "docs" / "SPEC.md").read_text(encoding="utf-8")
+    vectors = []
+    for title, body in re.findall(r"### (Vector \d+[^\n]*)\n\n```\n(.*?)```", text, re.S):
+        values = dict(line.split(None, 1) for line in body.splitlines())
+        assert tuple(values) == FIELDS, title
+        vector = {k: json.loads(v) for k, v in values.items() if k != "sequence"}
+        vector["sequence"] = values["sequence"].strip()
+        vectors.append(pytest.param(vector, id=title))
+    return vectors
+
+
+def independent_sequence(secret, door, now, period, offset, length, port_modulo):
+    """Steps 1-4 of docs/SPEC.md, written from the text, sharing no code."""
+    start = (now // period + offset) * period
+    door_bytes = door.encode("utf-8")
+    prefix = (struct.pack(">I", 16) + b"knockd-rotator/1" + struct.pack(">I", len(door_bytes))
+              + door_bytes + struct.pack(">q", start))
+    ports, k = [], 0
+    while True:
+        block = hmac.new(secret.encode("utf-8"), prefix + struct.pack(">I", k),
+                         hashlib.sha256).digest()
+        k += 1
+        for (v,) in struct.iter_unpack(">H", block):
+            if v >= 63536 or 2000 + v in ports:
+                continue
+            ports.append(2000 + v)
+            if len(ports) == length:
+                ascending = sorted(ports) == ports
+                descending = sorted(ports, reverse=True) == ports
+                if length >= 3 and (ascending or descending):
+                    ports = []
+                else:
+                    return start, ",".join(
+                        "%d:%s" % (p, "tcp" if port_modulo == 0 or p % port_modulo == 0 else "udp")
+                        for p in ports)
+
+
+VECTORS = spec_vectors()
+
+
+def test_spec_has_the_required_coverage():
+    vectors = [p.values[0] for p in VECTORS]
+    assert len(vectors) >= 12
+    assert {1, 32} <= {v["length"] for v in vectors}
+    assert any(v["port_modulo"] == 0 for v in vectors) and any(v["port_modulo"] for v in vectors)
+    assert any(v["offset"] < 0 for v in vectors) and any(v["offset"] > 0 for v in vectors)
+    assert any(not v["door"].isascii() for v in vectors)
+    assert any(len(v["door"]) > 100 for v in vectors)
+
+
+@pytest.mark.parametrize("vector", VECTORS)
+def test_vector_matches_shared_generator(vector):
+    start = client.period_start(vector["now"], vector["period"], vector["offset"])
+    assert start == vector["period_start"]
+    sequence = client.generate_sequence(vector["secret"].encode("utf-8"), vector["door"], start,
+                                        vector["length"], vector["port_modulo"])
+    assert client.format_sequence(sequence) == vector["sequence"]
+
+
+@pytest.mark.parametrize("vector", VECTORS)
+def test_vector_matches_independent_implementation(vector):
+    inputs = {k: vector[k] for k in FIELDS[:7]}
+    assert independent_sequence(**inputs) == (vector["period_start"], vector["sequence"])
+
+
+def test_worked_example_block():
+    text = (ROOT / "docs" / "SPEC.md").read_text(encoding="utf-8")
+    shown = re.search(r"block_0 = ([0-9a-f]{64})", text).group(1)
+    message = (struct.pack(">I", 16) + b"knockd-rotator/1" + struct.pack(">I", 11)
+               + b"ssh_ROTATOR" + struct.pack(">q", 1699984800) + struct.pack(">I", 0))
+    assert hmac.new(b"example-secret-0123", message, hashlib.sha256).hexdigest() == shown
