@@ -65,8 +65,6 @@ MIN_SECRET_CHARS = 10
 MAX_PERIOD = 366 * 86400   # a longer period is a static sequence in practice
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
-DEFAULTS = {"LENGTH": 10, "PORT_MODULO": 0, "PERIOD_MODULO": 21600}
-
 
 class RotatorError(Exception):
     """An expected failure: printed as `error: WHAT (FIX)`, exits with CODE."""
@@ -142,10 +140,11 @@ def format_sequence(sequence, separator=","):
     return separator.join("%d:%s" % knock for knock in sequence)
 
 
-def _whole_number(environ, name, low, high):
+def whole_number(environ, name, low, high, default):
+    """KNOCKD_ROTATOR_<NAME> from ENVIRON: DEFAULT when unset, else LOW..HIGH."""
     variable = "KNOCKD_ROTATOR_" + name
     if variable not in environ:
-        return DEFAULTS[name]
+        return default
     text = environ[variable]
     digits = text[1:] if text[:1] == "-" else text
     if not (digits.isascii() and digits.isdigit()) or not low <= int(text) <= high:
@@ -168,9 +167,9 @@ def read_settings(environ):
                            "print(secrets.token_urlsafe(32))'" % MIN_SECRET_CHARS,
                            EXIT_ENVIRONMENT)
     return (secret.encode("utf-8", "surrogateescape"),
-            _whole_number(environ, "LENGTH", 1, MAX_LENGTH),
-            _whole_number(environ, "PORT_MODULO", 0, MAX_PORT),
-            _whole_number(environ, "PERIOD_MODULO", 1, MAX_PERIOD))
+            whole_number(environ, "LENGTH", 1, MAX_LENGTH, 10),
+            whole_number(environ, "PORT_MODULO", 0, MAX_PORT, 0),
+            whole_number(environ, "PERIOD_MODULO", 1, MAX_PERIOD, 21600))
 
 
 def resolve_command(word, commands):

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -53,15 +54,49 @@ def rotator_env(**overrides):
 
 
 def run_script(script, *args, env=None, netns=None, timeout=60, prefix=(), **kwargs):
+    """Run SCRIPT; its output goes through files, not pipes, since a boundary
+    run it leaves behind inherits stderr and would hold a pipe open."""
     command = list(prefix) + [sys.executable, str(script)] + [str(a) for a in args]
     if netns:
         command = ["ip", "netns", "exec", netns] + command
-    return subprocess.run(command, env=rotator_env() if env is None else env,
-                          capture_output=True, text=True, timeout=timeout, **kwargs)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        result = subprocess.run(command, env=rotator_env() if env is None else env,
+                                stdout=out, stderr=err, timeout=timeout, **kwargs)
+        out.seek(0)
+        err.seek(0)
+        result.stdout = out.read().decode("utf-8", "replace")
+        result.stderr = err.read().decode("utf-8", "replace")
+    return result
 
 
 def run_client(*args, **kwargs):
     return run_script(CLIENT, *args, **kwargs)
+
+
+def run_server(*args, **kwargs):
+    return run_script(SERVER, *args, **kwargs)
+
+
+def alive_command(pid):
+    """A shell check that PID runs (a zombie does not count)."""
+    return "ps -o stat= -p %d | grep -qv Z" % pid
+
+
+@pytest.fixture
+def server_env(tmp_path):
+    """server_env(**overrides): settings for a server run confined to tmp_path.
+
+    Commands default to `true`, the state folder is tmp_path/state, and the
+    period is long so that no boundary run is due unless a test asks for one.
+    Any boundary run the test leaves is killed afterwards."""
+    def make(**overrides):
+        settings = dict(STATE_DIR=tmp_path / "state", ENV_FILE=tmp_path / "absent.env",
+                        RELOAD_COMMAND="true", CHECK_COMMAND="true", RECOVER_COMMAND="true",
+                        CHECK_SECONDS=0, PERIOD_MODULO=31622400, SERVER_INTERVAL=60)
+        settings.update(overrides)
+        return rotator_env(**settings)
+    yield make
+    subprocess.run(["pkill", "-KILL", "-f", "%s.* --at " % tmp_path], check=False)
 
 
 def wait_until(predicate, timeout, what, interval=0.05):

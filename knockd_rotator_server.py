@@ -1,0 +1,804 @@
+#!/usr/bin/env python3
+"""knockd-rotator server: keep the [*_ROTATOR] doors of knockd.conf current.
+
+Every section of knockd.conf whose name ends with `_ROTATOR` gets, as its
+`sequence`, the sequence of the current period (docs/SPEC.md), derived from the
+same secret and settings the clients use.  Then knockd is made to load it.
+
+Usage (as root, normally from knockd_rotator.timer):
+    knockd_rotator_server.py                 rotate /etc/knockd.conf now
+    knockd_rotator_server.py --dry-run       show the diff, change nothing
+    knockd_rotator_server.py --config PATH --verbose
+
+Environment (the service reads it from /etc/knockd_rotator.env, mode 0600):
+    KNOCKD_ROTATOR_SECRET, _LENGTH, _PORT_MODULO, _PERIOD_MODULO   as the client
+    KNOCKD_ROTATOR_RELOAD_COMMAND   default: systemctl reload knockd
+    KNOCKD_ROTATOR_CHECK_COMMAND    default: systemctl is-active --quiet knockd
+    KNOCKD_ROTATOR_RECOVER_COMMAND  default: systemctl reload-or-restart knockd
+    KNOCKD_ROTATOR_CHECK_SECONDS    how long knockd must stay up after a reload (2)
+    KNOCKD_ROTATOR_SERVER_INTERVAL  seconds between timer runs (3600)
+    KNOCKD_ROTATOR_STATE_DIR        lock and pending run (/var/lib/knockd_rotator)
+    KNOCKD_ROTATOR_ENV_FILE         file whose mode is checked (/etc/knockd_rotator.env)
+
+Safety:
+  - Only the values of `sequence` lines of rotator doors change; every other
+    byte of knockd.conf stays as it was.  The new file is checked against
+    knockd 0.8's grammar before it is written, so a file knockd would refuse
+    (knockd exits on such a reload) is reported instead of loaded.
+  - The file is swapped atomically (temp file beside it, same mode and owner,
+    fsync, rename, fsync of the folder): a crash leaves the old or the new file.
+  - A lock serialises runs.  Nothing is written or reloaded when the file is
+    already current.
+  - knockd is reloaded (SIGHUP), never restarted: a restart kills the children
+    that run stop_command after cmd_timeout, and leaves those ports open.
+  - If knockd is not running after the reload, the previous file is put back
+    and knockd is reloaded or started again; the run then fails.
+  - The secret comes from the environment only and is never logged.
+"""
+
+import argparse
+import datetime
+import fcntl
+import hashlib
+import hmac
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+VERSION = "0.1.0"
+
+# Exit codes, listed in the README.
+EXIT_OK = 0
+EXIT_FAILED = 1         # knockd did not take the new file; the old one is back
+EXIT_USAGE = 2          # bad command line
+EXIT_ENVIRONMENT = 3    # a KNOCKD_ROTATOR_* variable is missing or invalid
+EXIT_CONFIG = 4         # knockd.conf cannot be read, or knockd would refuse it
+EXIT_BUSY = 6           # another run held the lock for too long
+EXIT_RECOVERY = 7       # knockd is down and could not be brought back: act now
+
+SCRIPT = os.path.abspath(__file__)
+DEFAULT_CONFIG = "/etc/knockd.conf"
+DEFAULT_COMMANDS = {
+    "RELOAD_COMMAND": "systemctl reload knockd",
+    "CHECK_COMMAND": "systemctl is-active --quiet knockd",
+    # After a failed reload knockd may have exited: reload-or-restart starts it.
+    "RECOVER_COMMAND": "systemctl reload-or-restart knockd",
+}
+DEFAULT_STATE_DIR = "/var/lib/knockd_rotator"
+DEFAULT_ENV_FILE = "/etc/knockd_rotator.env"
+DEFAULT_CHECK_SECONDS = 2
+DEFAULT_SERVER_INTERVAL = 3600
+
+COMMAND_TIMEOUT = 30     # seconds a reload, check or recover command may take
+CHECK_POLL = 0.2         # seconds between two runs of the check command
+LOCK_TIMEOUT = 60        # seconds to wait for another run to finish
+# A boundary this much after the next timer run is still taken by a boundary
+# run: the timer may fire a little late.
+TIMER_SLACK = 60
+# Temp files are `.knockd.conf.XXXX.knockd_rotator.tmp` beside the file; a
+# killed run may leave one, which the next run removes.
+TEMP_SUFFIX = ".knockd_rotator.tmp"
+
+
+# BEGIN SHARED GENERATOR
+# This block is byte-identical in knockd_rotator_client.py and
+# knockd_rotator_server.py (tests/test_shared_block.py compares them): the two
+# files are deployed apart, so each carries its own copy.  It is pure: no clock,
+# no environment, no I/O; callers pass the time and the variables in.
+# docs/SPEC.md specifies the algorithm byte by byte.
+
+ROTATOR_SUFFIX = "_ROTATOR"
+ALGORITHM_TAG = b"knockd-rotator/1"
+MIN_PORT = 2000        # below this live well-known services a scan hits first
+MAX_PORT = 65535
+PORT_SPAN = MAX_PORT - MIN_PORT + 1   # 63536 equally likely ports
+MAX_LENGTH = 32        # knockd 0.8 takes at most 32 ports in a sequence
+MIN_SECRET_CHARS = 10
+MAX_PERIOD = 366 * 86400   # a longer period is a static sequence in practice
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
+class RotatorError(Exception):
+    """An expected failure: printed as `error: WHAT (FIX)`, exits with CODE."""
+
+    def __init__(self, what, fix, code):
+        super().__init__(what)
+        self.what, self.fix, self.code = what, fix, code
+
+    def __str__(self):
+        return "error: %s (%s)" % (self.what, self.fix)
+
+
+def door_name(service):
+    """The knockd section name for SERVICE: `_ROTATOR` is appended if missing."""
+    return service if service.endswith(ROTATOR_SUFFIX) else service + ROTATOR_SUFFIX
+
+
+def period_start(now, period, offset=0):
+    """Start of the period holding NOW, moved by OFFSET whole periods."""
+    return (int(now // period) + offset) * period
+
+
+def _field(data):
+    return len(data).to_bytes(4, "big") + data
+
+
+def _is_monotonic(ports):
+    pairs = list(zip(ports, ports[1:]))
+    return all(a < b for a, b in pairs) or all(a > b for a, b in pairs)
+
+
+def generate_sequence(secret, door, start, length, port_modulo):
+    """The knock sequence of DOOR for the period starting at START.
+
+    SECRET is bytes; DOOR is the full section name (with `_ROTATOR`).
+    Returns a list of (port, "tcp" | "udp").
+    """
+    if not INT64_MIN <= start <= INT64_MAX:
+        raise RotatorError("period start %d is out of range" % start,
+                           "use a smaller --offset", EXIT_USAGE)
+    prefix = (_field(ALGORITHM_TAG)
+              + _field(door.encode("utf-8", "surrogateescape"))
+              + start.to_bytes(8, "big", signed=True))
+    ports = []
+    counter = 0
+    while True:
+        block = hmac.new(secret, prefix + counter.to_bytes(4, "big"),
+                         hashlib.sha256).digest()
+        counter += 1
+        for i in range(0, len(block), 2):
+            value = int.from_bytes(block[i:i + 2], "big")
+            # Rejection sampling: 65536 is not a multiple of PORT_SPAN, and a
+            # modulo would make the low ports more likely than the others.
+            if value >= PORT_SPAN:
+                continue
+            port = MIN_PORT + value
+            if port in ports:
+                continue
+            ports.append(port)
+            if len(ports) < length:
+                continue
+            # An ascending (or descending) port scan opens a monotonic door,
+            # since knockd never sees the ports between its knocks.
+            if length >= 3 and _is_monotonic(ports):
+                ports = []
+                continue
+            return [(p, "tcp" if port_modulo == 0 or p % port_modulo == 0 else "udp")
+                    for p in ports]
+
+
+def format_sequence(sequence, separator=","):
+    """`port:proto` items: knockd.conf form, or the C `knock` form with " "."""
+    return separator.join("%d:%s" % knock for knock in sequence)
+
+
+def whole_number(environ, name, low, high, default):
+    """KNOCKD_ROTATOR_<NAME> from ENVIRON: DEFAULT when unset, else LOW..HIGH."""
+    variable = "KNOCKD_ROTATOR_" + name
+    if variable not in environ:
+        return default
+    text = environ[variable]
+    digits = text[1:] if text[:1] == "-" else text
+    if not (digits.isascii() and digits.isdigit()) or not low <= int(text) <= high:
+        raise RotatorError("%s must be a whole number from %d to %d, not %r"
+                           % (variable, low, high, text[:40]),
+                           "fix it in the environment or the environment file",
+                           EXIT_ENVIRONMENT)
+    return int(text)
+
+
+def read_settings(environ):
+    """(secret bytes, length, port modulo, period) from KNOCKD_ROTATOR_* in ENVIRON."""
+    secret = environ.get("KNOCKD_ROTATOR_SECRET", "")
+    if len(secret) < MIN_SECRET_CHARS:
+        what = ("KNOCKD_ROTATOR_SECRET is not set" if "KNOCKD_ROTATOR_SECRET" not in environ
+                else "KNOCKD_ROTATOR_SECRET is empty" if not secret else
+                "KNOCKD_ROTATOR_SECRET is shorter than %d characters" % MIN_SECRET_CHARS)
+        raise RotatorError(what, "set it to the secret the server uses, at least "
+                           "%d characters; a new one: python3 -c 'import secrets; "
+                           "print(secrets.token_urlsafe(32))'" % MIN_SECRET_CHARS,
+                           EXIT_ENVIRONMENT)
+    return (secret.encode("utf-8", "surrogateescape"),
+            whole_number(environ, "LENGTH", 1, MAX_LENGTH, 10),
+            whole_number(environ, "PORT_MODULO", 0, MAX_PORT, 0),
+            whole_number(environ, "PERIOD_MODULO", 1, MAX_PERIOD, 21600))
+
+
+def resolve_command(word, commands):
+    """The command that WORD names exactly or is a unique prefix of."""
+    matches = [c for c in commands if c == word] or [c for c in commands if c.startswith(word)]
+    if len(matches) == 1:
+        return matches[0]
+    kind = "ambiguous" if matches else "unknown"
+    raise RotatorError("%s command %r" % (kind, word),
+                       "choose one of: %s" % ", ".join(matches or commands), EXIT_USAGE)
+# END SHARED GENERATOR
+
+
+# ---------------------------------------------------------------- knockd.conf grammar
+#
+# knockd 0.8 reads its file with fgets() and trims C isspace() characters.  A
+# line is blank, a whole-line `#` comment, a `[section]` header, or a
+# `key = value` directive (key: text before the first `=`, trimmed,
+# upper-cased).  There are no inline comments.  Only `[options]` (exactly) is
+# global; every other section is a door.  Anything knockd does not know is
+# fatal: it exits, also on a reload.
+
+SPACE = b" \t\n\r\v\f"
+LINE_MAX = 4094          # fgets(PATH_MAX) splits longer lines in two
+DOOR_NAME_MAX = 127      # knockd cuts door names here
+OPTION_KEYS = {"LOGFILE", "PIDFILE", "INTERFACE"}
+DOOR_KEYS = {"TARGET", "SEQUENCE", "ONE_TIME_SEQUENCES", "SEQ_TIMEOUT", "TIMEOUT",
+             "START_COMMAND", "COMMAND", "START_COMMAND_6", "STOP_COMMAND",
+             "STOP_COMMAND_6", "CMD_TIMEOUT", "TCPFLAGS"}
+TCP_FLAGS = {prefix + flag for flag in ("FIN", "SYN", "RST", "PSH", "ACK", "URG")
+             for prefix in ("", "!")}
+
+
+class Line:
+    """One line of knockd.conf as knockd sees it, with its raw bytes kept."""
+
+    __slots__ = ("number", "raw", "kind", "section", "key", "value", "span")
+
+    def __init__(self, number, raw, kind, section, key=None, value=None, span=None):
+        self.number = number      # 1-based, as in knockd's messages
+        self.raw = raw            # the bytes, line terminator included
+        self.kind = kind          # "blank", "comment", "section" or "directive"
+        self.section = section    # section name (bytes) in force, or None
+        self.key = key            # directive key, upper-cased str
+        self.value = value        # trimmed value bytes; None when there is no `=`
+        self.span = span          # (start, end) of the value within raw
+
+
+def parse_config(data):
+    """Split knockd.conf DATA (bytes) into Lines.  Never fails: see config_errors."""
+    lines = []
+    section = None
+    pieces = data.split(b"\n")
+    for index, piece in enumerate(pieces):
+        last = index == len(pieces) - 1
+        if last and not piece:
+            break
+        raw = piece if last else piece + b"\n"
+        visible = piece.split(b"\0", 1)[0]      # C strings end at a NUL
+        text = visible.strip(SPACE)
+        number = index + 1
+        if not text:
+            lines.append(Line(number, raw, "blank", section))
+        elif text[:1] == b"#":
+            lines.append(Line(number, raw, "comment", section))
+        elif text[:1] == b"[" and text[-1:] == b"]":
+            section = text[1:-1]
+            lines.append(Line(number, raw, "section", section))
+        else:
+            key, equals, _ = text.partition(b"=")
+            key = key.strip(SPACE).upper().decode("ascii", "replace")
+            if not equals:
+                lines.append(Line(number, raw, "directive", section, key))
+                continue
+            start = visible.index(b"=") + 1
+            while start < len(visible) and visible[start] in SPACE:
+                start += 1
+            end = len(visible.rstrip(SPACE))
+            end = max(start, end)
+            lines.append(Line(number, raw, "directive", section, key,
+                              visible[start:end], (start, end)))
+    return lines
+
+
+def c_atoi(text):
+    """C atoi(): leading space, a sign, digits; anything after is ignored."""
+    text = text.lstrip(SPACE)
+    sign = -1 if text[:1] == b"-" else 1
+    if text[:1] in (b"-", b"+"):
+        text = text[1:]
+    digits = len(text) - len(text.lstrip(b"0123456789"))
+    return sign * int(text[:digits] or b"0")
+
+
+def sequence_errors(value):
+    """What knockd 0.8 refuses in a `sequence` value."""
+    items = value.split(b",")
+    if len(items) > MAX_LENGTH:
+        return ["%d ports in the sequence, knockd takes at most %d" % (len(items), MAX_LENGTH)]
+    errors = []
+    for item in items:
+        parts = item.split(b":")
+        if c_atoi(parts[0]) > MAX_PORT:
+            errors.append("port %r is above %d" % (parts[0].decode("utf-8", "replace"), MAX_PORT))
+        if len(parts) > 1 and parts[1].strip(SPACE).upper() not in (b"TCP", b"UDP"):
+            errors.append("protocol %r is neither tcp nor udp"
+                          % parts[1].decode("utf-8", "replace"))
+    return errors
+
+
+def config_errors(lines):
+    """Everything that makes knockd 0.8 refuse the file: (line, what, fix) tuples."""
+    errors = []
+    door = None              # header Line of the door in force
+    has_sequence = {}        # door header Line number -> whether it has one
+
+    def error(line, what, fix):
+        errors.append((line.number, what, fix))
+
+    for line in lines:
+        if len(line.raw.rstrip(b"\n")) > LINE_MAX:
+            error(line, "line longer than %d bytes, which knockd reads as two" % LINE_MAX,
+                  "shorten it")
+        if line.kind == "section":
+            door = line if line.section and line.section != b"options" else None
+            if door:
+                has_sequence[line.number] = False
+            elif not line.section:
+                error(line, "empty section name []", "name the section")
+            continue
+        if line.kind != "directive":
+            continue
+        name = (line.section or b"").decode("utf-8", "replace")
+        if line.section is None:
+            error(line, "directive before the first section", "move it into a section")
+        elif line.value is None:
+            if line.key != "USESYSLOG":
+                error(line, "%r has no '='" % line.key.lower(), "write key = value")
+        elif door is None:
+            if line.key not in OPTION_KEYS:
+                error(line, "unknown key %r in [options]" % line.key.lower(),
+                      "[options] takes logfile, pidfile, interface, usesyslog")
+        elif line.key not in DOOR_KEYS:
+            error(line, "unknown key %r in door [%s]" % (line.key.lower(), name),
+                  "knockd refuses unknown keys; see man knockd")
+        else:
+            if line.key in ("SEQUENCE", "ONE_TIME_SEQUENCES"):
+                has_sequence[door.number] = True
+            if line.key == "SEQUENCE":
+                for problem in sequence_errors(line.value):
+                    error(line, problem, "fix the sequence of [%s]" % name)
+            if line.key == "TCPFLAGS":
+                for flag in line.value.upper().split(b","):
+                    if flag.decode("ascii", "replace") not in TCP_FLAGS:
+                        error(line, "tcp flag %r is not known" % flag.decode("utf-8", "replace"),
+                              "flags are fin, syn, rst, psh, ack, urg, each may start "
+                              "with !, comma-separated without spaces")
+    for line in lines:
+        if line.kind == "section" and has_sequence.get(line.number) is False:
+            error(line, "door [%s] has no sequence" % line.section.decode("utf-8", "replace"),
+                  "add a sequence line")
+    return errors
+
+
+def rotator_doors(lines):
+    """Names (str) of the rotator doors, in file order, each once."""
+    names = []
+    for line in lines:
+        if line.kind == "section" and line.section.endswith(ROTATOR_SUFFIX.encode()):
+            name = line.section.decode("utf-8", "surrogateescape")
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def rotator_errors(lines):
+    """What this tool refuses in a rotator door: (line, what, fix) tuples."""
+    errors = []
+    for line in lines:
+        if not (line.section or b"").endswith(ROTATOR_SUFFIX.encode()):
+            continue
+        name = line.section.decode("utf-8", "replace")
+        if line.kind == "section" and len(line.section) > DOOR_NAME_MAX:
+            errors.append((line.number, "door name [%s...] is longer than %d bytes, which "
+                           "knockd cuts" % (name[:20], DOOR_NAME_MAX), "shorten it"))
+        if line.kind == "directive" and line.key == "ONE_TIME_SEQUENCES":
+            errors.append((line.number, "rotator door [%s] has one_time_sequences" % name,
+                           "remove it: a rotator door's sequence comes from the secret"))
+    return errors
+
+
+def rewrite_config(lines, sequences):
+    """The Lines of the file with each rotator door's sequence from SEQUENCES.
+
+    SEQUENCES maps door names to sequence values (bytes); only those values
+    change.  A door without a sequence line gets one right after its header,
+    indented like the door's first directive.  Every line keeps its number in
+    the user's file (an inserted line has its header's), so that errors found
+    in the result point at lines the user can find.
+    """
+    out = []          # (line number in the user's file, raw bytes)
+    for index, line in enumerate(lines):
+        new = sequences.get((line.section or b"").decode("utf-8", "surrogateescape"))
+        if new is not None and line.kind == "directive" and line.key == "SEQUENCE" \
+                and line.value is not None:
+            start, end = line.span
+            out.append((line.number, line.raw[:start] + new + line.raw[end:]))
+            continue
+        if new is None or line.kind != "section" or has_sequence_line(lines, index):
+            out.append((line.number, line.raw))
+            continue
+        header = line.raw if line.raw.endswith(b"\n") else line.raw + b"\n"
+        body = section_body(lines, index)
+        first = next((l.raw for l in body if l.kind == "directive"), b"")
+        indent = first[:len(first) - len(first.lstrip(b" \t"))]
+        newline = b"\r\n" if header.endswith(b"\r\n") else b"\n"
+        out.append((line.number, header))
+        out.append((line.number, indent + b"sequence = " + new + newline))
+    new_lines = parse_config(b"".join(raw for _, raw in out))
+    for new_line, (number, _) in zip(new_lines, out):
+        new_line.number = number
+    return new_lines
+
+
+def section_body(lines, header_index):
+    """The Lines after the header at HEADER_INDEX, up to the next header."""
+    body = []
+    for line in lines[header_index + 1:]:
+        if line.kind == "section":
+            break
+        body.append(line)
+    return body
+
+
+def has_sequence_line(lines, header_index):
+    return any(line.kind == "directive" and line.key == "SEQUENCE" and line.value is not None
+               for line in section_body(lines, header_index))
+
+
+def door_sequences(lines):
+    """Current sequence value (bytes) of each rotator door: the last one wins."""
+    current = {}
+    for line in lines:
+        if (line.kind == "directive" and line.key == "SEQUENCE" and line.value is not None
+                and line.section.endswith(ROTATOR_SUFFIX.encode())):
+            current[line.section.decode("utf-8", "surrogateescape")] = line.value
+    return current
+
+
+# ---------------------------------------------------------------- settings
+
+def server_settings(environ):
+    """The server's own KNOCKD_ROTATOR_* settings, checked."""
+    settings = {}
+    for name, default in DEFAULT_COMMANDS.items():
+        value = environ.get("KNOCKD_ROTATOR_" + name, default)
+        if not value.strip():
+            raise RotatorError("KNOCKD_ROTATOR_%s is empty" % name,
+                               "unset it for the default %r, or give a shell command"
+                               % default, EXIT_ENVIRONMENT)
+        settings[name] = value
+    settings["CHECK_SECONDS"] = whole_number(environ, "CHECK_SECONDS", 0, 600,
+                                             DEFAULT_CHECK_SECONDS)
+    settings["SERVER_INTERVAL"] = whole_number(environ, "SERVER_INTERVAL", 60, 7 * 86400,
+                                               DEFAULT_SERVER_INTERVAL)
+    settings["STATE_DIR"] = environ.get("KNOCKD_ROTATOR_STATE_DIR") or DEFAULT_STATE_DIR
+    settings["ENV_FILE"] = environ.get("KNOCKD_ROTATOR_ENV_FILE") or DEFAULT_ENV_FILE
+    return settings
+
+
+# ---------------------------------------------------------------- I/O
+
+def log(message):
+    print("knockd_rotator: " + message, file=sys.stderr, flush=True)
+
+
+def read_config(path):
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise RotatorError("cannot read %s: %s" % (path, exc.strerror),
+                           "check the path given with --config", EXIT_CONFIG) from None
+
+
+def replace_file(path, data):
+    """Swap PATH's content for DATA atomically, keeping its mode and owner."""
+    try:
+        _replace_file(path, data)
+    except OSError as exc:
+        raise RotatorError("cannot write %s: %s" % (path, exc.strerror or exc),
+                           "run as root, with write access to its folder; nothing was "
+                           "changed", EXIT_CONFIG) from None
+
+
+def _replace_file(path, data):
+    status = os.stat(path)
+    folder = os.path.dirname(path) or "."
+    descriptor, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
+                                             suffix=TEMP_SUFFIX, dir=folder)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            os.fchmod(handle.fileno(), status.st_mode & 0o7777)
+            os.fchown(handle.fileno(), status.st_uid, status.st_gid)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+    folder_descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder_descriptor)
+    finally:
+        os.close(folder_descriptor)
+
+
+def remove_stale_temporaries(path):
+    """Temp files a killed run left beside PATH (called under the lock)."""
+    folder = os.path.dirname(path) or "."
+    prefix = "." + os.path.basename(path) + "."
+    for name in os.listdir(folder):
+        if name.startswith(prefix) and name.endswith(TEMP_SUFFIX):
+            os.unlink(os.path.join(folder, name))
+
+
+def take_lock(state_dir):
+    """An exclusive lock on STATE_DIR/lock, held until the process exits."""
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        handle = open(os.path.join(state_dir, "lock"), "a")
+    except OSError as exc:
+        raise RotatorError("cannot open the lock in %s: %s" % (state_dir, exc.strerror),
+                           "run as root, or set KNOCKD_ROTATOR_STATE_DIR",
+                           EXIT_ENVIRONMENT) from None
+    deadline = time.monotonic() + LOCK_TIMEOUT
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise RotatorError("another knockd_rotator_server run has held %s/lock for "
+                                   "%d s" % (state_dir, LOCK_TIMEOUT),
+                                   "see what it waits for: fuser -v %s/lock" % state_dir,
+                                   EXIT_BUSY) from None
+            time.sleep(0.05)
+
+
+def run_command(command):
+    """Run a shell command line: (success, last line of its output)."""
+    try:
+        result = subprocess.run(command, shell=True, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                timeout=COMMAND_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return False, "timed out after %d s" % COMMAND_TIMEOUT
+    output = result.stdout.decode("utf-8", "replace").strip().splitlines()
+    detail = "exit %d%s" % (result.returncode, ": " + output[-1] if output else "")
+    return result.returncode == 0, detail
+
+
+def knockd_stays_up(settings):
+    """Poll the check command for CHECK_SECONDS: (all passed, detail of a failure)."""
+    deadline = time.monotonic() + settings["CHECK_SECONDS"]
+    while True:
+        ok, detail = run_command(settings["CHECK_COMMAND"])
+        if not ok:
+            return False, "check command failed (%s)" % detail
+        if time.monotonic() >= deadline:
+            return True, ""
+        time.sleep(CHECK_POLL)
+
+
+def load_into_knockd(path, old_data, settings):
+    """Reload knockd; if it does not stay up, put OLD_DATA back and recover."""
+    ok, detail = run_command(settings["RELOAD_COMMAND"])
+    if ok:
+        ok, detail = knockd_stays_up(settings)
+    else:
+        detail = "reload command failed (%s)" % detail
+    if ok:
+        return
+    log("knockd did not take the new file: %s; putting the previous one back" % detail)
+    replace_file(path, old_data)
+    recovered, recover_detail = run_command(settings["RECOVER_COMMAND"])
+    if recovered:
+        recovered, recover_detail = knockd_stays_up(settings)
+    if not recovered:
+        raise RotatorError("knockd is not running after a failed reload (%s), and recovery "
+                           "failed too (%s); the previous %s is back" % (detail, recover_detail,
+                                                                          path),
+                           "start knockd now: systemctl start knockd; journalctl -u knockd",
+                           EXIT_RECOVERY)
+    raise RotatorError("knockd did not take the new %s (%s); the previous file is back and "
+                       "knockd runs with it" % (path, detail),
+                       "check KNOCKD_ROTATOR_RELOAD_COMMAND and _CHECK_COMMAND; "
+                       "journalctl -u knockd", EXIT_FAILED)
+
+
+def warn_if_readable_by_others(env_file):
+    try:
+        mode = os.stat(env_file).st_mode
+    except OSError:
+        return
+    if mode & 0o077:
+        log("warning: %s is mode %04o: others can read the secret (chmod 600 %s)"
+            % (env_file, mode & 0o7777, env_file))
+
+
+# ---------------------------------------------------------------- boundary runs
+#
+# The timer runs every SERVER_INTERVAL.  When a period boundary comes before
+# the next timer run, one detached process (`--at BOUNDARY`) sleeps until the
+# boundary and runs again.  The unit's KillMode=process lets it outlive the
+# oneshot service.  It inherits the environment, so the secret never travels
+# on a command line.  STATE_DIR/pending holds its pid: at most one is pending.
+
+def pending_boundary_pid(state_dir):
+    """(pid, boundary) of the pending boundary run, or (None, None)."""
+    try:
+        with open(os.path.join(state_dir, "pending")) as handle:
+            pid = int(handle.read().strip())
+        with open("/proc/%d/cmdline" % pid, "rb") as handle:
+            arguments = handle.read().split(b"\0")
+        # The pid may have been reused by another process since.
+        if SCRIPT.encode() in arguments and b"--at" in arguments:
+            return pid, int(arguments[arguments.index(b"--at") + 1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None, None
+
+
+def schedule_boundary_run(config_path, boundary, now, settings, verbose):
+    if boundary > now + settings["SERVER_INTERVAL"] + TIMER_SLACK:
+        return
+    state_dir = settings["STATE_DIR"]
+    pid, pending = pending_boundary_pid(state_dir)
+    if pid == os.getpid():
+        pid = None           # this is the boundary run itself, about to end
+    if pid and pending == boundary:
+        if verbose:
+            log("the run for %s is already pending (pid %d)" % (utc(boundary), pid))
+        return
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+    command = [sys.executable, SCRIPT, "--config",
+               os.path.abspath(config_path), "--at", str(boundary)]
+    if verbose:
+        command.append("--verbose")
+    child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             start_new_session=True, close_fds=True)
+    replace_or_create(os.path.join(state_dir, "pending"), b"%d\n" % child.pid)
+    log("next rotation at %s (boundary run, pid %d)" % (utc(boundary), child.pid))
+
+
+def replace_or_create(path, data):
+    if not os.path.exists(path):
+        with open(path, "xb"):
+            pass
+        os.chmod(path, 0o600)
+    replace_file(path, data)
+
+
+def sleep_until(moment):
+    """Sleep until the wall clock reaches MOMENT, following clock changes."""
+    while True:
+        remaining = moment - time.time()
+        if remaining <= 0:
+            return
+        time.sleep(min(remaining, 30))
+
+
+# ---------------------------------------------------------------- the rotation
+
+def utc(timestamp):
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc) \
+        .strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def rotate(config_path, environ, now, dry_run=False, verbose=False):
+    """One rotation of CONFIG_PATH for the period holding NOW.  Returns an exit code."""
+    secret, length, port_modulo, period = read_settings(environ)
+    settings = server_settings(environ)
+    warn_if_readable_by_others(settings["ENV_FILE"])
+    config_path = os.path.realpath(config_path)
+    if not dry_run:
+        lock = take_lock(settings["STATE_DIR"])   # released when rotate() returns
+        remove_stale_temporaries(config_path)
+    old_data = read_config(config_path)
+    old_lines = parse_config(old_data)
+    doors = rotator_doors(old_lines)
+    if not doors:
+        raise RotatorError("%s has no door whose name ends with %s" % (config_path,
+                                                                       ROTATOR_SUFFIX),
+                           "add one, e.g. [ssh_ROTATOR] with its commands", EXIT_CONFIG)
+    start = period_start(now, period)
+    sequences = {door: format_sequence(generate_sequence(
+        secret, door, start, length, port_modulo)).encode() for door in doors}
+    new_lines = rewrite_config(old_lines, sequences)
+    new_data = b"".join(line.raw for line in new_lines)
+    errors = sorted(rotator_errors(new_lines) + config_errors(new_lines))
+    if errors:
+        messages = [RotatorError("%s line %d: %s" % (config_path, number, what), fix,
+                                 EXIT_CONFIG) for number, what, fix in errors]
+        for message in messages[:-1]:
+            print(message, file=sys.stderr)
+        raise messages[-1]
+    if length < 3:
+        log("warning: KNOCKD_ROTATOR_LENGTH=%d: a port scan in order can open a door of "
+            "fewer than 3 ports" % length)
+
+    if dry_run:
+        import difflib
+        diff = difflib.unified_diff(old_data.decode("utf-8", "replace").splitlines(True),
+                                    new_data.decode("utf-8", "replace").splitlines(True),
+                                    config_path, config_path + " (rotated)")
+        sys.stdout.writelines(line if line.endswith("\n") else line + "\n" for line in diff)
+        return EXIT_OK
+
+    if new_data == old_data:
+        if verbose:
+            log("%s already holds the sequences of the period from %s" % (config_path,
+                                                                          utc(start)))
+    else:
+        old_sequences = door_sequences(old_lines)
+        replace_file(config_path, new_data)
+        load_into_knockd(config_path, old_data, settings)
+        for door in doors:
+            if old_sequences.get(door) != sequences[door]:
+                log("%s: rotated to the period from %s" % (door, utc(start)))
+    schedule_boundary_run(config_path, start + period, now, settings, verbose)
+    lock.close()
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- CLI
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one `error: ...` line, exit code 2."""
+
+    def error(self, message):
+        raise RotatorError(message, "see %s --help" % self.prog, EXIT_USAGE)
+
+
+EPILOG = """\
+examples:
+  %(prog)s                          rotate /etc/knockd.conf, reload knockd
+  %(prog)s --dry-run                print the diff a rotation would apply
+  %(prog)s --config /tmp/k.conf --verbose
+
+exit codes: 0 ok, 1 knockd refused the reload (previous file restored),
+            2 bad command line, 3 bad KNOCKD_ROTATOR_* variable,
+            4 knockd.conf unreadable or refused by knockd's grammar,
+            6 lock held by another run, 7 knockd down and recovery failed
+"""
+
+
+def build_parser():
+    parser = Parser(prog=os.path.basename(sys.argv[0]), allow_abbrev=False,
+                    description="Rotate the sequences of the [*_ROTATOR] doors of knockd.conf "
+                                "and make knockd load them.",
+                    epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
+    parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
+                        help="knockd's configuration (default %s)" % DEFAULT_CONFIG)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the unified diff; write, reload and schedule nothing")
+    parser.add_argument("--verbose", action="store_true", help="say more")
+    # A boundary run: sleep until this UNIX time, then rotate (see above).
+    parser.add_argument("--at", type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+def run(argv, environ):
+    args = build_parser().parse_args(argv)
+    if args.at is not None:
+        sleep_until(args.at)
+    return rotate(args.config, environ, time.time(), args.dry_run, args.verbose)
+
+
+def main():
+    try:
+        return run(sys.argv[1:], os.environ)
+    except RotatorError as exc:
+        print(exc, file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
