@@ -1,0 +1,116 @@
+"""The server with Debian's knockd and iptables, in a network namespace.
+
+The door guards a TCP listener on port 2222 behind an iptables DROP; its
+start_command inserts an ACCEPT for %IP% and its stop_command removes it."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import alive_command, need_root_and, run_client, run_server, wait_until
+
+GUARDED_PORT = 2222
+DOOR = """
+[ssh_ROTATOR]
+\tsequence      = 1
+\tseq_timeout   = 10
+\ttcpflags      = syn
+\tstart_command = iptables -I INPUT -s %IP% -p tcp --dport {port} -j ACCEPT
+\tcmd_timeout   = {cmd_timeout}
+\tstop_command  = iptables -D INPUT -s %IP% -p tcp --dport {port} -j ACCEPT
+"""
+
+
+@pytest.fixture
+def guarded(netns):
+    """A listener on GUARDED_PORT that iptables drops, in the test namespace."""
+    need_root_and("iptables")
+    listener = netns.popen(sys.executable, "-c",
+                           "import socket, time\n"
+                           "s = socket.socket(); s.bind(('127.0.0.1', %d)); s.listen(16)\n"
+                           "while True: s.accept()[0].close()\n" % GUARDED_PORT)
+    netns.run("iptables", "-A", "INPUT", "-p", "tcp", "--dport", GUARDED_PORT, "-j", "DROP")
+    yield netns
+    listener.kill()
+    listener.wait()
+
+
+def accept_rules(netns):
+    rules = netns.run("iptables", "-S", "INPUT").stdout
+    return [rule for rule in rules.splitlines() if rule.startswith("-A") and "ACCEPT" in rule]
+
+
+def knockd_env(server_env, knockd, **overrides):
+    settings = dict(RELOAD_COMMAND="kill -HUP %d" % knockd.pid,
+                    CHECK_COMMAND=alive_command(knockd.pid), CHECK_SECONDS=1)
+    settings.update(overrides)
+    return server_env(**settings)
+
+
+def knock_until_open(netns, env):
+    result = run_client("knock", "127.0.0.1", "ssh", "--check", GUARDED_PORT,
+                        "--check-timeout", "5", netns=netns.name, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "port %d on 127.0.0.1 open after" % GUARDED_PORT in result.stdout
+
+
+def test_rotation_reload_knock_open_and_close(guarded, start_knockd, server_env):
+    knockd = start_knockd(DOOR.format(port=GUARDED_PORT, cmd_timeout=3))
+    assert not guarded.tcp_open(GUARDED_PORT), "the DROP rule guards the port"
+    env = knockd_env(server_env, knockd)
+    result = run_server("--config", knockd.config, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "ssh_ROTATOR: rotated to the period from" in result.stderr
+    knockd.wait_log(r"re-reading config file", "knockd to reload")
+    assert "sequence      = 1\n" not in knockd.config.read_text()
+
+    knock_until_open(guarded, env)
+    assert accept_rules(guarded) == ["-A INPUT -s 127.0.0.1/32 -p tcp -m tcp --dport %d "
+                                     "-j ACCEPT" % GUARDED_PORT]
+    wait_until(lambda: not accept_rules(guarded), 3 + 5, "stop_command after cmd_timeout")
+    assert not guarded.tcp_open(GUARDED_PORT)
+
+
+def test_door_opened_before_a_rotation_still_closes(guarded, start_knockd, server_env):
+    """A reload (SIGHUP) keeps knockd's pending stop_command children."""
+    knockd = start_knockd(DOOR.format(port=GUARDED_PORT, cmd_timeout=4))
+    env = knockd_env(server_env, knockd)
+    assert run_server("--config", knockd.config, env=env).returncode == 0
+    knockd.wait_log(r"re-reading config file", "the first reload")
+    knock_until_open(guarded, env)
+
+    before = knockd.config.read_text()
+    rotated = run_server("--config", knockd.config, env=knockd_env(server_env, knockd,
+                                                                    PERIOD_MODULO=31622399))
+    assert rotated.returncode == 0, rotated.stderr
+    assert knockd.config.read_text() != before
+    knockd.wait_log(r"re-reading config file", "the second reload", count=2)
+    assert accept_rules(guarded), "still open within cmd_timeout"
+    wait_until(lambda: not accept_rules(guarded), 4 + 5, "the stop_command after the reload")
+    assert not guarded.tcp_open(GUARDED_PORT)
+
+
+def test_rollback_restarts_a_knockd_that_died(netns, tmp_path, server_env):
+    """knockd dies on the reload: the previous file comes back and knockd is started."""
+    need_root_and("knockd")
+    config = tmp_path / "knockd.conf"
+    pidfile = tmp_path / "knockd.pid"
+    config.write_text("[options]\n\tlogfile = %s\n%s" % (
+        tmp_path / "knockd.log", DOOR.format(port=GUARDED_PORT, cmd_timeout=3)))
+    original = config.read_bytes()
+    start = "ip netns exec %s knockd -d -i lo -c %s -p %s" % (netns.name, config, pidfile)
+    subprocess.run(start, shell=True, check=True)
+    first_pid = int(wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 10,
+                               "knockd's pidfile"))
+    running = "test -s {p} && ps -o stat= -p $(cat {p}) | grep -qv Z".format(p=pidfile)
+    env = server_env(RELOAD_COMMAND="kill -TERM %d" % first_pid, CHECK_COMMAND=running,
+                     RECOVER_COMMAND=start, CHECK_SECONDS=1)
+    result = run_server("--config", config, env=env)
+    assert result.returncode == 1
+    assert "the previous file is back and knockd runs with it" in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("error: knockd did not take the new ")
+    assert config.read_bytes() == original
+    new_pid = int(pidfile.read_text())
+    assert new_pid != first_pid
+    assert subprocess.run(running, shell=True).returncode == 0

@@ -1,0 +1,52 @@
+"""The systemd units pass `systemd-analyze verify` as they would be installed."""
+
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import CLIENT, ROOT, SERVER, need
+
+
+@pytest.fixture
+def install_root(tmp_path):
+    """A root with systemd's own units, our units and scripts where they go."""
+    need(shutil.which("systemd-analyze"), "needs systemd-analyze (Debian package systemd)")
+    shutil.copytree("/lib/systemd/system", tmp_path / "lib/systemd/system", symlinks=True)
+    (tmp_path / "usr/local/sbin").mkdir(parents=True)
+    for script in (SERVER, CLIENT):
+        shutil.copy2(script, tmp_path / "usr/local/sbin" / script.name)
+    units = tmp_path / "etc/systemd/system"
+    units.mkdir(parents=True)
+    for unit in ("knockd_rotator.service", "knockd_rotator.timer"):
+        shutil.copy(ROOT / unit, units / unit)
+    return tmp_path
+
+
+def verify(root):
+    return subprocess.run(["systemd-analyze", "--root=%s" % root, "verify",
+                           "/etc/systemd/system/knockd_rotator.service",
+                           "/etc/systemd/system/knockd_rotator.timer"],
+                          capture_output=True, text=True)
+
+
+def test_units_verify(install_root):
+    result = verify(install_root)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+def test_verify_catches_a_broken_unit(install_root):
+    unit = install_root / "etc/systemd/system/knockd_rotator.service"
+    unit.write_text(unit.read_text().replace("ExecStart=/usr/local/sbin/knockd_rotator_server.py",
+                                             "ExecStart=/usr/local/sbin/missing.py"))
+    assert verify(install_root).returncode != 0
+
+
+def test_service_takes_secrets_from_a_file_and_survives_for_boundary_runs():
+    service = (ROOT / "knockd_rotator.service").read_text()
+    assert "EnvironmentFile=/etc/knockd_rotator.env" in service
+    assert "KNOCKD_ROTATOR_SECRET" not in service.replace("# ", "")
+    assert "\nKillMode=process\n" in service and "\nType=oneshot\n" in service
+    timer = (ROOT / "knockd_rotator.timer").read_text()
+    assert "\nPersistent=true\n" in timer and "\nOnBootSec=" in timer
