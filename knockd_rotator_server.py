@@ -371,13 +371,11 @@ def config_errors(lines):
 
 def rotator_doors(lines):
     """Names (str) of the rotator doors, in file order, each once."""
-    names = []
+    names = {}        # a dict keeps file order and finds duplicates in O(1)
     for line in lines:
         if line.kind == "section" and line.section.endswith(ROTATOR_SUFFIX.encode()):
-            name = line.section.decode("utf-8", "surrogateescape")
-            if name not in names:
-                names.append(name)
-    return names
+            names[line.section.decode("utf-8", "surrogateescape")] = True
+    return list(names)
 
 
 def rotator_errors(lines):
@@ -431,17 +429,59 @@ def rewrite_config(lines, sequences):
 
 def section_body(lines, header_index):
     """The Lines after the header at HEADER_INDEX, up to the next header."""
-    body = []
-    for line in lines[header_index + 1:]:
-        if line.kind == "section":
-            break
-        body.append(line)
-    return body
+    end = header_index + 1
+    while end < len(lines) and lines[end].kind != "section":
+        end += 1
+    return lines[header_index + 1:end]
 
 
 def has_sequence_line(lines, header_index):
     return any(line.kind == "directive" and line.key == "SEQUENCE" and line.value is not None
                for line in section_body(lines, header_index))
+
+
+def unified_diff(old_lines, new_lines, path, context=3):
+    """A unified diff of a rewrite, in linear time.
+
+    difflib is quadratic on files of many alike sections; a rewrite needs no
+    search, since every new Line carries the number of the old line it
+    replaces (inserted lines carry their header's).
+    """
+    replacements = {}
+    for line in new_lines:
+        replacements.setdefault(line.number, []).append(line.raw)
+    changed = [line.number for line in old_lines if replacements[line.number] != [line.raw]]
+    def text(raw):
+        decoded = raw.decode("utf-8", "replace")
+        return decoded if decoded.endswith("\n") else decoded + "\n\\ No newline at end of file\n"
+    out = ["--- %s\n" % path, "+++ %s (rotated)\n" % path]
+    index = 0
+    inserted_before = 0     # lines inserted above the current hunk
+    counted_up_to = 0       # old line number up to which they are counted
+    while index < len(changed):
+        first = last = changed[index]
+        while index + 1 < len(changed) and changed[index + 1] - last <= 2 * context:
+            index += 1
+            last = changed[index]
+        index += 1
+        start, end = max(1, first - context), min(len(old_lines), last + context)
+        body, new_count = [], 0
+        for number in range(start, end + 1):
+            old_raw, new_raws = old_lines[number - 1].raw, replacements[number]
+            if new_raws[0] == old_raw:          # unchanged, maybe with an insertion
+                body.append(" " + text(old_raw))
+                body.extend("+" + text(raw) for raw in new_raws[1:])
+            else:
+                body.append("-" + text(old_raw))
+                body.extend("+" + text(raw) for raw in new_raws)
+            new_count += len(new_raws)
+        inserted_before += new_count - (end - start + 1)
+        inserted_before += sum(len(replacements[n]) - 1 for n in range(counted_up_to + 1, start))
+        counted_up_to = end
+        new_start = start + inserted_before
+        out.append("@@ -%d,%d +%d,%d @@\n" % (start, end - start + 1, new_start, new_count))
+        out.extend(body)
+    return out
 
 
 def door_sequences(lines):
@@ -722,11 +762,8 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False):
             "fewer than 3 ports" % length)
 
     if dry_run:
-        import difflib
-        diff = difflib.unified_diff(old_data.decode("utf-8", "replace").splitlines(True),
-                                    new_data.decode("utf-8", "replace").splitlines(True),
-                                    config_path, config_path + " (rotated)")
-        sys.stdout.writelines(line if line.endswith("\n") else line + "\n" for line in diff)
+        if new_data != old_data:
+            sys.stdout.writelines(unified_diff(old_lines, new_lines, config_path))
         return EXIT_OK
 
     if new_data == old_data:

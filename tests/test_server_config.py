@@ -3,12 +3,13 @@
 Nothing here needs root except the comparison with knockd's own parser."""
 
 import os
+import shutil
 import subprocess
 
 import pytest
 
 import knockd_rotator_server as server
-from conftest import ROOT, need_root_and, run_server
+from conftest import ROOT, need, need_root_and, run_server
 
 GOLDEN = ROOT / "tests" / "golden"
 GOLDEN_TIME = "2026-01-01 00:30:00"
@@ -80,6 +81,19 @@ def test_dry_run_prints_the_diff_and_changes_nothing(tmp_path, server_env):
     assert config.read_bytes() == original
     assert not marker.exists()
     assert not (tmp_path / "state").exists(), "a dry run takes no lock and schedules nothing"
+
+
+@pytest.mark.parametrize("name", ["odd", "debian"])
+def test_dry_run_diff_applies_to_give_the_rewrite(tmp_path, server_env, name):
+    """`patch` with the --dry-run output turns the file into what a run writes."""
+    need(shutil.which("patch"), "needs patch (run tests/run to install it)")
+    config, patched = tmp_path / "knockd.conf", tmp_path / "patched.conf"
+    config.write_bytes((GOLDEN / (name + ".conf")).read_bytes())
+    patched.write_bytes(config.read_bytes())
+    diff = run_server("--config", config, "--dry-run", env=server_env()).stdout
+    assert run_server("--config", config, env=server_env()).returncode == 0
+    subprocess.run(["patch", "--quiet", str(patched)], input=diff, text=True, check=True)
+    assert patched.read_bytes() == config.read_bytes()
 
 
 def test_mode_owner_and_symlink_are_kept(tmp_path, server_env):

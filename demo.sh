@@ -1,0 +1,114 @@
+#!/bin/sh
+# knockd-rotator demo, for a Debian 12 machine, as root.  It touches nothing of
+# the host's network: everything happens in a network namespace of its own,
+# which it removes at the end, together with every process it started.
+#
+#   1. a namespace with a "service" on port 2222 that iptables drops;
+#   2. knockd on the namespace's loopback, with a door [ssh_ROTATOR] whose
+#      start_command lets the knocker in and whose stop_command, 5 s later,
+#      shuts the door again;
+#   3. knockd_rotator_server.py writes the current sequence into knockd.conf
+#      and reloads knockd;
+#   4. knockd_rotator_client.py knocks and waits for port 2222 to open;
+#   5. the port closes again after cmd_timeout.
+set -eu
+cd "$(dirname "$0")"
+here=$(pwd)
+
+if [ "$(id -u)" != 0 ]; then
+    echo "error: the demo needs root (network namespace, iptables) (run: sudo $0)" >&2
+    exit 2
+fi
+missing=""
+for package in python3 knockd iptables iproute2 procps; do
+    dpkg-query -W -f='${Status}\n' "$package" 2>/dev/null | grep -q "ok installed" ||
+        missing="$missing $package"
+done
+if [ -n "$missing" ]; then
+    echo "== installing$missing"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
+fi
+
+python=/usr/bin/python3
+namespace="krdemo-$$"
+work=$(mktemp -d /tmp/knockd-rotator-demo.XXXXXX)
+port=2222
+
+cleanup() {
+    pkill -KILL -f "$work.* --at " 2>/dev/null || true
+    for pid in $(ip netns pids "$namespace" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+    ip netns del "$namespace" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+inside() { ip netns exec "$namespace" "$@"; }
+port_is_open() {
+    inside "$python" -c "import socket, sys
+s = socket.socket(); s.settimeout(0.3)
+sys.exit(s.connect_ex(('127.0.0.1', $port)))"
+}
+
+echo "== 1. namespace $namespace: a service on port $port, dropped by iptables"
+ip netns add "$namespace"
+ip -n "$namespace" link set lo up
+inside "$python" -m http.server "$port" --bind 127.0.0.1 >/dev/null 2>&1 &
+inside iptables -A INPUT -p tcp --dport "$port" -j DROP
+attempts=0
+until inside ss -ltn "sport = :$port" | grep -q LISTEN; do
+    attempts=$((attempts + 1)); [ "$attempts" -lt 100 ] || { echo "error: the service did not start" >&2; exit 1; }
+    sleep 0.1
+done
+port_is_open && echo "   port $port: OPEN (unexpected)" || echo "   port $port: closed"
+
+echo "== 2. knockd on the namespace's loopback"
+cat > "$work/knockd.conf" <<EOF
+[options]
+	logfile = $work/knockd.log
+
+[ssh_ROTATOR]
+	sequence      = 1
+	seq_timeout   = 10
+	tcpflags      = syn
+	start_command = iptables -I INPUT -s %IP% -p tcp --dport $port -j ACCEPT
+	cmd_timeout   = 5
+	stop_command  = iptables -D INPUT -s %IP% -p tcp --dport $port -j ACCEPT
+EOF
+inside knockd -d -i lo -c "$work/knockd.conf" -p "$work/knockd.pid"
+attempts=0
+until grep -q "listening on lo" "$work/knockd.log" 2>/dev/null; do
+    attempts=$((attempts + 1)); [ "$attempts" -lt 100 ] || { echo "error: knockd did not start" >&2; exit 1; }
+    sleep 0.1
+done
+echo "   knockd runs (pid $(cat "$work/knockd.pid"))"
+
+# A fresh secret for this demo.  It lives in the environment only, never on a
+# command line; a real server keeps it in /etc/knockd_rotator.env (mode 0600).
+KNOCKD_ROTATOR_SECRET=$("$python" -c 'import secrets; print(secrets.token_urlsafe(32))')
+KNOCKD_ROTATOR_RELOAD_COMMAND="kill -HUP \$(cat $work/knockd.pid)"
+KNOCKD_ROTATOR_CHECK_COMMAND="kill -0 \$(cat $work/knockd.pid)"
+KNOCKD_ROTATOR_RECOVER_COMMAND="ip netns exec $namespace knockd -d -i lo -c $work/knockd.conf -p $work/knockd.pid"
+KNOCKD_ROTATOR_STATE_DIR="$work/state"
+KNOCKD_ROTATOR_ENV_FILE="$work/knockd_rotator.env"
+KNOCKD_ROTATOR_SERVER_INTERVAL=60
+export KNOCKD_ROTATOR_SECRET KNOCKD_ROTATOR_RELOAD_COMMAND KNOCKD_ROTATOR_CHECK_COMMAND \
+    KNOCKD_ROTATOR_RECOVER_COMMAND KNOCKD_ROTATOR_STATE_DIR KNOCKD_ROTATOR_ENV_FILE \
+    KNOCKD_ROTATOR_SERVER_INTERVAL
+
+echo "== 3. the server writes the current sequence into knockd.conf and reloads knockd"
+"$python" "$here/knockd_rotator_server.py" --config "$work/knockd.conf" --dry-run | sed 's/^/   /'
+"$python" "$here/knockd_rotator_server.py" --config "$work/knockd.conf"
+
+echo "== 4. the client computes the same sequence and knocks"
+"$python" "$here/knockd_rotator_client.py" generate ssh --format knock | sed 's/^/   sequence: /'
+inside "$python" "$here/knockd_rotator_client.py" knock 127.0.0.1 ssh --check "$port" | sed 's/^/   /'
+grep -E "OPEN SESAME|running command" "$work/knockd.log" | sed 's/^/   knockd: /'
+
+echo "== 5. after cmd_timeout (5 s) knockd's stop_command closes the door"
+started=$(date +%s)
+while port_is_open; do
+    [ $(($(date +%s) - started)) -lt 20 ] || { echo "error: port $port stayed open" >&2; exit 1; }
+    sleep 0.5
+done
+echo "   port $port: closed again after about $(($(date +%s) - started)) s more"
+echo "== demo done: the namespace, knockd and the temp files are removed"
