@@ -32,7 +32,9 @@ Safety:
   - knockd is reloaded (SIGHUP), never restarted: a restart kills the children
     that run stop_command after cmd_timeout, and leaves those ports open.
   - If knockd is not running after the reload, the previous file is put back
-    and knockd is reloaded or started again; the run then fails.
+    and knockd is reloaded or started again; the run then fails.  If knockd
+    was not running before (a first install: knockd refuses a door without a
+    sequence), it is started with the new file instead of reloaded.
   - The secret comes from the environment only and is never logged.
 """
 
@@ -623,13 +625,24 @@ def knockd_stays_up(settings):
         time.sleep(CHECK_POLL)
 
 
-def load_into_knockd(path, old_data, settings):
-    """Reload knockd; if it does not stay up, put OLD_DATA back and recover."""
-    ok, detail = run_command(settings["RELOAD_COMMAND"])
+def knockd_runs(settings):
+    return run_command(settings["CHECK_COMMAND"])[0]
+
+
+def load_into_knockd(path, old_data, was_running, settings):
+    """Reload knockd (start it if it was not running); if it does not stay up,
+    put OLD_DATA back and recover."""
+    if was_running:
+        command, what = settings["RELOAD_COMMAND"], "reload"
+    else:
+        # First install: knockd refuses to start while a door has no sequence.
+        log("knockd is not running: starting it with the new file")
+        command, what = settings["RECOVER_COMMAND"], "recover"
+    ok, detail = run_command(command)
     if ok:
         ok, detail = knockd_stays_up(settings)
     else:
-        detail = "reload command failed (%s)" % detail
+        detail = "%s command failed (%s)" % (what, detail)
     if ok:
         return
     log("knockd did not take the new file: %s; putting the previous one back" % detail)
@@ -772,8 +785,9 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False):
                                                                           utc(start)))
     else:
         old_sequences = door_sequences(old_lines)
+        was_running = knockd_runs(settings)
         replace_file(config_path, new_data)
-        load_into_knockd(config_path, old_data, settings)
+        load_into_knockd(config_path, old_data, was_running, settings)
         for door in doors:
             if old_sequences.get(door) != sequences[door]:
                 log("%s: rotated to the period from %s" % (door, utc(start)))

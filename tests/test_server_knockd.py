@@ -114,3 +114,61 @@ def test_rollback_restarts_a_knockd_that_died(netns, tmp_path, server_env):
     new_pid = int(pidfile.read_text())
     assert new_pid != first_pid
     assert subprocess.run(running, shell=True).returncode == 0
+
+
+def readme_door(firewall):
+    """The example door for FIREWALL from the README, on the guarded port."""
+    from conftest import ROOT
+    readme = (ROOT / "README.md").read_text()
+    after = readme[readme.index("\n%s" % firewall):]
+    block = after[after.index("    [ssh_ROTATOR]"):]
+    lines = []
+    for line in block.splitlines():
+        if not line.startswith("    "):
+            break
+        lines.append(line[4:])
+    return "\n".join(lines).replace("dport 22 ", "dport %d " % GUARDED_PORT) + "\n"
+
+
+def test_first_install_with_the_readme_nftables_door(netns, tmp_path, server_env):
+    """knockd is not running and the README's door has no sequence yet (knockd
+    refuses to start so): the first rotation writes it and starts knockd."""
+    need_root_and("nft", "knockd")
+    listener = netns.popen(sys.executable, "-c",
+                           "import socket\ns = socket.socket(); s.bind(('127.0.0.1', %d));"
+                           "s.listen(16)\nwhile True: s.accept()[0].close()\n" % GUARDED_PORT)
+    try:
+        ruleset = ("table inet filter {\n set knocked { type ipv4_addr; }\n"
+                   " chain input { type filter hook input priority 0; policy accept;\n"
+                   "  ip saddr @knocked tcp dport %d accept\n  tcp dport %d drop\n }\n}\n"
+                   % (GUARDED_PORT, GUARDED_PORT))
+        netns.run("nft", "-f", "-", input=ruleset)
+        door = readme_door("nftables").replace("/usr/sbin/nft", "nft")
+        assert "nft add element inet filter knocked { %IP% }" in door
+        config, pidfile = tmp_path / "knockd.conf", tmp_path / "knockd.pid"
+        config.write_text("[options]\n\tlogfile = %s\n%s" % (
+            tmp_path / "knockd.log", door.replace("cmd_timeout   = 30", "cmd_timeout   = 3")))
+        running = "test -s {p} && ps -o stat= -p $(cat {p}) | grep -qv Z".format(p=pidfile)
+        env = server_env(
+            RELOAD_COMMAND="kill -HUP $(cat %s)" % pidfile, CHECK_COMMAND=running,
+            RECOVER_COMMAND="ip netns exec %s knockd -d -i lo -c %s -p %s" % (
+                netns.name, config, pidfile), CHECK_SECONDS=1)
+        result = run_server("--config", config, env=env)
+        assert result.returncode == 0, result.stderr
+        assert "knockd is not running: starting it with the new file" in result.stderr
+        assert not netns.tcp_open(GUARDED_PORT)
+        knock_until_open(netns, env)
+        assert "127.0.0.1" in netns.run("nft", "list", "set", "inet", "filter", "knocked").stdout
+        wait_until(lambda: not netns.tcp_open(GUARDED_PORT), 3 + 5, "the door to close")
+        assert "127.0.0.1" not in netns.run("nft", "list", "set", "inet", "filter",
+                                            "knocked").stdout
+    finally:
+        listener.kill()
+        listener.wait()
+
+
+def test_readme_iptables_door_is_the_tested_one():
+    door = readme_door("iptables")
+    assert "-I INPUT -s %IP% -p tcp --dport 2222 -j ACCEPT" in door
+    assert "-D INPUT -s %IP% -p tcp --dport 2222 -j ACCEPT" in door
+    assert "tcpflags      = syn" in door

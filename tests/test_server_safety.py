@@ -1,7 +1,6 @@
 """Crash safety, locking, rollback and boundary runs of the server."""
 
 import fcntl
-import os
 import random
 import subprocess
 import sys
@@ -97,8 +96,10 @@ def test_a_run_waits_for_the_lock(tmp_path, server_env):
 @pytest.mark.parametrize("overrides,code,words", [
     (dict(RELOAD_COMMAND="echo no such unit >&2; exit 5"), 1,
      "reload command failed (exit 5: no such unit)"),
-    # knockd gone after the reload, back after the recovery:
-    (dict(CHECK_COMMAND="test -e {tmp}/died || {{ touch {tmp}/died; exit 1; }}"), 1,
+    # knockd runs before the reload (check 1), is gone after it (check 2), and
+    # is back after the recovery (check 3):
+    (dict(CHECK_COMMAND="n=$(($(cat {tmp}/checks 2>/dev/null || echo 0) + 1)); "
+                        "echo $n > {tmp}/checks; test $n -ne 2"), 1,
      "check command failed (exit 1)"),
     (dict(CHECK_COMMAND="false"), 7, "recovery failed too (check command failed (exit 1))"),
     (dict(CHECK_COMMAND="false", RECOVER_COMMAND="exit 9"), 7, "recovery failed too (exit 9)"),
