@@ -51,8 +51,10 @@ CHECK_CONNECT_TIMEOUT = 1.0
 # BEGIN SHARED GENERATOR
 # This block is byte-identical in knockd_rotator_client.py and
 # knockd_rotator_server.py (tests/test_shared_block.py compares them): the two
-# files are deployed apart, so each carries its own copy.  It is pure: no clock,
-# no environment, no I/O; callers pass the time and the variables in.
+# files are deployed apart, so each carries its own copy.  It holds what both
+# need: the error type, the settings, the generator, and the command line's
+# error and prefix handling.  It is pure: no clock, no environment, no I/O;
+# callers pass the time and the variables in.
 # docs/SPEC.md specifies the algorithm byte by byte.
 
 ROTATOR_SUFFIX = "_ROTATOR"
@@ -172,6 +174,13 @@ def read_settings(environ):
             whole_number(environ, "PERIOD_MODULO", 1, MAX_PERIOD, 21600))
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one `error: ...` line, exit code 2."""
+
+    def error(self, message):
+        raise RotatorError(message, "see %s --help" % self.prog, EXIT_USAGE)
+
+
 def resolve_command(word, commands):
     """The command that WORD names exactly or is a unique prefix of."""
     matches = [c for c in commands if c == word] or [c for c in commands if c.startswith(word)]
@@ -251,13 +260,6 @@ def wait_for_port(family, sockaddr, port, timeout):
 
 
 # ---------------------------------------------------------------- CLI
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one `error: ...` line, exit code 2."""
-
-    def error(self, message):
-        raise RotatorError(message, "see %s --help" % self.prog, EXIT_USAGE)
-
 
 def port_number(text):
     if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_PORT:

@@ -88,8 +88,10 @@ TEMP_SUFFIX = ".knockd_rotator.tmp"
 # BEGIN SHARED GENERATOR
 # This block is byte-identical in knockd_rotator_client.py and
 # knockd_rotator_server.py (tests/test_shared_block.py compares them): the two
-# files are deployed apart, so each carries its own copy.  It is pure: no clock,
-# no environment, no I/O; callers pass the time and the variables in.
+# files are deployed apart, so each carries its own copy.  It holds what both
+# need: the error type, the settings, the generator, and the command line's
+# error and prefix handling.  It is pure: no clock, no environment, no I/O;
+# callers pass the time and the variables in.
 # docs/SPEC.md specifies the algorithm byte by byte.
 
 ROTATOR_SUFFIX = "_ROTATOR"
@@ -207,6 +209,13 @@ def read_settings(environ):
             whole_number(environ, "LENGTH", 1, MAX_LENGTH, 10),
             whole_number(environ, "PORT_MODULO", 0, MAX_PORT, 0),
             whole_number(environ, "PERIOD_MODULO", 1, MAX_PERIOD, 21600))
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one `error: ...` line, exit code 2."""
+
+    def error(self, message):
+        raise RotatorError(message, "see %s --help" % self.prog, EXIT_USAGE)
 
 
 def resolve_command(word, commands):
@@ -797,13 +806,6 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False):
 
 
 # ---------------------------------------------------------------- CLI
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one `error: ...` line, exit code 2."""
-
-    def error(self, message):
-        raise RotatorError(message, "see %s --help" % self.prog, EXIT_USAGE)
-
 
 EPILOG = """\
 examples:
