@@ -263,6 +263,16 @@ class Line:
         self.value = value        # trimmed value bytes; None when there is no `=`
         self.span = span          # (start, end) of the value within raw
 
+    @property
+    def is_sequence(self):
+        """A `sequence = ...` line (one without `=` is knockd's syntax error)."""
+        return self.kind == "directive" and self.key == "SEQUENCE" and self.value is not None
+
+
+def is_rotator(section):
+    """Whether SECTION (bytes, or None before the first header) is a rotator door."""
+    return section is not None and section.endswith(ROTATOR_SUFFIX.encode())
+
 
 def parse_config(data):
     """Split knockd.conf DATA (bytes) into Lines.  Never fails: see config_errors."""
@@ -384,7 +394,7 @@ def rotator_doors(lines):
     """Names (str) of the rotator doors, in file order, each once."""
     names = {}        # a dict keeps file order and finds duplicates in O(1)
     for line in lines:
-        if line.kind == "section" and line.section.endswith(ROTATOR_SUFFIX.encode()):
+        if line.kind == "section" and is_rotator(line.section):
             names[line.section.decode("utf-8", "surrogateescape")] = True
     return list(names)
 
@@ -393,7 +403,7 @@ def rotator_errors(lines):
     """What this tool refuses in a rotator door: (line, what, fix) tuples."""
     errors = []
     for line in lines:
-        if not (line.section or b"").endswith(ROTATOR_SUFFIX.encode()):
+        if not is_rotator(line.section):
             continue
         name = line.section.decode("utf-8", "replace")
         if line.kind == "section" and len(line.section) > DOOR_NAME_MAX:
@@ -417,16 +427,16 @@ def rewrite_config(lines, sequences):
     out = []          # (line number in the user's file, raw bytes)
     for index, line in enumerate(lines):
         new = sequences.get((line.section or b"").decode("utf-8", "surrogateescape"))
-        if new is not None and line.kind == "directive" and line.key == "SEQUENCE" \
-                and line.value is not None:
+        if new is not None and line.is_sequence:
             start, end = line.span
             out.append((line.number, line.raw[:start] + new + line.raw[end:]))
             continue
-        if new is None or line.kind != "section" or has_sequence_line(lines, index):
+        # A rotator header whose section has no sequence line gets one inserted.
+        body = section_body(lines, index) if new is not None and line.kind == "section" else None
+        if body is None or any(l.is_sequence for l in body):
             out.append((line.number, line.raw))
             continue
         header = line.raw if line.raw.endswith(b"\n") else line.raw + b"\n"
-        body = section_body(lines, index)
         first = next((l.raw for l in body if l.kind == "directive"), b"")
         indent = first[:len(first) - len(first.lstrip(b" \t"))]
         newline = b"\r\n" if header.endswith(b"\r\n") else b"\n"
@@ -446,11 +456,6 @@ def section_body(lines, header_index):
     return lines[header_index + 1:end]
 
 
-def has_sequence_line(lines, header_index):
-    return any(line.kind == "directive" and line.key == "SEQUENCE" and line.value is not None
-               for line in section_body(lines, header_index))
-
-
 def unified_diff(old_lines, new_lines, path, context=3):
     """A unified diff of a rewrite, in linear time.
 
@@ -458,17 +463,17 @@ def unified_diff(old_lines, new_lines, path, context=3):
     search, since every new Line carries the number of the old line it
     replaces (inserted lines carry their header's).
     """
-    replacements = {}
-    for line in new_lines:
+    replacements = {}     # old line number -> the raw lines that replace it
+    new_number = {}       # old line number -> number of its first line in the result
+    for position, line in enumerate(new_lines, 1):
         replacements.setdefault(line.number, []).append(line.raw)
+        new_number.setdefault(line.number, position)
     changed = [line.number for line in old_lines if replacements[line.number] != [line.raw]]
     def text(raw):
         decoded = raw.decode("utf-8", "replace")
         return decoded if decoded.endswith("\n") else decoded + "\n\\ No newline at end of file\n"
     out = ["--- %s\n" % path, "+++ %s (rotated)\n" % path]
     index = 0
-    inserted_before = 0     # lines inserted above the current hunk
-    counted_up_to = 0       # old line number up to which they are counted
     while index < len(changed):
         first = last = changed[index]
         while index + 1 < len(changed) and changed[index + 1] - last <= 2 * context:
@@ -486,11 +491,8 @@ def unified_diff(old_lines, new_lines, path, context=3):
                 body.append("-" + text(old_raw))
                 body.extend("+" + text(raw) for raw in new_raws)
             new_count += len(new_raws)
-        inserted_before += new_count - (end - start + 1)
-        inserted_before += sum(len(replacements[n]) - 1 for n in range(counted_up_to + 1, start))
-        counted_up_to = end
-        new_start = start + inserted_before
-        out.append("@@ -%d,%d +%d,%d @@\n" % (start, end - start + 1, new_start, new_count))
+        out.append("@@ -%d,%d +%d,%d @@\n" % (start, end - start + 1, new_number[start],
+                                               new_count))
         out.extend(body)
     return out
 
@@ -499,8 +501,7 @@ def door_sequences(lines):
     """Current sequence value (bytes) of each rotator door: the last one wins."""
     current = {}
     for line in lines:
-        if (line.kind == "directive" and line.key == "SEQUENCE" and line.value is not None
-                and line.section.endswith(ROTATOR_SUFFIX.encode())):
+        if line.is_sequence and is_rotator(line.section):
             current[line.section.decode("utf-8", "surrogateescape")] = line.value
     return current
 

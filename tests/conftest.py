@@ -78,8 +78,9 @@ def run_server(*args, **kwargs):
 
 
 def alive_command(pid):
-    """A shell check that PID runs (a zombie does not count)."""
-    return "ps -o stat= -p %d | grep -qv Z" % pid
+    """A shell check that PID (a number, or a shell expression such as
+    `$(cat PIDFILE)`) runs; a zombie does not count."""
+    return "ps -o stat= -p %s | grep -qv Z" % pid
 
 
 @pytest.fixture
@@ -122,6 +123,16 @@ class Namespace:
     def popen(self, *command, **kwargs):
         return subprocess.Popen(["ip", "netns", "exec", self.name] + [str(c) for c in command],
                                 **kwargs)
+
+    def listen(self, port):
+        """A TCP server on 127.0.0.1:PORT in the namespace (the caller kills it)."""
+        listener = self.popen(sys.executable, "-c",
+                              "import socket\ns = socket.socket()\n"
+                              "s.bind(('127.0.0.1', %d))\ns.listen(16)\n"
+                              "while True: s.accept()[0].close()\n" % port)
+        wait_until(lambda: listener.poll() is not None or self.tcp_open(port), 10,
+                   "the listener on port %d" % port)
+        return listener
 
     def tcp_open(self, port, host="127.0.0.1", timeout=0.3):
         """True when a TCP connect to HOST:PORT succeeds inside the namespace."""

@@ -83,12 +83,8 @@ def test_a_tcp_knock_is_exactly_one_syn(netns, start_knockd, tmp_path):
 
 
 def test_check_reports_open_and_closed_ports(netns, tmp_path):
-    listener = netns.popen("python3", "-c",
-                           "import socket,time; s=socket.socket(); s.bind(('127.0.0.1', 2222));"
-                           "s.listen(); time.sleep(30)")
+    listener = netns.listen(2222)
     try:
-        from conftest import wait_until
-        wait_until(lambda: netns.tcp_open(2222), 10, "the test listener")
         opened = run_client("knock", "127.0.0.1", "ssh", "--check", "2222", netns=netns.name)
         assert opened.returncode == 0 and "port 2222 on 127.0.0.1 open after" in opened.stdout
         closed = run_client("knock", "127.0.0.1", "ssh", "--check", "2223",

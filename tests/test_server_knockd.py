@@ -4,7 +4,6 @@ The door guards a TCP listener on port 2222 behind an iptables DROP; its
 start_command inserts an ACCEPT for %IP% and its stop_command removes it."""
 
 import subprocess
-import sys
 
 import pytest
 
@@ -26,10 +25,7 @@ DOOR = """
 def guarded(netns):
     """A listener on GUARDED_PORT that iptables drops, in the test namespace."""
     need_root_and("iptables")
-    listener = netns.popen(sys.executable, "-c",
-                           "import socket, time\n"
-                           "s = socket.socket(); s.bind(('127.0.0.1', %d)); s.listen(16)\n"
-                           "while True: s.accept()[0].close()\n" % GUARDED_PORT)
+    listener = netns.listen(GUARDED_PORT)
     netns.run("iptables", "-A", "INPUT", "-p", "tcp", "--dport", GUARDED_PORT, "-j", "DROP")
     yield netns
     listener.kill()
@@ -103,7 +99,7 @@ def test_rollback_restarts_a_knockd_that_died(netns, tmp_path, server_env):
     subprocess.run(start, shell=True, check=True)
     first_pid = int(wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 10,
                                "knockd's pidfile"))
-    running = "test -s {p} && ps -o stat= -p $(cat {p}) | grep -qv Z".format(p=pidfile)
+    running = alive_command("$(cat %s)" % pidfile)
     env = server_env(RELOAD_COMMAND="kill -TERM %d" % first_pid, CHECK_COMMAND=running,
                      RECOVER_COMMAND=start, CHECK_SECONDS=1)
     result = run_server("--config", config, env=env)
@@ -134,9 +130,7 @@ def test_first_install_with_the_readme_nftables_door(netns, tmp_path, server_env
     """knockd is not running and the README's door has no sequence yet (knockd
     refuses to start so): the first rotation writes it and starts knockd."""
     need_root_and("nft", "knockd")
-    listener = netns.popen(sys.executable, "-c",
-                           "import socket\ns = socket.socket(); s.bind(('127.0.0.1', %d));"
-                           "s.listen(16)\nwhile True: s.accept()[0].close()\n" % GUARDED_PORT)
+    listener = netns.listen(GUARDED_PORT)
     try:
         ruleset = ("table inet filter {\n set knocked { type ipv4_addr; }\n"
                    " chain input { type filter hook input priority 0; policy accept;\n"
@@ -148,7 +142,7 @@ def test_first_install_with_the_readme_nftables_door(netns, tmp_path, server_env
         config, pidfile = tmp_path / "knockd.conf", tmp_path / "knockd.pid"
         config.write_text("[options]\n\tlogfile = %s\n%s" % (
             tmp_path / "knockd.log", door.replace("cmd_timeout   = 30", "cmd_timeout   = 3")))
-        running = "test -s {p} && ps -o stat= -p $(cat {p}) | grep -qv Z".format(p=pidfile)
+        running = alive_command("$(cat %s)" % pidfile)
         env = server_env(
             RELOAD_COMMAND="kill -HUP $(cat %s)" % pidfile, CHECK_COMMAND=running,
             RECOVER_COMMAND="ip netns exec %s knockd -d -i lo -c %s -p %s" % (
