@@ -39,11 +39,13 @@ Safety:
 """
 
 import argparse
+import contextlib
 import datetime
 import fcntl
 import hashlib
 import hmac
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -102,6 +104,10 @@ PORT_SPAN = MAX_PORT - MIN_PORT + 1   # 63536 equally likely ports
 MAX_LENGTH = 32        # knockd 0.8 takes at most 32 ports in a sequence
 MIN_SECRET_CHARS = 10
 MAX_PERIOD = 366 * 86400   # a longer period is a static sequence in practice
+# Seconds after a boundary during which the previous sequence still opens the
+# door (docs/SPEC.md): covers clocks up to this far behind, and a knock sent
+# as the period turns.  At most half the period, so a short period shrinks it.
+DEFAULT_GRACE = 30
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
 
@@ -209,6 +215,17 @@ def read_settings(environ):
             whole_number(environ, "LENGTH", 1, MAX_LENGTH, 10),
             whole_number(environ, "PORT_MODULO", 0, MAX_PORT, 0),
             whole_number(environ, "PERIOD_MODULO", 1, MAX_PERIOD, 21600))
+
+
+def read_grace(environ, period):
+    """KNOCKD_ROTATOR_GRACE in seconds, 0 to half of PERIOD (0: no grace)."""
+    return whole_number(environ, "GRACE", 0, period // 2, min(DEFAULT_GRACE, period // 2))
+
+
+def next_event(now, period, grace):
+    """When the server next changes the file: the grace end, or the next boundary."""
+    start = period_start(now, period)
+    return start + grace if now < start + grace else start + period
 
 
 class Parser(argparse.ArgumentParser):
@@ -442,10 +459,15 @@ def rewrite_config(lines, sequences):
         newline = b"\r\n" if header.endswith(b"\r\n") else b"\n"
         out.append((line.number, header))
         out.append((line.number, indent + b"sequence = " + new + newline))
-    new_lines = parse_config(b"".join(raw for _, raw in out))
-    for new_line, (number, _) in zip(new_lines, out):
-        new_line.number = number
-    return new_lines
+    return numbered_lines(out)
+
+
+def numbered_lines(numbered_raws):
+    """Parse (number, raw line) pairs as one file; each Line keeps its number."""
+    lines = parse_config(b"".join(raw for _, raw in numbered_raws))
+    for line, (number, _) in zip(lines, numbered_raws):
+        line.number = number
+    return lines
 
 
 def section_body(lines, header_index):
@@ -461,14 +483,19 @@ def unified_diff(old_lines, new_lines, path, context=3):
 
     difflib is quadratic on files of many alike sections; a rewrite needs no
     search, since every new Line carries the number of the old line it
-    replaces (inserted lines carry their header's).
+    replaces or follows (inserted lines carry the number of the line before
+    them); an old line whose number no new Line carries was removed.
     """
     replacements = {}     # old line number -> the raw lines that replace it
-    new_number = {}       # old line number -> number of its first line in the result
-    for position, line in enumerate(new_lines, 1):
+    for line in new_lines:
         replacements.setdefault(line.number, []).append(line.raw)
-        new_number.setdefault(line.number, position)
-    changed = [line.number for line in old_lines if replacements[line.number] != [line.raw]]
+    new_number = {}       # old line number -> number of its first line in the result
+    position = 1
+    for line in old_lines:
+        new_number[line.number] = position
+        position += len(replacements.get(line.number, ()))
+    changed = [line.number for line in old_lines
+               if replacements.get(line.number) != [line.raw]]
     def text(raw):
         decoded = raw.decode("utf-8", "replace")
         return decoded if decoded.endswith("\n") else decoded + "\n\\ No newline at end of file\n"
@@ -483,8 +510,8 @@ def unified_diff(old_lines, new_lines, path, context=3):
         start, end = max(1, first - context), min(len(old_lines), last + context)
         body, new_count = [], 0
         for number in range(start, end + 1):
-            old_raw, new_raws = old_lines[number - 1].raw, replacements[number]
-            if new_raws[0] == old_raw:          # unchanged, maybe with an insertion
+            old_raw, new_raws = old_lines[number - 1].raw, replacements.get(number, [])
+            if new_raws and new_raws[0] == old_raw:     # kept, maybe with lines after it
                 body.append(" " + text(old_raw))
                 body.extend("+" + text(raw) for raw in new_raws[1:])
             else:
@@ -504,6 +531,79 @@ def door_sequences(lines):
         if line.is_sequence and is_rotator(line.section):
             current[line.section.decode("utf-8", "surrogateescape")] = line.value
     return current
+
+
+# ---------------------------------------------------------------- the grace block
+#
+# For GRACE seconds after a boundary the previous sequence still opens each
+# rotator door: a block at the end of the file holds, for each rotator
+# section, a sibling `[NAME_GRACE]` with the same directives and the previous
+# sequence (knockd opens both doors).  The block is the server's own: it is
+# rewritten whole or removed, and whatever the user wrote before or after it
+# stays as it was.  When the user's last line had no newline, the block's
+# first line says so, and removing the block takes that newline away again.
+
+GRACE_BEGIN = b"# BEGIN knockd_rotator grace block"
+GRACE_END = b"# END knockd_rotator grace block"
+GRACE_SUFFIX = "_GRACE"
+ADDED_NEWLINE = b"; a newline was added before it"
+
+
+def split_grace_block(lines):
+    """(the user's Lines, the grace block's Lines) of a parsed file."""
+    begin = next((index for index, line in enumerate(lines)
+                  if line.kind == "comment" and line.raw.startswith(GRACE_BEGIN)), None)
+    if begin is None:
+        return lines, []
+    end = next((index for index in range(begin + 1, len(lines))
+                if lines[index].raw.rstrip(b"\r\n") == GRACE_END), None)
+    if end is None:
+        raise RotatorError("line %d begins a grace block that has no end line %r"
+                           % (lines[begin].number, GRACE_END.decode()),
+                           "delete the block from line %d on: the server writes it anew"
+                           % lines[begin].number, EXIT_CONFIG)
+    before, block, after = lines[:begin], lines[begin:end + 1], lines[end + 1:]
+    numbered = [(line.number, line.raw) for line in before + after]
+    if ADDED_NEWLINE in block[0].raw and before and not after:
+        number, raw = numbered[len(before) - 1]
+        numbered[len(before) - 1] = (number, raw[:-1])
+    # Parsed anew: lines after the block belonged to its last section.
+    return numbered_lines(numbered), block
+
+
+def grace_block(lines, previous, until):
+    """Raw bytes of the block giving each rotator section of LINES a sibling
+    with its PREVIOUS sequence (door name -> bytes), valid until UNTIL."""
+    newline = b"\r\n" if lines and lines[0].raw.endswith(b"\r\n") else b"\n"
+    out = [GRACE_BEGIN + b": generated, do not edit; removed at %d (%s)"
+           % (until, utc(until).encode()) + newline]
+    for index, line in enumerate(lines):
+        if line.kind != "section" or not is_rotator(line.section):
+            continue
+        name = line.section.decode("utf-8", "surrogateescape")
+        out.append(b"[" + line.section + GRACE_SUFFIX.encode() + b"]" + newline)
+        directives = [l.raw for l in section_body(lines, index)
+                      if l.kind == "directive" and not l.is_sequence]
+        for raw in directives:
+            out.append(raw if raw.endswith(b"\n") else raw + newline)
+        first = directives[0] if directives else b""
+        indent = first[:len(first) - len(first.lstrip(b" \t"))]
+        out.append(indent + b"sequence = " + previous[name] + newline)
+    out.append(GRACE_END + newline)
+    return out
+
+
+def with_grace_block(lines, previous, until):
+    """The Lines of the user's LINES followed by a grace block (see above)."""
+    numbered = [(line.number, line.raw) for line in lines]
+    block = grace_block(lines, previous, until)
+    last_number, last_raw = numbered[-1]
+    if not last_raw.endswith(b"\n"):
+        numbered[-1] = (last_number, last_raw + b"\n")
+        block[0] = block[0].rstrip(b"\r\n") + ADDED_NEWLINE + b"\n"
+    # The block's lines carry the number of the user's last line, after which
+    # they come: the diff needs numbers that never go down.
+    return numbered_lines(numbered + [(last_number, raw) for raw in block])
 
 
 # ---------------------------------------------------------------- settings
@@ -684,9 +784,10 @@ def warn_if_readable_by_others(env_file):
 
 # ---------------------------------------------------------------- boundary runs
 #
-# The timer runs every SERVER_INTERVAL.  When a period boundary comes before
-# the next timer run, one detached process (`--at BOUNDARY`) sleeps until the
-# boundary and runs again.  The unit's KillMode=process lets it outlive the
+# The timer runs every SERVER_INTERVAL.  When the next event (a period
+# boundary, or the end of a grace) comes before the next timer run, one
+# detached process (`--at EVENT`) sleeps until that second and runs again; it
+# then schedules the event after it.  The unit's KillMode=process lets it outlive the
 # oneshot service.  It inherits the environment, so the secret never travels
 # on a command line.  STATE_DIR/pending holds its pid: at most one is pending.
 
@@ -725,7 +826,7 @@ def schedule_boundary_run(config_path, boundary, now, settings, verbose):
     child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              start_new_session=True, close_fds=True)
     replace_or_create(os.path.join(state_dir, "pending"), b"%d\n" % child.pid)
-    log("next rotation at %s (boundary run, pid %d)" % (utc(boundary), child.pid))
+    log("next run at %s (boundary run, pid %d)" % (utc(boundary), child.pid))
 
 
 def replace_or_create(path, data):
@@ -752,57 +853,136 @@ def utc(timestamp):
         .strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def rotate(config_path, environ, now, dry_run=False, verbose=False):
-    """One rotation of CONFIG_PATH for the period holding NOW.  Returns an exit code."""
+def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=True):
+    """Bring CONFIG_PATH to the state of the moment NOW: every rotator door
+    holds the sequence of the period holding NOW, and for GRACE seconds after
+    the period's start the grace block holds the previous ones.  Schedules a
+    boundary run for the next event when SCHEDULE; returns that event's time."""
     secret, length, port_modulo, period = read_settings(environ)
+    grace = read_grace(environ, period)
     settings = server_settings(environ)
     warn_if_readable_by_others(settings["ENV_FILE"])
     config_path = os.path.realpath(config_path)
-    if not dry_run:
-        lock = take_lock(settings["STATE_DIR"])   # released when rotate() returns
-        remove_stale_temporaries(config_path)
-    old_data = read_config(config_path)
-    old_lines = parse_config(old_data)
-    doors = rotator_doors(old_lines)
-    if not doors:
-        raise RotatorError("%s has no door whose name ends with %s" % (config_path,
-                                                                       ROTATOR_SUFFIX),
-                           "add one, e.g. [ssh_ROTATOR] with its commands", EXIT_CONFIG)
-    start = period_start(now, period)
-    sequences = {door: format_sequence(generate_sequence(
-        secret, door, start, length, port_modulo)).encode() for door in doors}
-    new_lines = rewrite_config(old_lines, sequences)
-    new_data = b"".join(line.raw for line in new_lines)
-    errors = sorted(rotator_errors(new_lines) + config_errors(new_lines))
-    if errors:
-        messages = [RotatorError("%s line %d: %s" % (config_path, number, what), fix,
-                                 EXIT_CONFIG) for number, what, fix in errors]
-        for message in messages[:-1]:
-            print(message, file=sys.stderr)
-        raise messages[-1]
-    if length < 3:
-        log("warning: KNOCKD_ROTATOR_LENGTH=%d: a port scan in order can open a door of "
-            "fewer than 3 ports" % length)
+    event = next_event(now, period, grace)
+    with contextlib.nullcontext() if dry_run else take_lock(settings["STATE_DIR"]):
+        if not dry_run:
+            remove_stale_temporaries(config_path)
+        old_data = read_config(config_path)
+        old_lines = parse_config(old_data)
+        user_lines, old_block = split_grace_block(old_lines)
+        doors = rotator_doors(user_lines)
+        if not doors:
+            raise RotatorError("%s has no door whose name ends with %s"
+                               % (config_path, ROTATOR_SUFFIX),
+                               "add one, e.g. [ssh_ROTATOR] with its commands", EXIT_CONFIG)
 
-    if dry_run:
-        if new_data != old_data:
-            sys.stdout.writelines(unified_diff(old_lines, new_lines, config_path))
-        return EXIT_OK
+        def sequences(start):
+            return {door: format_sequence(generate_sequence(
+                secret, door, start, length, port_modulo)).encode() for door in doors}
 
-    if new_data == old_data:
-        if verbose:
-            log("%s already holds the sequences of the period from %s" % (config_path,
-                                                                          utc(start)))
-    else:
-        old_sequences = door_sequences(old_lines)
-        was_running = knockd_runs(settings)
-        replace_file(config_path, new_data)
-        load_into_knockd(config_path, old_data, was_running, settings)
-        for door in doors:
-            if old_sequences.get(door) != sequences[door]:
-                log("%s: rotated to the period from %s" % (door, utc(start)))
-    schedule_boundary_run(config_path, start + period, now, settings, verbose)
-    lock.close()
+        start = period_start(now, period)
+        current = sequences(start)
+        new_lines = rewrite_config(user_lines, current)
+        refuse_errors(config_path, rotator_errors(new_lines) + config_errors(new_lines))
+        in_grace = now < start + grace
+        if in_grace:
+            new_lines = with_grace_block(new_lines, sequences(start - period), start + grace)
+            refuse_errors(config_path, config_errors(new_lines))
+        new_data = b"".join(line.raw for line in new_lines)
+        if length < 3:
+            log("warning: KNOCKD_ROTATOR_LENGTH=%d: a port scan in order can open a door "
+                "of fewer than 3 ports" % length)
+
+        if dry_run:
+            if new_data != old_data:
+                sys.stdout.writelines(unified_diff(old_lines, new_lines, config_path))
+            return event
+        if new_data == old_data:
+            if verbose:
+                log("%s is current for the period from %s" % (config_path, utc(start)))
+        else:
+            old_sequences = door_sequences(user_lines)
+            was_running = knockd_runs(settings)
+            replace_file(config_path, new_data)
+            load_into_knockd(config_path, old_data, was_running, settings)
+            for door in doors:
+                if old_sequences.get(door) != current[door]:
+                    log("%s: rotated to the period from %s" % (door, utc(start)))
+            if in_grace and not old_block:
+                log("grace: the previous sequences open the doors until %s"
+                    % utc(start + grace))
+            elif old_block and not in_grace:
+                log("grace ended: the previous sequences no longer open the doors")
+        if schedule:
+            schedule_boundary_run(config_path, event, now, settings, verbose)
+    return event
+
+
+def refuse_errors(config_path, errors):
+    """Print every (line, what, fix) of ERRORS and raise the last one."""
+    if not errors:
+        return
+    messages = [RotatorError("%s line %d: %s" % (config_path, number, what), fix, EXIT_CONFIG)
+                for number, what, fix in sorted(errors)]
+    for message in messages[:-1]:
+        print(message, file=sys.stderr)
+    raise messages[-1]
+
+
+# ---------------------------------------------------------------- --watch
+#
+# A long-running mode for short periods: one process that rotates at every
+# boundary and grace end and sleeps in between.  Each rotation takes the lock
+# and rolls back like a one-off run; a failed one is logged and tried again
+# at the next event (at the latest WATCH_RETRY seconds later).  SIGTERM or
+# SIGINT during a rotation lets it finish first.
+
+WATCH_RETRY = 60
+
+
+def stop_signals():
+    """Make SIGTERM and SIGINT only note themselves and wake pause_until().
+    Returns (the wake-up descriptor, the list of signals received)."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end)
+    received = []
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda signum, frame: received.append(signum))
+    return read_end, received
+
+
+def pause_until(moment, wakeup, received):
+    """Sleep until the wall clock reaches MOMENT, or a stop signal comes."""
+    while not received:
+        remaining = moment - time.time()
+        if remaining <= 0:
+            return
+        # At most 30 s at a time, to follow changes of the wall clock.
+        select.select([wakeup], [], [], min(remaining, 30))
+        try:
+            os.read(wakeup, 512)
+        except BlockingIOError:
+            pass
+
+
+def watch(config_path, environ, verbose):
+    """Rotate at every event until a stop signal.  Returns an exit code."""
+    period = read_settings(environ)[3]
+    grace = read_grace(environ, period)
+    server_settings(environ)       # a bad setting ends the service now, not later
+    wakeup, received = stop_signals()
+    log("watching %s: period %d s, grace %d s" % (config_path, period, grace))
+    while not received:
+        now = time.time()
+        try:
+            event = rotate(config_path, environ, now, verbose=verbose, schedule=False)
+        except RotatorError as exc:
+            event = min(next_event(now, period, grace), now + WATCH_RETRY)
+            log("%s; trying again at %s" % (exc, utc(event)))
+        pause_until(event, wakeup, received)
+    log("stopped by signal %d" % received[0])
     return EXIT_OK
 
 
@@ -829,19 +1009,26 @@ def build_parser():
     parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
     parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
                         help="knockd's configuration (default %s)" % DEFAULT_CONFIG)
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the unified diff; write, reload and schedule nothing")
-    parser.add_argument("--verbose", action="store_true", help="say more")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true",
+                      help="print the unified diff; write, reload and schedule nothing")
+    mode.add_argument("--watch", action="store_true",
+                      help="keep running: rotate at every boundary and grace end, until "
+                           "SIGTERM (for short periods; see knockd_rotator-watch.service)")
     # A boundary run: sleep until this UNIX time, then rotate (see above).
-    parser.add_argument("--at", type=int, help=argparse.SUPPRESS)
+    mode.add_argument("--at", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--verbose", action="store_true", help="say more")
     return parser
 
 
 def run(argv, environ):
     args = build_parser().parse_args(argv)
+    if args.watch:
+        return watch(args.config, environ, args.verbose)
     if args.at is not None:
         sleep_until(args.at)
-    return rotate(args.config, environ, time.time(), args.dry_run, args.verbose)
+    rotate(args.config, environ, time.time(), args.dry_run, args.verbose)
+    return EXIT_OK
 
 
 def main():

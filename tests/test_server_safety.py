@@ -128,14 +128,14 @@ def test_boundary_run_happens_on_time_and_only_one_is_pending(tmp_path, server_e
     config = tmp_path / "knockd.conf"
     config.write_bytes(b"[ssh_ROTATOR]\n\tsequence = 1\n\tcommand = true\n")
     reloads = tmp_path / "reloads"
-    env = server_env(PERIOD_MODULO=period, SERVER_INTERVAL=60,
+    env = server_env(PERIOD_MODULO=period, GRACE=0, SERVER_INTERVAL=60,
                      RELOAD_COMMAND="date +%%s.%%N >> %s" % reloads)
     # Start early in a period, so that the two runs below share it.
     wait_until(lambda: time.time() % period < 1, period + 1, "the start of a period")
     first = run_server("--config", config, env=env)
     assert first.returncode == 0, first.stderr
     boundary = (int(time.time()) // period + 1) * period
-    assert "next rotation at %s (boundary run" % server.utc(boundary) in first.stderr
+    assert "next run at %s (boundary run" % server.utc(boundary) in first.stderr
     assert len(pending_runs(tmp_path)) == 1
 
     second = run_server("--config", config, env=env)
@@ -162,4 +162,29 @@ def test_no_boundary_run_when_the_timer_comes_first(tmp_path, server_env):
                                                            SERVER_INTERVAL=60))
     assert result.returncode == 0
     if (int(time.time()) // 31622400 + 1) * 31622400 - time.time() > 200:
-        assert "next rotation" not in result.stderr and pending_runs(tmp_path) == []
+        assert "next run" not in result.stderr and pending_runs(tmp_path) == []
+
+
+def test_boundary_and_grace_end_runs_happen_on_the_second(tmp_path, server_env):
+    """A boundary run adds the grace block; the run it schedules for the grace
+    end removes it.  Each reload comes at most 1 s after its event."""
+    period, grace = 6, 2
+    config = tmp_path / "knockd.conf"
+    config.write_bytes(b"[ssh_ROTATOR]\n\tsequence = 1\n\tcommand = true\n")
+    reloads = tmp_path / "reloads"
+    env = server_env(PERIOD_MODULO=period, GRACE=grace, SERVER_INTERVAL=60,
+                     RELOAD_COMMAND="(date +%%s.%%N; grep -c _GRACE %s; true) >> %s" % (config, reloads))
+    wait_until(lambda: grace + 0.2 < time.time() % period < period - 2, period + 1,
+               "a moment out of the grace, 2 s before a boundary")
+    assert run_server("--config", config, env=env).returncode == 0
+    boundary = (int(time.time()) // period + 1) * period
+
+    def reload_lines():
+        return reloads.exists() and reloads.read_text().split()
+    lines = wait_until(lambda: len(reload_lines() or ()) >= 6 and reload_lines(),
+                       period + grace + 5, "the first run, the boundary run, the grace end run")
+    events = [(float(lines[i]), int(lines[i + 1])) for i in range(0, 6, 2)]
+    assert [blocks for _, blocks in events] == [0, 1, 0], "no block, a block, no block"
+    for (reloaded, _), expected in zip(events[1:], (boundary, boundary + grace)):
+        assert 0 <= reloaded - expected <= 1.0, "reloaded %.3f s after the event" % (
+            reloaded - expected)

@@ -1,0 +1,203 @@
+"""Rotation with no lock-out: the grace window and --watch, with real knockd.
+
+knockd guards a listener behind iptables in a test namespace (the fixtures of
+test_server_knockd).  The server runs in --watch mode with a short period;
+clients whose clocks are shifted run under faketime."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import SERVER, alive_command, need, run_client, wait_until
+from test_server_knockd import DOOR, GUARDED_PORT, accept_rules, guarded  # noqa: F401
+
+
+class Watch:
+    """knockd_rotator_server.py --watch for KNOCKD, in the background."""
+
+    def __init__(self, knockd, env, tmp_path):
+        self.knockd = knockd
+        self.log = tmp_path / "watch.log"
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(SERVER), "--watch", "--config", str(knockd.config)],
+                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+
+    def text(self):
+        return self.log.read_text()
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(10)
+        return self.process.returncode
+
+
+@pytest.fixture
+def watch(server_env, tmp_path):
+    """watch(knockd, period, grace) -> a running Watch, stopped after the test."""
+    started = []
+
+    def start(knockd, period, grace):
+        env = server_env(PERIOD_MODULO=period, GRACE=grace, CHECK_SECONDS=0,
+                         RELOAD_COMMAND="kill -HUP %d" % knockd.pid,
+                         CHECK_COMMAND=alive_command(knockd.pid))
+        started.append(Watch(knockd, env, tmp_path))
+        knockd.wait_log(r"re-reading config file", "the first rotation")
+        return started[-1], env
+
+    yield start
+    for process in started:
+        if process.process.poll() is None:
+            process.process.kill()
+            process.process.wait()
+
+
+def reloads(knockd):
+    return knockd.log_text().count("re-reading config file")
+
+
+def wait_for_moment(period, low, high):
+    """Wait until the time into the period is between LOW and HIGH seconds."""
+    wait_until(lambda: low <= time.time() % period < high, period + 1,
+               "%g to %g s into a %d s period" % (low, high, period), interval=0.01)
+    return int(time.time()) // period * period
+
+
+def close_door(netns):
+    """Remove every ACCEPT the door added, so the next knock starts closed."""
+    while accept_rules(netns):
+        netns.run("iptables", "-D", "INPUT", "-s", "127.0.0.1", "-p", "tcp", "--dport",
+                  GUARDED_PORT, "-j", "ACCEPT")
+    assert not netns.tcp_open(GUARDED_PORT)
+
+
+def knock(netns, env, *args, timeout=3, clock=None):
+    prefix = ["faketime", "-f", clock] if clock else ()
+    return run_client("knock", "127.0.0.1", "ssh", "--check", GUARDED_PORT, "--check-timeout",
+                      timeout, *args, netns=netns.name, env=env, prefix=prefix)
+
+
+def test_a_client_2_s_behind_opens_after_the_boundary_but_not_after_the_grace(
+        guarded, start_knockd, watch):
+    need(subprocess.run(["which", "faketime"], capture_output=True).returncode == 0,
+         "needs faketime (run tests/run to install it)")
+    period, grace = 20, 5
+    knockd = start_knockd(DOOR.format(port=GUARDED_PORT, cmd_timeout=120))
+    server, env = watch(knockd, period, grace)
+    boundary = wait_for_moment(period, 0.5, 1.5)
+    # Our rotation at the boundary happened (the first reload was at start-up).
+    wait_until(lambda: reloads(knockd) >= 2, 2, "the boundary's reload")
+    assert "_GRACE" in knockd.config.read_text()
+
+    behind = knock(guarded, env, clock="-2s")
+    assert behind.returncode == 0, behind.stderr + server.text()
+    assert "knocking again" not in behind.stderr, "the grace sibling opened at once"
+    assert "ssh_ROTATOR_GRACE: OPEN SESAME" in knockd.log_text()
+    close_door(guarded)
+
+    wait_until(lambda: time.time() >= boundary + grace and reloads(knockd) >= 3, 3,
+               "the grace end's reload")
+    assert "_GRACE" not in knockd.config.read_text()
+    stale = knock(guarded, env, "--offset", "-1", timeout=2)
+    assert stale.returncode == 1, stale.stdout + stale.stderr
+    assert not accept_rules(guarded)
+    assert server.stop() == 0
+
+
+def test_a_client_ahead_retries_with_the_previous_period(guarded, start_knockd, watch):
+    """7 s ahead, 6 s before the server's boundary: the client's clock is just
+    past a boundary, its first knock is the next period's, and the retry with
+    the previous one (the server's current) opens."""
+    need(subprocess.run(["which", "faketime"], capture_output=True).returncode == 0,
+         "needs faketime (run tests/run to install it)")
+    period, grace = 20, 5
+    knockd = start_knockd(DOOR.format(port=GUARDED_PORT, cmd_timeout=120))
+    server, env = watch(knockd, period, grace)
+    wait_for_moment(period, period - 6.5, period - 6)
+    ahead = knock(guarded, env, timeout=2, clock="+7s")
+    assert ahead.returncode == 0, ahead.stderr + server.text() + knockd.log_text()
+    assert "did not open; this is just after a period boundary, so knocking again with " \
+           "the previous period's sequence" in ahead.stderr
+    assert "_GRACE" not in knockd.log_text(), "the server's own door opened"
+    assert server.stop() == 0
+
+
+def test_watch_keeps_every_knock_working_over_3_rotations(guarded, start_knockd, watch):
+    """Period 10 s, grace 3 s, a fresh client once a second for 34 s.
+
+    Knocks start half a second after a whole second, away from the instants
+    knockd reloads (the benchmark measures knocks at every instant)."""
+    period, grace = 10, 3
+    knockd = start_knockd(DOOR.format(port=GUARDED_PORT, cmd_timeout=120))
+    server, env = watch(knockd, period, grace)
+    first = wait_for_moment(period, 0.4, 0.6)
+    outcomes = []
+    for second in range(34):
+        wait_until(lambda: time.time() >= first + second + 0.5, 2, "the next knock's moment",
+                   interval=0.01)
+        result = knock(guarded, env)
+        outcomes.append((round(time.time() - first, 1), result.returncode, result.stderr))
+        close_door(guarded)
+    assert [o for o in outcomes if o[1] != 0] == []
+    assert not [o for o in outcomes if "knocking again" in o[2]], "no retry was needed"
+    assert reloads(knockd) >= 1 + 2 * 3, "a boundary and a grace end in each of 3 periods"
+    assert server.stop() == 0
+
+
+def test_sigterm_stops_watch_cleanly_and_leaves_a_consistent_file(tmp_path, server_env):
+    """SIGTERM, at rest and in the middle of a reload: exit 0, file complete."""
+    config = tmp_path / "knockd.conf"
+    config.write_bytes(b"[ssh_ROTATOR]\n\tsequence = 1\n\tcommand = true\n")
+    started = tmp_path / "reload-started"
+    for moment in ("at rest", "during a reload"):
+        slow = "touch %s; sleep 1" % started if moment == "during a reload" else "true"
+        env = server_env(PERIOD_MODULO=4, GRACE=1, RELOAD_COMMAND=slow)
+        log = tmp_path / "watch.log"
+        config.write_bytes(b"[ssh_ROTATOR]\n\tsequence = 1\n\tcommand = true\n")
+        with open(log, "wb") as out:
+            process = subprocess.Popen([sys.executable, str(SERVER), "--watch", "--config",
+                                        str(config)], env=env, stdout=out, stderr=out)
+        try:
+            if moment == "at rest":
+                wait_until(lambda: "rotated" in log.read_text(), 10, "the first rotation")
+            else:
+                wait_until(started.exists, 10, "the reload to begin")
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(10) == 0, log.read_text()
+        finally:
+            process.kill()
+            process.wait()
+        text = log.read_text()
+        assert "stopped by signal %d" % signal.SIGTERM in text, text
+        assert "ssh_ROTATOR: rotated" in text, "a rotation under way finishes first"
+        assert b"sequence = 1\n" not in config.read_bytes()
+        assert list(tmp_path.glob(".knockd.conf.*")) == []
+
+
+def test_watch_survives_a_failed_reload(tmp_path, server_env):
+    """The reload fails while a flag file exists: the old file is restored,
+    --watch goes on, and the next event's rotation succeeds."""
+    config = tmp_path / "knockd.conf"
+    original = b"[ssh_ROTATOR]\n\tsequence = 1\n\tcommand = true\n"
+    config.write_bytes(original)
+    failing = tmp_path / "fail"
+    failing.touch()
+    env = server_env(PERIOD_MODULO=4, GRACE=1, RELOAD_COMMAND="test ! -e %s" % failing)
+    log = tmp_path / "watch.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, str(SERVER), "--watch", "--config",
+                                    str(config)], env=env, stdout=out, stderr=out)
+    try:
+        wait_until(lambda: "trying again at" in log.read_text(), 10, "a failed rotation")
+        assert config.read_bytes() == original
+        failing.unlink()
+        wait_until(lambda: "ssh_ROTATOR: rotated" in log.read_text(), 10, "the retry")
+        assert process.poll() is None, "still running"
+        assert config.read_bytes() != original
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
