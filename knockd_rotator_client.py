@@ -46,8 +46,12 @@ EXIT_USAGE = 2        # bad command line
 EXIT_ENVIRONMENT = 3  # a KNOCKD_ROTATOR_* variable is missing or invalid
 EXIT_NETWORK = 5      # the host cannot be resolved or a knock cannot be sent
 
-# How often --check tries the guarded port, and how long one try may take.
+# How often --check tries the guarded port, and how long one try may take:
+# the first tries are short, since a try made just before the firewall opens
+# has its SYN dropped and would wait out its whole timeout; the limit doubles
+# up to CHECK_CONNECT_TIMEOUT for distant hosts.
 CHECK_INTERVAL = 0.1
+CHECK_FIRST_TIMEOUT = 0.125
 CHECK_CONNECT_TIMEOUT = 1.0
 
 
@@ -263,15 +267,18 @@ def wait_for_port(family, sockaddr, port, timeout):
     import socket
     started = time.monotonic()
     deadline = started + timeout
+    attempt_timeout = CHECK_FIRST_TIMEOUT
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return None
         with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.settimeout(min(remaining, CHECK_CONNECT_TIMEOUT))
+            sock.settimeout(min(remaining, attempt_timeout))
             try:
                 sock.connect(with_port(sockaddr, port))
                 return time.monotonic() - started
+            except socket.timeout:
+                attempt_timeout = min(2 * attempt_timeout, CHECK_CONNECT_TIMEOUT)
             except OSError:
                 pass
         time.sleep(min(CHECK_INTERVAL, max(0.0, deadline - time.monotonic())))

@@ -396,8 +396,14 @@ def config_errors(lines):
                     error(line, problem, "fix the sequence of [%s]" % name)
             if line.key == "TCPFLAGS":
                 for flag in line.value.upper().split(b","):
-                    if flag.decode("ascii", "replace") not in TCP_FLAGS:
-                        error(line, "tcp flag %r is not known" % flag.decode("utf-8", "replace"),
+                    if flag.decode("ascii", "replace") in TCP_FLAGS:
+                        continue
+                    text = flag.decode("utf-8", "replace")
+                    if flag.strip(SPACE).decode("ascii", "replace") in TCP_FLAGS:
+                        error(line, "space around tcp flag %r, which knockd refuses" % text,
+                              "write the flags comma-separated without spaces: syn,ack")
+                    else:
+                        error(line, "tcp flag %r is not known" % text,
                               "flags are fin, syn, rst, psh, ack, urg, each may start "
                               "with !, comma-separated without spaces")
     for line in lines:
@@ -405,6 +411,67 @@ def config_errors(lines):
             error(line, "door [%s] has no sequence" % line.section.decode("utf-8", "replace"),
                   "add a sequence line")
     return errors
+
+
+def trap_errors(lines):
+    """What knockd 0.8 takes in silence but never means what it says:
+    (line, what, fix) tuples.  A rotation refuses these too."""
+    errors = []
+    first_header = {}        # section name -> line number of its first header
+    for line in lines:
+        name = (line.section or b"").decode("utf-8", "replace")
+        if line.kind == "section" and line.section:
+            if line.section.lower() == b"options" and line.section != b"options":
+                errors.append((line.number, "[%s] is a door to knockd, not its options" % name,
+                               "write [options] in lower case"))
+            elif line.section in first_header:
+                errors.append((line.number, "section [%s] again (first on line %d): knockd "
+                               "runs both as separate doors" % (name, first_header[line.section]),
+                               "merge the two, or rename one"))
+            first_header.setdefault(line.section, line.number)
+        if line.kind != "directive" or line.value is None or line.section in (None, b"options"):
+            continue
+        if b"#" in line.value and not line.key.endswith(("COMMAND", "COMMAND_6")):
+            errors.append((line.number, "'#' in the value of %s: knockd has no comments after "
+                           "a value and reads it as part of it" % line.key.lower(),
+                           "put the comment on a line of its own"))
+        if line.key != "SEQUENCE":
+            continue
+        for item in line.value.split(b","):
+            port = item.split(b":")[0].strip(SPACE)
+            text = port.decode("utf-8", "replace")
+            if any(space in port for space in SPACE):
+                errors.append((line.number, "sequence item %r has a space: knockd reads it as "
+                               "the one port %d" % (text, c_atoi(port)),
+                               "separate the ports with commas"))
+            elif not (port.isdigit() or port[:1] == b"-" and port[1:].isdigit()):
+                errors.append((line.number, "port %r is not a number: knockd reads it as port "
+                               "%d" % (text, c_atoi(port) % 65536), "write the port number"))
+    return errors
+
+
+def trap_warnings(lines):
+    """What works but is likely a mistake: (line, what, fix) tuples."""
+    warnings = []
+    for index, line in enumerate(lines):
+        if line.kind != "section" or line.section in (None, b"", b"options"):
+            continue
+        name = line.section.decode("utf-8", "replace")
+        body = section_body(lines, index)
+        keys = {l.key for l in body if l.kind == "directive"}
+        if "STOP_COMMAND" not in keys:
+            warnings.append((line.number, "door [%s] has no stop_command: what it opens stays "
+                             "open" % name, "add cmd_timeout and a stop_command that undoes "
+                             "the start_command"))
+        sequence = [l for l in body if l.is_sequence]
+        if sequence and not is_rotator(line.section):
+            ports = [c_atoi(item.split(b":")[0]) for item in sequence[-1].value.split(b",")]
+            if len(ports) >= 2 and _is_monotonic(ports):
+                warnings.append((sequence[-1].number, "the static sequence of [%s] is in "
+                                 "%s order: a port scan opens it" % (
+                                     name, "ascending" if ports[0] < ports[1] else "descending"),
+                                 "put its ports out of order, or make it a rotator door"))
+    return warnings
 
 
 def rotator_doors(lines):
@@ -772,14 +839,22 @@ def load_into_knockd(path, old_data, was_running, settings):
                        "journalctl -u knockd", EXIT_FAILED)
 
 
-def warn_if_readable_by_others(env_file):
+def readable_by_others(env_file):
+    """A warning when ENV_FILE (the secret's file) is readable by others, else None."""
     try:
         mode = os.stat(env_file).st_mode
     except OSError:
-        return
+        return None
     if mode & 0o077:
-        log("warning: %s is mode %04o: others can read the secret (chmod 600 %s)"
-            % (env_file, mode & 0o7777, env_file))
+        return ("warning: %s is mode %04o: others can read the secret (chmod 600 %s)"
+                % (env_file, mode & 0o7777, env_file))
+    return None
+
+
+def warn_if_readable_by_others(env_file):
+    warning = readable_by_others(env_file)
+    if warning:
+        log(warning)
 
 
 # ---------------------------------------------------------------- boundary runs
@@ -853,6 +928,49 @@ def utc(timestamp):
         .strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+class Plan:
+    """What a rotation at one moment makes of one knockd.conf."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+def sequence_maker(environ):
+    """A function (door, period start) -> sequence value bytes, from ENVIRON."""
+    secret, length, port_modulo, _ = read_settings(environ)
+    return lambda door, start: format_sequence(generate_sequence(
+        secret, door, start, length, port_modulo)).encode()
+
+
+def plan_rotation(config_path, old_data, now, period, grace, sequence_of):
+    """The rotation of CONFIG_PATH's OLD_DATA for the moment NOW (pure: no I/O).
+
+    SEQUENCE_OF(door, period start) gives a door's sequence.  The result's
+    errors (line, what, fix) are those of the new file: knockd's grammar, the
+    rotator's rules and the silent traps; a rotation refuses any of them.
+    """
+    old_lines = parse_config(old_data)
+    user_lines, old_block = split_grace_block(old_lines)
+    doors = rotator_doors(user_lines)
+    if not doors:
+        raise RotatorError("%s has no door whose name ends with %s"
+                           % (config_path, ROTATOR_SUFFIX),
+                           "add one, e.g. [ssh_ROTATOR] with its commands", EXIT_CONFIG)
+    start = period_start(now, period)
+    current = {door: sequence_of(door, start) for door in doors}
+    new_lines = rewrite_config(user_lines, current)
+    errors = config_errors(new_lines) + rotator_errors(new_lines) + trap_errors(new_lines)
+    warnings = trap_warnings(new_lines)
+    in_grace = now < start + grace
+    if in_grace and not errors:
+        new_lines = with_grace_block(new_lines, {door: sequence_of(door, start - period)
+                                                 for door in doors}, start + grace)
+        errors = config_errors(new_lines)
+    return Plan(old_lines=old_lines, user_lines=user_lines, old_block=old_block, doors=doors,
+                current=current, new_lines=new_lines, in_grace=in_grace, errors=errors,
+                warnings=warnings)
+
+
 def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=True):
     """Bring CONFIG_PATH to the state of the moment NOW: every rotator door
     holds the sequence of the period holding NOW, and for GRACE seconds after
@@ -864,34 +982,22 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=Tru
     warn_if_readable_by_others(settings["ENV_FILE"])
     config_path = os.path.realpath(config_path)
     event = next_event(now, period, grace)
+    start = period_start(now, period)
     with contextlib.nullcontext() if dry_run else take_lock(settings["STATE_DIR"]):
         if not dry_run:
             remove_stale_temporaries(config_path)
         old_data = read_config(config_path)
-        old_lines = parse_config(old_data)
-        user_lines, old_block = split_grace_block(old_lines)
-        doors = rotator_doors(user_lines)
-        if not doors:
-            raise RotatorError("%s has no door whose name ends with %s"
-                               % (config_path, ROTATOR_SUFFIX),
-                               "add one, e.g. [ssh_ROTATOR] with its commands", EXIT_CONFIG)
-
-        def sequences(start):
-            return {door: format_sequence(generate_sequence(
-                secret, door, start, length, port_modulo)).encode() for door in doors}
-
-        start = period_start(now, period)
-        current = sequences(start)
-        new_lines = rewrite_config(user_lines, current)
-        refuse_errors(config_path, rotator_errors(new_lines) + config_errors(new_lines))
-        in_grace = now < start + grace
-        if in_grace:
-            new_lines = with_grace_block(new_lines, sequences(start - period), start + grace)
-            refuse_errors(config_path, config_errors(new_lines))
-        new_data = b"".join(line.raw for line in new_lines)
+        plan = plan_rotation(config_path, old_data, now, period, grace, sequence_maker(environ))
+        refuse_errors(config_path, plan.errors)
+        new_data = b"".join(line.raw for line in plan.new_lines)
         if length < 3:
             log("warning: KNOCKD_ROTATOR_LENGTH=%d: a port scan in order can open a door "
                 "of fewer than 3 ports" % length)
+        if dry_run or verbose:
+            for number, what, fix in plan.warnings:
+                log("warning: %s line %d: %s (%s)" % (config_path, number, what, fix))
+        old_lines, new_lines, doors = plan.old_lines, plan.new_lines, plan.doors
+        current, in_grace = plan.current, plan.in_grace
 
         if dry_run:
             if new_data != old_data:
@@ -901,17 +1007,19 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=Tru
             if verbose:
                 log("%s is current for the period from %s" % (config_path, utc(start)))
         else:
-            old_sequences = door_sequences(user_lines)
+            old_sequences = door_sequences(plan.user_lines)
             was_running = knockd_runs(settings)
             replace_file(config_path, new_data)
             load_into_knockd(config_path, old_data, was_running, settings)
+            replace_or_create(os.path.join(settings["STATE_DIR"], "last-rotation"),
+                              b"%d\n" % now)
             for door in doors:
                 if old_sequences.get(door) != current[door]:
                     log("%s: rotated to the period from %s" % (door, utc(start)))
-            if in_grace and not old_block:
+            if in_grace and not plan.old_block:
                 log("grace: the previous sequences open the doors until %s"
                     % utc(start + grace))
-            elif old_block and not in_grace:
+            elif plan.old_block and not in_grace:
                 log("grace ended: the previous sequences no longer open the doors")
         if schedule:
             schedule_boundary_run(config_path, event, now, settings, verbose)
@@ -986,19 +1094,162 @@ def watch(config_path, environ, verbose):
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- check and status
+
+# Any valid, non-monotonic sequence: `check` puts it into every rotator door,
+# which the next rotation rewrites anyway, so a door without a sequence yet
+# (knockd would refuse it) is not reported as an error.
+PLACEHOLDER_SEQUENCE = b"2000:tcp,4000:tcp,3000:tcp"
+
+
+def check(config_path, environ):
+    """Report what knockd 0.8 refuses and the traps it passes over in silence."""
+    settings = server_settings(environ)
+    lines = parse_config(read_config(config_path))
+    user_lines, _ = split_grace_block(lines)
+    doors = rotator_doors(user_lines)
+    placed = rewrite_config(user_lines, {door: PLACEHOLDER_SEQUENCE for door in doors})
+    errors = sorted(config_errors(placed) + rotator_errors(placed) + trap_errors(placed))
+    warnings = trap_warnings(placed)
+    with_sequence = door_sequences(user_lines)
+    warnings += [(line.number, "rotator door [%s] has no sequence yet: knockd refuses to start "
+                  "until a rotation writes one" % line.section.decode("utf-8", "replace"),
+                  "run knockd_rotator_server.py once")
+                 for line in user_lines if line.kind == "section" and is_rotator(line.section)
+                 and line.section.decode("utf-8", "surrogateescape") not in with_sequence]
+    for number, what, fix in errors:
+        print("error: %s line %d: %s (%s)" % (config_path, number, what, fix), file=sys.stderr)
+    for number, what, fix in sorted(warnings):
+        print("warning: %s line %d: %s (%s)" % (config_path, number, what, fix), file=sys.stderr)
+    others = readable_by_others(settings["ENV_FILE"])
+    if others:
+        print(others, file=sys.stderr)
+    if not doors:
+        print("warning: %s has no door whose name ends with %s (nothing to rotate)"
+              % (config_path, ROTATOR_SUFFIX), file=sys.stderr)
+    print("%s: %d errors, %d warnings, %d rotator doors" % (
+        config_path, len(errors), len(warnings) + bool(others) + (not doors), len(doors)))
+    return EXIT_CONFIG if errors else EXIT_OK
+
+
+# Exit codes of `status`: the monitoring (Nagios) convention.
+STATUS_CODES = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}
+# A door may hold the previous sequence this long after a boundary before
+# `status` calls it critical: the boundary's run takes a moment.
+STATUS_SLACK = 5
+
+
+def door_status(config_path, environ, now):
+    """The state of every rotator door at NOW, as a dict (see the README)."""
+    secret, length, port_modulo, period = read_settings(environ)
+    grace = read_grace(environ, period)
+    settings = server_settings(environ)
+    old_data = read_config(config_path)
+    plan = plan_rotation(config_path, old_data, now, period, grace, sequence_maker(environ))
+    start = period_start(now, period)
+    held = door_sequences(plan.user_lines)
+    previous = sequence_maker(environ)
+    try:
+        with open(os.path.join(settings["STATE_DIR"], "last-rotation")) as handle:
+            last = int(handle.read())
+    except (OSError, ValueError):
+        last = None
+    doors = []
+    for door in plan.doors:
+        entry = {"door": door, "current": held.get(door) == plan.current[door]}
+        entry["previous"] = not entry["current"] and held.get(door) == previous(door,
+                                                                               start - period)
+        entry["sequence"] = (held.get(door) or b"").decode("utf-8", "replace")
+        doors.append(entry)
+    return {
+        "config": config_path, "now": int(now), "period": period, "grace": grace,
+        "period_start": start, "next_rotation_in": int(start + period - now),
+        "grace_active": plan.in_grace, "grace_until": start + grace if plan.in_grace else None,
+        "grace_block_present": bool(plan.old_block),
+        "file_current": b"".join(line.raw for line in plan.new_lines) == old_data,
+        "knockd_active": knockd_runs(settings), "last_rotation": last, "doors": doors,
+    }
+
+
+def status_state(report):
+    """(state, reasons) of a door_status() report."""
+    critical, warning = [], []
+    if not report["knockd_active"]:
+        critical.append("knockd is not active")
+    for door in report["doors"]:
+        if door["current"]:
+            continue
+        late = report["now"] - report["period_start"]
+        if door["previous"] and late < STATUS_SLACK:
+            warning.append("%s: rotation due" % door["door"])
+        else:
+            critical.append("%s does not hold the current sequence" % door["door"])
+    if report["grace_block_present"] != report["grace_active"]:
+        warning.append("the grace block is %s" % ("left after the grace" if
+                                                   report["grace_block_present"] else "missing"))
+    if critical:
+        return "CRITICAL", critical + warning
+    return ("WARNING", warning) if warning else ("OK", [])
+
+
+def status(config_path, environ, now, as_json, show_sequences):
+    """Print the state for monitoring; returns its Nagios exit code."""
+    try:
+        report = door_status(config_path, environ, now)
+    except RotatorError as exc:
+        report, state, reasons = None, "UNKNOWN", [str(exc)]
+    else:
+        state, reasons = status_state(report)
+        if not show_sequences:
+            for door in report["doors"]:
+                del door["sequence"]
+    if as_json:
+        import json
+        print(json.dumps({"state": state, "reasons": reasons, "report": report}, indent=2))
+        return STATUS_CODES[state]
+    if report is None:
+        print("KNOCKD_ROTATOR UNKNOWN - %s" % reasons[0])
+        return STATUS_CODES[state]
+    summary = "; ".join(reasons) or "%d doors current" % len(report["doors"])
+    print("KNOCKD_ROTATOR %s - %s; next rotation in %d s; knockd %s" % (
+        state, summary, report["next_rotation_in"],
+        "active" if report["knockd_active"] else "NOT active"))
+    last = report["last_rotation"]
+    print("last rotation: %s" % (utc(last) if last is not None else "none recorded"))
+    print("grace: %s" % ("active until %s" % utc(report["grace_until"])
+                         if report["grace_active"] else "not active"))
+    for door in report["doors"]:
+        print("%s: %s%s" % (door["door"], "current" if door["current"] else
+                            "previous period's" if door["previous"] else "NOT current",
+                            " " + door["sequence"] if show_sequences else ""))
+    return STATUS_CODES[state]
+
+
 # ---------------------------------------------------------------- CLI
 
 EPILOG = """\
+commands (a unique prefix is enough: ch, st):
+  (none)     rotate: bring the doors to the current period and reload knockd
+  check      check knockd.conf against knockd 0.8's grammar and its silent traps
+  status     the state of every rotator door, for monitoring (exit 0 OK,
+             1 WARNING, 2 CRITICAL, 3 UNKNOWN)
+
 examples:
   %(prog)s                          rotate /etc/knockd.conf, reload knockd
   %(prog)s --dry-run                print the diff a rotation would apply
-  %(prog)s --config /tmp/k.conf --verbose
+  %(prog)s --watch                  rotate at every boundary until SIGTERM
+  %(prog)s check --config /tmp/k.conf
+  %(prog)s status --json
 
 exit codes: 0 ok, 1 knockd refused the reload (previous file restored),
             2 bad command line, 3 bad KNOCKD_ROTATOR_* variable,
             4 knockd.conf unreadable or refused by knockd's grammar,
             6 lock held by another run, 7 knockd down and recovery failed
 """
+
+COMMANDS = ("check", "status")
+# Options that take a value: the word after them is not a command.
+VALUE_OPTIONS = ("--config", "--at")
 
 
 def build_parser():
@@ -1018,11 +1269,57 @@ def build_parser():
     # A boundary run: sleep until this UNIX time, then rotate (see above).
     mode.add_argument("--at", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--verbose", action="store_true", help="say more")
+    commands = parser.add_subparsers(dest="command", metavar="[COMMAND]")
+
+    def command(name, help_text, examples):
+        sub = commands.add_parser(name, allow_abbrev=False, help=help_text,
+                                  description=help_text + ".", epilog="examples:\n" + examples,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        # SUPPRESS: a --config given before the command word stays in force.
+        sub.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
+                         help="knockd's configuration (default %s)" % DEFAULT_CONFIG)
+        return sub
+
+    command("check", "Check knockd.conf against knockd 0.8's grammar and its silent traps",
+            "  check\n  check --config /tmp/knockd.conf\n"
+            "exit codes: 0 no errors (warnings are allowed), 4 errors, 2 bad command line")
+    status_parser = command(
+        "status", "Show whether every rotator door holds the current sequence",
+        "  status\n  status --json\n  status --show-sequences\n"
+        "exit codes (monitoring convention): 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN")
+    status_parser.add_argument("--json", action="store_true", help="print JSON")
+    status_parser.add_argument("--show-sequences", action="store_true",
+                               help="include the sequences (hidden by default)")
     return parser
 
 
+def prepare_argv(argv):
+    """ARGV with the command word expanded from a unique prefix."""
+    argv = list(argv)
+    index = 0
+    while index < len(argv):
+        word = argv[index]
+        if word in VALUE_OPTIONS:
+            index += 2
+            continue
+        if word == "--":
+            break
+        if not word.startswith("-"):
+            argv[index] = resolve_command(word, COMMANDS)
+            break
+        index += 1
+    return argv
+
+
 def run(argv, environ):
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(prepare_argv(argv))
+    if args.command and (args.dry_run or args.watch or args.at is not None):
+        raise RotatorError("%s does not take --dry-run or --watch" % args.command,
+                           "see %s --help" % os.path.basename(sys.argv[0]), EXIT_USAGE)
+    if args.command == "check":
+        return check(args.config, environ)
+    if args.command == "status":
+        return status(args.config, environ, time.time(), args.json, args.show_sequences)
     if args.watch:
         return watch(args.config, environ, args.verbose)
     if args.at is not None:

@@ -226,3 +226,23 @@ def start_knockd(netns, tmp_path):
     yield start
     for knockd in started:
         knockd.stop()
+
+
+GUARDED_PORT = 2222
+
+
+@pytest.fixture
+def guarded(netns):
+    """A listener on GUARDED_PORT that iptables drops, in the test namespace."""
+    need_root_and("iptables")
+    listener = netns.listen(GUARDED_PORT)
+    netns.run("iptables", "-A", "INPUT", "-p", "tcp", "--dport", GUARDED_PORT, "-j", "DROP")
+    yield netns
+    listener.kill()
+    listener.wait()
+
+
+def accept_rules(netns):
+    """The ACCEPT rules a door's start_command added to INPUT."""
+    rules = netns.run("iptables", "-S", "INPUT").stdout
+    return [rule for rule in rules.splitlines() if rule.startswith("-A") and "ACCEPT" in rule]

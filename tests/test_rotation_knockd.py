@@ -11,8 +11,9 @@ import time
 
 import pytest
 
-from conftest import SERVER, alive_command, need, run_client, wait_until
-from test_server_knockd import DOOR, GUARDED_PORT, accept_rules, guarded  # noqa: F401
+from conftest import (GUARDED_PORT, SERVER, accept_rules, alive_command, need, run_client,
+                      wait_until)
+from test_server_knockd import DOOR
 
 
 class Watch:

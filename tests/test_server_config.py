@@ -134,7 +134,7 @@ BAD_CONFIGS = [
     ("one_time_sequences", b"[ssh_ROTATOR]\none_time_sequences = /etc/knock.otp\n",
      "line 2: rotator door [ssh_ROTATOR] has one_time_sequences"),
     ("unknown key", b"[ssh_ROTATOR]\ncommand = true\nfrob = 1\n", "line 3: unknown key 'frob'"),
-    ("bad tcpflags", b"[ssh_ROTATOR]\ntcpflags = syn, ack\n", "line 2: tcp flag ' ACK'"),
+    ("bad tcpflags", b"[ssh_ROTATOR]\ntcpflags = syn, ack\n", "line 2: space around tcp flag ' ACK'"),
     ("directive first", b"logfile = /x\n[ssh_ROTATOR]\n", "line 1: directive before"),
     ("static door port", b"[a]\nsequence = 70000\n[ssh_ROTATOR]\n", "line 2: port '70000'"),
     ("door without sequence", b"[a]\ncommand = x\n[ssh_ROTATOR]\n", "line 1: door [a] has no"),

@@ -5,11 +5,9 @@ start_command inserts an ACCEPT for %IP% and its stop_command removes it."""
 
 import subprocess
 
-import pytest
+from conftest import (GUARDED_PORT, accept_rules, alive_command, need_root_and, run_client,
+                      run_server, wait_until)
 
-from conftest import alive_command, need_root_and, run_client, run_server, wait_until
-
-GUARDED_PORT = 2222
 DOOR = """
 [ssh_ROTATOR]
 \tsequence      = 1
@@ -19,22 +17,6 @@ DOOR = """
 \tcmd_timeout   = {cmd_timeout}
 \tstop_command  = iptables -D INPUT -s %IP% -p tcp --dport {port} -j ACCEPT
 """
-
-
-@pytest.fixture
-def guarded(netns):
-    """A listener on GUARDED_PORT that iptables drops, in the test namespace."""
-    need_root_and("iptables")
-    listener = netns.listen(GUARDED_PORT)
-    netns.run("iptables", "-A", "INPUT", "-p", "tcp", "--dport", GUARDED_PORT, "-j", "DROP")
-    yield netns
-    listener.kill()
-    listener.wait()
-
-
-def accept_rules(netns):
-    rules = netns.run("iptables", "-S", "INPUT").stdout
-    return [rule for rule in rules.splitlines() if rule.startswith("-A") and "ACCEPT" in rule]
 
 
 def knockd_env(server_env, knockd, **overrides):

@@ -7,6 +7,8 @@ import pytest
 
 from conftest import CLIENT, ROOT, SERVER, need
 
+UNITS = ("knockd_rotator.service", "knockd_rotator.timer", "knockd_rotator-watch.service")
+
 
 @pytest.fixture
 def install_root(tmp_path):
@@ -18,15 +20,14 @@ def install_root(tmp_path):
         shutil.copy2(script, tmp_path / "usr/local/sbin" / script.name)
     units = tmp_path / "etc/systemd/system"
     units.mkdir(parents=True)
-    for unit in ("knockd_rotator.service", "knockd_rotator.timer"):
+    for unit in UNITS:
         shutil.copy(ROOT / unit, units / unit)
     return tmp_path
 
 
 def verify(root):
-    return subprocess.run(["systemd-analyze", "--root=%s" % root, "verify",
-                           "/etc/systemd/system/knockd_rotator.service",
-                           "/etc/systemd/system/knockd_rotator.timer"],
+    return subprocess.run(["systemd-analyze", "--root=%s" % root, "verify"]
+                          + ["/etc/systemd/system/" + unit for unit in UNITS],
                           capture_output=True, text=True)
 
 
@@ -50,3 +51,16 @@ def test_service_takes_secrets_from_a_file_and_survives_for_boundary_runs():
     assert "\nKillMode=process\n" in service and "\nType=oneshot\n" in service
     timer = (ROOT / "knockd_rotator.timer").read_text()
     assert "\nPersistent=true\n" in timer and "\nOnBootSec=" in timer
+
+
+def test_watch_unit_runs_watch_mode_and_excludes_the_timer():
+    watch = (ROOT / "knockd_rotator-watch.service").read_text()
+    assert "\nExecStart=/usr/local/sbin/knockd_rotator_server.py --watch\n" in watch
+    assert "\nConflicts=knockd_rotator.timer knockd_rotator.service\n" in watch
+    assert "\nEnvironmentFile=/etc/knockd_rotator.env\n" in watch
+    assert "KNOCKD_ROTATOR_SECRET" not in watch.replace("# ", "")
+    # SIGTERM to the main process only, so that a reload under way finishes.
+    assert "\nKillMode=mixed\n" in watch and "\nRestart=on-failure\n" in watch
+    service = (ROOT / "knockd_rotator.service").read_text()
+    assert watch[watch.index("# Hardening."):watch.index("[Install]")].strip() == \
+        service[service.index("# Hardening."):].strip(), "both units are hardened alike"

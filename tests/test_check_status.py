@@ -1,0 +1,188 @@
+"""`check` (knockd's grammar and its silent traps) and `status` (monitoring)."""
+
+import json
+import os
+
+import pytest
+
+import knockd_rotator_server as server
+from conftest import run_server
+from test_server_config import GOLDEN
+
+GOOD_DOOR = (b"[ssh_ROTATOR]\n\tsequence = 1\n\tstart_command = true\n\tcmd_timeout = 10\n"
+             b"\tstop_command = true\n")
+
+# (name, knockd.conf text, line, words of the error)
+TRAPS = [
+    ("space-separated sequence", b"[static]\nsequence = 7000 8000 9000\nstop_command = true\n",
+     2, "sequence item '7000 8000 9000' has a space: knockd reads it as the one port 7000"),
+    ("comment after a value", b"[static]\nsequence = 7000,8000 # ssh\nstop_command = true\n",
+     2, "'#' in the value of sequence"),
+    ("comment after seq_timeout", b"[static]\nsequence = 7000,9000,8000\nseq_timeout = 5 # s\n"
+     b"stop_command = true\n", 3, "'#' in the value of seq_timeout"),
+    ("space in tcpflags", b"[static]\nsequence = 7000,9000,8000\ntcpflags = syn, ack\n"
+     b"stop_command = true\n", 3, "space around tcp flag ' ACK', which knockd refuses"),
+    ("port above 65535", b"[static]\nsequence = 7000,70000,8000\nstop_command = true\n",
+     2, "port '70000' is above 65535"),
+    ("port not a number", b"[static]\nsequence = 7000,ssh,8000\nstop_command = true\n",
+     2, "port 'ssh' is not a number: knockd reads it as port 0"),
+    ("33 ports", b"[static]\nsequence = " + b",".join(b"%d" % (3000 + (i * 7919) % 997)
+                                                        for i in range(33))
+     + b"\nstop_command = true\n", 2, "33 ports in the sequence, knockd takes at most 32"),
+    ("unknown key", b"[static]\nsequence = 7000,9000,8000\nstop_comand = true\n",
+     3, "unknown key 'stop_comand' in door [static]"),
+    ("[Options] in other case", b"[Options]\nlogfile = /var/log/knockd.log\n",
+     1, "[Options] is a door to knockd, not its options"),
+    ("directive before a section", b"logfile = /var/log/knockd.log\n",
+     1, "directive before the first section"),
+    ("duplicate section", b"[static]\nsequence = 7000,9000,8000\nstop_command = true\n"
+     b"[static]\nsequence = 7001,9001,8001\nstop_command = true\n",
+     4, "section [static] again (first on line 6)"),
+    ("one_time_sequences in a rotator door", b"[x_ROTATOR]\none_time_sequences = /tmp/s\n",
+     2, "rotator door [x_ROTATOR] has one_time_sequences"),
+]
+
+
+def trap_file(config, name, text):
+    """Write the trap TEXT after a good door (before it, for a directive that
+    must come first); returns the number of lines before the trap."""
+    first = name == "directive before a section"
+    config.write_bytes(text + GOOD_DOOR if first else GOOD_DOOR + text)
+    return 0 if first else GOOD_DOOR.count(b"\n")
+
+
+@pytest.mark.parametrize("name, text, line, words", TRAPS, ids=[t[0] for t in TRAPS])
+def test_check_reports_each_trap_with_its_line_and_fix(tmp_path, server_env, name, text, line,
+                                                       words):
+    config = tmp_path / "knockd.conf"
+    offset = trap_file(config, name, text)
+    written = config.read_bytes()
+    result = run_server("check", "--config", config, env=server_env())
+    assert result.returncode == server.EXIT_CONFIG, result.stderr
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+    expected = "error: %s line %d: %s" % (config, line + offset, words)
+    assert any(e.startswith(expected) and e.endswith(")") and " (" in e for e in errors), \
+        result.stderr
+    assert "Traceback" not in result.stderr
+    assert config.read_bytes() == written
+
+
+@pytest.mark.parametrize("name, text, line, words", TRAPS, ids=[t[0] for t in TRAPS])
+def test_a_rotation_refuses_each_trap_before_writing(tmp_path, server_env, name, text, line,
+                                                     words):
+    config = tmp_path / "knockd.conf"
+    trap_file(config, name, text)
+    written = config.read_bytes()
+    result = run_server("--config", config, env=server_env(RELOAD_COMMAND="false"))
+    assert result.returncode == server.EXIT_CONFIG
+    assert words in result.stderr
+    assert config.read_bytes() == written
+
+
+def test_check_warnings_do_not_fail(tmp_path, server_env):
+    config = tmp_path / "knockd.conf"
+    config.write_bytes(b"[openSSH]\n\tsequence = 7000,8000,9000\n\tcommand = true\n"
+                       b"[new_ROTATOR]\n\tstart_command = true\n\tstop_command = true\n")
+    env_file = tmp_path / "rotator.env"
+    env_file.write_text("KNOCKD_ROTATOR_SECRET=x\n")
+    env_file.chmod(0o644)
+    result = run_server("ch", "--config", config, env=server_env(ENV_FILE=env_file))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "%s: 0 errors, 4 warnings, 1 rotator doors\n" % config
+    warnings = result.stderr.splitlines()
+    assert len(warnings) == 4 and all(w.startswith("warning: ") for w in warnings)
+    text = result.stderr
+    assert "line 1: door [openSSH] has no stop_command" in text
+    assert "line 2: the static sequence of [openSSH] is in ascending order" in text
+    assert "line 4: rotator door [new_ROTATOR] has no sequence yet" in text
+    assert "is mode 0644: others can read the secret" in text
+
+
+@pytest.mark.parametrize("name", ["odd", "debian"])
+def test_check_passes_the_golden_files(server_env, name):
+    result = run_server("check", "--config", GOLDEN / (name + ".conf"), env=server_env())
+    assert result.returncode == 0, result.stderr
+    assert " 0 errors, " in result.stdout
+
+
+def status_of(config, env, *args):
+    result = run_server("status", "--config", config, "--json", *args, env=env)
+    return result.returncode, json.loads(result.stdout)
+
+
+def test_status_ok_critical_warning_unknown(tmp_path, server_env):
+    config = tmp_path / "knockd.conf"
+    config.write_bytes(GOOD_DOOR)
+    env = server_env(GRACE=0)
+    code, report = status_of(config, env)
+    assert (code, report["state"]) == (2, "CRITICAL")
+    assert report["reasons"] == ["ssh_ROTATOR does not hold the current sequence"]
+    assert report["report"]["last_rotation"] is None
+
+    assert run_server("--config", config, env=env).returncode == 0
+    code, report = status_of(config, env)
+    assert (code, report["state"], report["reasons"]) == (0, "OK", [])
+    details = report["report"]
+    assert details["doors"] == [{"door": "ssh_ROTATOR", "current": True, "previous": False}]
+    assert 0 < details["next_rotation_in"] <= 31622400
+    assert details["knockd_active"] is True and details["grace_active"] is False
+    assert abs(details["last_rotation"] - details["now"]) <= 5
+    assert "sequence" not in json.dumps(details["doors"]), "no sequence without the flag"
+
+    code, report = status_of(config, env, "--show-sequences")
+    held = server.door_sequences(server.parse_config(config.read_bytes()))["ssh_ROTATOR"]
+    assert report["report"]["doors"][0]["sequence"] == held.decode()
+
+    code, report = status_of(config, server_env(GRACE=0, CHECK_COMMAND="false"))
+    assert (code, report["reasons"]) == (2, ["knockd is not active"])
+
+    stale = config.read_bytes() + b"# BEGIN knockd_rotator grace block: x\n" \
+                                   b"# END knockd_rotator grace block\n"
+    config.write_bytes(stale)
+    code, report = status_of(config, env)
+    assert (code, report["reasons"]) == (1, ["the grace block is left after the grace"])
+
+    code, report = status_of(tmp_path / "missing.conf", env)
+    assert code == 3 and report["state"] == "UNKNOWN" and report["report"] is None
+    code, report = status_of(config, server_env(SECRET=None))
+    assert code == 3 and "KNOCKD_ROTATOR_SECRET is not set" in report["reasons"][0]
+
+
+def test_status_text_hides_sequences(tmp_path, server_env):
+    config = tmp_path / "knockd.conf"
+    config.write_bytes(GOOD_DOOR)
+    env = server_env(GRACE=0)
+    assert run_server("--config", config, env=env).returncode == 0
+    sequence = server.door_sequences(server.parse_config(config.read_bytes()))["ssh_ROTATOR"]
+    plain = run_server("st", "--config", config, env=env)
+    assert plain.returncode == 0
+    assert plain.stdout.startswith("KNOCKD_ROTATOR OK - 1 doors current; next rotation in ")
+    assert "ssh_ROTATOR: current\n" in plain.stdout
+    assert sequence.decode() not in plain.stdout + plain.stderr
+    shown = run_server("status", "--config", config, "--show-sequences", env=env)
+    assert "ssh_ROTATOR: current %s\n" % sequence.decode() in shown.stdout
+
+
+def test_status_warns_right_after_a_boundary_then_turns_critical():
+    report = {"knockd_active": True, "now": 1003, "period_start": 1000,
+              "grace_block_present": False, "grace_active": False,
+              "doors": [{"door": "ssh_ROTATOR", "current": False, "previous": True}]}
+    assert server.status_state(report) == ("WARNING", ["ssh_ROTATOR: rotation due"])
+    report["now"] = 1000 + server.STATUS_SLACK
+    assert server.status_state(report)[0] == "CRITICAL"
+
+
+def test_command_words_and_their_options(tmp_path, server_env):
+    config = tmp_path / "knockd.conf"
+    config.write_bytes(GOOD_DOOR)
+    before = run_server("--config", config, "check", env=server_env())
+    assert before.returncode == 0, before.stderr
+    for argv, words in [(["c", "--dry-run"], "unrecognized arguments: --dry-run"),
+                        (["--dry-run", "check"], "check does not take --dry-run or --watch"),
+                        (["chek"], "unknown command 'chek'"),
+                        (["status", "--jsn"], "unrecognized arguments: --jsn")]:
+        result = run_server("--config", config, *argv, env=server_env())
+        assert result.returncode == 2, argv
+        assert result.stderr.startswith("error: ") and words in result.stderr, result.stderr
+        assert len(result.stderr.splitlines()) == 1
+    assert os.path.exists(config) and config.read_bytes() == GOOD_DOOR
