@@ -16,6 +16,8 @@ Environment:
     KNOCKD_ROTATOR_PORT_MODULO    0: every knock is TCP; M > 0: TCP when
                                   port % M == 0, otherwise UDP (default 0)
     KNOCKD_ROTATOR_PERIOD_MODULO  rotation period in seconds (default 21600)
+    KNOCKD_ROTATOR_ALGORITHM      knockd-rotator/1 (default), or legacy-v1 for
+                                  servers of Knock Rotator v1.0.1
     KNOCKD_ROTATOR_GRACE          seconds after a boundary during which the
                                   server still takes the previous sequence
                                   (default 30, at most half the period)
@@ -146,6 +148,32 @@ def generate_sequence(secret, door, start, length, port_modulo):
                 continue
             return [(p, "tcp" if port_modulo == 0 or p % port_modulo == 0 else "udp")
                     for p in ports]
+
+
+def legacy_v1_sequence(secret, door, start, length, port_modulo):
+    """The sequence of Knock Rotator v1.0.1, for KNOCKD_ROTATOR_ALGORITHM=legacy-v1.
+
+    Kept only so that v1 clients go on working: a plain SHA-256 of the secret
+    next to public text, a modulo bias, repeats and scan order are possible.
+    """
+    ports = []
+    for index in range(1, length + 1):
+        text = b"%d" % start + door.encode("utf-8", "surrogateescape") + secret + b"%d" % index
+        ports.append(MIN_PORT + int(hashlib.sha256(text).hexdigest()[:8], 16) % PORT_SPAN)
+    return [(p, "tcp" if port_modulo == 0 or p % port_modulo == 0 else "udp") for p in ports]
+
+
+# KNOCKD_ROTATOR_ALGORITHM: the name of each generator.
+ALGORITHMS = {"knockd-rotator/1": generate_sequence, "legacy-v1": legacy_v1_sequence}
+
+
+def read_algorithm(environ):
+    """The generator KNOCKD_ROTATOR_ALGORITHM names (default knockd-rotator/1)."""
+    name = environ.get("KNOCKD_ROTATOR_ALGORITHM", "knockd-rotator/1")
+    if name not in ALGORITHMS:
+        raise RotatorError("KNOCKD_ROTATOR_ALGORITHM is %r" % name[:40],
+                           "use one of: %s" % ", ".join(ALGORITHMS), EXIT_ENVIRONMENT)
+    return ALGORITHMS[name]
 
 
 def format_sequence(sequence, separator=","):
@@ -413,9 +441,10 @@ def run(argv, environ, now):
     args = build_parser().parse_args(prepare_argv(argv))
     secret, length, port_modulo, period = read_settings(environ)
     grace = read_grace(environ, period)
+    generate = read_algorithm(environ)
     door = door_name(args.service)
     start = period_start(now, period, args.offset)
-    sequence = generate_sequence(secret, door, start, length, port_modulo)
+    sequence = generate(secret, door, start, length, port_modulo)
 
     if args.command == "generate":
         if args.format == "json":
@@ -441,7 +470,7 @@ def run(argv, environ, now):
               "again with the %s period's sequence" % (
                   args.check, args.host, "just after" if other < 0 else "just before",
                   "previous" if other < 0 else "next"), file=sys.stderr)
-        sequence = generate_sequence(secret, door, start + other * period, length, port_modulo)
+        sequence = generate(secret, door, start + other * period, length, port_modulo)
         send_knocks(family, sockaddr, sequence, args.delay / 1000.0)
         took = wait_for_port(family, sockaddr, args.check, args.check_timeout)
     if took is None:

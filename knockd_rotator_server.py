@@ -11,7 +11,8 @@ Usage (as root, normally from knockd_rotator.timer):
     knockd_rotator_server.py --config PATH --verbose
 
 Environment (the service reads it from /etc/knockd_rotator.env, mode 0600):
-    KNOCKD_ROTATOR_SECRET, _LENGTH, _PORT_MODULO, _PERIOD_MODULO   as the client
+    KNOCKD_ROTATOR_SECRET, _LENGTH, _PORT_MODULO, _PERIOD_MODULO,
+    _GRACE, _ALGORITHM                                as the client
     KNOCKD_ROTATOR_RELOAD_COMMAND   default: systemctl reload knockd
     KNOCKD_ROTATOR_CHECK_COMMAND    default: systemctl is-active --quiet knockd
     KNOCKD_ROTATOR_RECOVER_COMMAND  default: systemctl reload-or-restart knockd
@@ -178,6 +179,32 @@ def generate_sequence(secret, door, start, length, port_modulo):
                 continue
             return [(p, "tcp" if port_modulo == 0 or p % port_modulo == 0 else "udp")
                     for p in ports]
+
+
+def legacy_v1_sequence(secret, door, start, length, port_modulo):
+    """The sequence of Knock Rotator v1.0.1, for KNOCKD_ROTATOR_ALGORITHM=legacy-v1.
+
+    Kept only so that v1 clients go on working: a plain SHA-256 of the secret
+    next to public text, a modulo bias, repeats and scan order are possible.
+    """
+    ports = []
+    for index in range(1, length + 1):
+        text = b"%d" % start + door.encode("utf-8", "surrogateescape") + secret + b"%d" % index
+        ports.append(MIN_PORT + int(hashlib.sha256(text).hexdigest()[:8], 16) % PORT_SPAN)
+    return [(p, "tcp" if port_modulo == 0 or p % port_modulo == 0 else "udp") for p in ports]
+
+
+# KNOCKD_ROTATOR_ALGORITHM: the name of each generator.
+ALGORITHMS = {"knockd-rotator/1": generate_sequence, "legacy-v1": legacy_v1_sequence}
+
+
+def read_algorithm(environ):
+    """The generator KNOCKD_ROTATOR_ALGORITHM names (default knockd-rotator/1)."""
+    name = environ.get("KNOCKD_ROTATOR_ALGORITHM", "knockd-rotator/1")
+    if name not in ALGORITHMS:
+        raise RotatorError("KNOCKD_ROTATOR_ALGORITHM is %r" % name[:40],
+                           "use one of: %s" % ", ".join(ALGORITHMS), EXIT_ENVIRONMENT)
+    return ALGORITHMS[name]
 
 
 def format_sequence(sequence, separator=","):
@@ -938,7 +965,8 @@ class Plan:
 def sequence_maker(environ):
     """A function (door, period start) -> sequence value bytes, from ENVIRON."""
     secret, length, port_modulo, _ = read_settings(environ)
-    return lambda door, start: format_sequence(generate_sequence(
+    generate = read_algorithm(environ)
+    return lambda door, start: format_sequence(generate(
         secret, door, start, length, port_modulo)).encode()
 
 
