@@ -849,8 +849,12 @@ def load_into_knockd(path, old_data, was_running, settings):
         detail = "%s command failed (%s)" % (what, detail)
     if ok:
         return
-    log("knockd did not take the new file: %s; putting the previous one back" % detail)
-    replace_file(path, old_data)
+    try:
+        replace_file(path, old_data)
+    except RotatorError as exc:
+        raise RotatorError("knockd did not take the new %s (%s), and putting the previous one "
+                           "back failed: %s" % (path, detail, exc.what),
+                           "restore it by hand and reload knockd now", EXIT_RECOVERY) from None
     recovered, recover_detail = run_command(settings["RECOVER_COMMAND"])
     if recovered:
         recovered, recover_detail = knockd_stays_up(settings)

@@ -100,8 +100,8 @@ def test_a_client_2_s_behind_opens_after_the_boundary_but_not_after_the_grace(
     assert "ssh_ROTATOR_GRACE: OPEN SESAME" in knockd.log_text()
     close_door(guarded)
 
-    wait_until(lambda: time.time() >= boundary + grace and reloads(knockd) >= 3, 3,
-               "the grace end's reload")
+    wait_until(lambda: time.time() >= boundary + grace and reloads(knockd) >= 3,
+               boundary + grace + 2 - time.time(), "the grace end's reload")
     assert "_GRACE" not in knockd.config.read_text()
     stale = knock(guarded, env, "--offset", "-1", timeout=2)
     assert stale.returncode == 1, stale.stdout + stale.stderr
