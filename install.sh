@@ -1,0 +1,98 @@
+#!/bin/sh
+# knockd-rotator: install, or uninstall, on a Debian-like system (as root).
+#
+#   ./install.sh                      install (idempotent: run it again to update)
+#   ./install.sh uninstall            remove what install added, keep the secret
+#   ./install.sh uninstall --purge    also remove /etc/knockd_rotator.env
+#
+# DESTDIR=/some/root installs under that root instead of / (for packaging and
+# tests); systemctl is then left alone.  The secret is made by Python's
+# `secrets` straight into a file created with mode 0600; it is never printed,
+# and an existing environment file is never overwritten.
+set -eu
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=${DESTDIR:-}
+sbin=$root/usr/local/sbin
+bin=$root/usr/local/bin
+units=$root/etc/systemd/system
+env_file=$root/etc/knockd_rotator.env
+state=$root/var/lib/knockd_rotator
+scripts="knockd_rotator_server.py knockd_rotator_client.py"
+unit_files="knockd_rotator.service knockd_rotator.timer knockd_rotator-watch.service"
+
+systemctl_here() {
+    if [ -z "$root" ] && command -v systemctl >/dev/null 2>&1; then
+        systemctl "$@" || true
+    fi
+}
+
+install_all() {
+    install -d -m 0755 "$sbin" "$bin" "$units" "$root/etc"
+    for script in $scripts; do
+        install -m 0755 "$here/$script" "$sbin/$script"
+    done
+    install -m 0755 "$here/knockd_rotator_client.py" "$bin/knockd_rotator_client.py"
+    for unit in $unit_files; do
+        install -m 0644 "$here/$unit" "$units/$unit"
+    done
+    if [ -e "$env_file" ]; then
+        echo "kept $env_file (never overwritten)"
+        if [ -n "$(find "$env_file" -perm /077)" ]; then
+            echo "warning: others can read $env_file: chmod 600 $env_file"
+        fi
+    else
+        python3 - "$env_file" <<'PYTHON'
+import os, secrets, sys
+descriptor = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+with os.fdopen(descriptor, "w") as handle:
+    handle.write("# knockd-rotator settings (see README); keep this file mode 0600\n"
+                 "KNOCKD_ROTATOR_SECRET=%s\n" % secrets.token_urlsafe(32))
+PYTHON
+        echo "created $env_file (mode 0600) with a new secret"
+    fi
+    systemctl_here daemon-reload
+    cat <<NEXT
+installed: $sbin/knockd_rotator_server.py, $sbin/knockd_rotator_client.py,
+           $bin/knockd_rotator_client.py, $units/{$(echo $unit_files | tr ' ' ',')}
+next steps:
+  1. add a door such as [ssh_ROTATOR] to /etc/knockd.conf (README, "Doors"), then
+     knockd_rotator_server.py check && knockd_rotator_server.py --dry-run
+  2. systemctl enable --now knockd_rotator.timer && systemctl start knockd_rotator.service
+     (or, for periods under an hour: systemctl enable --now knockd_rotator-watch.service)
+  3. copy knockd_rotator_client.py and the KNOCKD_ROTATOR_* lines of
+     /etc/knockd_rotator.env to each client, and knock before you log out
+NEXT
+}
+
+uninstall_all() {
+    for unit in knockd_rotator.timer knockd_rotator.service knockd_rotator-watch.service; do
+        systemctl_here disable --now "$unit"
+    done
+    for script in $scripts; do
+        rm -f "$sbin/$script"
+    done
+    rm -f "$bin/knockd_rotator_client.py"
+    for unit in $unit_files; do
+        rm -f "$units/$unit"
+    done
+    rm -rf "$state"
+    systemctl_here daemon-reload
+    if [ "${1:-}" = "--purge" ]; then
+        rm -f "$env_file"
+        echo "removed knockd-rotator and $env_file"
+    else
+        echo "removed knockd-rotator; kept $env_file (./install.sh uninstall --purge removes it)"
+    fi
+}
+
+case "${1:-install}" in
+    install) install_all ;;
+    uninstall)
+        case "${2:-}" in
+            ""|--purge) uninstall_all "${2:-}" ;;
+            *) echo "error: unknown option ${2} (use: ./install.sh uninstall [--purge])" >&2; exit 2 ;;
+        esac ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' ;;
+    *) echo "error: unknown command ${1} (use: ./install.sh [install|uninstall [--purge]])" >&2; exit 2 ;;
+esac

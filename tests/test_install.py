@@ -1,0 +1,89 @@
+"""./install.sh and ./install.sh uninstall, under a temporary root (DESTDIR)."""
+
+import os
+import stat
+import subprocess
+
+from conftest import ROOT, rotator_env
+
+INSTALLED = {
+    "usr/local/sbin/knockd_rotator_server.py": ("knockd_rotator_server.py", 0o755),
+    "usr/local/sbin/knockd_rotator_client.py": ("knockd_rotator_client.py", 0o755),
+    "usr/local/bin/knockd_rotator_client.py": ("knockd_rotator_client.py", 0o755),
+    "etc/systemd/system/knockd_rotator.service": ("knockd_rotator.service", 0o644),
+    "etc/systemd/system/knockd_rotator.timer": ("knockd_rotator.timer", 0o644),
+    "etc/systemd/system/knockd_rotator-watch.service": ("knockd_rotator-watch.service", 0o644),
+}
+
+
+def install(root, *args):
+    return subprocess.run([str(ROOT / "install.sh")] + list(args), env=dict(os.environ,
+                          DESTDIR=str(root)), capture_output=True, text=True)
+
+
+def files_under(root):
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file())
+
+
+def test_install_is_idempotent_and_keeps_the_secret(tmp_path):
+    first = install(tmp_path)
+    assert first.returncode == 0, first.stderr
+    env_file = tmp_path / "etc/knockd_rotator.env"
+    for path, (source, mode) in INSTALLED.items():
+        assert (tmp_path / path).read_bytes() == (ROOT / source).read_bytes()
+        assert stat.S_IMODE((tmp_path / path).stat().st_mode) == mode
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    secret = [line.split("=", 1)[1] for line in env_file.read_text().splitlines()
+              if line.startswith("KNOCKD_ROTATOR_SECRET=")]
+    assert len(secret) == 1 and len(secret[0]) >= 40
+    assert secret[0] not in first.stdout + first.stderr, "the secret is never printed"
+    assert "next steps:" in first.stdout
+    kept = env_file.read_bytes()
+
+    second = install(tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "kept %s (never overwritten)" % env_file in second.stdout
+    assert env_file.read_bytes() == kept
+    assert files_under(tmp_path) == sorted(list(INSTALLED) + ["etc/knockd_rotator.env"])
+
+    # The installed server reads the generated file's secret.
+    config = tmp_path / "knockd.conf"
+    config.write_bytes(b"[ssh_ROTATOR]\n\tsequence = 1\n\tstop_command = true\n")
+    env = rotator_env(SECRET=secret[0], RELOAD_COMMAND="true", CHECK_COMMAND="true",
+                      STATE_DIR=tmp_path / "state", ENV_FILE=env_file)
+    result = subprocess.run([str(tmp_path / "usr/local/sbin/knockd_rotator_server.py"),
+                             "--config", str(config), "--dry-run"], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "+\tsequence = " in result.stdout, result.stderr
+    assert "others can read" not in result.stderr
+
+
+def test_an_existing_environment_file_is_never_overwritten(tmp_path):
+    env_file = tmp_path / "etc/knockd_rotator.env"
+    env_file.parent.mkdir(parents=True)
+    env_file.write_text("KNOCKD_ROTATOR_SECRET=mine-and-only-mine\n")
+    env_file.chmod(0o644)
+    result = install(tmp_path)
+    assert result.returncode == 0
+    assert env_file.read_text() == "KNOCKD_ROTATOR_SECRET=mine-and-only-mine\n"
+    assert "warning: others can read %s" % env_file in result.stdout
+
+
+def test_uninstall_keeps_the_secret_unless_purged(tmp_path):
+    assert install(tmp_path).returncode == 0
+    (tmp_path / "var/lib/knockd_rotator").mkdir(parents=True)
+    (tmp_path / "var/lib/knockd_rotator/lock").touch()
+    result = install(tmp_path, "uninstall")
+    assert result.returncode == 0, result.stderr
+    assert files_under(tmp_path) == ["etc/knockd_rotator.env"]
+    assert install(tmp_path, "uninstall").returncode == 0, "uninstall twice is fine"
+    assert install(tmp_path, "uninstall", "--purge").returncode == 0
+    assert files_under(tmp_path) == []
+
+
+def test_bad_arguments(tmp_path):
+    for args in (["bogus"], ["uninstall", "--everything"]):
+        result = install(tmp_path, *args)
+        assert result.returncode == 2
+        assert result.stderr.startswith("error: unknown ")
+    assert files_under(tmp_path) == []
