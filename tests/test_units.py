@@ -1,11 +1,12 @@
 """The systemd units pass `systemd-analyze verify` as they would be installed."""
 
+import os
 import shutil
 import subprocess
 
 import pytest
 
-from conftest import CLIENT, ROOT, SERVER, need
+from conftest import CLIENT, ROOT, SERVER, need, run_script
 
 UNITS = ("knockd_rotator.service", "knockd_rotator.timer", "knockd_rotator-watch.service")
 
@@ -64,3 +65,35 @@ def test_watch_unit_runs_watch_mode_and_excludes_the_timer():
     service = (ROOT / "knockd_rotator.service").read_text()
     assert watch[watch.index("# Hardening."):watch.index("[Install]")].strip() == \
         service[service.index("# Hardening."):].strip(), "both units are hardened alike"
+
+
+def test_a_rotation_needs_no_capability(tmp_path, server_env):
+    """The units keep no capability: as root without any, a rotation of a
+    root-owned file in a root-owned folder works, keeping mode and owner; a
+    file of another owner fails cleanly (it would need CAP_CHOWN)."""
+    need(os.geteuid() == 0 and shutil.which("setpriv"), "needs root and setpriv")
+    no_capabilities = ["setpriv", "--bounding-set=-all", "--inh-caps=-all",
+                       "--ambient-caps=-all", "--no-new-privs"]
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    config = folder / "knockd.conf"
+    config.write_bytes(b"[ssh_ROTATOR]\n\tsequence = 1\n\tstop_command = true\n")
+    config.chmod(0o640)
+    env = server_env()
+    shown = subprocess.run(no_capabilities + ["grep", "CapEff", "/proc/self/status"],
+                           capture_output=True, text=True).stdout
+    assert shown.split() == ["CapEff:", "0000000000000000"]
+    result = run_script(SERVER, "--config", config, env=env, prefix=no_capabilities)
+    assert result.returncode == 0, result.stderr
+    assert b"sequence = 1\n" not in config.read_bytes()
+    assert oct(config.stat().st_mode & 0o777) == "0o640" and config.stat().st_uid == 0
+
+    os.chown(config, 65534, 65534)
+    config.chmod(0o644)
+    before = config.read_bytes()
+    result = run_script(SERVER, "--config", config, env=server_env(PERIOD_MODULO=31622399),
+                        prefix=no_capabilities)
+    assert result.returncode == 4, result.stderr
+    assert "cannot write %s: Operation not permitted" % config in result.stderr
+    assert config.read_bytes() == before and config.stat().st_uid == 65534
+    assert [p.name for p in folder.iterdir()] == ["knockd.conf"], "no temp file left"
