@@ -5,10 +5,12 @@ Every section of knockd.conf whose name ends with `_ROTATOR` gets, as its
 `sequence`, the sequence of the current period (docs/SPEC.md), derived from the
 same secret and settings the clients use.  Then knockd is made to load it.
 
-Usage (as root, normally from knockd_rotator.timer):
+Usage (as root, from knockd_rotator.timer or knockd_rotator-watch.service):
     knockd_rotator_server.py                 rotate /etc/knockd.conf now
     knockd_rotator_server.py --dry-run       show the diff, change nothing
-    knockd_rotator_server.py --config PATH --verbose
+    knockd_rotator_server.py --watch         rotate at every boundary and grace end
+    knockd_rotator_server.py check           knockd's grammar and its silent traps
+    knockd_rotator_server.py status --json   for monitoring (Nagios exit codes)
 
 Environment (the service reads it from /etc/knockd_rotator.env, mode 0600):
     KNOCKD_ROTATOR_SECRET, _LENGTH, _PORT_MODULO, _PERIOD_MODULO,
@@ -32,6 +34,9 @@ Safety:
     already current.
   - knockd is reloaded (SIGHUP), never restarted: a restart kills the children
     that run stop_command after cmd_timeout, and leaves those ports open.
+  - For KNOCKD_ROTATOR_GRACE seconds after a boundary, a generated block of
+    sibling doors at the end of the file holds the previous sequences; it is
+    removed, byte-exactly, when the grace ends (docs/SPEC.md).
   - If knockd is not running after the reload, the previous file is put back
     and knockd is reloaded or started again; the run then fails.  If knockd
     was not running before (a first install: knockd refuses a door without a
@@ -1173,14 +1178,14 @@ STATUS_SLACK = 5
 
 def door_status(config_path, environ, now):
     """The state of every rotator door at NOW, as a dict (see the README)."""
-    secret, length, port_modulo, period = read_settings(environ)
+    period = read_settings(environ)[3]
     grace = read_grace(environ, period)
     settings = server_settings(environ)
     old_data = read_config(config_path)
-    plan = plan_rotation(config_path, old_data, now, period, grace, sequence_maker(environ))
+    sequence_of = sequence_maker(environ)
+    plan = plan_rotation(config_path, old_data, now, period, grace, sequence_of)
     start = period_start(now, period)
     held = door_sequences(plan.user_lines)
-    previous = sequence_maker(environ)
     try:
         with open(os.path.join(settings["STATE_DIR"], "last-rotation")) as handle:
             last = int(handle.read())
@@ -1189,8 +1194,8 @@ def door_status(config_path, environ, now):
     doors = []
     for door in plan.doors:
         entry = {"door": door, "current": held.get(door) == plan.current[door]}
-        entry["previous"] = not entry["current"] and held.get(door) == previous(door,
-                                                                               start - period)
+        entry["previous"] = (not entry["current"]
+                             and held.get(door) == sequence_of(door, start - period))
         entry["sequence"] = (held.get(door) or b"").decode("utf-8", "replace")
         doors.append(entry)
     return {
