@@ -218,12 +218,6 @@ def read_grace(environ, period):
     return whole_number(environ, "GRACE", 0, period // 2, min(DEFAULT_GRACE, period // 2))
 
 
-def next_event(now, period, grace):
-    """When the server next changes the file: the grace end, or the next boundary."""
-    start = period_start(now, period)
-    return start + grace if now < start + grace else start + period
-
-
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one `error: ...` line, exit code 2."""
 

@@ -254,12 +254,6 @@ def read_grace(environ, period):
     return whole_number(environ, "GRACE", 0, period // 2, min(DEFAULT_GRACE, period // 2))
 
 
-def next_event(now, period, grace):
-    """When the server next changes the file: the grace end, or the next boundary."""
-    start = period_start(now, period)
-    return start + grace if now < start + grace else start + period
-
-
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one `error: ...` line, exit code 2."""
 
@@ -977,6 +971,12 @@ def sequence_maker(environ):
     generate = read_algorithm(environ)
     return lambda door, start: format_sequence(generate(
         secret, door, start, length, port_modulo)).encode()
+
+
+def next_event(now, period, grace):
+    """When the server next changes the file: the grace end, or the next boundary."""
+    start = period_start(now, period)
+    return start + grace if now < start + grace else start + period
 
 
 def plan_rotation(config_path, old_data, now, period, grace, sequence_of):
