@@ -146,8 +146,12 @@ def generate_sequence(secret, door, start, length, port_modulo):
             if length >= 3 and _is_monotonic(ports):
                 ports = []
                 continue
-            return [(p, "tcp" if port_modulo == 0 or p % port_modulo == 0 else "udp")
-                    for p in ports]
+            return with_protocols(ports, port_modulo)
+
+
+def with_protocols(ports, port_modulo):
+    """(port, "tcp" | "udp") pairs: TCP when PORT_MODULO is 0 or divides the port."""
+    return [(p, "tcp" if port_modulo == 0 or p % port_modulo == 0 else "udp") for p in ports]
 
 
 def legacy_v1_sequence(secret, door, start, length, port_modulo):
@@ -160,7 +164,7 @@ def legacy_v1_sequence(secret, door, start, length, port_modulo):
     for index in range(1, length + 1):
         text = b"%d" % start + door.encode("utf-8", "surrogateescape") + secret + b"%d" % index
         ports.append(MIN_PORT + int(hashlib.sha256(text).hexdigest()[:8], 16) % PORT_SPAN)
-    return [(p, "tcp" if port_modulo == 0 or p % port_modulo == 0 else "udp") for p in ports]
+    return with_protocols(ports, port_modulo)
 
 
 # KNOCKD_ROTATOR_ALGORITHM: the name of each generator.

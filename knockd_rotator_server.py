@@ -182,8 +182,12 @@ def generate_sequence(secret, door, start, length, port_modulo):
             if length >= 3 and _is_monotonic(ports):
                 ports = []
                 continue
-            return [(p, "tcp" if port_modulo == 0 or p % port_modulo == 0 else "udp")
-                    for p in ports]
+            return with_protocols(ports, port_modulo)
+
+
+def with_protocols(ports, port_modulo):
+    """(port, "tcp" | "udp") pairs: TCP when PORT_MODULO is 0 or divides the port."""
+    return [(p, "tcp" if port_modulo == 0 or p % port_modulo == 0 else "udp") for p in ports]
 
 
 def legacy_v1_sequence(secret, door, start, length, port_modulo):
@@ -196,7 +200,7 @@ def legacy_v1_sequence(secret, door, start, length, port_modulo):
     for index in range(1, length + 1):
         text = b"%d" % start + door.encode("utf-8", "surrogateescape") + secret + b"%d" % index
         ports.append(MIN_PORT + int(hashlib.sha256(text).hexdigest()[:8], 16) % PORT_SPAN)
-    return [(p, "tcp" if port_modulo == 0 or p % port_modulo == 0 else "udp") for p in ports]
+    return with_protocols(ports, port_modulo)
 
 
 # KNOCKD_ROTATOR_ALGORITHM: the name of each generator.
@@ -1032,7 +1036,7 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=Tru
                 "of fewer than 3 ports" % length)
         if dry_run or verbose:
             for number, what, fix in plan.warnings:
-                log("warning: %s line %d: %s (%s)" % (config_path, number, what, fix))
+                log("warning: " + finding(config_path, number, what, fix))
         old_lines, new_lines, doors = plan.old_lines, plan.new_lines, plan.doors
         current, in_grace = plan.current, plan.in_grace
 
@@ -1063,15 +1067,20 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=Tru
     return event
 
 
+def finding(config_path, number, what, fix):
+    """One checker finding as printed: `PATH line N: WHAT (FIX)`."""
+    return "%s line %d: %s (%s)" % (config_path, number, what, fix)
+
+
 def refuse_errors(config_path, errors):
     """Print every (line, what, fix) of ERRORS and raise the last one."""
     if not errors:
         return
-    messages = [RotatorError("%s line %d: %s" % (config_path, number, what), fix, EXIT_CONFIG)
-                for number, what, fix in sorted(errors)]
-    for message in messages[:-1]:
-        print(message, file=sys.stderr)
-    raise messages[-1]
+    errors = sorted(errors)
+    for error in errors[:-1]:
+        print("error: " + finding(config_path, *error), file=sys.stderr)
+    number, what, fix = errors[-1]
+    raise RotatorError("%s line %d: %s" % (config_path, number, what), fix, EXIT_CONFIG)
 
 
 # ---------------------------------------------------------------- --watch
@@ -1155,9 +1164,9 @@ def check(config_path, environ):
                  for line in user_lines if line.kind == "section" and is_rotator(line.section)
                  and line.section.decode("utf-8", "surrogateescape") not in with_sequence]
     for number, what, fix in errors:
-        print("error: %s line %d: %s (%s)" % (config_path, number, what, fix), file=sys.stderr)
+        print("error: " + finding(config_path, number, what, fix), file=sys.stderr)
     for number, what, fix in sorted(warnings):
-        print("warning: %s line %d: %s (%s)" % (config_path, number, what, fix), file=sys.stderr)
+        print("warning: " + finding(config_path, number, what, fix), file=sys.stderr)
     others = readable_by_others(settings["ENV_FILE"])
     if others:
         print(others, file=sys.stderr)

@@ -11,20 +11,19 @@ import time
 
 import pytest
 
-from conftest import (GUARDED_PORT, SERVER, accept_rules, alive_command, need, run_client,
-                      wait_until)
+from conftest import (GUARDED_PORT, SERVER, accept_rules, alive_command, need_root_and,
+                      run_client, wait_until)
 from test_server_knockd import DOOR
 
 
 class Watch:
-    """knockd_rotator_server.py --watch for KNOCKD, in the background."""
+    """knockd_rotator_server.py --watch for CONFIG, in the background."""
 
-    def __init__(self, knockd, env, tmp_path):
-        self.knockd = knockd
+    def __init__(self, config, env, tmp_path):
         self.log = tmp_path / "watch.log"
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, str(SERVER), "--watch", "--config", str(knockd.config)],
+                [sys.executable, str(SERVER), "--watch", "--config", str(config)],
                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
 
     def text(self):
@@ -46,7 +45,7 @@ def watch(server_env, tmp_path):
         env = server_env(PERIOD_MODULO=period, GRACE=grace, CHECK_SECONDS=0,
                          RELOAD_COMMAND="kill -HUP %d" % knockd.pid,
                          CHECK_COMMAND=alive_command(knockd.pid))
-        started.append(Watch(knockd, env, tmp_path))
+        started.append(Watch(knockd.config, env, tmp_path))
         knockd.wait_log(r"re-reading config file", "the first rotation")
         return started[-1], env
 
@@ -84,8 +83,7 @@ def knock(netns, env, *args, timeout=3, clock=None):
 
 def test_a_client_2_s_behind_opens_after_the_boundary_but_not_after_the_grace(
         guarded, start_knockd, watch):
-    need(subprocess.run(["which", "faketime"], capture_output=True).returncode == 0,
-         "needs faketime (run tests/run to install it)")
+    need_root_and("faketime")
     period, grace = 20, 5
     knockd = start_knockd(DOOR.format(port=GUARDED_PORT, cmd_timeout=120))
     server, env = watch(knockd, period, grace)
@@ -113,8 +111,7 @@ def test_a_client_ahead_retries_with_the_previous_period(guarded, start_knockd, 
     """7 s ahead, 6 s before the server's boundary: the client's clock is just
     past a boundary, its first knock is the next period's, and the retry with
     the previous one (the server's current) opens."""
-    need(subprocess.run(["which", "faketime"], capture_output=True).returncode == 0,
-         "needs faketime (run tests/run to install it)")
+    need_root_and("faketime")
     period, grace = 20, 5
     knockd = start_knockd(DOOR.format(port=GUARDED_PORT, cmd_timeout=120))
     server, env = watch(knockd, period, grace)
@@ -157,22 +154,19 @@ def test_sigterm_stops_watch_cleanly_and_leaves_a_consistent_file(tmp_path, serv
     for moment in ("at rest", "during a reload"):
         slow = "touch %s; sleep 1" % started if moment == "during a reload" else "true"
         env = server_env(PERIOD_MODULO=4, GRACE=1, RELOAD_COMMAND=slow)
-        log = tmp_path / "watch.log"
         config.write_bytes(b"[ssh_ROTATOR]\n\tsequence = 1\n\tcommand = true\n")
-        with open(log, "wb") as out:
-            process = subprocess.Popen([sys.executable, str(SERVER), "--watch", "--config",
-                                        str(config)], env=env, stdout=out, stderr=out)
+        server = Watch(config, env, tmp_path)
         try:
             if moment == "at rest":
-                wait_until(lambda: "rotated" in log.read_text(), 10, "the first rotation")
+                wait_until(lambda: "rotated" in server.text(), 10, "the first rotation")
             else:
                 wait_until(started.exists, 10, "the reload to begin")
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(10) == 0, log.read_text()
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(10) == 0, server.text()
         finally:
-            process.kill()
-            process.wait()
-        text = log.read_text()
+            server.process.kill()
+            server.process.wait()
+        text = server.text()
         assert "stopped by signal %d" % signal.SIGTERM in text, text
         assert "ssh_ROTATOR: rotated" in text, "a rotation under way finishes first"
         assert b"sequence = 1\n" not in config.read_bytes()
@@ -188,17 +182,13 @@ def test_watch_survives_a_failed_reload(tmp_path, server_env):
     failing = tmp_path / "fail"
     failing.touch()
     env = server_env(PERIOD_MODULO=4, GRACE=1, RELOAD_COMMAND="test ! -e %s" % failing)
-    log = tmp_path / "watch.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, str(SERVER), "--watch", "--config",
-                                    str(config)], env=env, stdout=out, stderr=out)
+    server = Watch(config, env, tmp_path)
     try:
-        wait_until(lambda: "trying again at" in log.read_text(), 10, "a failed rotation")
+        wait_until(lambda: "trying again at" in server.text(), 10, "a failed rotation")
         assert config.read_bytes() == original
         failing.unlink()
-        wait_until(lambda: "ssh_ROTATOR: rotated" in log.read_text(), 10, "the retry")
-        assert process.poll() is None, "still running"
+        wait_until(lambda: "ssh_ROTATOR: rotated" in server.text(), 10, "the retry")
+        assert server.process.poll() is None, "still running"
         assert config.read_bytes() != original
     finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(10) == 0
+        assert server.stop() == 0
