@@ -10,8 +10,14 @@ Usage:
     knockd_rotator_client.py generate ssh   # print the sequence, knockd.conf form
     knockd_rotator_client.py knock myserver.example ssh --check 22
 
-Environment:
+Environment (each may be given for one door, as KNOCKD_ROTATOR_<SETTING>_<NAME>
+with NAME the door name upper-cased, e.g. KNOCKD_ROTATOR_SECRET_ALICE_SSH for
+[alice_ssh_ROTATOR]; the door's own variable wins):
     KNOCKD_ROTATOR_SECRET         required, at least 10 characters
+    KNOCKD_ROTATOR_PIN            the door's PIN, if it has one (or --pin asks)
+    KNOCKD_ROTATOR_MODE           secret (default), or totp: the key of each
+                                  30 s period is an authenticator app's code
+                                  (--code) instead of the secret
     KNOCKD_ROTATOR_LENGTH         ports per sequence, 1-32 (default 10)
     KNOCKD_ROTATOR_PORT_MODULO    0: every knock is TCP; M > 0: TCP when
                                   port % M == 0, otherwise UDP (default 0)
@@ -23,8 +29,8 @@ Environment:
                                   (default 30, at most half the period)
 
 Safety:
-    The secret is read from the environment only: never from the command line,
-    never printed.  A TCP knock is exactly one SYN (a non-blocking connect that
+    The secret and the PIN are read from the environment or typed without
+    echo: never from the command line, never printed.  A TCP knock is exactly one SYN (a non-blocking connect that
     is closed at once), so the kernel never retransmits it: knockd would take a
     repeated port as a wrong knock and reset the attempt.
 
@@ -171,23 +177,42 @@ def legacy_v1_sequence(secret, door, start, length, port_modulo):
 ALGORITHMS = {"knockd-rotator/1": generate_sequence, "legacy-v1": legacy_v1_sequence}
 
 
-def read_algorithm(environ):
-    """The generator KNOCKD_ROTATOR_ALGORITHM names (default knockd-rotator/1)."""
-    name = environ.get("KNOCKD_ROTATOR_ALGORITHM", "knockd-rotator/1")
-    if name not in ALGORITHMS:
-        raise RotatorError("KNOCKD_ROTATOR_ALGORITHM is %r" % name[:40],
-                           "use one of: %s" % ", ".join(ALGORITHMS), EXIT_ENVIRONMENT)
-    return ALGORITHMS[name]
-
-
 def format_sequence(sequence, separator=","):
     """`port:proto` items: knockd.conf form, or the C `knock` form with " "."""
     return separator.join("%d:%s" % knock for knock in sequence)
 
 
-def whole_number(environ, name, low, high, default):
-    """KNOCKD_ROTATOR_<NAME> from ENVIRON: DEFAULT when unset, else LOW..HIGH."""
-    variable = "KNOCKD_ROTATOR_" + name
+# ---- settings: KNOCKD_ROTATOR_<SETTING>, or KNOCKD_ROTATOR_<SETTING>_<NAME>
+# for the one door whose settings name is NAME (see settings_name).
+DOOR_SETTINGS = ("SECRET", "PIN", "MODE", "LENGTH", "PORT_MODULO", "PERIOD_MODULO",
+                 "GRACE", "ALGORITHM")
+MODES = ("secret", "totp")
+TOTP_PERIOD = 30          # RFC 6238's default, the one every authenticator app uses
+TOTP_DIGITS = 6
+# PBKDF2 rounds that mix a PIN or a TOTP code into the key: an eavesdropper who
+# also has the secret must pay them for every PIN guessed against a sequence
+# seen on the wire (docs/SPEC.md, step 0).
+PIN_ITERATIONS = 20000
+PIN_TAG = b"knockd-rotator/1 "
+
+
+def settings_name(door):
+    """NAME in KNOCKD_ROTATOR_<SETTING>_<NAME>: the door name without _ROTATOR,
+    ASCII letters upper-cased, every other character but digits made `_`."""
+    base = door[:-len(ROTATOR_SUFFIX)] if door.endswith(ROTATOR_SUFFIX) else door
+    return "".join(c.upper() if c.isascii() and c.isalnum() else "_" for c in base)
+
+
+def door_variable(environ, setting, door):
+    """(the variable in force for DOOR's SETTING, its text or None): the door's own first."""
+    own = "KNOCKD_ROTATOR_%s_%s" % (setting, settings_name(door))
+    general = "KNOCKD_ROTATOR_" + setting
+    name = own if own in environ else general
+    return name, environ.get(name)
+
+
+def whole_number(environ, variable, low, high, default):
+    """ENVIRON[VARIABLE]: DEFAULT when unset, else a whole number LOW..HIGH."""
     if variable not in environ:
         return default
     text = environ[variable]
@@ -200,26 +225,77 @@ def whole_number(environ, name, low, high, default):
     return int(text)
 
 
-def read_settings(environ):
-    """(secret bytes, length, port modulo, period) from KNOCKD_ROTATOR_* in ENVIRON."""
-    secret = environ.get("KNOCKD_ROTATOR_SECRET", "")
-    if len(secret) < MIN_SECRET_CHARS:
-        what = ("KNOCKD_ROTATOR_SECRET is not set" if "KNOCKD_ROTATOR_SECRET" not in environ
-                else "KNOCKD_ROTATOR_SECRET is empty" if not secret else
-                "KNOCKD_ROTATOR_SECRET is shorter than %d characters" % MIN_SECRET_CHARS)
-        raise RotatorError(what, "set it to the secret the server uses, at least "
-                           "%d characters; a new one: python3 -c 'import secrets; "
-                           "print(secrets.token_urlsafe(32))'" % MIN_SECRET_CHARS,
-                           EXIT_ENVIRONMENT)
-    return (secret.encode("utf-8", "surrogateescape"),
-            whole_number(environ, "LENGTH", 1, MAX_LENGTH, 10),
-            whole_number(environ, "PORT_MODULO", 0, MAX_PORT, 0),
-            whole_number(environ, "PERIOD_MODULO", 1, MAX_PERIOD, 21600))
+class DoorSettings:
+    """The settings in force for one door (see read_settings)."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
 
 
-def read_grace(environ, period):
-    """KNOCKD_ROTATOR_GRACE in seconds, 0 to half of PERIOD (0: no grace)."""
-    return whole_number(environ, "GRACE", 0, period // 2, min(DEFAULT_GRACE, period // 2))
+def read_settings(environ, door, default_mode="secret"):
+    """DOOR's settings from ENVIRON: each KNOCKD_ROTATOR_<SETTING>_<NAME> in
+    force over KNOCKD_ROTATOR_<SETTING>.  The secret is not checked here:
+    secret_bytes() does it, for the modes that need it."""
+    def number(setting, low, high, default):
+        return whole_number(environ, door_variable(environ, setting, door)[0], low, high, default)
+
+    mode_variable, mode = door_variable(environ, "MODE", door)
+    mode = mode or default_mode
+    if mode not in MODES:
+        raise RotatorError("%s is %r" % (mode_variable, mode[:40]),
+                           "use one of: %s" % ", ".join(MODES), EXIT_ENVIRONMENT)
+    algorithm_variable, algorithm = door_variable(environ, "ALGORITHM", door)
+    algorithm = algorithm or "knockd-rotator/1"
+    if algorithm not in ALGORITHMS:
+        raise RotatorError("%s is %r" % (algorithm_variable, algorithm[:40]),
+                           "use one of: %s" % ", ".join(ALGORITHMS), EXIT_ENVIRONMENT)
+    pin = (door_variable(environ, "PIN", door)[1] or "").encode("utf-8", "surrogateescape")
+    if algorithm != "knockd-rotator/1" and (pin or mode != "secret"):
+        raise RotatorError("door %s: %s has no PIN and no totp mode" % (door, algorithm),
+                           "use knockd-rotator/1 for this door", EXIT_ENVIRONMENT)
+    if mode == "totp":
+        # An authenticator app's codes change every 30 s: so does the sequence.
+        period_variable = "KNOCKD_ROTATOR_PERIOD_MODULO_" + settings_name(door)
+        period = whole_number(environ, period_variable, TOTP_PERIOD, TOTP_PERIOD, TOTP_PERIOD)
+    else:
+        period = number("PERIOD_MODULO", 1, MAX_PERIOD, 21600)
+    secret_variable, secret = door_variable(environ, "SECRET", door)
+    return DoorSettings(
+        door=door, mode=mode, pin=pin, period=period, algorithm=algorithm,
+        generate=ALGORITHMS[algorithm],
+        secret_variable=secret_variable, secret=secret,
+        length=number("LENGTH", 1, MAX_LENGTH, 10),
+        port_modulo=number("PORT_MODULO", 0, MAX_PORT, 0),
+        # The grace is at most half the period, so a short period shrinks it.
+        grace=number("GRACE", 0, period // 2, min(DEFAULT_GRACE, period // 2)))
+
+
+def secret_bytes(settings, least=MIN_SECRET_CHARS):
+    """The door's secret as bytes; an error naming both variables when missing."""
+    secret, variable = settings.secret or "", settings.secret_variable
+    if len(secret) >= least:
+        return secret.encode("utf-8", "surrogateescape")
+    general = "KNOCKD_ROTATOR_SECRET"
+    own = general + "_" + settings_name(settings.door)
+    what = ("neither %s nor %s is set" % (own, general) if settings.secret is None
+            else "%s is empty" % variable if not secret
+            else "%s is shorter than %d characters" % (variable, least))
+    raise RotatorError(what, "set it to the secret the server uses for [%s], at least %d "
+                       "characters; a new one: python3 -c 'import secrets; print(secrets."
+                       "token_urlsafe(32))'" % (settings.door, least), EXIT_ENVIRONMENT)
+
+
+def door_key(settings, material):
+    """The HMAC key of the door's sequences (docs/SPEC.md, step 0).
+
+    MATERIAL is the secret's bytes, or in totp mode the code's ASCII digits.
+    With no PIN in secret mode the key is the secret itself.
+    """
+    if settings.mode == "secret" and not settings.pin:
+        return material
+    salt = (_field(PIN_TAG + settings.mode.encode()) + _field(settings.door.encode(
+        "utf-8", "surrogateescape")) + _field(material))
+    return hashlib.pbkdf2_hmac("sha256", settings.pin, salt, PIN_ITERATIONS)
 
 
 class Parser(argparse.ArgumentParser):
@@ -227,6 +303,12 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise RotatorError(message, "see %s --help" % self.prog, EXIT_USAGE)
+
+
+def port_number(text):
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_PORT:
+        raise argparse.ArgumentTypeError("%r is not a port from 1 to %d" % (text, MAX_PORT))
+    return int(text)
 
 
 def resolve_command(word, commands):
@@ -312,12 +394,6 @@ def wait_for_port(family, sockaddr, port, timeout):
 
 # ---------------------------------------------------------------- CLI
 
-def port_number(text):
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_PORT:
-        raise argparse.ArgumentTypeError("%r is not a port from 1 to %d" % (text, MAX_PORT))
-    return int(text)
-
-
 def offset_number(text):
     try:
         return int(text)
@@ -350,7 +426,12 @@ examples:
   %(prog)s gen ssh --offset -1           the previous period's sequence
   knock myserver $(%(prog)s gen ssh --format knock)
   %(prog)s knock myserver ssh --check 22
+  %(prog)s knock myserver alice_ssh --pin --check 22     asks for the PIN
+  %(prog)s knock myserver alice_ssh --code 123456 --check 22
+                                         totp mode: the authenticator app's code
 
+Every setting can be given for one door: KNOCKD_ROTATOR_SECRET_ALICE_SSH is the
+secret of [alice_ssh_ROTATOR] (and _PIN_, _MODE_, _LENGTH_, ... likewise).
 Commands may be shortened to a unique prefix (gen, kn).
 exit codes: 0 ok, 1 door did not open, 2 bad command line,
             3 bad KNOCKD_ROTATOR_* variable, 5 host unresolvable or unreachable
@@ -370,6 +451,12 @@ def build_parser():
                          help="door name; _ROTATOR is appended when missing")
         sub.add_argument("--offset", type=offset_number, default=0, metavar="N",
                          help="periods to move: -1 is the previous sequence (default 0)")
+        sub.add_argument("--pin", action="store_true",
+                         help="ask for the door's PIN (typed without echo; one line of "
+                              "standard input when it is not a terminal)")
+        sub.add_argument("--code", metavar="CODE",
+                         help="totp mode: the 6-digit code of the authenticator app, "
+                              "or - to type it")
 
     generate = commands.add_parser(
         "generate", allow_abbrev=False, help="print the current sequence",
@@ -435,14 +522,58 @@ def other_period(now, period, grace):
     return 0
 
 
+def read_hidden(prompt):
+    """A line typed without echo on the terminal, or read from a piped stdin."""
+    if sys.stdin.isatty():
+        import getpass
+        return getpass.getpass(prompt)
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def totp_code(text):
+    """The authenticator app's code: TOTP_DIGITS digits, spaces allowed."""
+    code = text.replace(" ", "")
+    if not (len(code) == TOTP_DIGITS and code.isascii() and code.isdigit()):
+        raise RotatorError("the code must be the %d digits your authenticator app shows"
+                           % TOTP_DIGITS, "type it again, e.g. --code 123456", EXIT_USAGE)
+    return code.encode()
+
+
+def door_settings(args, environ):
+    """The door's settings, with the PIN prompted for and the code checked."""
+    door = door_name(args.service)
+    settings = read_settings(environ, door, "totp" if args.code else "secret")
+    if args.code and settings.mode != "totp":
+        raise RotatorError("--code is for doors in totp mode, and %s is %r"
+                           % (door_variable(environ, "MODE", door)[0], settings.mode),
+                           "leave out --code, or set it to totp", EXIT_USAGE)
+    if settings.mode == "totp" and not args.code:
+        raise RotatorError("door %s is in totp mode" % door,
+                           "give the code of your authenticator app: --code 123456, "
+                           "or --code - to type it", EXIT_USAGE)
+    if args.pin:
+        settings.pin = read_hidden("PIN for %s: " % door).encode("utf-8", "surrogateescape")
+        if not settings.pin:
+            raise RotatorError("the PIN is empty", "type the PIN of the door", EXIT_USAGE)
+    if settings.mode == "totp":
+        code = args.code if args.code != "-" else read_hidden("code for %s: " % door)
+        settings.key = door_key(settings, totp_code(code))
+    else:
+        settings.key = door_key(settings, secret_bytes(settings))
+    return settings
+
+
 def run(argv, environ, now):
     args = build_parser().parse_args(prepare_argv(argv))
-    secret, length, port_modulo, period = read_settings(environ)
-    grace = read_grace(environ, period)
-    generate = read_algorithm(environ)
-    door = door_name(args.service)
+    settings = door_settings(args, environ)
+    door, period = settings.door, settings.period
+
+    def sequence_at(start):
+        return settings.generate(settings.key, door, start, settings.length,
+                                 settings.port_modulo)
+
     start = period_start(now, period, args.offset)
-    sequence = generate(secret, door, start, length, port_modulo)
+    sequence = sequence_at(start)
 
     if args.command == "generate":
         if args.format == "json":
@@ -461,20 +592,20 @@ def run(argv, environ, now):
     if args.check is None:
         return EXIT_OK
     took = wait_for_port(family, sockaddr, args.check, args.check_timeout)
-    other = other_period(now, period, grace)
+    other = other_period(now, period, settings.grace)
     if took is None and other:
-        # Our clock and the server's may sit on two sides of the boundary.
+        # Our clock and the server's may sit on two sides of the boundary (in
+        # totp mode: the code may be the previous period's).
         print("port %d on %s did not open; this is %s a period boundary, so knocking "
               "again with the %s period's sequence" % (
                   args.check, args.host, "just after" if other < 0 else "just before",
                   "previous" if other < 0 else "next"), file=sys.stderr)
-        sequence = generate(secret, door, start + other * period, length, port_modulo)
-        send_knocks(family, sockaddr, sequence, args.delay / 1000.0)
+        send_knocks(family, sockaddr, sequence_at(start + other * period), args.delay / 1000.0)
         took = wait_for_port(family, sockaddr, args.check, args.check_timeout)
     if took is None:
         raise RotatorError("port %d on %s did not open within %g s"
                            % (args.check, args.host, args.check_timeout),
-                           "compare the clock, the secret and the KNOCKD_ROTATOR_* "
+                           "compare the clock, the secret, the PIN and the KNOCKD_ROTATOR_* "
                            "settings with the server's", EXIT_FAILED)
     print("port %d on %s open after %.2f s" % (args.check, args.host, took))
     return EXIT_OK

@@ -91,6 +91,9 @@ TIMER_SLACK = 60
 # Temp files are `.knockd.conf.XXXX.knockd_rotator.tmp` beside the file; a
 # killed run may leave one, which the next run removes.
 TEMP_SUFFIX = ".knockd_rotator.tmp"
+# RFC 4226 asks for at least 128 bits; add-client makes 160, as RFC 4226 advises.
+TOTP_MIN_KEY_BYTES = 16
+TOTP_NEW_KEY_BYTES = 20
 
 
 # BEGIN SHARED GENERATOR
@@ -207,23 +210,42 @@ def legacy_v1_sequence(secret, door, start, length, port_modulo):
 ALGORITHMS = {"knockd-rotator/1": generate_sequence, "legacy-v1": legacy_v1_sequence}
 
 
-def read_algorithm(environ):
-    """The generator KNOCKD_ROTATOR_ALGORITHM names (default knockd-rotator/1)."""
-    name = environ.get("KNOCKD_ROTATOR_ALGORITHM", "knockd-rotator/1")
-    if name not in ALGORITHMS:
-        raise RotatorError("KNOCKD_ROTATOR_ALGORITHM is %r" % name[:40],
-                           "use one of: %s" % ", ".join(ALGORITHMS), EXIT_ENVIRONMENT)
-    return ALGORITHMS[name]
-
-
 def format_sequence(sequence, separator=","):
     """`port:proto` items: knockd.conf form, or the C `knock` form with " "."""
     return separator.join("%d:%s" % knock for knock in sequence)
 
 
-def whole_number(environ, name, low, high, default):
-    """KNOCKD_ROTATOR_<NAME> from ENVIRON: DEFAULT when unset, else LOW..HIGH."""
-    variable = "KNOCKD_ROTATOR_" + name
+# ---- settings: KNOCKD_ROTATOR_<SETTING>, or KNOCKD_ROTATOR_<SETTING>_<NAME>
+# for the one door whose settings name is NAME (see settings_name).
+DOOR_SETTINGS = ("SECRET", "PIN", "MODE", "LENGTH", "PORT_MODULO", "PERIOD_MODULO",
+                 "GRACE", "ALGORITHM")
+MODES = ("secret", "totp")
+TOTP_PERIOD = 30          # RFC 6238's default, the one every authenticator app uses
+TOTP_DIGITS = 6
+# PBKDF2 rounds that mix a PIN or a TOTP code into the key: an eavesdropper who
+# also has the secret must pay them for every PIN guessed against a sequence
+# seen on the wire (docs/SPEC.md, step 0).
+PIN_ITERATIONS = 20000
+PIN_TAG = b"knockd-rotator/1 "
+
+
+def settings_name(door):
+    """NAME in KNOCKD_ROTATOR_<SETTING>_<NAME>: the door name without _ROTATOR,
+    ASCII letters upper-cased, every other character but digits made `_`."""
+    base = door[:-len(ROTATOR_SUFFIX)] if door.endswith(ROTATOR_SUFFIX) else door
+    return "".join(c.upper() if c.isascii() and c.isalnum() else "_" for c in base)
+
+
+def door_variable(environ, setting, door):
+    """(the variable in force for DOOR's SETTING, its text or None): the door's own first."""
+    own = "KNOCKD_ROTATOR_%s_%s" % (setting, settings_name(door))
+    general = "KNOCKD_ROTATOR_" + setting
+    name = own if own in environ else general
+    return name, environ.get(name)
+
+
+def whole_number(environ, variable, low, high, default):
+    """ENVIRON[VARIABLE]: DEFAULT when unset, else a whole number LOW..HIGH."""
     if variable not in environ:
         return default
     text = environ[variable]
@@ -236,26 +258,77 @@ def whole_number(environ, name, low, high, default):
     return int(text)
 
 
-def read_settings(environ):
-    """(secret bytes, length, port modulo, period) from KNOCKD_ROTATOR_* in ENVIRON."""
-    secret = environ.get("KNOCKD_ROTATOR_SECRET", "")
-    if len(secret) < MIN_SECRET_CHARS:
-        what = ("KNOCKD_ROTATOR_SECRET is not set" if "KNOCKD_ROTATOR_SECRET" not in environ
-                else "KNOCKD_ROTATOR_SECRET is empty" if not secret else
-                "KNOCKD_ROTATOR_SECRET is shorter than %d characters" % MIN_SECRET_CHARS)
-        raise RotatorError(what, "set it to the secret the server uses, at least "
-                           "%d characters; a new one: python3 -c 'import secrets; "
-                           "print(secrets.token_urlsafe(32))'" % MIN_SECRET_CHARS,
-                           EXIT_ENVIRONMENT)
-    return (secret.encode("utf-8", "surrogateescape"),
-            whole_number(environ, "LENGTH", 1, MAX_LENGTH, 10),
-            whole_number(environ, "PORT_MODULO", 0, MAX_PORT, 0),
-            whole_number(environ, "PERIOD_MODULO", 1, MAX_PERIOD, 21600))
+class DoorSettings:
+    """The settings in force for one door (see read_settings)."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
 
 
-def read_grace(environ, period):
-    """KNOCKD_ROTATOR_GRACE in seconds, 0 to half of PERIOD (0: no grace)."""
-    return whole_number(environ, "GRACE", 0, period // 2, min(DEFAULT_GRACE, period // 2))
+def read_settings(environ, door, default_mode="secret"):
+    """DOOR's settings from ENVIRON: each KNOCKD_ROTATOR_<SETTING>_<NAME> in
+    force over KNOCKD_ROTATOR_<SETTING>.  The secret is not checked here:
+    secret_bytes() does it, for the modes that need it."""
+    def number(setting, low, high, default):
+        return whole_number(environ, door_variable(environ, setting, door)[0], low, high, default)
+
+    mode_variable, mode = door_variable(environ, "MODE", door)
+    mode = mode or default_mode
+    if mode not in MODES:
+        raise RotatorError("%s is %r" % (mode_variable, mode[:40]),
+                           "use one of: %s" % ", ".join(MODES), EXIT_ENVIRONMENT)
+    algorithm_variable, algorithm = door_variable(environ, "ALGORITHM", door)
+    algorithm = algorithm or "knockd-rotator/1"
+    if algorithm not in ALGORITHMS:
+        raise RotatorError("%s is %r" % (algorithm_variable, algorithm[:40]),
+                           "use one of: %s" % ", ".join(ALGORITHMS), EXIT_ENVIRONMENT)
+    pin = (door_variable(environ, "PIN", door)[1] or "").encode("utf-8", "surrogateescape")
+    if algorithm != "knockd-rotator/1" and (pin or mode != "secret"):
+        raise RotatorError("door %s: %s has no PIN and no totp mode" % (door, algorithm),
+                           "use knockd-rotator/1 for this door", EXIT_ENVIRONMENT)
+    if mode == "totp":
+        # An authenticator app's codes change every 30 s: so does the sequence.
+        period_variable = "KNOCKD_ROTATOR_PERIOD_MODULO_" + settings_name(door)
+        period = whole_number(environ, period_variable, TOTP_PERIOD, TOTP_PERIOD, TOTP_PERIOD)
+    else:
+        period = number("PERIOD_MODULO", 1, MAX_PERIOD, 21600)
+    secret_variable, secret = door_variable(environ, "SECRET", door)
+    return DoorSettings(
+        door=door, mode=mode, pin=pin, period=period, algorithm=algorithm,
+        generate=ALGORITHMS[algorithm],
+        secret_variable=secret_variable, secret=secret,
+        length=number("LENGTH", 1, MAX_LENGTH, 10),
+        port_modulo=number("PORT_MODULO", 0, MAX_PORT, 0),
+        # The grace is at most half the period, so a short period shrinks it.
+        grace=number("GRACE", 0, period // 2, min(DEFAULT_GRACE, period // 2)))
+
+
+def secret_bytes(settings, least=MIN_SECRET_CHARS):
+    """The door's secret as bytes; an error naming both variables when missing."""
+    secret, variable = settings.secret or "", settings.secret_variable
+    if len(secret) >= least:
+        return secret.encode("utf-8", "surrogateescape")
+    general = "KNOCKD_ROTATOR_SECRET"
+    own = general + "_" + settings_name(settings.door)
+    what = ("neither %s nor %s is set" % (own, general) if settings.secret is None
+            else "%s is empty" % variable if not secret
+            else "%s is shorter than %d characters" % (variable, least))
+    raise RotatorError(what, "set it to the secret the server uses for [%s], at least %d "
+                       "characters; a new one: python3 -c 'import secrets; print(secrets."
+                       "token_urlsafe(32))'" % (settings.door, least), EXIT_ENVIRONMENT)
+
+
+def door_key(settings, material):
+    """The HMAC key of the door's sequences (docs/SPEC.md, step 0).
+
+    MATERIAL is the secret's bytes, or in totp mode the code's ASCII digits.
+    With no PIN in secret mode the key is the secret itself.
+    """
+    if settings.mode == "secret" and not settings.pin:
+        return material
+    salt = (_field(PIN_TAG + settings.mode.encode()) + _field(settings.door.encode(
+        "utf-8", "surrogateescape")) + _field(material))
+    return hashlib.pbkdf2_hmac("sha256", settings.pin, salt, PIN_ITERATIONS)
 
 
 class Parser(argparse.ArgumentParser):
@@ -263,6 +336,12 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise RotatorError(message, "see %s --help" % self.prog, EXIT_USAGE)
+
+
+def port_number(text):
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_PORT:
+        raise argparse.ArgumentTypeError("%r is not a port from 1 to %d" % (text, MAX_PORT))
+    return int(text)
 
 
 def resolve_command(word, commands):
@@ -516,10 +595,19 @@ def rotator_doors(lines):
 def rotator_errors(lines):
     """What this tool refuses in a rotator door: (line, what, fix) tuples."""
     errors = []
+    first_door = {}          # settings name -> the first door that has it
     for line in lines:
         if not is_rotator(line.section):
             continue
         name = line.section.decode("utf-8", "replace")
+        if line.kind == "section":
+            variables = settings_name(line.section.decode("utf-8", "surrogateescape"))
+            other = first_door.setdefault(variables, name)
+            if other != name:
+                errors.append((line.number, "doors [%s] and [%s] would both take their "
+                               "settings from KNOCKD_ROTATOR_*_%s" % (other, name, variables),
+                               "rename one: their names differ only in characters other "
+                               "than letters and digits"))
         if line.kind == "section" and len(line.section) > DOOR_NAME_MAX:
             errors.append((line.number, "door name [%s...] is longer than %d bytes, which "
                            "knockd cuts" % (name[:20], DOOR_NAME_MAX), "shorten it"))
@@ -669,8 +757,8 @@ def split_grace_block(lines):
 
 
 def grace_block(lines, previous, until):
-    """Raw bytes of the block giving each rotator section of LINES a sibling
-    with its PREVIOUS sequence (door name -> bytes), valid until UNTIL."""
+    """Raw bytes of the block giving each rotator section of LINES that is in
+    PREVIOUS (door name -> bytes) a sibling with that sequence, until UNTIL."""
     newline = b"\r\n" if lines and lines[0].raw.endswith(b"\r\n") else b"\n"
     out = [GRACE_BEGIN + b": generated, do not edit; removed at %d (%s)"
            % (until, utc(until).encode()) + newline]
@@ -678,6 +766,8 @@ def grace_block(lines, previous, until):
         if line.kind != "section" or not is_rotator(line.section):
             continue
         name = line.section.decode("utf-8", "surrogateescape")
+        if name not in previous:
+            continue        # a door with another period, not in its grace now
         out.append(b"[" + line.section + GRACE_SUFFIX.encode() + b"]" + newline)
         directives = [l.raw for l in section_body(lines, index)
                       if l.kind == "directive" and not l.is_sequence]
@@ -715,10 +805,10 @@ def server_settings(environ):
                                "unset it for the default %r, or give a shell command"
                                % default, EXIT_ENVIRONMENT)
         settings[name] = value
-    settings["CHECK_SECONDS"] = whole_number(environ, "CHECK_SECONDS", 0, 600,
+    settings["CHECK_SECONDS"] = whole_number(environ, "KNOCKD_ROTATOR_CHECK_SECONDS", 0, 600,
                                              DEFAULT_CHECK_SECONDS)
-    settings["SERVER_INTERVAL"] = whole_number(environ, "SERVER_INTERVAL", 60, 7 * 86400,
-                                               DEFAULT_SERVER_INTERVAL)
+    settings["SERVER_INTERVAL"] = whole_number(environ, "KNOCKD_ROTATOR_SERVER_INTERVAL",
+                                               60, 7 * 86400, DEFAULT_SERVER_INTERVAL)
     settings["STATE_DIR"] = environ.get("KNOCKD_ROTATOR_STATE_DIR") or DEFAULT_STATE_DIR
     settings["ENV_FILE"] = environ.get("KNOCKD_ROTATOR_ENV_FILE") or DEFAULT_ENV_FILE
     return settings
@@ -739,25 +829,32 @@ def read_config(path):
                            "check the path given with --config", EXIT_CONFIG) from None
 
 
-def replace_file(path, data):
-    """Swap PATH's content for DATA atomically, keeping its mode and owner."""
+def replace_file(path, data, create=False):
+    """Swap PATH's content for DATA atomically, keeping its mode and owner.
+    With CREATE, a missing PATH is made root-only (0600), just as atomically."""
     try:
-        _replace_file(path, data)
+        _replace_file(path, data, create)
     except OSError as exc:
         raise RotatorError("cannot write %s: %s" % (path, exc.strerror or exc),
                            "run as root, with write access to its folder; nothing was "
                            "changed", EXIT_CONFIG) from None
 
 
-def _replace_file(path, data):
-    status = os.stat(path)
+def _replace_file(path, data, create):
+    try:
+        status = os.stat(path)
+        mode, uid, gid = status.st_mode & 0o7777, status.st_uid, status.st_gid
+    except FileNotFoundError:
+        if not create:
+            raise
+        mode, uid, gid = 0o600, os.geteuid(), os.getegid()
     folder = os.path.dirname(path) or "."
     descriptor, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
                                              suffix=TEMP_SUFFIX, dir=folder)
     try:
         with os.fdopen(descriptor, "wb") as handle:
-            os.fchmod(handle.fileno(), status.st_mode & 0o7777)
-            os.fchown(handle.fileno(), status.st_uid, status.st_gid)
+            os.fchmod(handle.fileno(), mode)
+            os.fchown(handle.fileno(), uid, gid)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -934,16 +1031,8 @@ def schedule_boundary_run(config_path, boundary, now, settings, verbose):
         command.append("--verbose")
     child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              start_new_session=True, close_fds=True)
-    replace_or_create(os.path.join(state_dir, "pending"), b"%d\n" % child.pid)
+    replace_file(os.path.join(state_dir, "pending"), b"%d\n" % child.pid, create=True)
     log("next run at %s (boundary run, pid %d)" % (utc(boundary), child.pid))
-
-
-def replace_or_create(path, data):
-    if not os.path.exists(path):
-        with open(path, "xb"):
-            pass
-        os.chmod(path, 0o600)
-    replace_file(path, data)
 
 
 def sleep_until(moment):
@@ -969,12 +1058,63 @@ class Plan:
         self.__dict__.update(fields)
 
 
-def sequence_maker(environ):
-    """A function (door, period start) -> sequence value bytes, from ENVIRON."""
-    secret, length, port_modulo, _ = read_settings(environ)
-    generate = read_algorithm(environ)
-    return lambda door, start: format_sequence(generate(
-        secret, door, start, length, port_modulo)).encode()
+def hotp(key, counter):
+    """RFC 4226 HOTP with HMAC-SHA1: the TOTP_DIGITS-digit code of COUNTER, as text."""
+    digest = hmac.new(key, counter.to_bytes(8, "big"), hashlib.sha1).digest()
+    offset = digest[-1] & 0x0F
+    value = int.from_bytes(digest[offset:offset + 4], "big") & 0x7FFFFFFF
+    return "%0*d" % (TOTP_DIGITS, value % 10 ** TOTP_DIGITS)
+
+
+def totp_secret(settings):
+    """A totp door's key, from the base32 text an authenticator app stores."""
+    import base64
+    import binascii
+    text = (settings.secret or "").replace(" ", "").upper()
+    try:
+        key = base64.b32decode(text + "=" * (-len(text) % 8))
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) < TOTP_MIN_KEY_BYTES:
+        what = ("neither %s nor KNOCKD_ROTATOR_SECRET is set" % own_variable("SECRET", settings.door)
+                if settings.secret is None else
+                "%s is not a base32 TOTP secret of at least %d bits"
+                % (settings.secret_variable, 8 * TOTP_MIN_KEY_BYTES))
+        raise RotatorError("door %s is in totp mode and %s" % (settings.door, what),
+                           "enrol it with add-client --totp, which makes one", EXIT_ENVIRONMENT)
+    return key
+
+
+def own_variable(setting, door):
+    return "KNOCKD_ROTATOR_%s_%s" % (setting, settings_name(door))
+
+
+def with_sequences(settings):
+    """SETTINGS with .sequence_at(period start) -> the door's sequence value (bytes)."""
+    if settings.mode == "totp":
+        key = totp_secret(settings)
+
+        def key_at(start):
+            return door_key(settings, hotp(key, start // TOTP_PERIOD).encode())
+    else:
+        secret_key = door_key(settings, secret_bytes(settings))
+
+        def key_at(start):
+            return secret_key
+    settings.sequence_at = lambda start: format_sequence(settings.generate(
+        key_at(start), settings.door, start, settings.length, settings.port_modulo)).encode()
+    return settings
+
+
+def settings_reader(environ):
+    """A function door -> its settings with sequences (see with_sequences), each read once."""
+    known = {}
+
+    def settings_of(door):
+        if door not in known:
+            known[door] = with_sequences(read_settings(environ, door))
+        return known[door]
+    return settings_of
 
 
 def next_event(now, period, grace):
@@ -983,88 +1123,106 @@ def next_event(now, period, grace):
     return start + grace if now < start + grace else start + period
 
 
-def plan_rotation(config_path, old_data, now, period, grace, sequence_of):
+def plan_rotation(config_path, old_data, now, settings_of, edit=None):
     """The rotation of CONFIG_PATH's OLD_DATA for the moment NOW (pure: no I/O).
 
-    SEQUENCE_OF(door, period start) gives a door's sequence.  The result's
-    errors (line, what, fix) are those of the new file: knockd's grammar, the
-    rotator's rules and the silent traps; a rotation refuses any of them.
+    SETTINGS_OF(door) gives a door's settings: .period, .grace and
+    .sequence_at(period start).  EDIT, if given, changes the user's Lines
+    first (add-client, remove-client).  The result's errors (line, what, fix)
+    are those of the new file: knockd's grammar, the rotator's rules and the
+    silent traps; a rotation refuses any of them.
     """
     old_lines = parse_config(old_data)
     user_lines, old_block = split_grace_block(old_lines)
+    if edit:
+        user_lines = edit(user_lines)
     doors = rotator_doors(user_lines)
     if not doors:
         raise RotatorError("%s has no door whose name ends with %s"
                            % (config_path, ROTATOR_SUFFIX),
                            "add one, e.g. [ssh_ROTATOR] with its commands", EXIT_CONFIG)
-    start = period_start(now, period)
-    current = {door: sequence_of(door, start) for door in doors}
+    settings = {door: settings_of(door) for door in doors}
+    starts = {door: period_start(now, settings[door].period) for door in doors}
+    current = {door: settings[door].sequence_at(starts[door]) for door in doors}
     new_lines = rewrite_config(user_lines, current)
     errors = config_errors(new_lines) + rotator_errors(new_lines) + trap_errors(new_lines)
     warnings = trap_warnings(new_lines)
-    in_grace = now < start + grace
-    if in_grace and not errors:
-        new_lines = with_grace_block(new_lines, {door: sequence_of(door, start - period)
-                                                 for door in doors}, start + grace)
+    graced = [door for door in doors if now < starts[door] + settings[door].grace]
+    if graced and not errors:
+        previous = {door: settings[door].sequence_at(starts[door] - settings[door].period)
+                    for door in graced}
+        until = max(starts[door] + settings[door].grace for door in graced)
+        new_lines = with_grace_block(new_lines, previous, until)
         errors = config_errors(new_lines)
+    event = min(next_event(now, s.period, s.grace) for s in settings.values())
     return Plan(old_lines=old_lines, user_lines=user_lines, old_block=old_block, doors=doors,
-                current=current, new_lines=new_lines, in_grace=in_grace, errors=errors,
-                warnings=warnings)
+                settings=settings, starts=starts, current=current, new_lines=new_lines,
+                graced=graced, event=event, errors=errors, warnings=warnings)
 
 
-def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=True):
+def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=True,
+           change=None):
     """Bring CONFIG_PATH to the state of the moment NOW: every rotator door
-    holds the sequence of the period holding NOW, and for GRACE seconds after
-    the period's start the grace block holds the previous ones.  Schedules a
-    boundary run for the next event when SCHEDULE; returns that event's time."""
-    secret, length, port_modulo, period = read_settings(environ)
-    grace = read_grace(environ, period)
+    holds the sequence of its period holding NOW, and for its GRACE seconds
+    after the period's start the grace block holds its previous one.
+    Schedules a boundary run for the next event (plan.event) when SCHEDULE;
+    returns the Plan.  CHANGE (an EnvChange) also edits the doors and swaps the
+    environment file with the config, or neither when anything fails."""
     settings = server_settings(environ)
     warn_if_readable_by_others(settings["ENV_FILE"])
     config_path = os.path.realpath(config_path)
-    event = next_event(now, period, grace)
-    start = period_start(now, period)
     with contextlib.nullcontext() if dry_run else take_lock(settings["STATE_DIR"]):
         if not dry_run:
             remove_stale_temporaries(config_path)
         old_data = read_config(config_path)
-        plan = plan_rotation(config_path, old_data, now, period, grace, sequence_maker(environ))
+        if change:
+            change.prepare(config_path, old_data)
+        environ = change.environ if change else with_env_file(environ, settings["ENV_FILE"])
+        plan = plan_rotation(config_path, old_data, now, settings_reader(environ),
+                             change.edit if change else None)
         refuse_errors(config_path, plan.errors)
         new_data = b"".join(line.raw for line in plan.new_lines)
-        if length < 3:
-            log("warning: KNOCKD_ROTATOR_LENGTH=%d: a port scan in order can open a door "
-                "of fewer than 3 ports" % length)
+        for door in plan.doors:
+            if plan.settings[door].length < 3:
+                log("warning: [%s] has a length of %d: a port scan in order can open a "
+                    "door of fewer than 3 ports" % (door, plan.settings[door].length))
         if dry_run or verbose:
             for number, what, fix in plan.warnings:
                 log("warning: " + finding(config_path, number, what, fix))
-        old_lines, new_lines, doors = plan.old_lines, plan.new_lines, plan.doors
-        current, in_grace = plan.current, plan.in_grace
 
         if dry_run:
             if new_data != old_data:
-                sys.stdout.writelines(unified_diff(old_lines, new_lines, config_path))
-            return event
+                sys.stdout.writelines(unified_diff(plan.old_lines, plan.new_lines, config_path))
+            return plan
         if new_data == old_data:
             if verbose:
-                log("%s is current for the period from %s" % (config_path, utc(start)))
+                log("%s is current" % config_path)
         else:
             old_sequences = door_sequences(plan.user_lines)
             was_running = knockd_runs(settings)
-            replace_file(config_path, new_data)
-            load_into_knockd(config_path, old_data, was_running, settings)
-            replace_or_create(os.path.join(settings["STATE_DIR"], "last-rotation"),
-                              b"%d\n" % now)
-            for door in doors:
-                if old_sequences.get(door) != current[door]:
-                    log("%s: rotated to the period from %s" % (door, utc(start)))
-            if in_grace and not plan.old_block:
-                log("grace: the previous sequences open the doors until %s"
-                    % utc(start + grace))
-            elif plan.old_block and not in_grace:
+            if change:
+                change.write()
+            try:
+                replace_file(config_path, new_data)
+                load_into_knockd(config_path, old_data, was_running, settings)
+            except RotatorError:
+                if change:
+                    change.undo()
+                raise
+            replace_file(os.path.join(settings["STATE_DIR"], "last-rotation"), b"%d\n" % now,
+                         create=True)
+            for door in plan.doors:
+                if old_sequences.get(door) != plan.current[door]:
+                    log("%s: rotated to the period from %s" % (door, utc(plan.starts[door])))
+            if plan.graced and not plan.old_block:
+                log("grace: the previous sequences open %s until %s" % (
+                    "the doors" if plan.graced == plan.doors else ", ".join(plan.graced), utc(max(plan.starts[door] + plan.settings[door].grace
+                                                    for door in plan.graced))))
+            elif plan.old_block and not plan.graced:
                 log("grace ended: the previous sequences no longer open the doors")
         if schedule:
-            schedule_boundary_run(config_path, event, now, settings, verbose)
-    return event
+            schedule_boundary_run(config_path, plan.event, now, settings, verbose)
+    return plan
 
 
 def finding(config_path, number, what, fix):
@@ -1123,20 +1281,398 @@ def pause_until(moment, wakeup, received):
 
 def watch(config_path, environ, verbose):
     """Rotate at every event until a stop signal.  Returns an exit code."""
-    period = read_settings(environ)[3]
-    grace = read_grace(environ, period)
     server_settings(environ)       # a bad setting ends the service now, not later
     wakeup, received = stop_signals()
-    log("watching %s: period %d s, grace %d s" % (config_path, period, grace))
+    timings = set()                # (period, grace) of the doors of the last rotation
+    log("watching %s" % config_path)
     while not received:
         now = time.time()
         try:
-            event = rotate(config_path, environ, now, verbose=verbose, schedule=False)
+            plan = rotate(config_path, environ, now, verbose=verbose, schedule=False)
+            event = plan.event
+            timings = {(door.period, door.grace) for door in plan.settings.values()}
         except RotatorError as exc:
-            event = min(next_event(now, period, grace), now + WATCH_RETRY)
+            event = min([next_event(now, period, grace) for period, grace in timings]
+                        + [now + WATCH_RETRY])
             log("%s; trying again at %s" % (exc, utc(event)))
         pause_until(event, wakeup, received)
     log("stopped by signal %d" % received[0])
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- the environment file
+#
+# The server's settings live in ENV_FILE (the units' EnvironmentFile).  Every
+# run reads it again over the environment it was started with, so that a
+# long-running --watch sees the clients that add-client enrolled since.
+
+def read_env_file(path):
+    """ENV_FILE's bytes, or None when it does not exist."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise RotatorError("cannot read %s: %s" % (path, exc.strerror),
+                           "run as root", EXIT_ENVIRONMENT) from None
+
+
+def env_assignment(raw):
+    """(name, value) of one line of a systemd EnvironmentFile, or None."""
+    line = raw.decode("utf-8", "surrogateescape").strip()
+    name, equals, value = line.partition("=")
+    if not equals or line[:1] in ("#", ";"):
+        return None
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        value = value[1:-1]
+    return name.strip(), value
+
+
+def env_values(data):
+    values = {}
+    for raw in (data or b"").splitlines():
+        assignment = env_assignment(raw)
+        if assignment:
+            values[assignment[0]] = assignment[1]
+    return values
+
+
+def with_env_file(environ, path):
+    """ENVIRON with the assignments of the file at PATH over it (if readable)."""
+    try:
+        data = read_env_file(path)
+    except RotatorError:
+        return environ       # not root: only the environment the run was given
+    return dict(environ, **env_values(data))
+
+
+# ---------------------------------------------------------------- clients
+#
+# add-client gives one client a door of its own: a comment line naming the
+# client, then `[NAME_SERVICE_ROTATOR]` with the firewall commands, appended
+# to the user's part of knockd.conf; the client's secret (and mode, PIN) go
+# into ENV_FILE as KNOCKD_ROTATOR_<SETTING>_<NAME>.  remove-client takes both
+# away.  Each is one rotation (rotate(change=...)): under the lock, both files
+# are checked, then swapped; when knockd does not take the new config, both
+# are put back.
+
+CLIENT_MARK = b"# knockd_rotator client "
+NAME_MAX = 32            # characters of a client or service name
+FIREWALLS = {
+    # --firewall: (program, start_command, stop_command); {program} is its path.
+    "iptables": ("iptables", "{program} -I INPUT -s %IP% -p tcp --dport {port} -j ACCEPT",
+                 "{program} -D INPUT -s %IP% -p tcp --dport {port} -j ACCEPT"),
+    "nftables": ("nft", "{program} add element inet filter {set} {{ %IP% }}",
+                 "{program} delete element inet filter {set} {{ %IP% }}"),
+    "ufw": ("ufw", "{program} insert 1 allow from %IP% to any port {port} proto tcp",
+            "{program} delete allow from %IP% to any port {port} proto tcp"),
+}
+FIREWALL_PACKAGES = {"iptables": "iptables", "nft": "nftables", "ufw": "ufw"}
+# The door: a knock must be done within SEQ_TIMEOUT s; the client then has
+# CMD_TIMEOUT s to connect before the stop_command closes the port again.
+CLIENT_SEQ_TIMEOUT = 15
+CLIENT_CMD_TIMEOUT = 30
+
+
+def nft_set(port):
+    return "knockd_rotator_%d" % port
+
+
+def check_name(kind, text):
+    """TEXT, when it is a valid client or service name."""
+    if (0 < len(text) <= NAME_MAX and text.isascii() and text[0].isalnum()
+            and all(c.isalnum() or c == "-" for c in text)):
+        return text
+    raise RotatorError("invalid %s name %r" % (kind, text[:40]),
+                       "use 1 to %d letters, digits and '-', starting with a letter or digit"
+                       % NAME_MAX, EXIT_USAGE)
+
+
+def firewall_commands(firewall, port, environ):
+    """(start_command, stop_command) of a client door, with the program's full path."""
+    import shutil
+    program, start, stop = FIREWALLS[firewall]
+    path = shutil.which(program, path=environ.get("PATH", os.defpath))
+    if not path:
+        raise RotatorError("%s is not installed (no %s in PATH)" % (firewall, program),
+                           "install it: apt install %s; or choose another --firewall"
+                           % FIREWALL_PACKAGES[program], EXIT_ENVIRONMENT)
+    if firewall == "nftables":
+        ok, detail = run_command("%s list set inet filter %s" % (path, nft_set(port)))
+        if not ok:
+            raise RotatorError(
+                "the nftables set inet filter %s does not exist (%s)" % (nft_set(port), detail),
+                "create it and the rule that accepts it, in /etc/nftables.conf too: nft add "
+                "set inet filter {0} '{{ type ipv4_addr; }}'; nft insert rule inet filter "
+                "input ip saddr @{0} tcp dport {1} accept".format(nft_set(port), port),
+                EXIT_ENVIRONMENT)
+    fields = dict(program=path, port=port, set=nft_set(port))
+    return start.format(**fields), stop.format(**fields)
+
+
+def client_marks(lines):
+    """{client name: index of its comment line} in LINES."""
+    marks = {}
+    for index, line in enumerate(lines):
+        if line.kind == "comment" and line.raw.startswith(CLIENT_MARK):
+            name = line.raw[len(CLIENT_MARK):].split(b":", 1)[0]
+            marks[name.decode("utf-8", "replace")] = index
+    return marks
+
+
+def client_door_lines(name, door, commands, newline):
+    """The raw lines of a new client door (its sequence comes with the rotation)."""
+    start_command, stop_command = commands
+    return [line.encode() + newline for line in [
+        "",
+        "%s%s: added by add-client; remove-client %s removes this door"
+        % (CLIENT_MARK.decode(), name, name),
+        "[%s]" % door,
+        "    seq_timeout   = %d" % CLIENT_SEQ_TIMEOUT,
+        "    tcpflags      = syn",
+        "    start_command = %s" % start_command,
+        "    cmd_timeout   = %d" % CLIENT_CMD_TIMEOUT,
+        "    stop_command  = %s" % stop_command]]
+
+
+def with_lines_appended(lines, raws):
+    """LINES followed by RAWS (each new line numbered like the last old one)."""
+    numbered = [(line.number, line.raw) for line in lines]
+    if numbered and not numbered[-1][1].endswith(b"\n"):
+        numbered[-1] = (numbered[-1][0], numbered[-1][1] + b"\n")
+    last = numbered[-1][0] if numbered else 1
+    return numbered_lines(numbered + [(last, raw) for raw in raws])
+
+
+def without_client_door(lines, name, marks):
+    """LINES without client NAME's comment line and door (and the blank line before)."""
+    first = marks[name]
+    header = first + 1
+    if header >= len(lines) or lines[header].kind != "section":
+        raise RotatorError("the comment line %d of client %s is not followed by its door"
+                           % (lines[first].number, name),
+                           "remove the door by hand, then the comment line", EXIT_CONFIG)
+    body = section_body(lines, header)
+    last = header + max([i + 1 for i, line in enumerate(body) if line.kind == "directive"],
+                        default=0)
+    if first > 0 and lines[first - 1].kind == "blank":
+        first -= 1
+    kept = lines[:first] + lines[last + 1:]
+    return numbered_lines([(line.number, line.raw) for line in kept])
+
+
+class EnvChange:
+    """The change of knockd.conf's doors and of ENV_FILE that a rotation makes
+    for add-client or remove-client (see rotate()).  PREPARE(lines, values)
+    checks the change against the user's Lines of knockd.conf and ENV_FILE's
+    values, under the lock; it returns (edit of the Lines, assignments to
+    append, names to remove)."""
+
+    def __init__(self, env_path, environ, prepare):
+        self.env_path, self.base_environ, self.checker = env_path, environ, prepare
+        self.old_env = self.new_env = None
+        self.edit = self.environ = None
+
+    def prepare(self, config_path, old_data):
+        self.old_env = read_env_file(self.env_path)
+        warning = readable_by_others(self.env_path)
+        if warning:
+            raise RotatorError("%s is readable by others, and would hold a client's secret"
+                               % self.env_path, "chmod 600 %s" % self.env_path,
+                               EXIT_ENVIRONMENT)
+        user_lines, _ = split_grace_block(parse_config(old_data))
+        values = env_values(self.old_env)
+        self.edit, assignments, removals = self.checker(user_lines, values)
+        kept = [raw for raw in (self.old_env or b"").splitlines(True)
+                if (env_assignment(raw) or ("",))[0] not in removals]
+        if kept and not kept[-1].endswith(b"\n"):
+            kept[-1] += b"\n"
+        kept += [("%s=%s\n" % pair).encode() for pair in assignments]
+        self.new_env = b"".join(kept)
+        self.environ = {name: value for name, value in
+                        dict(self.base_environ, **values, **dict(assignments)).items()
+                        if name not in removals}
+
+    def write(self):
+        replace_file(self.env_path, self.new_env, create=True)
+
+    def undo(self):
+        if self.old_env is None:
+            os.unlink(self.env_path)
+        else:
+            replace_file(self.env_path, self.old_env)
+
+
+# Characters a PIN may have: safe unquoted in ENV_FILE, for systemd and a shell.
+PIN_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.,:@+%/")
+PIN_MIN_CHARS = 4
+
+
+def read_hidden(prompt):
+    """A line typed without echo on the terminal, or read from a piped stdin."""
+    if sys.stdin.isatty():
+        import getpass
+        return getpass.getpass(prompt)
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def read_new_pin(door):
+    pin = read_hidden("PIN for %s: " % door)
+    if len(pin) < PIN_MIN_CHARS or not set(pin) <= PIN_CHARACTERS:
+        raise RotatorError("the PIN must have at least %d characters, each a letter, a digit "
+                           "or one of -_.,:@+%%/" % PIN_MIN_CHARS,
+                           "choose another; longer is stronger (see the README)", EXIT_USAGE)
+    if sys.stdin.isatty() and read_hidden("the same PIN again: ") != pin:
+        raise RotatorError("the two PINs differ", "type the same PIN twice", EXIT_USAGE)
+    return pin
+
+
+def client_environment(environ, door):
+    """{variable: value} a client of DOOR needs: the secret (not in totp mode:
+    the app holds it), and each setting whose client default differs."""
+    settings = read_settings(environ, door)
+    if settings.mode == "totp":
+        lines = {own_variable("MODE", door): "totp"}
+    else:
+        lines = {own_variable("SECRET", door): settings.secret}
+    for setting, field in [("ALGORITHM", "algorithm"), ("LENGTH", "length"),
+                           ("PORT_MODULO", "port_modulo"), ("PERIOD_MODULO", "period"),
+                           ("GRACE", "grace")]:
+        value = getattr(settings, field)
+        if getattr(read_settings(lines, door), field) != value:
+            lines[own_variable(setting, door)] = str(value)
+    return lines
+
+
+def qr_code(text, environ):
+    """TEXT drawn as a QR code for the terminal, or a line saying how to get one."""
+    import shutil
+    program = shutil.which("qrencode", path=environ.get("PATH", os.defpath))
+    if program:
+        # The text goes through stdin: a command line is visible to every user.
+        result = subprocess.run([program, "-t", "UTF8", "-m", "2"], input=text.encode(),
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        if result.returncode == 0:
+            return result.stdout.decode("utf-8", "replace")
+    return ("(no QR code: qrencode is not installed; apt install qrencode, then "
+            "`qrencode -t UTF8` draws the lines above from its standard input)\n")
+
+
+def otpauth_uri(door, host, secret):
+    """The otpauth:// URI that authenticator apps read (Key Uri Format)."""
+    from urllib.parse import quote
+    return ("otpauth://totp/%s:%s?secret=%s&issuer=%s&algorithm=SHA1&digits=%d&period=%d"
+            % (quote("knockd-rotator"), quote("%s@%s" % (door, host)), secret,
+               quote("knockd-rotator"), TOTP_DIGITS, TOTP_PERIOD))
+
+
+def add_client(config_path, environ, now, args):
+    """Enrol a client: a door of its own, a new secret, one rotation; then
+    print what the client needs."""
+    import secrets
+    name = check_name("client", args.name)
+    door = "%s_%s%s" % (name, check_name("service", args.service), ROTATOR_SUFFIX)
+    commands = firewall_commands(args.firewall, args.port, environ)
+    if args.totp:
+        import base64
+        secret = base64.b32encode(secrets.token_bytes(TOTP_NEW_KEY_BYTES)).decode()
+        assignments = [(own_variable("SECRET", door), secret),
+                       (own_variable("MODE", door), "totp")]
+    else:
+        secret = secrets.token_urlsafe(32)
+        assignments = [(own_variable("SECRET", door), secret)]
+    if args.pin:
+        assignments.append((own_variable("PIN", door), read_new_pin(door)))
+    env_path = server_settings(environ)["ENV_FILE"]
+
+    def prepare(lines, values):
+        if name in client_marks(lines) or door in rotator_doors(lines):
+            raise RotatorError("client %s is enrolled already" % name,
+                               "remove-client %s first, or choose another name" % name,
+                               EXIT_USAGE)
+        taken = sorted({own_variable(s, door) for s in DOOR_SETTINGS} & set(values))
+        if taken:
+            raise RotatorError("%s sets %s already" % (env_path, taken[0]),
+                               "delete that line, or choose another name", EXIT_USAGE)
+        newline = b"\r\n" if lines and lines[0].raw.endswith(b"\r\n") else b"\n"
+        raws = client_door_lines(name, door, commands, newline)
+        return (lambda user: with_lines_appended(user, raws)), assignments, ()
+
+    change = EnvChange(env_path, environ, prepare)
+    rotate(config_path, environ, now, change=change)
+
+    import socket
+    host = args.host or socket.gethostname()
+    service = door[:-len(ROTATOR_SUFFIX)]
+    client_lines = "".join("%s=%s\n" % pair
+                           for pair in client_environment(change.environ, door).items())
+    print("Client %s enrolled: door [%s] opens tcp port %d (%s).\n"
+          % (name, door, args.port, args.firewall))
+    if args.totp:
+        uri = otpauth_uri(door, host, secret)
+        print("1. Add the key to the authenticator app: scan this QR code, or type the "
+              "key %s\n   (%s)\n" % (secret, uri))
+        sys.stdout.write(qr_code(uri, environ))
+        print("\n2. Put these lines into the client's environment:\n\n" + client_lines)
+        knock = "knockd_rotator_client.py knock %s %s --code - --check %d" % (
+            host, service, args.port)
+    else:
+        print("Put these lines into the client's environment (a file that only its user "
+              "can read), or scan the QR code below:\n\n" + client_lines)
+        sys.stdout.write(qr_code(client_lines, environ))
+        knock = "knockd_rotator_client.py knock %s %s --check %d" % (host, service, args.port)
+    if args.pin:
+        knock += " --pin"
+        print("\nThe PIN is in none of these: the client types it (--pin).")
+    print("\nThen knock:  %s" % knock)
+    return EXIT_OK
+
+
+def remove_client(config_path, environ, now, name):
+    """Take a client's door and settings away, with one rotation."""
+    name = check_name("client", name)
+
+    def prepare(lines, values):
+        marks = client_marks(lines)
+        if name not in marks:
+            raise RotatorError("no client %s in %s" % (name, config_path),
+                               "list-clients shows the clients", EXIT_USAGE)
+        header = lines[min(marks[name] + 1, len(lines) - 1)]
+        door = (header.section or b"").decode("utf-8", "surrogateescape")
+        removals = {own_variable(setting, door) for setting in DOOR_SETTINGS}
+        return (lambda user: without_client_door(user, name, client_marks(user))), (), removals
+
+    rotate(config_path, environ, now,
+           change=EnvChange(server_settings(environ)["ENV_FILE"], environ, prepare))
+    print("client %s removed: its door and its settings are gone, and knockd has reloaded"
+          % name)
+    return EXIT_OK
+
+
+def list_clients(config_path, environ):
+    """Every rotator door with its client and settings, never a secret."""
+    environ = with_env_file(environ, server_settings(environ)["ENV_FILE"])
+    lines, _ = split_grace_block(parse_config(read_config(config_path)))
+    client_of = {}
+    for name, index in client_marks(lines).items():
+        if index + 1 < len(lines) and lines[index + 1].kind == "section":
+            client_of[lines[index + 1].section.decode("utf-8", "surrogateescape")] = name
+    rows = [("CLIENT", "DOOR", "MODE", "PIN", "SECRET", "PERIOD")]
+    for door in rotator_doors(lines):
+        variable, secret = door_variable(environ, "SECRET", door)
+        source = ("missing" if secret is None else
+                  "own" if variable == own_variable("SECRET", door) else "shared")
+        try:
+            settings = read_settings(environ, door)
+            mode, pin, period = settings.mode, "yes" if settings.pin else "no", settings.period
+        except RotatorError as exc:
+            mode, pin, period = "error: " + exc.what, "?", "?"
+        rows.append((client_of.get(door, "-"), door, mode, pin, source, str(period)))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join([cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]))
     return EXIT_OK
 
 
@@ -1187,13 +1723,10 @@ STATUS_SLACK = 5
 
 def door_status(config_path, environ, now):
     """The state of every rotator door at NOW, as a dict (see the README)."""
-    period = read_settings(environ)[3]
-    grace = read_grace(environ, period)
     settings = server_settings(environ)
     old_data = read_config(config_path)
-    sequence_of = sequence_maker(environ)
-    plan = plan_rotation(config_path, old_data, now, period, grace, sequence_of)
-    start = period_start(now, period)
+    plan = plan_rotation(config_path, old_data, now,
+                         settings_reader(with_env_file(environ, settings["ENV_FILE"])))
     held = door_sequences(plan.user_lines)
     try:
         with open(os.path.join(settings["STATE_DIR"], "last-rotation")) as handle:
@@ -1202,15 +1735,22 @@ def door_status(config_path, environ, now):
         last = None
     doors = []
     for door in plan.doors:
-        entry = {"door": door, "current": held.get(door) == plan.current[door]}
-        entry["previous"] = (not entry["current"]
-                             and held.get(door) == sequence_of(door, start - period))
+        door_settings, start = plan.settings[door], plan.starts[door]
+        period, grace = door_settings.period, door_settings.grace
+        entry = {"door": door, "mode": door_settings.mode, "period": period, "grace": grace,
+                 "period_start": start, "next_rotation_in": int(start + period - now),
+                 "grace_active": door in plan.graced,
+                 "current": held.get(door) == plan.current[door]}
+        entry["previous"] = (not entry["current"] and
+                             held.get(door) == door_settings.sequence_at(start - period))
         entry["sequence"] = (held.get(door) or b"").decode("utf-8", "replace")
         doors.append(entry)
     return {
-        "config": config_path, "now": int(now), "period": period, "grace": grace,
-        "period_start": start, "next_rotation_in": int(start + period - now),
-        "grace_active": plan.in_grace, "grace_until": start + grace if plan.in_grace else None,
+        "config": config_path, "now": int(now),
+        "next_rotation_in": min(door["next_rotation_in"] for door in doors),
+        "grace_active": bool(plan.graced),
+        "grace_until": max((door["period_start"] + door["grace"] for door in doors
+                            if door["grace_active"]), default=None),
         "grace_block_present": bool(plan.old_block),
         "file_current": b"".join(line.raw for line in plan.new_lines) == old_data,
         "knockd_active": knockd_runs(settings), "last_rotation": last, "doors": doors,
@@ -1225,7 +1765,7 @@ def status_state(report):
     for door in report["doors"]:
         if door["current"]:
             continue
-        late = report["now"] - report["period_start"]
+        late = report["now"] - door["period_start"]
         if door["previous"] and late < STATUS_SLACK:
             warning.append("%s: rotation due" % door["door"])
         else:
@@ -1274,11 +1814,14 @@ def status(config_path, environ, now, as_json, show_sequences):
 # ---------------------------------------------------------------- CLI
 
 EPILOG = """\
-commands (a unique prefix is enough: ch, st):
-  (none)     rotate: bring the doors to the current period and reload knockd
-  check      check knockd.conf against knockd 0.8's grammar and its silent traps
-  status     the state of every rotator door, for monitoring (exit 0 OK,
-             1 WARNING, 2 CRITICAL, 3 UNKNOWN)
+commands (a unique prefix is enough: ch, st, a, r, l):
+  (none)         rotate: bring the doors to the current period and reload knockd
+  check          check knockd.conf against knockd 0.8's grammar and its silent traps
+  status         the state of every rotator door, for monitoring (exit 0 OK,
+                 1 WARNING, 2 CRITICAL, 3 UNKNOWN)
+  add-client     enrol a client: its own door and secret (optional PIN or TOTP)
+  remove-client  remove a client's door and secret
+  list-clients   the rotator doors and their clients, never a secret
 
 examples:
   %(prog)s                          rotate /etc/knockd.conf, reload knockd
@@ -1286,6 +1829,7 @@ examples:
   %(prog)s --watch                  rotate at every boundary until SIGTERM
   %(prog)s check --config /tmp/k.conf
   %(prog)s status --json
+  %(prog)s add-client alice --firewall iptables --pin
 
 exit codes: 0 ok, 1 knockd refused the reload (previous file restored),
             2 bad command line, 3 bad KNOCKD_ROTATOR_* variable,
@@ -1293,7 +1837,7 @@ exit codes: 0 ok, 1 knockd refused the reload (previous file restored),
             6 lock held by another run, 7 knockd down and recovery failed
 """
 
-COMMANDS = ("check", "status")
+COMMANDS = ("check", "status", "add-client", "remove-client", "list-clients")
 # Options that take a value: the word after them is not a command.
 VALUE_OPTIONS = ("--config", "--at")
 
@@ -1336,6 +1880,34 @@ def build_parser():
     status_parser.add_argument("--json", action="store_true", help="print JSON")
     status_parser.add_argument("--show-sequences", action="store_true",
                                help="include the sequences (hidden by default)")
+    add = command(
+        "add-client", "Enrol a client: a door of its own with a new secret, then print "
+        "its set-up",
+        "  add-client alice --firewall iptables\n"
+        "  add-client bob --service https --port 443 --firewall nftables --pin\n"
+        "  add-client carol --firewall ufw --totp        (an authenticator app's codes)\n"
+        "The door is [NAME_SERVICE_ROTATOR]; the secret goes into the environment file\n"
+        "(mode 0600) and is printed once, here, for the client.")
+    add.add_argument("name", metavar="NAME", help="the client's name: letters, digits, '-'")
+    add.add_argument("--service", default="ssh", type=lambda text: check_name("service", text),
+                     help="what the door guards, part of its name (default ssh)")
+    add.add_argument("--port", default=22, type=port_number,
+                     help="the TCP port the door opens (default 22)")
+    add.add_argument("--firewall", required=True, choices=sorted(FIREWALLS),
+                     help="what opens the port: iptables; nftables (a set inet filter "
+                          "knockd_rotator_PORT your ruleset accepts); ufw")
+    add.add_argument("--pin", action="store_true",
+                     help="ask for a PIN the client must type as well (no echo)")
+    add.add_argument("--totp", action="store_true",
+                     help="the client knocks with an authenticator app's 6-digit codes "
+                          "instead of a stored secret (30 s periods)")
+    add.add_argument("--host", metavar="HOST",
+                     help="this server's name for the client (default: the host name)")
+    remove = command("remove-client", "Remove a client's door and settings, then reload knockd",
+                     "  remove-client alice")
+    remove.add_argument("name", metavar="NAME", help="the client's name")
+    command("list-clients", "List the rotator doors and their clients (never a secret)",
+            "  list-clients")
     return parser
 
 
@@ -1366,6 +1938,12 @@ def run(argv, environ):
         return check(args.config, environ)
     if args.command == "status":
         return status(args.config, environ, time.time(), args.json, args.show_sequences)
+    if args.command == "add-client":
+        return add_client(args.config, environ, time.time(), args)
+    if args.command == "remove-client":
+        return remove_client(args.config, environ, time.time(), args.name)
+    if args.command == "list-clients":
+        return list_clients(args.config, environ)
     if args.watch:
         return watch(args.config, environ, args.verbose)
     if args.at is not None:

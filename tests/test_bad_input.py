@@ -20,7 +20,7 @@ EXIT = {"usage": 2, "env": 3, "config": 4, "network": 5, "failed": 1}
 CASES = [
     # environment values
     ("secret missing", CLIENT, ["gen", "ssh"], dict(SECRET=None), None, "env",
-     "KNOCKD_ROTATOR_SECRET is not set"),
+     "neither KNOCKD_ROTATOR_SECRET_SSH nor KNOCKD_ROTATOR_SECRET is set"),
     ("secret empty", CLIENT, ["gen", "ssh"], dict(SECRET=""), None, "env",
      "KNOCKD_ROTATOR_SECRET is empty"),
     ("secret too short", CLIENT, ["gen", "ssh"], dict(SECRET="short"), None, "env",
@@ -44,7 +44,7 @@ CASES = [
     ("algorithm unknown", CLIENT, ["gen", "ssh"], dict(ALGORITHM="md5"), None, "env",
      "KNOCKD_ROTATOR_ALGORITHM is 'md5'"),
     ("server secret missing", SERVER, ["--config", "CONFIG"], dict(SECRET=None), None, "env",
-     "KNOCKD_ROTATOR_SECRET is not set"),
+     "neither KNOCKD_ROTATOR_SECRET_SSH nor KNOCKD_ROTATOR_SECRET is set"),
     ("server check seconds not a number", SERVER, ["--config", "CONFIG"],
      dict(CHECK_SECONDS="2s"), None, "env", "KNOCKD_ROTATOR_CHECK_SECONDS must be"),
     ("server reload command empty", SERVER, ["--config", "CONFIG"],

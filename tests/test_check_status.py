@@ -123,8 +123,11 @@ def test_status_ok_critical_warning_unknown(tmp_path, server_env):
     code, report = status_of(config, env)
     assert (code, report["state"], report["reasons"]) == (0, "OK", [])
     details = report["report"]
-    assert details["doors"] == [{"door": "ssh_ROTATOR", "current": True, "previous": False}]
-    assert 0 < details["next_rotation_in"] <= 31622400
+    door = details["doors"][0]
+    assert {key: door[key] for key in ("door", "mode", "grace", "current", "previous")} == {
+        "door": "ssh_ROTATOR", "mode": "secret", "grace": 0, "current": True, "previous": False}
+    assert door["period"] == 31622400 and door["period_start"] % 31622400 == 0
+    assert 0 < details["next_rotation_in"] == door["next_rotation_in"] <= 31622400
     assert details["knockd_active"] is True and details["grace_active"] is False
     assert abs(details["last_rotation"] - details["now"]) <= 5
     assert "sequence" not in json.dumps(details["doors"]), "no sequence without the flag"
@@ -145,7 +148,7 @@ def test_status_ok_critical_warning_unknown(tmp_path, server_env):
     code, report = status_of(tmp_path / "missing.conf", env)
     assert code == 3 and report["state"] == "UNKNOWN" and report["report"] is None
     code, report = status_of(config, server_env(SECRET=None))
-    assert code == 3 and "KNOCKD_ROTATOR_SECRET is not set" in report["reasons"][0]
+    assert code == 3 and "neither KNOCKD_ROTATOR_SECRET_SSH nor KNOCKD_ROTATOR_SECRET is set" in report["reasons"][0]
 
 
 def test_status_text_hides_sequences(tmp_path, server_env):
@@ -164,9 +167,9 @@ def test_status_text_hides_sequences(tmp_path, server_env):
 
 
 def test_status_warns_right_after_a_boundary_then_turns_critical():
-    report = {"knockd_active": True, "now": 1003, "period_start": 1000,
-              "grace_block_present": False, "grace_active": False,
-              "doors": [{"door": "ssh_ROTATOR", "current": False, "previous": True}]}
+    report = {"knockd_active": True, "now": 1003, "grace_block_present": False,
+              "grace_active": False, "doors": [{"door": "ssh_ROTATOR", "current": False,
+                                                "previous": True, "period_start": 1000}]}
     assert server.status_state(report) == ("WARNING", ["ssh_ROTATOR: rotation due"])
     report["now"] = 1000 + server.STATUS_SLACK
     assert server.status_state(report)[0] == "CRITICAL"

@@ -80,7 +80,7 @@ ERRORS = [
     (["generate", "ssh", "--format", "xml"], {}, 2, "invalid choice"),
     (["generate", "ssh", "--offset", "one"], {}, 2, "'one' is not a whole number"),
     (["generate", "ssh", "--offset", "-99999999999999999999"], {}, 2, "out of range"),
-    (["generate", "ssh"], {"SECRET": None}, 3, "KNOCKD_ROTATOR_SECRET is not set"),
+    (["generate", "ssh"], {"SECRET": None}, 3, "neither KNOCKD_ROTATOR_SECRET_SSH nor KNOCKD_ROTATOR_SECRET is set"),
     (["generate", "ssh"], {"SECRET": ""}, 3, "KNOCKD_ROTATOR_SECRET is empty"),
     (["generate", "ssh"], {"SECRET": "123456789"}, 3, "shorter than 10"),
     (["generate", "ssh"], {"LENGTH": "0"}, 3, "KNOCKD_ROTATOR_LENGTH must be a whole number from 1 to 32"),

@@ -29,8 +29,10 @@ IN_GRACE = AFTER_GRACE + PERIOD - 100 + 10
 SECRET = b"fuzz-secret-0123"
 
 
-def sequence_of(door, start):
-    return server.format_sequence(server.generate_sequence(SECRET, door, start, 4, 3)).encode()
+def settings_of(door):
+    """Every door with the same period and grace, and sequences from SECRET."""
+    return server.DoorSettings(period=PERIOD, grace=GRACE, sequence_at=lambda start: (
+        server.format_sequence(server.generate_sequence(SECRET, door, start, 4, 3)).encode()))
 
 
 if given:
@@ -72,7 +74,7 @@ if given:
 def plan(data, now):
     """plan_rotation's result, or None when it refuses the file."""
     try:
-        result = server.plan_rotation("knockd.conf", data, now, PERIOD, GRACE, sequence_of)
+        result = server.plan_rotation("knockd.conf", data, now, settings_of)
     except server.RotatorError:
         return None
     return None if result.errors else result

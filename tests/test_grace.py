@@ -136,14 +136,17 @@ def test_grace_zero_never_writes_a_block(tmp_path, server_env):
 @pytest.mark.parametrize("period, grace, expected", [
     (21600, None, 30), (30, None, 15), (10, None, 5), (1, None, 0), (20, "5", 5), (20, "0", 0)])
 def test_grace_default_and_range(period, grace, expected):
-    env = {} if grace is None else {"KNOCKD_ROTATOR_GRACE": grace}
-    assert server.read_grace(env, period) == expected
+    env = {"KNOCKD_ROTATOR_PERIOD_MODULO": str(period)}
+    if grace is not None:
+        env["KNOCKD_ROTATOR_GRACE"] = grace
+    assert server.read_settings(env, "ssh_ROTATOR").grace == expected
 
 
 @pytest.mark.parametrize("grace", ["11", "-1", "5s", ""])
 def test_grace_beyond_half_the_period_is_an_error(grace):
     with pytest.raises(server.RotatorError) as caught:
-        server.read_grace({"KNOCKD_ROTATOR_GRACE": grace}, 20)
+        server.read_settings({"KNOCKD_ROTATOR_GRACE": grace,
+                              "KNOCKD_ROTATOR_PERIOD_MODULO": "20"}, "ssh_ROTATOR")
     assert "KNOCKD_ROTATOR_GRACE must be a whole number from 0 to 10" in str(caught.value)
 
 
