@@ -29,14 +29,16 @@ def spec_vectors():
 
 
 def independent_sequence(secret, door, now, period, offset, length, port_modulo):
-    """Steps 1-4 of docs/SPEC.md, written from the text, sharing no code."""
+    """Steps 1-4 of docs/SPEC.md, written from the text, sharing no code.
+    SECRET is text, or the key's bytes (step 0)."""
+    key = secret if isinstance(secret, bytes) else secret.encode("utf-8")
     start = (now // period + offset) * period
     door_bytes = door.encode("utf-8")
     prefix = (struct.pack(">I", 16) + b"knockd-rotator/1" + struct.pack(">I", len(door_bytes))
               + door_bytes + struct.pack(">q", start))
     ports, k = [], 0
     while True:
-        block = hmac.new(secret.encode("utf-8"), prefix + struct.pack(">I", k),
+        block = hmac.new(key, prefix + struct.pack(">I", k),
                          hashlib.sha256).digest()
         k += 1
         for (v,) in struct.iter_unpack(">H", block):
@@ -88,3 +90,88 @@ def test_worked_example_block():
     message = (struct.pack(">I", 16) + b"knockd-rotator/1" + struct.pack(">I", 11)
                + b"ssh_ROTATOR" + struct.pack(">q", 1699984800) + struct.pack(">I", 0))
     assert hmac.new(b"example-secret-0123", message, hashlib.sha256).hexdigest() == shown
+
+
+KEY_FIELDS = ("mode", "secret", "pin", "door", "now", "period", "length", "port_modulo", "code",
+              "key", "period_start", "sequence")
+
+
+def key_vectors():
+    text = (ROOT / "docs" / "SPEC.md").read_text(encoding="utf-8")
+    vectors = []
+    for title, body in re.findall(r"### (Key vector \d+[^\n]*)\n\n```\n(.*?)```", text, re.S):
+        values = dict(line.split(None, 1) for line in body.splitlines())
+        assert tuple(values) == KEY_FIELDS, title
+        vector = {k: v.strip() if k in ("key", "sequence") else json.loads(v)
+                  for k, v in values.items()}
+        vectors.append(pytest.param(vector, id=title))
+    return vectors
+
+
+KEY_VECTORS = key_vectors()
+
+
+def independent_totp(base32_secret, counter):
+    """RFC 4226 / 6238 from the RFC's text: HMAC-SHA1, dynamic truncation, 6 digits."""
+    import base64
+    digest = hmac.new(base64.b32decode(base32_secret), struct.pack(">Q", counter),
+                      hashlib.sha1).digest()
+    offset = digest[19] & 15
+    return "%06d" % ((struct.unpack(">I", digest[offset:offset + 4])[0] & 0x7FFFFFFF) % 10 ** 6)
+
+
+def independent_key(mode, secret, pin, door, code):
+    """Step 0 of docs/SPEC.md, from the text."""
+    if mode == "secret" and not pin:
+        return secret.encode()
+    tag = ("knockd-rotator/1 " + mode).encode()
+    material = secret.encode() if mode == "secret" else code.encode()
+    salt = b"".join(struct.pack(">I", len(f)) + f for f in (tag, door.encode(), material))
+    return hashlib.pbkdf2_hmac("sha256", pin.encode(), salt, 20000, 32)
+
+
+def test_key_vectors_cover_pins_and_totp():
+    vectors = [p.values[0] for p in KEY_VECTORS]
+    assert {v["mode"] for v in vectors} == {"secret", "totp"}
+    assert any(v["pin"] and v["mode"] == "totp" for v in vectors)
+    assert any(not v["pin"] and v["mode"] == "totp" for v in vectors)
+    assert any(v["code"].startswith("0") for v in vectors)
+
+
+@pytest.mark.parametrize("vector", KEY_VECTORS)
+def test_key_vector_matches_independent_implementation(vector):
+    start = vector["now"] // vector["period"] * vector["period"]
+    assert start == vector["period_start"]
+    if vector["mode"] == "totp":
+        assert independent_totp(vector["secret"], start // 30) == vector["code"]
+    key = independent_key(vector["mode"], vector["secret"], vector["pin"], vector["door"],
+                          vector["code"])
+    assert key.hex() == vector["key"]
+    ports = independent_sequence(key, vector["door"], vector["now"],
+                                 vector["period"], 0, vector["length"], vector["port_modulo"])
+    assert ports == (start, vector["sequence"])
+
+
+@pytest.mark.parametrize("vector", KEY_VECTORS)
+def test_key_vector_matches_the_scripts(vector):
+    """The server's settings, TOTP and key code, and the client's command line."""
+    import knockd_rotator_server as server
+    env = {"KNOCKD_ROTATOR_SECRET": vector["secret"], "KNOCKD_ROTATOR_MODE": vector["mode"],
+           "KNOCKD_ROTATOR_PIN": vector["pin"], "KNOCKD_ROTATOR_LENGTH": str(vector["length"]),
+           "KNOCKD_ROTATOR_PORT_MODULO": str(vector["port_modulo"])}
+    if vector["mode"] == "secret":
+        env["KNOCKD_ROTATOR_PERIOD_MODULO"] = str(vector["period"])
+    settings = server.with_sequences(server.read_settings(env, vector["door"]))
+    assert settings.sequence_at(vector["period_start"]).decode() == vector["sequence"]
+    if vector["mode"] == "totp":
+        del env["KNOCKD_ROTATOR_SECRET"]          # the client never has it
+        argv = ["generate", vector["door"], "--code", vector["code"]]
+    else:
+        argv = ["generate", vector["door"]]
+    printed = []
+    client.print = printed.append          # run() prints its one line
+    try:
+        assert client.run(argv, env, vector["now"]) == 0
+    finally:
+        del client.print
+    assert printed == [vector["sequence"]]
