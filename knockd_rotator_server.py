@@ -1279,21 +1279,29 @@ def pause_until(moment, wakeup, received):
             pass
 
 
+def door_timings(config_path, environ, settings):
+    """{(period, grace)} of the rotator doors of CONFIG_PATH; empty when unknown."""
+    try:
+        lines, _ = split_grace_block(parse_config(read_config(config_path)))
+        environ = with_env_file(environ, settings["ENV_FILE"])
+        return {(door.period, door.grace) for door in
+                (read_settings(environ, name) for name in rotator_doors(lines))}
+    except RotatorError:
+        return set()
+
+
 def watch(config_path, environ, verbose):
     """Rotate at every event until a stop signal.  Returns an exit code."""
-    server_settings(environ)       # a bad setting ends the service now, not later
+    settings = server_settings(environ)    # a bad setting ends the service now, not later
     wakeup, received = stop_signals()
-    timings = set()                # (period, grace) of the doors of the last rotation
     log("watching %s" % config_path)
     while not received:
         now = time.time()
         try:
-            plan = rotate(config_path, environ, now, verbose=verbose, schedule=False)
-            event = plan.event
-            timings = {(door.period, door.grace) for door in plan.settings.values()}
+            event = rotate(config_path, environ, now, verbose=verbose, schedule=False).event
         except RotatorError as exc:
-            event = min([next_event(now, period, grace) for period, grace in timings]
-                        + [now + WATCH_RETRY])
+            event = min([next_event(now, period, grace) for period, grace in
+                         door_timings(config_path, environ, settings)] + [now + WATCH_RETRY])
             log("%s; trying again at %s" % (exc, utc(event)))
         pause_until(event, wakeup, received)
     log("stopped by signal %d" % received[0])
