@@ -1200,15 +1200,19 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=Tru
         else:
             old_sequences = door_sequences(plan.user_lines)
             was_running = knockd_runs(settings)
-            if change:
+            # The file that makes the other one valid goes first: a door must
+            # never be without its secret, even after a crash between the two.
+            if change and change.adds:
                 change.write()
             try:
                 replace_file(config_path, new_data)
                 load_into_knockd(config_path, old_data, was_running, settings)
             except RotatorError:
-                if change:
+                if change and change.adds:
                     change.undo()
                 raise
+            if change and not change.adds:
+                change.write()
             replace_file(os.path.join(settings["STATE_DIR"], "last-rotation"), b"%d\n" % now,
                          create=True)
             for door in plan.doors:
@@ -1363,8 +1367,10 @@ def with_env_file(environ, path):
 # to the user's part of knockd.conf; the client's secret (and mode, PIN) go
 # into ENV_FILE as KNOCKD_ROTATOR_<SETTING>_<NAME>.  remove-client takes both
 # away.  Each is one rotation (rotate(change=...)): under the lock, both files
-# are checked, then swapped; when knockd does not take the new config, both
-# are put back.
+# are checked, then swapped one after the other, each atomically: add-client
+# writes ENV_FILE first, remove-client knockd.conf first, so that no door is
+# ever without its secret.  When knockd does not take the new config, both
+# are as they were.
 
 CLIENT_MARK = b"# knockd_rotator client "
 NAME_MAX = 32            # characters of a client or service name
@@ -1478,8 +1484,9 @@ class EnvChange:
     values, under the lock; it returns (edit of the Lines, assignments to
     append, names to remove)."""
 
-    def __init__(self, env_path, environ, prepare):
+    def __init__(self, env_path, environ, prepare, adds):
         self.env_path, self.base_environ, self.checker = env_path, environ, prepare
+        self.adds = adds         # True for add-client, False for remove-client
         self.old_env = self.new_env = None
         self.edit = self.environ = None
 
@@ -1608,7 +1615,7 @@ def add_client(config_path, environ, now, args):
         raws = client_door_lines(name, door, commands, newline)
         return (lambda user: with_lines_appended(user, raws)), assignments, ()
 
-    change = EnvChange(env_path, environ, prepare)
+    change = EnvChange(env_path, environ, prepare, adds=True)
     rotate(config_path, environ, now, change=change)
 
     import socket
@@ -1653,7 +1660,7 @@ def remove_client(config_path, environ, now, name):
         return (lambda user: without_client_door(user, name, client_marks(user))), (), removals
 
     rotate(config_path, environ, now,
-           change=EnvChange(server_settings(environ)["ENV_FILE"], environ, prepare))
+           change=EnvChange(server_settings(environ)["ENV_FILE"], environ, prepare, adds=False))
     print("client %s removed: its door and its settings are gone, and knockd has reloaded"
           % name)
     return EXIT_OK

@@ -313,10 +313,11 @@ def test_add_client_in_totp_mode_prints_the_otpauth_uri(enrol):
 
 @pytest.mark.parametrize("case", ["twice", "twice, other service", "invalid name",
                                   "invalid service", "missing firewall", "no nft set",
-                                  "env readable", "short pin", "reload fails", "variable taken",
+                                  "env readable", "short pin", "reload fails",
+                                  "remove, reload fails", "variable taken",
                                   "remove unknown", "remove last door"])
 def test_errors_change_nothing(enrol, tmp_path, case):
-    if case.startswith("twice"):
+    if case.startswith("twice") or case == "remove, reload fails":
         assert enrol.run("add-client", "alice", "--firewall", "iptables").returncode == 0
     if case == "env readable":
         enrol.env_file.chmod(0o644)
@@ -334,6 +335,7 @@ def test_errors_change_nothing(enrol, tmp_path, case):
             "no nft set": ["add-client", "erin", "--firewall", "nftables", "--port", "2"],
             "short pin": ["add-client", "erin", "--firewall", "iptables", "--pin"],
             "remove unknown": ["remove-client", "zoe"],
+            "remove, reload fails": ["remove-client", "alice"],
             "remove last door": ["remove-client", "alice"]}.get(
         case, ["add-client", "alice" if case == "twice" else "erin", "--firewall", "iptables"])
     if case == "missing firewall":
@@ -345,14 +347,14 @@ def test_errors_change_nothing(enrol, tmp_path, case):
         fake.write_text("#!/bin/sh\necho 'Error: No such file or directory' >&2\nexit 1\n")
         fake.chmod(0o755)
         env["PATH"] = str(tmp_path)
-    if case == "reload fails":
+    if "reload fails" in case:
         env.update(KNOCKD_ROTATOR_RELOAD_COMMAND="false")
     if case == "remove last door":
         enrol.config.write_bytes(b"# knockd_rotator client alice: x\n[alice_ssh_ROTATOR]\n"
                                  b"\tsequence = 1\n\tstop_command = true\n")
         before = enrol.files()
     result = enrol.run(*args, env=env, input=b"12\n")
-    expected = {"reload fails": 1, "missing firewall": 3, "no nft set": 3, "env readable": 3,
+    expected = {"reload fails": 1, "remove, reload fails": 1, "missing firewall": 3, "no nft set": 3, "env readable": 3,
                 "remove last door": 4}.get(case, 2)
     assert result.returncode == expected, (result.returncode, result.stderr)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -368,6 +370,7 @@ def test_errors_change_nothing(enrol, tmp_path, case):
              "env readable": "is readable by others, and would hold a client's secret",
              "short pin": "the PIN must have at least 4 characters",
              "reload fails": "knockd did not take the new",
+             "remove, reload fails": "knockd did not take the new",
              "variable taken": "sets KNOCKD_ROTATOR_PIN_ERIN_SSH already",
              "remove unknown": "no client zoe in",
              "remove last door": "has no door whose name ends with _ROTATOR"}[case]
@@ -479,3 +482,43 @@ def test_totp_door_opens_with_the_authenticator_code(enrol, guarded, start_knock
                   input=("2580\n%s\n" % code).encode())
     assert typed.returncode == 0, typed.stderr
     assert opened(knockd, "carol_ssh_ROTATOR") == 1
+
+
+NFT_RULESET = """
+table inet filter {
+    set knockd_rotator_%(port)d { type ipv4_addr; }
+    chain input {
+        type filter hook input priority 0; policy accept;
+        ct state established,related accept
+        ip saddr @knockd_rotator_%(port)d tcp dport %(port)d accept
+        tcp dport %(port)d drop
+    }
+}
+""" % {"port": GUARDED_PORT}
+
+
+def test_nftables_door_opens_through_its_set(enrol, netns, start_knockd, tmp_path):
+    need_root_and("knockd", "nft")
+    ruleset = tmp_path / "ruleset.nft"
+    ruleset.write_text(NFT_RULESET)
+    listener = netns.listen(GUARDED_PORT)
+    try:
+        netns.run("nft", "-f", ruleset)
+        assert not netns.tcp_open(GUARDED_PORT)
+        knockd = start_knockd(BASE_CONFIG.decode().split("\n", 2)[2])
+        enrol.config = knockd.config
+        env = knockd_server_env(enrol, knockd)
+        added = run_server("--config", knockd.config, "add-client", "erin", "--firewall",
+                           "nftables", "--port", GUARDED_PORT, env=env, netns=netns.name)
+        assert added.returncode == 0, added.stderr
+        knockd.wait_log(r"re-reading config file", "the reload of add-client")
+        assert "add element inet filter knockd_rotator_%d { %%IP%% }" % GUARDED_PORT \
+            in knockd.config.read_text()
+        result = knock(netns, "erin_ssh", client_env(client_lines(added.stdout)))
+        assert result.returncode == 0, result.stderr
+        elements = netns.run("nft", "list", "set", "inet", "filter",
+                             "knockd_rotator_%d" % GUARDED_PORT).stdout
+        assert "127.0.0.1" in elements
+    finally:
+        listener.kill()
+        listener.wait()
