@@ -11,17 +11,22 @@ Usage (as root, from knockd_rotator.timer or knockd_rotator-watch.service):
     knockd_rotator_server.py --watch         rotate at every boundary and grace end
     knockd_rotator_server.py check           knockd's grammar and its silent traps
     knockd_rotator_server.py status --json   for monitoring (Nagios exit codes)
+    knockd_rotator_server.py add-client alice --firewall iptables [--pin] [--totp]
+    knockd_rotator_server.py list-clients    remove-client alice
 
-Environment (the service reads it from /etc/knockd_rotator.env, mode 0600):
-    KNOCKD_ROTATOR_SECRET, _LENGTH, _PORT_MODULO, _PERIOD_MODULO,
-    _GRACE, _ALGORITHM                                as the client
+Environment (from /etc/knockd_rotator.env, mode 0600, which every run reads
+again over the environment it was started with):
+    KNOCKD_ROTATOR_SECRET, _PIN, _MODE, _LENGTH, _PORT_MODULO, _PERIOD_MODULO,
+    _GRACE, _ALGORITHM     as the client; each also per door, e.g.
+                           KNOCKD_ROTATOR_SECRET_ALICE_SSH for [alice_ssh_ROTATOR]
     KNOCKD_ROTATOR_RELOAD_COMMAND   default: systemctl reload knockd
     KNOCKD_ROTATOR_CHECK_COMMAND    default: systemctl is-active --quiet knockd
     KNOCKD_ROTATOR_RECOVER_COMMAND  default: systemctl reload-or-restart knockd
     KNOCKD_ROTATOR_CHECK_SECONDS    how long knockd must stay up after a reload (2)
     KNOCKD_ROTATOR_SERVER_INTERVAL  seconds between timer runs (3600)
     KNOCKD_ROTATOR_STATE_DIR        lock and pending run (/var/lib/knockd_rotator)
-    KNOCKD_ROTATOR_ENV_FILE         file whose mode is checked (/etc/knockd_rotator.env)
+    KNOCKD_ROTATOR_ENV_FILE         that file (/etc/knockd_rotator.env); add-client
+                                    writes the secrets of new clients into it
 
 Safety:
   - Only the values of `sequence` lines of rotator doors change; every other
@@ -41,7 +46,10 @@ Safety:
     and knockd is reloaded or started again; the run then fails.  If knockd
     was not running before (a first install: knockd refuses a door without a
     sequence), it is started with the new file instead of reloaded.
-  - The secret comes from the environment only and is never logged.
+  - The secret comes from the environment only and is never logged; only
+    add-client prints one, once, for the client it makes.  add-client and
+    remove-client change knockd.conf and the environment file under the same
+    lock, each atomically, and leave both as they were when anything fails.
 """
 
 import argparse
