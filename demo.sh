@@ -10,7 +10,9 @@
 #   3. knockd_rotator_server.py writes the current sequence into knockd.conf
 #      and reloads knockd;
 #   4. knockd_rotator_client.py knocks and waits for port 2222 to open;
-#   5. the port closes again after cmd_timeout.
+#   5. the port closes again after cmd_timeout;
+#   6. add-client gives a client "alice" a door and a secret of her own, and
+#      her client, with only the lines add-client printed, opens the port.
 set -eu
 cd "$(dirname "$0")"
 here=$(pwd)
@@ -111,4 +113,18 @@ while port_is_open; do
     sleep 0.5
 done
 echo "   port $port: closed again after about $(($(date +%s) - started)) s more"
+
+echo "== 6. a client of her own: add-client alice (her secret is printed once, for her)"
+"$python" "$here/knockd_rotator_server.py" --config "$work/knockd.conf" add-client alice \
+    --port "$port" --firewall iptables --host 127.0.0.1 > "$work/alice.txt"
+sed 's/^/   /' "$work/alice.txt"
+# Her environment: only the lines add-client printed, in a file only she can read.
+(umask 077; grep '^KNOCKD_ROTATOR_' "$work/alice.txt" > "$work/alice.env")
+(
+    unset KNOCKD_ROTATOR_SECRET
+    set -a; . "$work/alice.env"; set +a
+    inside "$python" "$here/knockd_rotator_client.py" knock 127.0.0.1 alice_ssh --check "$port" |
+        sed 's/^/   alice: /'
+)
+grep -E "alice_ssh_ROTATOR: OPEN SESAME" "$work/knockd.log" | sed 's/^/   knockd: /'
 echo "== demo done: the namespace, knockd and the temp files are removed"

@@ -1514,9 +1514,8 @@ class EnvChange:
             kept[-1] += b"\n"
         kept += [("%s=%s\n" % pair).encode() for pair in assignments]
         self.new_env = b"".join(kept)
-        self.environ = {name: value for name, value in
-                        dict(self.base_environ, **values, **dict(assignments)).items()
-                        if name not in removals}
+        merged = {**self.base_environ, **values, **dict(assignments)}
+        self.environ = {name: value for name, value in merged.items() if name not in removals}
 
     def write(self):
         replace_file(self.env_path, self.new_env, create=True)

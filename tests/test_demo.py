@@ -1,0 +1,23 @@
+"""The README's first command, ./demo.sh, works and leaves nothing behind."""
+
+import subprocess
+
+from conftest import ROOT, need_root_and
+
+
+def namespaces():
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def test_demo_runs_end_to_end():
+    need_root_and("knockd", "iptables", "ip")
+    before = namespaces()
+    result = subprocess.run([str(ROOT / "demo.sh")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "port 2222 on 127.0.0.1 open after" in out
+    assert "port 2222: closed again" in out
+    assert "alice: port 2222 on 127.0.0.1 open after" in out
+    assert "alice_ssh_ROTATOR: OPEN SESAME" in out
+    assert out.rstrip().endswith("the temp files are removed")
+    assert "krdemo-" not in namespaces().replace(before, "")
