@@ -244,9 +244,14 @@ def settings_name(door):
     return "".join(c.upper() if c.isascii() and c.isalnum() else "_" for c in base)
 
 
+def own_variable(setting, door):
+    """KNOCKD_ROTATOR_<SETTING>_<NAME>: DOOR's own variable for SETTING."""
+    return "KNOCKD_ROTATOR_%s_%s" % (setting, settings_name(door))
+
+
 def door_variable(environ, setting, door):
     """(the variable in force for DOOR's SETTING, its text or None): the door's own first."""
-    own = "KNOCKD_ROTATOR_%s_%s" % (setting, settings_name(door))
+    own = own_variable(setting, door)
     general = "KNOCKD_ROTATOR_" + setting
     name = own if own in environ else general
     return name, environ.get(name)
@@ -296,8 +301,8 @@ def read_settings(environ, door, default_mode="secret"):
                            "use knockd-rotator/1 for this door", EXIT_ENVIRONMENT)
     if mode == "totp":
         # An authenticator app's codes change every 30 s: so does the sequence.
-        period_variable = "KNOCKD_ROTATOR_PERIOD_MODULO_" + settings_name(door)
-        period = whole_number(environ, period_variable, TOTP_PERIOD, TOTP_PERIOD, TOTP_PERIOD)
+        period = whole_number(environ, own_variable("PERIOD_MODULO", door), TOTP_PERIOD,
+                              TOTP_PERIOD, TOTP_PERIOD)
     else:
         period = number("PERIOD_MODULO", 1, MAX_PERIOD, 21600)
     secret_variable, secret = door_variable(environ, "SECRET", door)
@@ -311,19 +316,18 @@ def read_settings(environ, door, default_mode="secret"):
         grace=number("GRACE", 0, period // 2, min(DEFAULT_GRACE, period // 2)))
 
 
-def secret_bytes(settings, least=MIN_SECRET_CHARS):
+def secret_bytes(settings):
     """The door's secret as bytes; an error naming both variables when missing."""
     secret, variable = settings.secret or "", settings.secret_variable
-    if len(secret) >= least:
+    if len(secret) >= MIN_SECRET_CHARS:
         return secret.encode("utf-8", "surrogateescape")
-    general = "KNOCKD_ROTATOR_SECRET"
-    own = general + "_" + settings_name(settings.door)
-    what = ("neither %s nor %s is set" % (own, general) if settings.secret is None
-            else "%s is empty" % variable if not secret
-            else "%s is shorter than %d characters" % (variable, least))
+    what = ("neither %s nor KNOCKD_ROTATOR_SECRET is set" % own_variable("SECRET", settings.door)
+            if settings.secret is None else "%s is empty" % variable if not secret
+            else "%s is shorter than %d characters" % (variable, MIN_SECRET_CHARS))
     raise RotatorError(what, "set it to the secret the server uses for [%s], at least %d "
                        "characters; a new one: python3 -c 'import secrets; print(secrets."
-                       "token_urlsafe(32))'" % (settings.door, least), EXIT_ENVIRONMENT)
+                       "token_urlsafe(32))'" % (settings.door, MIN_SECRET_CHARS),
+                       EXIT_ENVIRONMENT)
 
 
 def door_key(settings, material):
@@ -1084,17 +1088,13 @@ def totp_secret(settings):
     except (binascii.Error, ValueError):
         key = b""
     if len(key) < TOTP_MIN_KEY_BYTES:
-        what = ("neither %s nor KNOCKD_ROTATOR_SECRET is set" % own_variable("SECRET", settings.door)
-                if settings.secret is None else
+        what = ("neither %s nor KNOCKD_ROTATOR_SECRET is set"
+                % own_variable("SECRET", settings.door) if settings.secret is None else
                 "%s is not a base32 TOTP secret of at least %d bits"
                 % (settings.secret_variable, 8 * TOTP_MIN_KEY_BYTES))
         raise RotatorError("door %s is in totp mode and %s" % (settings.door, what),
                            "enrol it with add-client --totp, which makes one", EXIT_ENVIRONMENT)
     return key
-
-
-def own_variable(setting, door):
-    return "KNOCKD_ROTATOR_%s_%s" % (setting, settings_name(door))
 
 
 def with_sequences(settings):
@@ -1227,9 +1227,11 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=Tru
                 if old_sequences.get(door) != plan.current[door]:
                     log("%s: rotated to the period from %s" % (door, utc(plan.starts[door])))
             if plan.graced and not plan.old_block:
+                until = max(plan.starts[door] + plan.settings[door].grace
+                            for door in plan.graced)
                 log("grace: the previous sequences open %s until %s" % (
-                    "the doors" if plan.graced == plan.doors else ", ".join(plan.graced), utc(max(plan.starts[door] + plan.settings[door].grace
-                                                    for door in plan.graced))))
+                    "the doors" if plan.graced == plan.doors else ", ".join(plan.graced),
+                    utc(until)))
             elif plan.old_block and not plan.graced:
                 log("grace ended: the previous sequences no longer open the doors")
         if schedule:

@@ -148,7 +148,9 @@ def test_status_ok_critical_warning_unknown(tmp_path, server_env):
     code, report = status_of(tmp_path / "missing.conf", env)
     assert code == 3 and report["state"] == "UNKNOWN" and report["report"] is None
     code, report = status_of(config, server_env(SECRET=None))
-    assert code == 3 and "neither KNOCKD_ROTATOR_SECRET_SSH nor KNOCKD_ROTATOR_SECRET is set" in report["reasons"][0]
+    assert code == 3
+    assert "neither KNOCKD_ROTATOR_SECRET_SSH nor KNOCKD_ROTATOR_SECRET is set" \
+        in report["reasons"][0]
 
 
 def test_status_text_hides_sequences(tmp_path, server_env):

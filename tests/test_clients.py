@@ -354,7 +354,8 @@ def test_errors_change_nothing(enrol, tmp_path, case):
                                  b"\tsequence = 1\n\tstop_command = true\n")
         before = enrol.files()
     result = enrol.run(*args, env=env, input=b"12\n")
-    expected = {"reload fails": 1, "remove, reload fails": 1, "missing firewall": 3, "no nft set": 3, "env readable": 3,
+    expected = {"reload fails": 1, "remove, reload fails": 1, "missing firewall": 3,
+                "no nft set": 3, "env readable": 3,
                 "remove last door": 4}.get(case, 2)
     assert result.returncode == expected, (result.returncode, result.stderr)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -413,7 +414,8 @@ def test_two_enrolled_clients_each_open_only_their_own_door(enrol, guarded, star
     bob = enrol.run("add-client", "bob", "--firewall", "iptables", "--port", GUARDED_PORT)
     assert alice.returncode == bob.returncode == 0, alice.stderr + bob.stderr
     knockd.wait_log(r"re-reading config file", "the reloads of add-client", count=3)
-    alice_env, bob_env = client_env(client_lines(alice.stdout)), client_env(client_lines(bob.stdout))
+    alice_env = client_env(client_lines(alice.stdout))
+    bob_env = client_env(client_lines(bob.stdout))
 
     # Knocks that must open nothing: a wrong PIN, no PIN, and one client's
     # secret on the other's door.
