@@ -246,3 +246,43 @@ def accept_rules(netns):
     """The ACCEPT rules a door's start_command added to INPUT."""
     rules = netns.run("iptables", "-S", "INPUT").stdout
     return [rule for rule in rules.splitlines() if rule.startswith("-A") and "ACCEPT" in rule]
+
+
+class Watch:
+    """knockd_rotator_server.py --watch for CONFIG, in the background."""
+
+    def __init__(self, config, env, tmp_path):
+        self.log = tmp_path / "watch.log"
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(SERVER), "--watch", "--config", str(config)],
+                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+
+    def text(self):
+        return self.log.read_text()
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(10)
+        return self.process.returncode
+
+
+@pytest.fixture
+def watch(server_env, tmp_path):
+    """watch(knockd, period, grace) -> a running Watch, stopped after the test."""
+    started = []
+
+    def start(knockd, period, grace):
+        env = server_env(PERIOD_MODULO=period, GRACE=grace, CHECK_SECONDS=0,
+                         RELOAD_COMMAND="kill -HUP %d" % knockd.pid,
+                         CHECK_COMMAND=alive_command(knockd.pid))
+        started.append(Watch(knockd.config, env, tmp_path))
+        knockd.wait_log(r"re-reading config file", "the first rotation")
+        return started[-1], env
+
+    yield start
+    for process in started:
+        if process.process.poll() is None:
+            process.process.kill()
+            process.process.wait()

@@ -17,7 +17,7 @@ import pytest
 import knockd_rotator_client as client
 import knockd_rotator_server as server
 from conftest import (GUARDED_PORT, SECRET, alive_command, need, need_root_and, rotator_env,
-                      run_client, run_server)
+                      run_client, run_server, wait_until)
 
 BASE_CONFIG = b"[options]\n\tlogfile = /dev/null\n\n[ssh_ROTATOR]\n\tsequence = 1\n" \
               b"\tstart_command = true\n\tcmd_timeout = 5\n\tstop_command = true\n"
@@ -524,3 +524,41 @@ def test_nftables_door_opens_through_its_set(enrol, netns, start_knockd, tmp_pat
     finally:
         listener.kill()
         listener.wait()
+
+
+def test_totp_door_under_watch_rotates_every_30_s_and_takes_a_late_code(
+        tmp_path, guarded, start_knockd, watch):
+    """--watch with a totp door: just after a boundary, this period's code
+    opens the door, and the previous period's code, typed late, opens it on
+    the client's retry, through the grace sibling."""
+    from test_rotation_knockd import close_door, reloads, wait_for_moment
+    from test_server_knockd import DOOR
+    ssh = DOOR.format(port=GUARDED_PORT, cmd_timeout=120)
+    knockd = start_knockd(ssh + ssh.replace("[ssh_ROTATOR]", "[carol_ssh_ROTATOR]"))
+    secret = base64.b32encode(os.urandom(20)).decode()
+    env_file = tmp_path / "absent.env"         # the ENV_FILE of server_env
+    env_file.write_text("KNOCKD_ROTATOR_SECRET_CAROL_SSH=%s\nKNOCKD_ROTATOR_MODE_CAROL_SSH=totp\n"
+                        "KNOCKD_ROTATOR_PIN_CAROL_SSH=2580\nKNOCKD_ROTATOR_GRACE_CAROL_SSH=15\n"
+                        % secret)
+    env_file.chmod(0o600)
+    server, _ = watch(knockd, 3600, 0)       # the ssh door: no grace; carol's: 15 s
+    boundary = wait_for_moment(30, 1, 3)
+    # The block of this boundary's grace is in.
+    wait_until(lambda: "removed at %d" % (boundary + 15) in knockd.config.read_text(), 3,
+               "the boundary's rotation")
+    knockd.wait_log(r"re-reading config file", "knockd to load it", count=reloads(knockd))
+    carol = client_env({"KNOCKD_ROTATOR_MODE_CAROL_SSH": "totp"})
+
+    now = knock(guarded, "carol_ssh", carol, "--code", independent_totp(secret, boundary),
+                "--pin", input=b"2580\n")
+    assert now.returncode == 0, now.stderr + server.text()
+    assert "knocking again" not in now.stderr
+    knockd.wait_log(r"carol_ssh_ROTATOR: OPEN SESAME", "the current code's door")
+    close_door(guarded)
+
+    late = knock(guarded, "carol_ssh", carol, "--code", independent_totp(secret, boundary - 30),
+                 "--pin", input=b"2580\n")
+    assert late.returncode == 0, late.stderr + server.text()
+    assert "knocking again with the previous period's sequence" in late.stderr
+    knockd.wait_log(r"carol_ssh_ROTATOR_GRACE: OPEN SESAME", "the grace sibling")
+    assert server.stop() == 0
