@@ -1258,12 +1258,14 @@ def refuse_errors(config_path, errors):
 # ---------------------------------------------------------------- --watch
 #
 # A long-running mode for short periods: one process that rotates at every
-# boundary and grace end and sleeps in between.  Each rotation takes the lock
+# boundary and grace end and sleeps in between; a change of knockd.conf or of
+# the environment file wakes it within WATCH_LOOK.  Each rotation takes the lock
 # and rolls back like a one-off run; a failed one is logged and tried again
 # at the next event (at the latest WATCH_RETRY seconds later).  SIGTERM or
 # SIGINT during a rotation lets it finish first.
 
 WATCH_RETRY = 60
+WATCH_LOOK = 1        # seconds between two looks at the files' modification times
 
 
 def stop_signals():
@@ -1279,14 +1281,26 @@ def stop_signals():
     return read_end, received
 
 
-def pause_until(moment, wakeup, received):
-    """Sleep until the wall clock reaches MOMENT, or a stop signal comes."""
-    while not received:
+def modification_times(paths):
+    times = []
+    for path in paths:
+        try:
+            times.append(os.stat(path).st_mtime_ns)
+        except OSError:
+            times.append(None)
+    return times
+
+
+def pause_until(moment, wakeup, received, changed):
+    """Sleep until the wall clock reaches MOMENT, a stop signal comes, or CHANGED()."""
+    while not received and not changed():
         remaining = moment - time.time()
         if remaining <= 0:
             return
-        # At most 30 s at a time, to follow changes of the wall clock.
-        select.select([wakeup], [], [], min(remaining, 30))
+        # A second at a time: to follow changes of the wall clock, and to see
+        # a door that add-client (or an editor) added, which may need an
+        # event sooner than MOMENT.
+        select.select([wakeup], [], [], min(remaining, WATCH_LOOK))
         try:
             os.read(wakeup, 512)
         except BlockingIOError:
@@ -1308,6 +1322,7 @@ def watch(config_path, environ, verbose):
     """Rotate at every event until a stop signal.  Returns an exit code."""
     settings = server_settings(environ)    # a bad setting ends the service now, not later
     wakeup, received = stop_signals()
+    files = (config_path, settings["ENV_FILE"])
     log("watching %s" % config_path)
     while not received:
         now = time.time()
@@ -1317,7 +1332,8 @@ def watch(config_path, environ, verbose):
             event = min([next_event(now, period, grace) for period, grace in
                          door_timings(config_path, environ, settings)] + [now + WATCH_RETRY])
             log("%s; trying again at %s" % (exc, utc(event)))
-        pause_until(event, wakeup, received)
+        seen = modification_times(files)
+        pause_until(event, wakeup, received, lambda: modification_times(files) != seen)
     log("stopped by signal %d" % received[0])
     return EXIT_OK
 

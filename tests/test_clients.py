@@ -16,8 +16,8 @@ import pytest
 
 import knockd_rotator_client as client
 import knockd_rotator_server as server
-from conftest import (GUARDED_PORT, SECRET, alive_command, need, need_root_and, rotator_env,
-                      run_client, run_server, wait_until)
+from conftest import (GUARDED_PORT, SECRET, Watch, alive_command, need, need_root_and,
+                      rotator_env, run_client, run_server, wait_until)
 
 BASE_CONFIG = b"[options]\n\tlogfile = /dev/null\n\n[ssh_ROTATOR]\n\tsequence = 1\n" \
               b"\tstart_command = true\n\tcmd_timeout = 5\n\tstop_command = true\n"
@@ -166,6 +166,32 @@ def test_doors_with_their_own_periods_have_their_own_grace(tmp_path):
     later = server.plan_rotation("k.conf", text, now + 10, server.settings_reader(env))
     assert later.graced == [] and later.event == start + 30
     assert b"_GRACE" not in b"".join(line.raw for line in later.new_lines)
+
+
+def test_watch_takes_a_new_door_at_once(tmp_path, server_env):
+    """A door with a 4 s period added (with its settings) while --watch sleeps
+    towards the hourly door's next event is rotated from then on."""
+    config, env_file = tmp_path / "knockd.conf", tmp_path / "rotator.env"
+    config.write_bytes(BASE_CONFIG)
+    server = Watch(config, server_env(PERIOD_MODULO=3600, GRACE=0, ENV_FILE=env_file),
+                   tmp_path)
+    try:
+        wait_until(lambda: b"sequence = 1\n" not in config.read_bytes(), 10, "the first rotation")
+        env_file.write_text("KNOCKD_ROTATOR_PERIOD_MODULO_FAST=4\n")
+        env_file.chmod(0o600)
+        with open(config, "ab") as handle:
+            handle.write(b"[fast_ROTATOR]\n\tstop_command = true\n")
+
+        def fast_sequence():
+            return server_sequences(config).get("fast_ROTATOR")
+        first = wait_until(fast_sequence, 3, "the new door's first sequence")
+        wait_until(lambda: fast_sequence() not in (None, first), 6, "its next period")
+    finally:
+        assert server.stop() == 0, server.text()
+
+
+def server_sequences(config):
+    return server.door_sequences(server.parse_config(config.read_bytes()))
 
 
 def test_every_run_reads_the_environment_file(tmp_path, server_env):
