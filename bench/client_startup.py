@@ -3,6 +3,7 @@
 
 Times, on this interpreter binary (sys.executable), the median of RUNS runs of
   - knockd_rotator_client.py knock 127.0.0.1 ssh   (10 ports),
+  - the same with a PIN, and in totp mode with a code (the key costs a PBKDF2),
   - python3 -c pass,
   - knockd's C client `knock` sending the same 10 ports,
 and prints the ratios.  Needs root: it runs inside a network namespace of its
@@ -45,6 +46,12 @@ def measure(runs):
             [sys.executable, str(CLIENT), "knock", "127.0.0.1", "ssh"], env, runs),
         "client generate": median_seconds(
             [sys.executable, str(CLIENT), "generate", "ssh"], env, runs),
+        "client knock, PIN": median_seconds(
+            [sys.executable, str(CLIENT), "knock", "127.0.0.1", "ssh"],
+            dict(env, KNOCKD_ROTATOR_PIN="2580"), runs),
+        "client knock, totp code": median_seconds(
+            [sys.executable, str(CLIENT), "knock", "127.0.0.1", "ssh", "--code", "123456"],
+            dict(env, KNOCKD_ROTATOR_MODE="totp"), runs),
     }
     knock = shutil.which("knock")
     if knock:
@@ -57,6 +64,8 @@ def measure(runs):
     ours = results["client knock (10 ports)"]
     print("ratio knock / python3 -c pass:  %.2f  (goal <= 1.5)" % (ours / base))
     print("ratio generate / python3 -c pass: %.2f" % (results["client generate"] / base))
+    print("ratio knock with a PIN / knock:   %.2f"
+          % (results["client knock, PIN"] / ours))
     if knock:
         print("ratio knock / C knock:          %.2f" % (ours / results["C knock (10 ports)"]))
 
