@@ -196,11 +196,17 @@ PIN_ITERATIONS = 20000
 PIN_TAG = b"knockd-rotator/1 "
 
 
+# settings_name's mapping of ASCII: letters upper-cased, digits kept, others `_`.
+NAME_CHARACTERS = {code: chr(code).upper() if chr(code).isalnum() else "_"
+                   for code in range(128)}
+
+
 def settings_name(door):
     """NAME in KNOCKD_ROTATOR_<SETTING>_<NAME>: the door name without _ROTATOR,
     ASCII letters upper-cased, every other character but digits made `_`."""
     base = door[:-len(ROTATOR_SUFFIX)] if door.endswith(ROTATOR_SUFFIX) else door
-    return "".join(c.upper() if c.isascii() and c.isalnum() else "_" for c in base)
+    # Each non-ASCII character becomes one `?`, which the table makes `_`.
+    return base.encode("ascii", "replace").decode("ascii").translate(NAME_CHARACTERS)
 
 
 def own_variable(setting, door):
@@ -208,9 +214,10 @@ def own_variable(setting, door):
     return "KNOCKD_ROTATOR_%s_%s" % (setting, settings_name(door))
 
 
-def door_variable(environ, setting, door):
-    """(the variable in force for DOOR's SETTING, its text or None): the door's own first."""
-    own = own_variable(setting, door)
+def door_variable(environ, setting, door, name=None):
+    """(the variable in force for DOOR's SETTING, its text or None): the door's
+    own first.  NAME, if given, is settings_name(DOOR), computed once."""
+    own = "KNOCKD_ROTATOR_%s_%s" % (setting, settings_name(door) if name is None else name)
     general = "KNOCKD_ROTATOR_" + setting
     name = own if own in environ else general
     return name, environ.get(name)
@@ -242,29 +249,32 @@ def read_settings(environ, door, default_mode="secret"):
     force over KNOCKD_ROTATOR_<SETTING>.  The secret is not checked here:
     secret_bytes() does it, for the modes that need it."""
     def number(setting, low, high, default):
-        return whole_number(environ, door_variable(environ, setting, door)[0], low, high, default)
+        return whole_number(environ, door_variable(environ, setting, door, name)[0],
+                            low, high, default)
 
-    mode_variable, mode = door_variable(environ, "MODE", door)
+    name = settings_name(door)
+    mode_variable, mode = door_variable(environ, "MODE", door, name)
     mode = mode or default_mode
     if mode not in MODES:
         raise RotatorError("%s is %r" % (mode_variable, mode[:40]),
                            "use one of: %s" % ", ".join(MODES), EXIT_ENVIRONMENT)
-    algorithm_variable, algorithm = door_variable(environ, "ALGORITHM", door)
+    algorithm_variable, algorithm = door_variable(environ, "ALGORITHM", door, name)
     algorithm = algorithm or "knockd-rotator/1"
     if algorithm not in ALGORITHMS:
         raise RotatorError("%s is %r" % (algorithm_variable, algorithm[:40]),
                            "use one of: %s" % ", ".join(ALGORITHMS), EXIT_ENVIRONMENT)
-    pin = (door_variable(environ, "PIN", door)[1] or "").encode("utf-8", "surrogateescape")
+    pin = (door_variable(environ, "PIN", door, name)[1] or "").encode("utf-8",
+                                                                     "surrogateescape")
     if algorithm != "knockd-rotator/1" and (pin or mode != "secret"):
         raise RotatorError("door %s: %s has no PIN and no totp mode" % (door, algorithm),
                            "use knockd-rotator/1 for this door", EXIT_ENVIRONMENT)
     if mode == "totp":
         # An authenticator app's codes change every 30 s: so does the sequence.
-        period = whole_number(environ, own_variable("PERIOD_MODULO", door), TOTP_PERIOD,
+        period = whole_number(environ, "KNOCKD_ROTATOR_PERIOD_MODULO_" + name, TOTP_PERIOD,
                               TOTP_PERIOD, TOTP_PERIOD)
     else:
         period = number("PERIOD_MODULO", 1, MAX_PERIOD, 21600)
-    secret_variable, secret = door_variable(environ, "SECRET", door)
+    secret_variable, secret = door_variable(environ, "SECRET", door, name)
     return DoorSettings(
         door=door, mode=mode, pin=pin, period=period, algorithm=algorithm,
         generate=ALGORITHMS[algorithm],
