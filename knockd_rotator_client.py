@@ -31,8 +31,9 @@ with NAME the door name upper-cased, e.g. KNOCKD_ROTATOR_SECRET_ALICE_SSH for
 Safety:
     The secret and the PIN are read from the environment or typed without
     echo: never from the command line, never printed.  A TCP knock is exactly
-    one SYN (a non-blocking connect that is closed at once), so the kernel never retransmits it: knockd would take a
-    repeated port as a wrong knock and reset the attempt.
+    one SYN (a non-blocking connect that is closed at once), so the kernel
+    never retransmits it: knockd would take a repeated port as a wrong knock
+    and reset the attempt.
 
 This file is self-contained (Python 3.8+ standard library only) so that it can
 be copied alone onto a laptop or a phone.
