@@ -16,14 +16,15 @@ FIELDS = ("secret", "door", "now", "period", "offset", "length", "port_modulo",
           "period_start", "sequence")
 
 
-def spec_vectors():
+def spec_vectors(kind, fields, plain=("sequence",)):
+    """The vectors titled `### KIND n: ...` in docs/SPEC.md: FIELDS in order,
+    JSON values but for the PLAIN fields."""
     text = (ROOT / "docs" / "SPEC.md").read_text(encoding="utf-8")
     vectors = []
-    for title, body in re.findall(r"### (Vector \d+[^\n]*)\n\n```\n(.*?)```", text, re.S):
+    for title, body in re.findall(r"### (%s \d+[^\n]*)\n\n```\n(.*?)```" % kind, text, re.S):
         values = dict(line.split(None, 1) for line in body.splitlines())
-        assert tuple(values) == FIELDS, title
-        vector = {k: json.loads(v) for k, v in values.items() if k != "sequence"}
-        vector["sequence"] = values["sequence"].strip()
+        assert tuple(values) == fields, title
+        vector = {k: v.strip() if k in plain else json.loads(v) for k, v in values.items()}
         vectors.append(pytest.param(vector, id=title))
     return vectors
 
@@ -56,7 +57,7 @@ def independent_sequence(secret, door, now, period, offset, length, port_modulo)
                         for p in ports)
 
 
-VECTORS = spec_vectors()
+VECTORS = spec_vectors("Vector", FIELDS)
 
 
 def test_spec_has_the_required_coverage():
@@ -96,19 +97,7 @@ KEY_FIELDS = ("mode", "secret", "pin", "door", "now", "period", "length", "port_
               "key", "period_start", "sequence")
 
 
-def key_vectors():
-    text = (ROOT / "docs" / "SPEC.md").read_text(encoding="utf-8")
-    vectors = []
-    for title, body in re.findall(r"### (Key vector \d+[^\n]*)\n\n```\n(.*?)```", text, re.S):
-        values = dict(line.split(None, 1) for line in body.splitlines())
-        assert tuple(values) == KEY_FIELDS, title
-        vector = {k: v.strip() if k in ("key", "sequence") else json.loads(v)
-                  for k, v in values.items()}
-        vectors.append(pytest.param(vector, id=title))
-    return vectors
-
-
-KEY_VECTORS = key_vectors()
+KEY_VECTORS = spec_vectors("Key vector", KEY_FIELDS, plain=("key", "sequence"))
 
 
 def independent_totp(base32_secret, counter):
