@@ -210,15 +210,15 @@ def settings_name(door):
     return base.encode("ascii", "replace").decode("ascii").translate(NAME_CHARACTERS)
 
 
-def own_variable(setting, door):
-    """KNOCKD_ROTATOR_<SETTING>_<NAME>: DOOR's own variable for SETTING."""
-    return "KNOCKD_ROTATOR_%s_%s" % (setting, settings_name(door))
+def own_variable(setting, door, name=None):
+    """KNOCKD_ROTATOR_<SETTING>_<NAME>: DOOR's own variable for SETTING.
+    NAME, if given, is settings_name(DOOR), computed once by the caller."""
+    return "KNOCKD_ROTATOR_%s_%s" % (setting, settings_name(door) if name is None else name)
 
 
 def door_variable(environ, setting, door, name=None):
-    """(the variable in force for DOOR's SETTING, its text or None): the door's
-    own first.  NAME, if given, is settings_name(DOOR), computed once."""
-    own = "KNOCKD_ROTATOR_%s_%s" % (setting, settings_name(door) if name is None else name)
+    """(the variable in force for DOOR's SETTING, its text or None): the door's own first."""
+    own = own_variable(setting, door, name)
     general = "KNOCKD_ROTATOR_" + setting
     name = own if own in environ else general
     return name, environ.get(name)
@@ -271,8 +271,8 @@ def read_settings(environ, door, default_mode="secret"):
                            "use knockd-rotator/1 for this door", EXIT_ENVIRONMENT)
     if mode == "totp":
         # An authenticator app's codes change every 30 s: so does the sequence.
-        period = whole_number(environ, "KNOCKD_ROTATOR_PERIOD_MODULO_" + name, TOTP_PERIOD,
-                              TOTP_PERIOD, TOTP_PERIOD)
+        period = whole_number(environ, own_variable("PERIOD_MODULO", door, name),
+                              TOTP_PERIOD, TOTP_PERIOD, TOTP_PERIOD)
     else:
         period = number("PERIOD_MODULO", 1, MAX_PERIOD, 21600)
     secret_variable, secret = door_variable(environ, "SECRET", door, name)

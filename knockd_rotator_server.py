@@ -250,15 +250,15 @@ def settings_name(door):
     return base.encode("ascii", "replace").decode("ascii").translate(NAME_CHARACTERS)
 
 
-def own_variable(setting, door):
-    """KNOCKD_ROTATOR_<SETTING>_<NAME>: DOOR's own variable for SETTING."""
-    return "KNOCKD_ROTATOR_%s_%s" % (setting, settings_name(door))
+def own_variable(setting, door, name=None):
+    """KNOCKD_ROTATOR_<SETTING>_<NAME>: DOOR's own variable for SETTING.
+    NAME, if given, is settings_name(DOOR), computed once by the caller."""
+    return "KNOCKD_ROTATOR_%s_%s" % (setting, settings_name(door) if name is None else name)
 
 
 def door_variable(environ, setting, door, name=None):
-    """(the variable in force for DOOR's SETTING, its text or None): the door's
-    own first.  NAME, if given, is settings_name(DOOR), computed once."""
-    own = "KNOCKD_ROTATOR_%s_%s" % (setting, settings_name(door) if name is None else name)
+    """(the variable in force for DOOR's SETTING, its text or None): the door's own first."""
+    own = own_variable(setting, door, name)
     general = "KNOCKD_ROTATOR_" + setting
     name = own if own in environ else general
     return name, environ.get(name)
@@ -311,8 +311,8 @@ def read_settings(environ, door, default_mode="secret"):
                            "use knockd-rotator/1 for this door", EXIT_ENVIRONMENT)
     if mode == "totp":
         # An authenticator app's codes change every 30 s: so does the sequence.
-        period = whole_number(environ, "KNOCKD_ROTATOR_PERIOD_MODULO_" + name, TOTP_PERIOD,
-                              TOTP_PERIOD, TOTP_PERIOD)
+        period = whole_number(environ, own_variable("PERIOD_MODULO", door, name),
+                              TOTP_PERIOD, TOTP_PERIOD, TOTP_PERIOD)
     else:
         period = number("PERIOD_MODULO", 1, MAX_PERIOD, 21600)
     secret_variable, secret = door_variable(environ, "SECRET", door, name)
@@ -677,6 +677,17 @@ def numbered_lines(numbered_raws):
     return lines
 
 
+def with_lines_appended(lines, raws):
+    """LINES followed by RAWS, after a newline if the last line has none.  The
+    new lines carry the number of the last old line, after which they come:
+    the diff needs numbers that never go down."""
+    numbered = [(line.number, line.raw) for line in lines]
+    if numbered and not numbered[-1][1].endswith(b"\n"):
+        numbered[-1] = (numbered[-1][0], numbered[-1][1] + b"\n")
+    last = numbered[-1][0] if numbered else 1
+    return numbered_lines(numbered + [(last, raw) for raw in raws])
+
+
 def section_body(lines, header_index):
     """The Lines after the header at HEADER_INDEX, up to the next header."""
     end = header_index + 1
@@ -804,15 +815,10 @@ def grace_block(lines, previous, until):
 
 def with_grace_block(lines, previous, until):
     """The Lines of the user's LINES followed by a grace block (see above)."""
-    numbered = [(line.number, line.raw) for line in lines]
     block = grace_block(lines, previous, until)
-    last_number, last_raw = numbered[-1]
-    if not last_raw.endswith(b"\n"):
-        numbered[-1] = (last_number, last_raw + b"\n")
+    if not lines[-1].raw.endswith(b"\n"):
         block[0] = block[0].rstrip(b"\r\n") + ADDED_NEWLINE + b"\n"
-    # The block's lines carry the number of the user's last line, after which
-    # they come: the diff needs numbers that never go down.
-    return numbered_lines(numbered + [(last_number, raw) for raw in block])
+    return with_lines_appended(lines, block)
 
 
 # ---------------------------------------------------------------- settings
@@ -1487,15 +1493,6 @@ def client_door_lines(name, door, commands, newline):
         "    stop_command  = %s" % stop_command]]
 
 
-def with_lines_appended(lines, raws):
-    """LINES followed by RAWS (each new line numbered like the last old one)."""
-    numbered = [(line.number, line.raw) for line in lines]
-    if numbered and not numbered[-1][1].endswith(b"\n"):
-        numbered[-1] = (numbered[-1][0], numbered[-1][1] + b"\n")
-    last = numbered[-1][0] if numbered else 1
-    return numbered_lines(numbered + [(last, raw) for raw in raws])
-
-
 def without_client_door(lines, name, marks):
     """LINES without client NAME's comment line and door (and the blank line before)."""
     first = marks[name]
@@ -1622,8 +1619,8 @@ def add_client(config_path, environ, now, args):
     """Enrol a client: a door of its own, a new secret, one rotation; then
     print what the client needs."""
     import secrets
-    name = check_name("client", args.name)
-    door = "%s_%s%s" % (name, check_name("service", args.service), ROTATOR_SUFFIX)
+    name = args.name
+    door = "%s_%s%s" % (name, args.service, ROTATOR_SUFFIX)
     commands = firewall_commands(args.firewall, args.port, environ)
     if args.totp:
         import base64
@@ -1682,7 +1679,6 @@ def add_client(config_path, environ, now, args):
 
 def remove_client(config_path, environ, now, name):
     """Take a client's door and settings away, with one rotation."""
-    name = check_name("client", name)
 
     def prepare(lines, values):
         marks = client_marks(lines)
@@ -1938,7 +1934,8 @@ def build_parser():
         "  add-client carol --firewall ufw --totp        (an authenticator app's codes)\n"
         "The door is [NAME_SERVICE_ROTATOR]; the secret goes into the environment file\n"
         "(mode 0600) and is printed once, here, for the client.")
-    add.add_argument("name", metavar="NAME", help="the client's name: letters, digits, '-'")
+    add.add_argument("name", metavar="NAME", type=lambda text: check_name("client", text),
+                     help="the client's name: letters, digits, '-'")
     add.add_argument("--service", default="ssh", type=lambda text: check_name("service", text),
                      help="what the door guards, part of its name (default ssh)")
     add.add_argument("--port", default=22, type=port_number,
@@ -1955,7 +1952,8 @@ def build_parser():
                      help="this server's name for the client (default: the host name)")
     remove = command("remove-client", "Remove a client's door and settings, then reload knockd",
                      "  remove-client alice")
-    remove.add_argument("name", metavar="NAME", help="the client's name")
+    remove.add_argument("name", metavar="NAME", type=lambda text: check_name("client", text),
+                        help="the client's name")
     command("list-clients", "List the rotator doors and their clients (never a secret)",
             "  list-clients")
     return parser
