@@ -69,6 +69,10 @@ uninstall_all() {
     for unit in knockd_rotator.timer knockd_rotator.service knockd_rotator-watch.service; do
         systemctl_here disable --now "$unit"
     done
+    # A boundary run the timer's service left (KillMode=process) outlives the
+    # oneshot, and `stop` does not reach it: it would rotate once more and
+    # make the state folder again.
+    systemctl_here kill knockd_rotator.service
     for script in $scripts; do
         rm -f "$sbin/$script"
     done

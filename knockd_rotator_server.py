@@ -88,6 +88,9 @@ DEFAULT_COMMANDS = {
 DEFAULT_STATE_DIR = "/var/lib/knockd_rotator"
 DEFAULT_ENV_FILE = "/etc/knockd_rotator.env"
 DEFAULT_CHECK_SECONDS = 2
+# A check shorter than this can pass before knockd has even handled the
+# SIGHUP (and died of a file it refuses): 0 passed 5 runs of 5 with knockd dead.
+MIN_CHECK_SECONDS = 1
 DEFAULT_SERVER_INTERVAL = 3600
 
 COMMAND_TIMEOUT = 30     # seconds a reload, check or recover command may take
@@ -96,6 +99,9 @@ LOCK_TIMEOUT = 60        # seconds to wait for another run to finish
 # A boundary this much after the next timer run is still taken by a boundary
 # run: the timer may fire a little late.
 TIMER_SLACK = 60
+# A failed event (a reload knockd refused, a busy lock) is tried again at the
+# doors' next event, or this many seconds later if that comes first.
+RETRY_SECONDS = 60
 # Temp files are `.knockd.conf.XXXX.knockd_rotator.tmp` beside the file; a
 # killed run may leave one, which the next run removes.
 TEMP_SUFFIX = ".knockd_rotator.tmp"
@@ -833,8 +839,8 @@ def server_settings(environ):
                                "unset it for the default %r, or give a shell command"
                                % default, EXIT_ENVIRONMENT)
         settings[name] = value
-    settings["CHECK_SECONDS"] = whole_number(environ, "KNOCKD_ROTATOR_CHECK_SECONDS", 0, 600,
-                                             DEFAULT_CHECK_SECONDS)
+    settings["CHECK_SECONDS"] = whole_number(environ, "KNOCKD_ROTATOR_CHECK_SECONDS",
+                                             MIN_CHECK_SECONDS, 600, DEFAULT_CHECK_SECONDS)
     settings["SERVER_INTERVAL"] = whole_number(environ, "KNOCKD_ROTATOR_SERVER_INTERVAL",
                                                60, 7 * 86400, DEFAULT_SERVER_INTERVAL)
     settings["STATE_DIR"] = environ.get("KNOCKD_ROTATOR_STATE_DIR") or DEFAULT_STATE_DIR
@@ -882,7 +888,11 @@ def _replace_file(path, data, create):
     try:
         with os.fdopen(descriptor, "wb") as handle:
             os.fchmod(handle.fileno(), mode)
-            os.fchown(handle.fileno(), uid, gid)
+            # Only when it differs: the units' seccomp filter (~@privileged)
+            # refuses fchown() even when it would change nothing.
+            made = os.fstat(handle.fileno())
+            if (made.st_uid, made.st_gid) != (uid, gid):
+                os.fchown(handle.fileno(), uid, gid)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -961,6 +971,18 @@ def knockd_runs(settings):
     return run_command(settings["CHECK_COMMAND"])[0]
 
 
+def restart_knockd(settings, why):
+    """Start knockd with the file as it is (RECOVER_COMMAND) and check it stays up."""
+    log(why + ": starting it")
+    ok, detail = run_command(settings["RECOVER_COMMAND"])
+    if ok:
+        ok, detail = knockd_stays_up(settings)
+    if not ok:
+        raise RotatorError("%s, and starting it failed (%s)" % (why, detail),
+                           "start knockd now: systemctl start knockd; journalctl -u knockd",
+                           EXIT_RECOVERY)
+
+
 def load_into_knockd(path, old_data, was_running, settings):
     """Reload knockd (start it if it was not running); if it does not stay up,
     put OLD_DATA back and recover."""
@@ -1018,12 +1040,18 @@ def warn_if_readable_by_others(env_file):
 
 # ---------------------------------------------------------------- boundary runs
 #
-# The timer runs every SERVER_INTERVAL.  When the next event (a period
-# boundary, or the end of a grace) comes before the next timer run, one
-# detached process (`--at EVENT`) sleeps until that second and runs again; it
-# then schedules the event after it.  The unit's KillMode=process lets it outlive the
-# oneshot service.  It inherits the environment, so the secret never travels
-# on a command line.  STATE_DIR/pending holds its pid: at most one is pending.
+# The timer runs knockd_rotator.service every SERVER_INTERVAL.  When the next
+# event (a period boundary, or the end of a grace) comes before the next timer
+# run, the service's run (`--schedule`) leaves one detached process
+# (`--at EVENT`) that sleeps until that second and runs again; it then
+# schedules the event after it.  The unit's KillMode=process lets it outlive
+# the oneshot, inside the unit's cgroup and sandbox, where `systemctl kill` and
+# the watch find it.  Only the unit's runs schedule: a run by hand (or
+# add-client) would leave an unsandboxed process in the admin's session that
+# nothing stops, holding the caller's terminal or pipe; it says what comes
+# next instead.  The child inherits the environment, so the secret never
+# travels on a command line.  STATE_DIR/pending holds its pid: at most one is
+# pending.  A failed scheduled run schedules a retry (RETRY_SECONDS).
 
 def pending_boundary_pid(state_dir):
     """(pid, boundary) of the pending boundary run, or (None, None)."""
@@ -1061,6 +1089,46 @@ def schedule_boundary_run(config_path, boundary, now, settings, verbose):
                              start_new_session=True, close_fds=True)
     replace_file(os.path.join(state_dir, "pending"), b"%d\n" % child.pid, create=True)
     log("next run at %s (boundary run, pid %d)" % (utc(boundary), child.pid))
+
+
+def end_pending_boundary_run(state_dir):
+    """Stop the timer's pending boundary run: the watch rotates instead.
+    systemd's Conflicts= does not reach it, since its oneshot has ended."""
+    pid, pending = pending_boundary_pid(state_dir)
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+        log("ended the timer's boundary run for %s (pid %d)" % (utc(pending), pid))
+
+
+def retry_moment(config_path, environ, settings, now):
+    """When to try a failed event again: the doors' next event, at the latest
+    RETRY_SECONDS from NOW."""
+    return int(min([next_event(now, period, grace) for period, grace in
+                    door_timings(config_path, environ, settings)] + [now + RETRY_SECONDS]))
+
+
+def schedule_retry(config_path, environ, now, verbose):
+    """After a failed scheduled run: a boundary run for retry_moment()."""
+    try:
+        settings = server_settings(environ)
+        moment = retry_moment(config_path, environ, settings, now)
+        with take_lock(settings["STATE_DIR"]):
+            schedule_boundary_run(config_path, moment, now, settings, verbose)
+    except RotatorError as exc:
+        log("no retry scheduled: %s" % exc.what)
+
+
+def tell_next_event(config_path, event, now, settings):
+    """What a run by hand says instead of scheduling a boundary run."""
+    if event > now + settings["SERVER_INTERVAL"] + TIMER_SLACK:
+        return
+    pid, pending = pending_boundary_pid(settings["STATE_DIR"])
+    if pid and pending <= event:
+        log("next event at %s: the timer's boundary run (pid %d) rotates then"
+            % (utc(event), pid))
+    else:
+        log("next event at %s, before the timer's next run: the watch rotates then; in timer "
+            "mode, `systemctl start knockd_rotator.service` schedules it" % utc(event))
 
 
 def sleep_until(moment):
@@ -1184,7 +1252,7 @@ def plan_rotation(config_path, old_data, now, settings_of, edit=None):
                 graced=graced, event=event, errors=errors, warnings=warnings)
 
 
-def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=True,
+def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=False,
            change=None):
     """Bring CONFIG_PATH to the state of the moment NOW: every rotator door
     holds the sequence of its period holding NOW, and for its GRACE seconds
@@ -1221,6 +1289,10 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=Tru
         if new_data == old_data:
             if verbose:
                 log("%s is current" % config_path)
+            # A current file does not prove knockd runs: heal it at every run.
+            if not knockd_runs(settings):
+                restart_knockd(settings, "knockd is not running, although %s is current"
+                               % config_path)
         else:
             old_sequences = door_sequences(plan.user_lines)
             was_running = knockd_runs(settings)
@@ -1277,11 +1349,14 @@ def refuse_errors(config_path, errors):
 # boundary and grace end and sleeps in between; a change of knockd.conf or of
 # the environment file wakes it within WATCH_LOOK.  Each rotation takes the lock
 # and rolls back like a one-off run; a failed one is logged and tried again
-# at the next event (at the latest WATCH_RETRY seconds later).  SIGTERM or
-# SIGINT during a rotation lets it finish first.
+# at the next event (at the latest RETRY_SECONDS later).  SIGTERM or
+# SIGINT during a rotation lets it finish first.  Under systemd, its state is
+# the unit's status line (sd_notify STATUS=), and WATCH_FAILURES failed events
+# in a row end the process with the last error's exit code, so that the unit
+# shows the failure (and Restart= tries again) instead of a green `active`.
 
-WATCH_RETRY = 60
 WATCH_LOOK = 1        # seconds between two looks at the files' modification times
+WATCH_FAILURES = 3
 
 
 def stop_signals():
@@ -1334,21 +1409,51 @@ def door_timings(config_path, environ, settings):
         return set()
 
 
+def notify_systemd(environ, state):
+    """Send STATE (e.g. `STATUS=...`) to the service manager, if there is one."""
+    address = environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    import socket
+    if address.startswith("@"):
+        address = "\0" + address[1:]      # an abstract socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        try:
+            notify.sendto(state.encode("utf-8", "replace"), address)
+        except OSError:
+            pass                          # the status line is a courtesy
+
+
 def watch(config_path, environ, verbose):
     """Rotate at every event until a stop signal.  Returns an exit code."""
     settings = server_settings(environ)    # a bad setting ends the service now, not later
     wakeup, received = stop_signals()
     files = (config_path, settings["ENV_FILE"])
+    end_pending_boundary_run(settings["STATE_DIR"])
     log("watching %s" % config_path)
+    failures = 0
     while not received:
         now = time.time()
-        try:
-            event = rotate(config_path, environ, now, verbose=verbose, schedule=False).event
-        except RotatorError as exc:
-            event = min([next_event(now, period, grace) for period, grace in
-                         door_timings(config_path, environ, settings)] + [now + WATCH_RETRY])
-            log("%s; trying again at %s" % (exc, utc(event)))
+        # Read before the rotation: an edit made while it runs must wake us.
         seen = modification_times(files)
+        try:
+            event = rotate(config_path, environ, now, verbose=verbose).event
+            failures = 0
+            notify_systemd(environ, "STATUS=rotated at %s; next event at %s"
+                           % (utc(now), utc(event)))
+        except RotatorError as exc:
+            # The rollback rewrote the file: that must not wake us at once,
+            # or a failing reload would be hammered in a loop.
+            seen = modification_times(files)
+            failures += 1
+            if failures >= WATCH_FAILURES:
+                log("%s; %d failed events in a row: exiting" % (exc, failures))
+                notify_systemd(environ, "STATUS=FAILING: %s" % exc)
+                return exc.code
+            event = retry_moment(config_path, environ, settings, now)
+            log("%s; trying again at %s" % (exc, utc(event)))
+            notify_systemd(environ, "STATUS=FAILING (%d in a row): %s; trying again at %s"
+                           % (failures, exc, utc(event)))
         pause_until(event, wakeup, received, lambda: modification_times(files) != seen)
     log("stopped by signal %d" % received[0])
     return EXIT_OK
@@ -1648,7 +1753,8 @@ def add_client(config_path, environ, now, args):
         return (lambda user: with_lines_appended(user, raws)), assignments, ()
 
     change = EnvChange(env_path, environ, prepare, adds=True)
-    rotate(config_path, environ, now, change=change)
+    plan = rotate(config_path, environ, now, change=change)
+    tell_next_event(config_path, plan.event, now, server_settings(environ))
 
     import socket
     host = args.host or socket.gethostname()
@@ -1690,8 +1796,10 @@ def remove_client(config_path, environ, now, name):
         removals = {own_variable(setting, door) for setting in DOOR_SETTINGS}
         return (lambda user: without_client_door(user, name, client_marks(user))), (), removals
 
-    rotate(config_path, environ, now,
-           change=EnvChange(server_settings(environ)["ENV_FILE"], environ, prepare, adds=False))
+    settings = server_settings(environ)
+    plan = rotate(config_path, environ, now,
+                  change=EnvChange(settings["ENV_FILE"], environ, prepare, adds=False))
+    tell_next_event(config_path, plan.event, now, settings)
     print("client %s removed: its door and its settings are gone, and knockd has reloaded"
           % name)
     return EXIT_OK
@@ -1902,6 +2010,9 @@ def build_parser():
     mode.add_argument("--watch", action="store_true",
                       help="keep running: rotate at every boundary and grace end, until "
                            "SIGTERM (for short periods; see knockd_rotator-watch.service)")
+    mode.add_argument("--schedule", action="store_true",
+                      help="also leave a boundary run for an event before the timer's next "
+                           "run (knockd_rotator.service's own runs; by hand, rotate without it)")
     # A boundary run: sleep until this UNIX time, then rotate (see above).
     mode.add_argument("--at", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--verbose", action="store_true", help="say more")
@@ -1979,8 +2090,8 @@ def prepare_argv(argv):
 
 def run(argv, environ):
     args = build_parser().parse_args(prepare_argv(argv))
-    if args.command and (args.dry_run or args.watch or args.at is not None):
-        raise RotatorError("%s does not take --dry-run or --watch" % args.command,
+    if args.command and (args.dry_run or args.watch or args.schedule or args.at is not None):
+        raise RotatorError("%s does not take --dry-run, --watch or --schedule" % args.command,
                            "see %s --help" % os.path.basename(sys.argv[0]), EXIT_USAGE)
     if args.command == "check":
         return check(args.config, environ)
@@ -1996,7 +2107,16 @@ def run(argv, environ):
         return watch(args.config, environ, args.verbose)
     if args.at is not None:
         sleep_until(args.at)
-    rotate(args.config, environ, time.time(), args.dry_run, args.verbose)
+    scheduled = args.schedule or args.at is not None
+    now = time.time()
+    try:
+        plan = rotate(args.config, environ, now, args.dry_run, args.verbose, schedule=scheduled)
+    except RotatorError:
+        if scheduled:
+            schedule_retry(args.config, environ, now, args.verbose)
+        raise
+    if not scheduled and not args.dry_run:
+        tell_next_event(args.config, plan.event, now, server_settings(environ))
     return EXIT_OK
 
 

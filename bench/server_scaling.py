@@ -48,7 +48,7 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         env = dict(os.environ, KNOCKD_ROTATOR_SECRET="benchmark-secret-0123456789",
                    KNOCKD_ROTATOR_RELOAD_COMMAND="true", KNOCKD_ROTATOR_CHECK_COMMAND="true",
-                   KNOCKD_ROTATOR_CHECK_SECONDS="0", KNOCKD_ROTATOR_PERIOD_MODULO="31622400",
+                   KNOCKD_ROTATOR_CHECK_SECONDS="1", KNOCKD_ROTATOR_PERIOD_MODULO="31622400",
                    KNOCKD_ROTATOR_STATE_DIR=os.path.join(folder, "state"),
                    KNOCKD_ROTATOR_ENV_FILE=os.path.join(folder, "absent.env"))
         base = median_ms([sys.executable, "-c", "pass"], env, runs)

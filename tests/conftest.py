@@ -93,7 +93,7 @@ def server_env(tmp_path):
     def make(**overrides):
         settings = dict(STATE_DIR=tmp_path / "state", ENV_FILE=tmp_path / "absent.env",
                         RELOAD_COMMAND="true", CHECK_COMMAND="true", RECOVER_COMMAND="true",
-                        CHECK_SECONDS=0, PERIOD_MODULO=31622400, SERVER_INTERVAL=60)
+                        CHECK_SECONDS=1, PERIOD_MODULO=31622400, SERVER_INTERVAL=60)
         settings.update(overrides)
         return rotator_env(**settings)
     yield make
@@ -274,7 +274,7 @@ def watch(server_env, tmp_path):
     started = []
 
     def start(knockd, period, grace):
-        env = server_env(PERIOD_MODULO=period, GRACE=grace, CHECK_SECONDS=0,
+        env = server_env(PERIOD_MODULO=period, GRACE=grace,
                          RELOAD_COMMAND="kill -HUP %d" % knockd.pid,
                          CHECK_COMMAND=alive_command(knockd.pid))
         started.append(Watch(knockd.config, env, tmp_path))

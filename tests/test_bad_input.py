@@ -47,6 +47,9 @@ CASES = [
      "neither KNOCKD_ROTATOR_SECRET_SSH nor KNOCKD_ROTATOR_SECRET is set"),
     ("server check seconds not a number", SERVER, ["--config", "CONFIG"],
      dict(CHECK_SECONDS="2s"), None, "env", "KNOCKD_ROTATOR_CHECK_SECONDS must be"),
+    # 0 passed while knockd had not yet handled the SIGHUP (issue 11, defect 7).
+    ("server check seconds zero", SERVER, ["--config", "CONFIG"],
+     dict(CHECK_SECONDS="0"), None, "env", "KNOCKD_ROTATOR_CHECK_SECONDS must be"),
     ("server reload command empty", SERVER, ["--config", "CONFIG"],
      dict(RELOAD_COMMAND=" "), None, "env", "KNOCKD_ROTATOR_RELOAD_COMMAND is empty"),
     ("server interval zero", SERVER, ["--config", "CONFIG"], dict(SERVER_INTERVAL="0"),

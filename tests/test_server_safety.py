@@ -132,13 +132,13 @@ def test_boundary_run_happens_on_time_and_only_one_is_pending(tmp_path, server_e
                      RELOAD_COMMAND="date +%%s.%%N >> %s" % reloads)
     # Start early in a period, so that the two runs below share it.
     wait_until(lambda: time.time() % period < 1, period + 1, "the start of a period")
-    first = run_server("--config", config, env=env)
+    first = run_server("--schedule", "--config", config, env=env)
     assert first.returncode == 0, first.stderr
     boundary = (int(time.time()) // period + 1) * period
     assert "next run at %s (boundary run" % server.utc(boundary) in first.stderr
     assert len(pending_runs(tmp_path)) == 1
 
-    second = run_server("--config", config, env=env)
+    second = run_server("--schedule", "--config", config, env=env)
     assert second.returncode == 0, second.stderr
     assert len(pending_runs(tmp_path)) == 1, "a second run leaves the pending one alone"
     pending = int((tmp_path / "state" / "pending").read_text())
@@ -158,8 +158,8 @@ def test_boundary_run_happens_on_time_and_only_one_is_pending(tmp_path, server_e
 def test_no_boundary_run_when_the_timer_comes_first(tmp_path, server_env):
     config = tmp_path / "knockd.conf"
     config.write_bytes(b"[ssh_ROTATOR]\n\tsequence = 1\n\tcommand = true\n")
-    result = run_server("--config", config, env=server_env(PERIOD_MODULO=31622400,
-                                                           SERVER_INTERVAL=60))
+    result = run_server("--schedule", "--config", config,
+                        env=server_env(PERIOD_MODULO=31622400, SERVER_INTERVAL=60))
     assert result.returncode == 0
     if (int(time.time()) // 31622400 + 1) * 31622400 - time.time() > 200:
         assert "next run" not in result.stderr and pending_runs(tmp_path) == []
@@ -176,7 +176,7 @@ def test_boundary_and_grace_end_runs_happen_on_the_second(tmp_path, server_env):
                      RELOAD_COMMAND="(date +%%s.%%N; grep -c _GRACE %s; true) >> %s" % (config, reloads))
     wait_until(lambda: grace + 0.2 < time.time() % period < period - 2, period + 1,
                "a moment out of the grace, 2 s before a boundary")
-    assert run_server("--config", config, env=env).returncode == 0
+    assert run_server("--schedule", "--config", config, env=env).returncode == 0
     boundary = (int(time.time()) // period + 1) * period
 
     def reload_lines():
