@@ -611,6 +611,39 @@ def trap_warnings(lines):
     return warnings
 
 
+def file_errors(lines):
+    """What knockd needs on disk besides knockd.conf and refuses, or dies of,
+    when it is not there: (line, what, fix) tuples.  A reload of such a file
+    kills knockd, and no grammar can see it."""
+    errors = []
+    for line in lines:
+        if line.kind != "directive" or not line.value:
+            continue
+        path = line.value.decode("utf-8", "surrogateescape")
+        if line.key == "ONE_TIME_SEQUENCES" and line.section != b"options":
+            try:
+                with open(path, "rb") as handle:
+                    data = handle.read()
+            except OSError as exc:
+                errors.append((line.number, "one_time_sequences file %s: %s; knockd refuses "
+                               "the whole file and exits" % (path, exc.strerror),
+                               "create it, one sequence a line, or remove the line"))
+                continue
+            # knockd marks a used sequence by writing '#' over its first byte.
+            unused = [raw for raw in data.splitlines() if raw.strip(SPACE)[:1] not in (b"", b"#")]
+            if len(unused) < 2:
+                errors.append((line.number, "one_time_sequences file %s has %d unused "
+                               "sequences: knockd 0.8 exits when it uses the last one"
+                               % (path, len(unused)), "add sequences to it"))
+        elif line.section == b"options" and line.key in ("LOGFILE", "PIDFILE"):
+            folder = os.path.dirname(path) or "."
+            if not os.path.isdir(folder):
+                errors.append((line.number, "the folder of %s %s does not exist: knockd "
+                               "cannot start" % (line.key.lower(), path),
+                               "create %s, or change the path" % folder))
+    return errors
+
+
 def rotator_doors(lines):
     """Names (str) of the rotator doors, in file order, each once."""
     names = {}        # a dict keeps file order and finds duplicates in O(1)
@@ -971,53 +1004,95 @@ def knockd_runs(settings):
     return run_command(settings["CHECK_COMMAND"])[0]
 
 
-def restart_knockd(settings, why):
-    """Start knockd with the file as it is (RECOVER_COMMAND) and check it stays up."""
-    log(why + ": starting it")
+def start_knockd(settings):
+    """Start knockd with the file on disk: (stays up, detail of a failure)."""
     ok, detail = run_command(settings["RECOVER_COMMAND"])
-    if ok:
-        ok, detail = knockd_stays_up(settings)
     if not ok:
-        raise RotatorError("%s, and starting it failed (%s)" % (why, detail),
-                           "start knockd now: systemctl start knockd; journalctl -u knockd",
-                           EXIT_RECOVERY)
+        return False, "recover command failed (%s)" % detail
+    return knockd_stays_up(settings)
 
 
-def load_into_knockd(path, old_data, was_running, settings):
-    """Reload knockd (start it if it was not running); if it does not stay up,
-    put OLD_DATA back and recover."""
+def load_into_knockd(path, new_data, fallback, was_running, settings):
+    """Make knockd run with NEW_DATA, which is at PATH already.
+
+    Decide on the evidence.  A knockd that dies after a reload was not
+    necessarily killed by the new file: knockd 0.8 frees its doors inside its
+    SIGHUP handler and crashes when a door's first port is flooded.  Putting
+    the previous file back then would hand an attacker a veto over every
+    rotation and revocation.  So a dead knockd is started with the new file
+    first (which passed the grammar and file checks); only when knockd
+    refuses to start with it does FALLBACK() (the last file knockd ran with,
+    at the current sequences) go back.  Returns a warning to log, or None."""
+    state_dir = settings["STATE_DIR"]
     if was_running:
-        command, what = settings["RELOAD_COMMAND"], "reload"
+        ok, detail = run_command(settings["RELOAD_COMMAND"])
+        if not ok:
+            detail = "reload command failed (%s)" % detail
+        else:
+            ok, detail = knockd_stays_up(settings)
+        if ok:
+            remember_good(state_dir, new_data)
+            return None
+        if knockd_runs(settings):
+            # knockd lives, with the old doors in memory: the file must match.
+            put_back(path, fallback(), detail, settings)
+            raise RotatorError("knockd did not take the new %s (%s); the last file it ran "
+                               "with is back and knockd runs with it" % (path, detail),
+                               "check KNOCKD_ROTATOR_RELOAD_COMMAND and _CHECK_COMMAND; "
+                               "journalctl -u knockd", EXIT_FAILED)
+        why = "knockd died after the reload (%s)" % detail
     else:
         # First install: knockd refuses to start while a door has no sequence.
-        log("knockd is not running: starting it with the new file")
-        command, what = settings["RECOVER_COMMAND"], "recover"
-    ok, detail = run_command(command)
+        why = "knockd was not running"
+    ok, detail = start_knockd(settings)
     if ok:
-        ok, detail = knockd_stays_up(settings)
-    else:
-        detail = "%s command failed (%s)" % (what, detail)
-    if ok:
-        return
-    try:
-        replace_file(path, old_data)
-    except RotatorError as exc:
-        raise RotatorError("knockd did not take the new %s (%s), and putting the previous one "
-                           "back failed: %s" % (path, detail, exc.what),
-                           "restore it by hand and reload knockd now", EXIT_RECOVERY) from None
-    recovered, recover_detail = run_command(settings["RECOVER_COMMAND"])
-    if recovered:
-        recovered, recover_detail = knockd_stays_up(settings)
+        remember_good(state_dir, new_data)
+        return (("%s; it runs with the new file: knockd 0.8 can crash while it reloads under a "
+                 "flood of knocks, see journalctl -u knockd" % why) if was_running else None)
+    put_back(path, fallback(), "%s and refused to start with the new file (%s)"
+             % (why, detail), settings)
+    recovered, recover_detail = start_knockd(settings)
     if not recovered:
-        raise RotatorError("knockd is not running after a failed reload (%s), and recovery "
-                           "failed too (%s); the previous %s is back" % (detail, recover_detail,
-                                                                          path),
+        raise RotatorError("%s, and it starts neither with the new %s (%s) nor with the "
+                           "last file it ran with, now back in place (%s)"
+                           % (why, path, detail, recover_detail),
                            "start knockd now: systemctl start knockd; journalctl -u knockd",
                            EXIT_RECOVERY)
-    raise RotatorError("knockd did not take the new %s (%s); the previous file is back and "
-                       "knockd runs with it" % (path, detail),
-                       "check KNOCKD_ROTATOR_RELOAD_COMMAND and _CHECK_COMMAND; "
-                       "journalctl -u knockd", EXIT_FAILED)
+    raise RotatorError("%s and refused to start with the new %s (%s); the last file it ran "
+                       "with is back and knockd runs with it" % (why, path, detail),
+                       "knockd_rotator_server.py check; journalctl -u knockd", EXIT_FAILED)
+
+
+def put_back(path, data, detail, settings):
+    try:
+        replace_file(path, data)
+    except RotatorError as exc:
+        raise RotatorError("%s, and putting the last good %s back failed: %s"
+                           % (detail, path, exc.what),
+                           "restore it by hand and reload knockd now", EXIT_RECOVERY) from None
+
+
+# The last knockd.conf that knockd ran with, kept (0600) to roll back to.
+LAST_GOOD = "last-good"
+
+
+def remember_good(state_dir, data):
+    path = os.path.join(state_dir, LAST_GOOD)
+    try:
+        with open(path, "rb") as handle:
+            if handle.read() == data:
+                return
+    except OSError:
+        pass
+    replace_file(path, data, create=True)
+
+
+def last_good(state_dir):
+    try:
+        with open(os.path.join(state_dir, LAST_GOOD), "rb") as handle:
+            return handle.read()
+    except OSError:
+        return None
 
 
 def readable_by_others(env_file):
@@ -1069,7 +1144,7 @@ def pending_boundary_pid(state_dir):
 
 
 def schedule_boundary_run(config_path, boundary, now, settings, verbose):
-    if boundary > now + settings["SERVER_INTERVAL"] + TIMER_SLACK:
+    if boundary is None or boundary > now + settings["SERVER_INTERVAL"] + TIMER_SLACK:
         return
     state_dir = settings["STATE_DIR"]
     pid, pending = pending_boundary_pid(state_dir)
@@ -1120,7 +1195,7 @@ def schedule_retry(config_path, environ, now, verbose):
 
 def tell_next_event(config_path, event, now, settings):
     """What a run by hand says instead of scheduling a boundary run."""
-    if event > now + settings["SERVER_INTERVAL"] + TIMER_SLACK:
+    if event is None or event > now + settings["SERVER_INTERVAL"] + TIMER_SLACK:
         return
     pid, pending = pending_boundary_pid(settings["STATE_DIR"])
     if pid and pending <= event:
@@ -1229,10 +1304,6 @@ def plan_rotation(config_path, old_data, now, settings_of, edit=None):
     if edit:
         user_lines = edit(user_lines)
     doors = rotator_doors(user_lines)
-    if not doors:
-        raise RotatorError("%s has no door whose name ends with %s"
-                           % (config_path, ROTATOR_SUFFIX),
-                           "add one, e.g. [ssh_ROTATOR] with its commands", EXIT_CONFIG)
     settings = {door: settings_of(door) for door in doors}
     starts = {door: period_start(now, settings[door].period) for door in doors}
     current = {door: settings[door].sequence_at(starts[door]) for door in doors}
@@ -1246,7 +1317,8 @@ def plan_rotation(config_path, old_data, now, settings_of, edit=None):
         until = max(starts[door] + settings[door].grace for door in graced)
         new_lines = with_grace_block(new_lines, previous, until)
         errors = config_errors(new_lines)
-    event = min(next_event(now, s.period, s.grace) for s in settings.values())
+    # None: no door, nothing to plan for.
+    event = min((next_event(now, s.period, s.grace) for s in settings.values()), default=None)
     return Plan(old_lines=old_lines, user_lines=user_lines, old_block=old_block, doors=doors,
                 settings=settings, starts=starts, current=current, new_lines=new_lines,
                 graced=graced, event=event, errors=errors, warnings=warnings)
@@ -1263,6 +1335,7 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=Fal
     settings = server_settings(environ)
     warn_if_readable_by_others(settings["ENV_FILE"])
     config_path = os.path.realpath(config_path)
+    original_environ = environ
     with contextlib.nullcontext() if dry_run else take_lock(settings["STATE_DIR"]):
         if not dry_run:
             remove_stale_temporaries(config_path)
@@ -1272,8 +1345,11 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=Fal
         environ = change.environ if change else with_env_file(environ, settings["ENV_FILE"])
         plan = plan_rotation(config_path, old_data, now, settings_reader(environ),
                              change.edit if change else None)
-        refuse_errors(config_path, plan.errors)
+        refuse_errors(config_path, plan.errors + file_errors(plan.new_lines))
         new_data = b"".join(line.raw for line in plan.new_lines)
+        if not plan.doors:
+            log("%s has no door whose name ends with %s: nothing to rotate"
+                % (config_path, ROTATOR_SUFFIX))
         for door in plan.doors:
             if plan.settings[door].length < 3:
                 log("warning: [%s] has a length of %d: a port scan in order can open a "
@@ -1291,8 +1367,14 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=Fal
                 log("%s is current" % config_path)
             # A current file does not prove knockd runs: heal it at every run.
             if not knockd_runs(settings):
-                restart_knockd(settings, "knockd is not running, although %s is current"
-                               % config_path)
+                why = "knockd is not running, although %s is current" % config_path
+                log(why + ": starting it")
+                ok, detail = start_knockd(settings)
+                if not ok:
+                    raise RotatorError("%s, and starting it failed (%s)" % (why, detail),
+                                       "start knockd now: systemctl start knockd; "
+                                       "journalctl -u knockd", EXIT_RECOVERY)
+            remember_good(settings["STATE_DIR"], new_data)
         else:
             old_sequences = door_sequences(plan.user_lines)
             was_running = knockd_runs(settings)
@@ -1300,15 +1382,32 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=Fal
             # never be without its secret, even after a crash between the two.
             if change and change.adds:
                 change.write()
+            def fallback():
+                """The last file knockd ran with, at this moment's sequences."""
+                good = last_good(settings["STATE_DIR"])
+                if good is None:
+                    return old_data
+                try:
+                    # The environment before any change: a removed client's
+                    # door that comes back must keep its own secret.
+                    replan = plan_rotation(config_path, good, now, settings_reader(
+                        with_env_file(original_environ, settings["ENV_FILE"])))
+                except RotatorError:
+                    return good
+                return good if replan.errors else b"".join(l.raw for l in replan.new_lines)
+
             try:
                 replace_file(config_path, new_data)
-                load_into_knockd(config_path, old_data, was_running, settings)
+                warning = load_into_knockd(config_path, new_data, fallback, was_running,
+                                           settings)
             except RotatorError:
                 if change and change.adds:
                     change.undo()
                 raise
             if change and not change.adds:
                 change.write()
+            if warning:
+                log("warning: " + warning)
             replace_file(os.path.join(settings["STATE_DIR"], "last-rotation"), b"%d\n" % now,
                          create=True)
             for door in plan.doors:
@@ -1437,7 +1536,9 @@ def watch(config_path, environ, verbose):
         # Read before the rotation: an edit made while it runs must wake us.
         seen = modification_times(files)
         try:
-            event = rotate(config_path, environ, now, verbose=verbose).event
+            # With no door, nothing is due: a change of the files wakes us.
+            event = rotate(config_path, environ, now, verbose=verbose).event or \
+                now + RETRY_SECONDS
             failures = 0
             notify_systemd(environ, "STATUS=rotated at %s; next event at %s"
                            % (utc(now), utc(event)))
@@ -1845,7 +1946,8 @@ def check(config_path, environ):
     user_lines, _ = split_grace_block(lines)
     doors = rotator_doors(user_lines)
     placed = rewrite_config(user_lines, {door: PLACEHOLDER_SEQUENCE for door in doors})
-    errors = sorted(config_errors(placed) + rotator_errors(placed) + trap_errors(placed))
+    errors = sorted(config_errors(placed) + rotator_errors(placed) + trap_errors(placed)
+                    + file_errors(placed))
     warnings = trap_warnings(placed)
     with_sequence = door_sequences(user_lines)
     warnings += [(line.number, "rotator door [%s] has no sequence yet: knockd refuses to start "
@@ -1901,7 +2003,7 @@ def door_status(config_path, environ, now):
         doors.append(entry)
     return {
         "config": config_path, "now": int(now),
-        "next_rotation_in": min(door["next_rotation_in"] for door in doors),
+        "next_rotation_in": min((door["next_rotation_in"] for door in doors), default=None),
         "grace_active": bool(plan.graced),
         "grace_until": max((door["period_start"] + door["grace"] for door in doors
                             if door["grace_active"]), default=None),
@@ -1951,8 +2053,9 @@ def status(config_path, environ, now, as_json, show_sequences):
         print("KNOCKD_ROTATOR UNKNOWN - %s" % reasons[0])
         return STATUS_CODES[state]
     summary = "; ".join(reasons) or "%d doors current" % len(report["doors"])
-    print("KNOCKD_ROTATOR %s - %s; next rotation in %d s; knockd %s" % (
-        state, summary, report["next_rotation_in"],
+    print("KNOCKD_ROTATOR %s - %s; next rotation %s; knockd %s" % (
+        state, summary, "none (no rotator door)" if report["next_rotation_in"] is None else
+        "in %d s" % report["next_rotation_in"],
         "active" if report["knockd_active"] else "NOT active"))
     last = report["last_rotation"]
     print("last rotation: %s" % (utc(last) if last is not None else "none recorded"))

@@ -183,7 +183,7 @@ def test_command_words_and_their_options(tmp_path, server_env):
     before = run_server("--config", config, "check", env=server_env())
     assert before.returncode == 0, before.stderr
     for argv, words in [(["c", "--dry-run"], "unrecognized arguments: --dry-run"),
-                        (["--dry-run", "check"], "check does not take --dry-run or --watch"),
+                        (["--dry-run", "check"], "check does not take --dry-run, --watch or --schedule"),
                         (["chek"], "unknown command 'chek'"),
                         (["status", "--jsn"], "unrecognized arguments: --jsn")]:
         result = run_server("--config", config, *argv, env=server_env())

@@ -93,28 +93,72 @@ def test_a_run_waits_for_the_lock(tmp_path, server_env):
     assert config.read_bytes() != original
 
 
-@pytest.mark.parametrize("overrides,code,words", [
-    (dict(RELOAD_COMMAND="echo no such unit >&2; exit 5"), 1,
-     "reload command failed (exit 5: no such unit)"),
-    # knockd runs before the reload (check 1), is gone after it (check 2), and
-    # is back after the recovery (check 3):
-    (dict(CHECK_COMMAND="n=$(($(cat {tmp}/checks 2>/dev/null || echo 0) + 1)); "
-                        "echo $n > {tmp}/checks; test $n -ne 2"), 1,
-     "check command failed (exit 1)"),
-    (dict(CHECK_COMMAND="false"), 7, "recovery failed too (check command failed (exit 1))"),
-    (dict(CHECK_COMMAND="false", RECOVER_COMMAND="exit 9"), 7, "recovery failed too (exit 9)"),
+# A fake knockd: it runs while {tmp}/alive exists; the reload command is
+# given per case, the recover command starts it (touch) when the file on
+# disk is one knockd would take (by default any).
+ALIVE = dict(CHECK_COMMAND="test -e {tmp}/alive", RECOVER_COMMAND="touch {tmp}/alive")
+
+
+@pytest.mark.parametrize("overrides,code,words,kept", [
+    # The reload command fails, knockd still runs with its old doors.
+    (dict(ALIVE, RELOAD_COMMAND="echo no such unit >&2; exit 5"), 1,
+     "reload command failed (exit 5: no such unit)", "old"),
+    # knockd dies at the reload (a crash under a flood): it is started with
+    # the new file, which it takes; no rollback.
+    (dict(ALIVE, RELOAD_COMMAND="rm {tmp}/alive"), 0,
+     "knockd died after the reload (check command failed (exit 1)); it runs with the new "
+     "file", "new"),
+    # knockd dies, and refuses to start with the new file: the old one is back.
+    (dict(ALIVE, RELOAD_COMMAND="rm {tmp}/alive",
+          RECOVER_COMMAND="grep -q 'sequence = 1$' {tmp}/knockd.conf && touch {tmp}/alive"), 1,
+     "and refused to start with the new", "old"),
+    (dict(CHECK_COMMAND="false"), 7,
+     "knockd was not running, and it starts neither with the new", "old"),
+    (dict(CHECK_COMMAND="false", RECOVER_COMMAND="exit 9"), 7, "recover command failed (exit 9)",
+     "old"),
 ])
-def test_failed_reload_or_check_restores_the_file(tmp_path, server_env, overrides, code, words):
+def test_a_failed_reload_is_decided_on_the_evidence(tmp_path, server_env, overrides, code, words,
+                                                    kept):
     overrides = {k: v.format(tmp=tmp_path) for k, v in overrides.items()}
+    (tmp_path / "alive").touch()
     config = tmp_path / "knockd.conf"
     original = b"[ssh_ROTATOR]\n\tsequence = 1\n\tcommand = true\n"
     config.write_bytes(original)
     result = run_server("--config", config, env=server_env(**overrides))
-    assert result.returncode == code
+    assert result.returncode == code, result.stderr
     assert words in result.stderr
-    assert result.stderr.splitlines()[-1].startswith("error: ")
-    assert config.read_bytes() == original
+    if code:
+        assert result.stderr.splitlines()[-1].startswith("error: ")
+    assert (config.read_bytes() == original) == (kept == "old")
     assert temporaries(tmp_path) == []
+
+
+def test_a_rollback_goes_to_the_last_file_knockd_ran_with(tmp_path, server_env):
+    """Not to whatever was on disk before the run: an edit knockd never ran
+    with (here: one it refuses) is not what comes back, and the file that
+    comes back holds the current sequences."""
+    config = tmp_path / "knockd.conf"
+    config.write_bytes(b"[ssh_ROTATOR]\n\tsequence = 1\n\tcommand = true\n")
+    alive = tmp_path / "alive"
+    alive.touch()
+    env = server_env(PERIOD_MODULO=31622400, CHECK_COMMAND="test -e %s" % alive,
+                     RELOAD_COMMAND="rm %s" % alive,
+                     RECOVER_COMMAND="grep -q refused %s || touch %s" % (config, alive))
+    assert run_server("--config", config, env=env).returncode == 0
+    good = config.read_bytes()
+    assert (tmp_path / "state" / "last-good").read_bytes() == good
+    assert oct((tmp_path / "state" / "last-good").stat().st_mode & 0o777) == "0o600"
+    # An edit knockd would refuse, then a rotation to another period.
+    config.write_bytes(good + b"[refused]\n\tsequence = 7001,7003,7002\n\tcommand = true\n")
+    later = server_env(PERIOD_MODULO=31622399, CHECK_COMMAND="test -e %s" % alive,
+                       RELOAD_COMMAND="rm %s" % alive,
+                       RECOVER_COMMAND="grep -q refused %s || touch %s" % (config, alive))
+    result = run_server("--config", config, env=later)
+    assert result.returncode == 1, result.stderr
+    back = config.read_bytes()
+    assert b"refused" not in back and back != good, "the last good file, at today's sequence"
+    dry = run_server("--config", config, "--dry-run", env=later)
+    assert dry.returncode == 0 and dry.stdout == "", "it holds the current sequences"
 
 
 def pending_runs(tmp_path):
