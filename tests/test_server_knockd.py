@@ -69,31 +69,6 @@ def test_door_opened_before_a_rotation_still_closes(guarded, start_knockd, serve
     assert not guarded.tcp_open(GUARDED_PORT)
 
 
-def test_rollback_restarts_a_knockd_that_died(netns, tmp_path, server_env):
-    """knockd dies on the reload: the previous file comes back and knockd is started."""
-    need_root_and("knockd")
-    config = tmp_path / "knockd.conf"
-    pidfile = tmp_path / "knockd.pid"
-    config.write_text("[options]\n\tlogfile = %s\n%s" % (
-        tmp_path / "knockd.log", DOOR.format(port=GUARDED_PORT, cmd_timeout=3)))
-    original = config.read_bytes()
-    start = "ip netns exec %s knockd -d -i lo -c %s -p %s" % (netns.name, config, pidfile)
-    subprocess.run(start, shell=True, check=True)
-    first_pid = int(wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 10,
-                               "knockd's pidfile"))
-    running = alive_command("$(cat %s)" % pidfile)
-    env = server_env(RELOAD_COMMAND="kill -TERM %d" % first_pid, CHECK_COMMAND=running,
-                     RECOVER_COMMAND=start, CHECK_SECONDS=1)
-    result = run_server("--config", config, env=env)
-    assert result.returncode == 1
-    assert "the previous file is back and knockd runs with it" in result.stderr
-    assert result.stderr.splitlines()[-1].startswith("error: knockd did not take the new ")
-    assert config.read_bytes() == original
-    new_pid = int(pidfile.read_text())
-    assert new_pid != first_pid
-    assert subprocess.run(running, shell=True).returncode == 0
-
-
 def readme_door(firewall):
     """The example door for FIREWALL from the README, on the guarded port."""
     from conftest import ROOT
