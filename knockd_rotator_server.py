@@ -1044,6 +1044,7 @@ def load_into_knockd(path, new_data, fallback, was_running, settings):
     else:
         # First install: knockd refuses to start while a door has no sequence.
         why = "knockd was not running"
+        log("knockd is not running: starting it with the new file")
     ok, detail = start_knockd(settings)
     if ok:
         remember_good(state_dir, new_data)
