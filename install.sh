@@ -20,6 +20,9 @@ env_file=$root/etc/knockd_rotator.env
 state=$root/var/lib/knockd_rotator
 scripts="knockd_rotator_server.py knockd_rotator_client.py"
 unit_files="knockd_rotator.service knockd_rotator.timer knockd_rotator-watch.service"
+# Debian's knockd.service gets a drop-in that restarts a knockd that died.
+dropin_dir=$units/knockd.service.d
+dropin=knockd_rotator.conf
 
 systemctl_here() {
     if [ -z "$root" ] && command -v systemctl >/dev/null 2>&1; then
@@ -36,6 +39,8 @@ install_all() {
     for unit in $unit_files; do
         install -m 0644 "$here/$unit" "$units/$unit"
     done
+    install -d -m 0755 "$dropin_dir"
+    install -m 0644 "$here/knockd.service.d/$dropin" "$dropin_dir/$dropin"
     if [ -e "$env_file" ]; then
         echo "kept $env_file (never overwritten)"
         if [ -n "$(find "$env_file" -perm /077)" ]; then
@@ -54,7 +59,8 @@ PYTHON
     systemctl_here daemon-reload
     cat <<NEXT
 installed: $sbin/knockd_rotator_server.py, $sbin/knockd_rotator_client.py,
-           $bin/knockd_rotator_client.py, $units/{$(echo $unit_files | tr ' ' ',')}
+           $bin/knockd_rotator_client.py, $units/{$(echo $unit_files | tr ' ' ',')},
+           $dropin_dir/$dropin (restarts knockd when it dies)
 next steps:
   1. add a door such as [ssh_ROTATOR] to /etc/knockd.conf (README, "Doors"), then
      knockd_rotator_server.py check && knockd_rotator_server.py --dry-run
@@ -80,6 +86,8 @@ uninstall_all() {
     for unit in $unit_files; do
         rm -f "$units/$unit"
     done
+    rm -f "$dropin_dir/$dropin"
+    rmdir "$dropin_dir" 2>/dev/null || true
     rm -rf "$state"
     systemctl_here daemon-reload
     if [ "${1:-}" = "--purge" ]; then

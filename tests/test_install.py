@@ -13,6 +13,8 @@ INSTALLED = {
     "etc/systemd/system/knockd_rotator.service": ("knockd_rotator.service", 0o644),
     "etc/systemd/system/knockd_rotator.timer": ("knockd_rotator.timer", 0o644),
     "etc/systemd/system/knockd_rotator-watch.service": ("knockd_rotator-watch.service", 0o644),
+    "etc/systemd/system/knockd.service.d/knockd_rotator.conf":
+        ("knockd.service.d/knockd_rotator.conf", 0o644),
 }
 
 
