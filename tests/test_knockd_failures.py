@@ -9,11 +9,12 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import (SECRET, alive_command, need_root_and, rotator_env, run_client, run_server,
-                      wait_until)
+from conftest import (GUARDED_PORT, SECRET, Watch, alive_command, need_root_and, rotator_env,
+                      run_client, run_server, wait_until)
 
 FLOOD = r"""
 import os, random, socket, struct, sys, time
@@ -39,23 +40,25 @@ DOOR = """
 [{name}]
 \tseq_timeout   = 10
 \ttcpflags      = syn
-\tstart_command = true
+\tstart_command = {start}
 \tcmd_timeout   = 5
-\tstop_command  = true
+\tstop_command  = {stop}
 """
+GUARD = "iptables -{} INPUT -s %IP% -p tcp --dport " + str(GUARDED_PORT) + " -j ACCEPT"
 
 
 class DaemonKnockd:
     """knockd as Debian's unit runs it, but in the test's namespace: started
     by the recover command (so that the server can restart it), pid in a file."""
 
-    def __init__(self, netns, tmp_path, doors):
+    def __init__(self, netns, tmp_path, doors, guard=False):
         self.netns, self.tmp_path = netns, tmp_path
         self.config = tmp_path / "knockd.conf"
         self.log = tmp_path / "knockd.log"
         self.pidfile = tmp_path / "knockd.pid"
+        start, stop = (GUARD.format("I"), GUARD.format("D")) if guard else ("true", "true")
         self.config.write_text("[options]\n\tlogfile = %s\n%s" % (self.log, "".join(
-            DOOR.format(name=name) for name in doors)))
+            DOOR.format(name=name, start=start, stop=stop) for name in doors)))
         self.start = "ip netns exec %s knockd -d -i lo -c %s -p %s" % (
             netns.name, self.config, self.pidfile)
 
@@ -81,8 +84,8 @@ def daemon_knockd(netns, tmp_path):
     need_root_and("knockd")
     made = []
 
-    def make(doors):
-        made.append(DaemonKnockd(netns, tmp_path, doors))
+    def make(doors, guard=False):
+        made.append(DaemonKnockd(netns, tmp_path, doors, guard))
         return made[-1]
     yield make
     # The namespace fixture kills whatever runs in it, knockd included.
@@ -97,13 +100,17 @@ def flood(netns, port, seconds, tmp_path):
     return process, stop
 
 
-def first_port(client_lines, service):
-    """The first port of SERVICE's current sequence, as the client computes it."""
+def sequence(client_lines, service, *args):
+    """SERVICE's sequence as the client computes it: [(port, protocol)]."""
     env = rotator_env(SECRET=None)
     env.update(client_lines)
-    generated = run_client("generate", service, env=env)
+    generated = run_client("generate", service, *args, env=env)
     assert generated.returncode == 0, generated.stderr
-    return int(generated.stdout.split(",")[0].split(":")[0])
+    return [tuple(item.split(":")) for item in generated.stdout.strip().split(",")]
+
+
+def first_port(client_lines, service):
+    return int(sequence(client_lines, service)[0][0])
 
 
 def test_remove_client_succeeds_under_a_flood_of_its_first_port(netns, tmp_path, server_env,
@@ -219,3 +226,55 @@ def test_the_last_client_can_be_revoked(tmp_path, server_env):
     assert again.stderr.splitlines() == [
         "knockd_rotator: %s has no door whose name ends with _ROTATOR: nothing to rotate"
         % config]
+
+
+def test_the_watch_keeps_rotating_under_a_flood_timed_to_its_reloads(guarded, tmp_path,
+                                                                      server_env, daemon_knockd):
+    """The first ports of this period's and the next two periods' sequences
+    are flooded across two boundaries and grace ends: every reload meets a
+    flooded door.  knockd is restarted with the new file, never the old one,
+    so an old sequence never opens after its period and grace, and the
+    legitimate knock opens once the flood stops."""
+    need_root_and("knock")
+    period, grace = 10, 2
+    knockd = daemon_knockd(["ssh_ROTATOR"], guard=True)
+    lines = {"KNOCKD_ROTATOR_SECRET": SECRET, "KNOCKD_ROTATOR_PERIOD_MODULO": str(period),
+             "KNOCKD_ROTATOR_GRACE": str(grace)}
+    env = server_env(PERIOD_MODULO=period, GRACE=grace, **knockd.settings())
+    watch = Watch(knockd.config, env, tmp_path)
+    try:
+        wait_until(lambda: "ssh_ROTATOR: rotated" in watch.text(), 10, "the first rotation")
+        wait_until(knockd.pid, 10, "knockd to start")
+        started = time.time()
+        ports = [int(sequence(lines, "ssh", "--offset", str(offset))[0][0])
+                 for offset in (0, 1, 2)]
+        stop = tmp_path / "stop-flood"
+        flooders = [guarded.popen(sys.executable, "-c", FLOOD, port, 2.2 * period, stop,
+                                  stdout=subprocess.PIPE, text=True) for port in ports]
+        pids = set()
+        deadline = time.monotonic() + 2.2 * period
+        while time.monotonic() < deadline:
+            pids.add(knockd.pid())
+            time.sleep(0.05)       # sampling knockd's pid, not waiting for anything
+        stop.touch()
+        for flooder in flooders:
+            flooder.communicate(timeout=30)
+        print("knockd pids during the flood: %d" % len(pids - {None}))
+        wait_until(knockd.pid, 10, "knockd to run after the flood")
+        # The first period's sequence, now past its period and its grace.
+        assert time.time() >= (started // period + 1) * period + grace
+        periods_ago = int(time.time() // period - started // period)
+        old = sequence(lines, "ssh", "--offset", str(-periods_ago))
+        wait_until(lambda: run_server("--config", knockd.config, "--dry-run", env=env).stdout
+                   == "", 10, "the file to hold the current sequences")
+        guarded.run("knock", "127.0.0.1", *["%s:%s" % item for item in old])
+        deadline = time.monotonic() + 1
+        while time.monotonic() < deadline:
+            assert not guarded.tcp_open(GUARDED_PORT, timeout=0.1), "the old sequence opened"
+        knocked = run_client("knock", "127.0.0.1", "ssh", "--check", GUARDED_PORT,
+                             "--check-timeout", "5", env=dict(rotator_env(SECRET=None), **lines),
+                             netns=guarded.name)
+        assert knocked.returncode == 0, knocked.stderr
+        assert "rotated" in watch.text() and watch.process.poll() is None
+    finally:
+        assert watch.stop() == 0
