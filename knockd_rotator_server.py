@@ -1376,6 +1376,7 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=Fal
                                        "start knockd now: systemctl start knockd; "
                                        "journalctl -u knockd", EXIT_RECOVERY)
             remember_good(settings["STATE_DIR"], new_data)
+            record_fingerprints(settings["STATE_DIR"], plan)
         else:
             old_sequences = door_sequences(plan.user_lines)
             was_running = knockd_runs(settings)
@@ -1407,6 +1408,7 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=Fal
                 raise
             if change and not change.adds:
                 change.write()
+            record_fingerprints(settings["STATE_DIR"], plan)
             if warning:
                 log("warning: " + warning)
             replace_file(os.path.join(settings["STATE_DIR"], "last-rotation"), b"%d\n" % now,
@@ -1978,18 +1980,70 @@ STATUS_CODES = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}
 STATUS_SLACK = 5
 
 
-def door_status(config_path, environ, now):
-    """The state of every rotator door at NOW, as a dict (see the README)."""
-    settings = server_settings(environ)
-    old_data = read_config(config_path)
+# `status` without any secret (a monitoring account): at each good run the
+# rotator records, per door, its period, grace and a fingerprint of the
+# sequence it wrote; status compares the file against that.  The fingerprint
+# is SHA-256 over the door, the period start and the sequence: learning the
+# sequence from it means trying PORT_SPAN ** length candidates.
+FINGERPRINTS = "fingerprints"
+
+
+def fingerprint(door, start, sequence):
+    return hashlib.sha256(b"knockd-rotator fingerprint\0%s\0%d\0%s" % (
+        door.encode("utf-8", "surrogateescape"), start, sequence)).hexdigest()
+
+
+def record_fingerprints(state_dir, plan):
+    import json
+    record = {door: {"period": plan.settings[door].period, "grace": plan.settings[door].grace,
+                     "mode": plan.settings[door].mode, "start": plan.starts[door],
+                     "fingerprint": fingerprint(door, plan.starts[door], plan.current[door])}
+              for door in plan.doors}
+    data = json.dumps(record, sort_keys=True, indent=1).encode() + b"\n"
+    path = os.path.join(state_dir, FINGERPRINTS)
+    try:
+        with open(path, "rb") as handle:
+            if handle.read() == data:
+                return
+    except OSError:
+        pass
+    replace_file(path, data, create=True)
+
+
+def recorded_status(old_data, settings, now):
+    """door_status()'s doors and plan facts from the fingerprints, no secret needed."""
+    import json
+    try:
+        with open(os.path.join(settings["STATE_DIR"], FINGERPRINTS), "rb") as handle:
+            record = json.loads(handle.read())
+    except (OSError, ValueError) as exc:
+        raise RotatorError("no secret to compute the sequences with, and no fingerprints "
+                           "recorded by a rotation (%s)" % getattr(exc, "strerror", exc),
+                           "run status as root, or let a rotation run first", EXIT_ENVIRONMENT)
+    user_lines, old_block = split_grace_block(parse_config(old_data))
+    held = door_sequences(user_lines)
+    doors = []
+    for door in rotator_doors(user_lines):
+        known = record.get(door, {"period": 1, "grace": 0, "mode": "?", "start": None,
+                                  "fingerprint": None})
+        period, grace = known["period"], known["grace"]
+        start = period_start(now, period)
+        matches = fingerprint(door, known["start"] or 0, held.get(door) or b"") == \
+            known["fingerprint"]
+        doors.append({"door": door, "mode": known["mode"], "period": period, "grace": grace,
+                      "period_start": start, "next_rotation_in": int(start + period - now),
+                      "grace_active": now < start + grace,
+                      "current": matches and known["start"] == start,
+                      "previous": matches and known["start"] == start - period,
+                      "sequence": (held.get(door) or b"").decode("utf-8", "replace")})
+    return doors, old_block, None
+
+
+def planned_status(config_path, old_data, environ, settings, now):
+    """door_status()'s doors and plan facts, from the secrets."""
     plan = plan_rotation(config_path, old_data, now,
                          settings_reader(with_env_file(environ, settings["ENV_FILE"])))
     held = door_sequences(plan.user_lines)
-    try:
-        with open(os.path.join(settings["STATE_DIR"], "last-rotation")) as handle:
-            last = int(handle.read())
-    except (OSError, ValueError):
-        last = None
     doors = []
     for door in plan.doors:
         door_settings, start = plan.settings[door], plan.starts[door]
@@ -2002,14 +2056,36 @@ def door_status(config_path, environ, now):
                              held.get(door) == door_settings.sequence_at(start - period))
         entry["sequence"] = (held.get(door) or b"").decode("utf-8", "replace")
         doors.append(entry)
+    return doors, plan.old_block, b"".join(line.raw for line in plan.new_lines) == old_data
+
+
+def door_status(config_path, environ, now):
+    """The state of every rotator door at NOW, as a dict (see the README).
+    Without the secrets (a monitoring account), from the recorded fingerprints."""
+    settings = server_settings(environ)
+    old_data = read_config(config_path)
+    try:
+        doors, old_block, file_current = planned_status(config_path, old_data, environ,
+                                                        settings, now)
+        source = "secrets"
+    except RotatorError as exc:
+        if exc.code != EXIT_ENVIRONMENT:
+            raise
+        doors, old_block, file_current = recorded_status(old_data, settings, now)
+        source = "fingerprints"
+    try:
+        with open(os.path.join(settings["STATE_DIR"], "last-rotation")) as handle:
+            last = int(handle.read())
+    except (OSError, ValueError):
+        last = None
     return {
-        "config": config_path, "now": int(now),
+        "config": config_path, "now": int(now), "checked_with": source,
         "next_rotation_in": min((door["next_rotation_in"] for door in doors), default=None),
-        "grace_active": bool(plan.graced),
+        "grace_active": any(door["grace_active"] for door in doors),
         "grace_until": max((door["period_start"] + door["grace"] for door in doors
                             if door["grace_active"]), default=None),
-        "grace_block_present": bool(plan.old_block),
-        "file_current": b"".join(line.raw for line in plan.new_lines) == old_data,
+        "grace_block_present": bool(old_block),
+        "file_current": file_current,
         "knockd_active": knockd_runs(settings), "last_rotation": last, "doors": doors,
     }
 

@@ -6,7 +6,7 @@ import os
 import pytest
 
 import knockd_rotator_server as server
-from conftest import run_server
+from conftest import SECRET, run_server
 from test_server_config import GOLDEN
 
 GOOD_DOOR = (b"[ssh_ROTATOR]\n\tsequence = 1\n\tstart_command = true\n\tcmd_timeout = 10\n"
@@ -147,10 +147,29 @@ def test_status_ok_critical_warning_unknown(tmp_path, server_env):
 
     code, report = status_of(tmp_path / "missing.conf", env)
     assert code == 3 and report["state"] == "UNKNOWN" and report["report"] is None
-    code, report = status_of(config, server_env(SECRET=None))
+    code, report = status_of(config, server_env(SECRET=None, STATE_DIR=tmp_path / "empty"))
     assert code == 3
-    assert "neither KNOCKD_ROTATOR_SECRET_SSH nor KNOCKD_ROTATOR_SECRET is set" \
-        in report["reasons"][0]
+    assert "no secret to compute the sequences with, and no fingerprints" in report["reasons"][0]
+
+
+def test_status_needs_no_secret(tmp_path, server_env):
+    """A monitoring account holds no secret: status compares the file with
+    the fingerprints the last rotation recorded, which reveal no sequence."""
+    config = tmp_path / "knockd.conf"
+    config.write_bytes(GOOD_DOOR)
+    env = server_env(GRACE=0)
+    assert run_server("--config", config, env=env).returncode == 0
+    sequence = server.door_sequences(server.parse_config(config.read_bytes()))["ssh_ROTATOR"]
+    recorded = (tmp_path / "state" / "fingerprints").read_text()
+    assert sequence.decode() not in recorded and SECRET not in recorded
+    no_secret = server_env(GRACE=0, SECRET=None)
+    code, report = status_of(config, no_secret)
+    assert (code, report["state"]) == (0, "OK"), report
+    assert report["report"]["checked_with"] == "fingerprints"
+    assert report["report"]["doors"][0]["current"] is True
+    config.write_bytes(config.read_bytes().replace(sequence, b"7000,8000,9000,7100,8100,9100"))
+    code, report = status_of(config, no_secret)
+    assert (code, report["reasons"]) == (2, ["ssh_ROTATOR does not hold the current sequence"])
 
 
 def test_status_text_hides_sequences(tmp_path, server_env):
