@@ -1257,15 +1257,32 @@ def totp_secret(settings):
     return key
 
 
+# A PIN door's key costs a PBKDF2 (PIN_ITERATIONS rounds, about 3 ms): the
+# watch keeps each one in memory, never on disk, so that a rotation of 1000
+# PIN doors does not pay 1000 of them every time.  Bounded: totp doors add a
+# key per period.
+KEY_CACHE = {}
+KEY_CACHE_MAX = 20000
+
+
+def cached_door_key(settings, material):
+    index = (settings.door, settings.mode, settings.pin, material)
+    if index not in KEY_CACHE:
+        if len(KEY_CACHE) >= KEY_CACHE_MAX:
+            KEY_CACHE.clear()
+        KEY_CACHE[index] = door_key(settings, material)
+    return KEY_CACHE[index]
+
+
 def with_sequences(settings):
     """SETTINGS with .sequence_at(period start) -> the door's sequence value (bytes)."""
     if settings.mode == "totp":
         key = totp_secret(settings)
 
         def key_at(start):
-            return door_key(settings, hotp(key, start // TOTP_PERIOD).encode())
+            return cached_door_key(settings, hotp(key, start // TOTP_PERIOD).encode())
     else:
-        secret_key = door_key(settings, secret_bytes(settings))
+        secret_key = cached_door_key(settings, secret_bytes(settings))
 
         def key_at(start):
             return secret_key

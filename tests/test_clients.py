@@ -581,3 +581,23 @@ def test_totp_door_under_watch_rotates_every_30_s_and_takes_a_late_code(
     assert "knocking again with the previous period's sequence" in late.stderr
     knockd.wait_log(r"carol_ssh_ROTATOR_GRACE: OPEN SESAME", "the grace sibling")
     assert server.stop() == 0
+
+
+def test_the_watch_derives_a_pin_door_s_key_once(monkeypatch):
+    """PBKDF2 per PIN door and rotation made 1000 PIN doors cost seconds a
+    rotation; the watch keeps the keys in memory (and only there)."""
+    derived = []
+    real = hashlib.pbkdf2_hmac
+    monkeypatch.setattr(server.hashlib, "pbkdf2_hmac",
+                        lambda *args: derived.append(args[2]) or real(*args))
+    monkeypatch.setattr(server, "KEY_CACHE", {})
+    env = {"KNOCKD_ROTATOR_SECRET": SECRET, "KNOCKD_ROTATOR_PIN": "2468-1357",
+           "KNOCKD_ROTATOR_PERIOD_MODULO": "60"}
+    data = b"".join(b"[c%d_ROTATOR]\n\tstart_command = true\n" % i for i in range(20))
+    first = server.plan_rotation("k.conf", data, 6000, server.settings_reader(env))
+    later = server.plan_rotation("k.conf", data, 6060, server.settings_reader(env))
+    assert len(derived) == 20, "one key per door, for every rotation"
+    assert first.current != later.current
+    fresh = server.settings_reader(env)("c3_ROTATOR")
+    assert server.door_key(fresh, SECRET.encode()) == server.KEY_CACHE[
+        ("c3_ROTATOR", "secret", b"2468-1357", SECRET.encode())]
