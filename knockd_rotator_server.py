@@ -84,6 +84,9 @@ DEFAULT_COMMANDS = {
     "CHECK_COMMAND": "systemctl is-active --quiet knockd",
     # After a failed reload knockd may have exited: reload-or-restart starts it.
     "RECOVER_COMMAND": "systemctl reload-or-restart knockd",
+    # A knockd that hangs after a reload (it never re-read the file) is ended
+    # with this before the recover command starts it again.
+    "KILL_COMMAND": "systemctl kill --signal=KILL knockd",
 }
 DEFAULT_STATE_DIR = "/var/lib/knockd_rotator"
 DEFAULT_ENV_FILE = "/etc/knockd_rotator.env"
@@ -1004,6 +1007,34 @@ def knockd_runs(settings):
     return run_command(settings["CHECK_COMMAND"])[0]
 
 
+IN_OPEN = 0x20     # inotify(7): the watched file was opened
+
+
+class FileOpens:
+    """Whether any process opened PATH since (inotify IN_OPEN on its inode,
+    whatever mount namespace the opener is in): after a SIGHUP, the evidence
+    that knockd re-read its file.  Where inotify is not to be had, it claims
+    every open it cannot see, and the process check alone decides."""
+
+    def __init__(self, path):
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.descriptor = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.descriptor >= 0 and libc.inotify_add_watch(
+                self.descriptor, os.fsencode(path), IN_OPEN) < 0:
+            os.close(self.descriptor)
+            self.descriptor = -1
+
+    def seen(self):
+        if self.descriptor < 0:
+            return True
+        return bool(select.select([self.descriptor], [], [], 0)[0])
+
+    def close(self):
+        if self.descriptor >= 0:
+            os.close(self.descriptor)
+
+
 def start_knockd(settings):
     """Start knockd with the file on disk: (stays up, detail of a failure)."""
     ok, detail = run_command(settings["RECOVER_COMMAND"])
@@ -1025,22 +1056,38 @@ def load_into_knockd(path, new_data, fallback, was_running, settings):
     at the current sequences) go back.  Returns a warning to log, or None."""
     state_dir = settings["STATE_DIR"]
     if was_running:
-        ok, detail = run_command(settings["RELOAD_COMMAND"])
-        if not ok:
-            detail = "reload command failed (%s)" % detail
-        else:
-            ok, detail = knockd_stays_up(settings)
-        if ok:
+        opens, hung = FileOpens(path), False
+        try:
+            ok, detail = run_command(settings["RELOAD_COMMAND"])
+            if not ok:
+                detail = "reload command failed (%s)" % detail
+            else:
+                ok, detail = knockd_stays_up(settings)
+                hung = ok and not opens.seen()
+        finally:
+            opens.close()
+        if ok and not hung:
             remember_good(state_dir, new_data)
             return None
-        if knockd_runs(settings):
+        if hung:
+            # Alive, but deaf: knockd 0.8 can deadlock in its SIGHUP handler
+            # under a flood, and a check of the process cannot see it.
+            detail = "knockd did not re-read the file within %d s of the reload: it hangs" \
+                % settings["CHECK_SECONDS"]
+            killed, kill_detail = run_command(settings["KILL_COMMAND"])
+            if not killed:
+                raise RotatorError("%s, and the kill command failed (%s)" % (detail, kill_detail),
+                                   "kill knockd and start it now: systemctl kill --signal=KILL "
+                                   "knockd; systemctl start knockd", EXIT_RECOVERY)
+        elif knockd_runs(settings):
             # knockd lives, with the old doors in memory: the file must match.
             put_back(path, fallback(), detail, settings)
             raise RotatorError("knockd did not take the new %s (%s); the last file it ran "
                                "with is back and knockd runs with it" % (path, detail),
                                "check KNOCKD_ROTATOR_RELOAD_COMMAND and _CHECK_COMMAND; "
                                "journalctl -u knockd", EXIT_FAILED)
-        why = "knockd died after the reload (%s)" % detail
+        why = ("knockd hung after the reload and was killed (%s)" if hung
+               else "knockd died after the reload (%s)") % detail
     else:
         # First install: knockd refuses to start while a door has no sequence.
         why = "knockd was not running"
@@ -1048,8 +1095,9 @@ def load_into_knockd(path, new_data, fallback, was_running, settings):
     ok, detail = start_knockd(settings)
     if ok:
         remember_good(state_dir, new_data)
-        return (("%s; it runs with the new file: knockd 0.8 can crash while it reloads under a "
-                 "flood of knocks, see journalctl -u knockd" % why) if was_running else None)
+        return (("%s; it runs with the new file: knockd 0.8 can crash or hang while it reloads "
+                 "under a flood of knocks, see journalctl -u knockd" % why)
+                if was_running else None)
     put_back(path, fallback(), "%s and refused to start with the new file (%s)"
              % (why, detail), settings)
     recovered, recover_detail = start_knockd(settings)

@@ -93,6 +93,7 @@ def server_env(tmp_path):
     def make(**overrides):
         settings = dict(STATE_DIR=tmp_path / "state", ENV_FILE=tmp_path / "absent.env",
                         RELOAD_COMMAND="true", CHECK_COMMAND="true", RECOVER_COMMAND="true",
+                        KILL_COMMAND="true",
                         CHECK_SECONDS=1, PERIOD_MODULO=31622400, SERVER_INTERVAL=60)
         settings.update(overrides)
         return rotator_env(**settings)

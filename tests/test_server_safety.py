@@ -108,6 +108,14 @@ ALIVE = dict(CHECK_COMMAND="test -e {tmp}/alive", RECOVER_COMMAND="touch {tmp}/a
     (dict(ALIVE, RELOAD_COMMAND="rm {tmp}/alive"), 0,
      "knockd died after the reload (check command failed (exit 1)); it runs with the new "
      "file", "new"),
+    # knockd lives but never re-reads the file (a deadlock in its SIGHUP
+    # handler under a flood): it is killed and started with the new file.
+    (dict(ALIVE, RELOAD_COMMAND="true", KILL_COMMAND="rm {tmp}/alive; touch {tmp}/killed"), 0,
+     "knockd hung after the reload and was killed (knockd did not re-read the file within 1 s",
+     "new"),
+    # A knockd that re-reads the file (opens it) is no hung one.
+    (dict(ALIVE, RELOAD_COMMAND="cat {tmp}/knockd.conf >/dev/null",
+          KILL_COMMAND="touch {tmp}/killed"), 0, "", "new"),
     # knockd dies, and refuses to start with the new file: the old one is back.
     (dict(ALIVE, RELOAD_COMMAND="rm {tmp}/alive",
           RECOVER_COMMAND="grep -q 'sequence = 1$' {tmp}/knockd.conf && touch {tmp}/alive"), 1,
@@ -131,6 +139,7 @@ def test_a_failed_reload_is_decided_on_the_evidence(tmp_path, server_env, overri
         assert result.stderr.splitlines()[-1].startswith("error: ")
     assert (config.read_bytes() == original) == (kept == "old")
     assert temporaries(tmp_path) == []
+    assert (tmp_path / "killed").exists() == ("hung" in words)
 
 
 def test_a_rollback_goes_to_the_last_file_knockd_ran_with(tmp_path, server_env):
