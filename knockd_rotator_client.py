@@ -186,7 +186,7 @@ def format_sequence(sequence, separator=","):
 # ---- settings: KNOCKD_ROTATOR_<SETTING>, or KNOCKD_ROTATOR_<SETTING>_<NAME>
 # for the one door whose settings name is NAME (see settings_name).
 DOOR_SETTINGS = ("SECRET", "PIN", "MODE", "LENGTH", "PORT_MODULO", "PERIOD_MODULO",
-                 "GRACE", "ALGORITHM")
+                 "GRACE", "ALGORITHM", "SINGLE_USE")
 MODES = ("secret", "totp")
 TOTP_PERIOD = 30          # RFC 6238's default, the one every authenticator app uses
 TOTP_DIGITS = 6
@@ -266,9 +266,11 @@ def read_settings(environ, door, default_mode="secret"):
                            "use one of: %s" % ", ".join(ALGORITHMS), EXIT_ENVIRONMENT)
     pin = (door_variable(environ, "PIN", door, name)[1] or "").encode("utf-8",
                                                                      "surrogateescape")
-    if algorithm != "knockd-rotator/1" and (pin or mode != "secret"):
-        raise RotatorError("door %s: %s has no PIN and no totp mode" % (door, algorithm),
-                           "use knockd-rotator/1 for this door", EXIT_ENVIRONMENT)
+    single_use = number("SINGLE_USE", 0, 1, 0)
+    if algorithm != "knockd-rotator/1" and (pin or mode != "secret" or single_use):
+        raise RotatorError("door %s: %s has no PIN, no totp mode and no single use"
+                           % (door, algorithm), "use knockd-rotator/1 for this door",
+                           EXIT_ENVIRONMENT)
     if mode == "totp":
         # An authenticator app's codes change every 30 s: so does the sequence.
         period = whole_number(environ, own_variable("PERIOD_MODULO", door, name),
@@ -279,7 +281,7 @@ def read_settings(environ, door, default_mode="secret"):
     return DoorSettings(
         door=door, mode=mode, pin=pin, period=period, algorithm=algorithm,
         generate=ALGORITHMS[algorithm],
-        secret_variable=secret_variable, secret=secret,
+        secret_variable=secret_variable, secret=secret, single_use=bool(single_use),
         length=number("LENGTH", 1, MAX_LENGTH, 10),
         port_modulo=number("PORT_MODULO", 0, MAX_PORT, 0),
         # The grace is at most half the period, so a short period shrinks it.
@@ -298,6 +300,18 @@ def secret_bytes(settings):
                        "characters; a new one: python3 -c 'import secrets; print(secrets."
                        "token_urlsafe(32))'" % (settings.door, MIN_SECRET_CHARS),
                        EXIT_ENVIRONMENT)
+
+
+USE_TAG = b"knockd-rotator/1 use"
+
+
+def use_key(key, use):
+    """The key of a door's USE-th sequence in a period (docs/SPEC.md, single
+    use).  Use 0 is the door key itself: a door that never opened, and every
+    door without single use, keeps the sequences of before."""
+    if use == 0:
+        return key
+    return hmac.new(key, USE_TAG + use.to_bytes(4, "big"), hashlib.sha256).digest()
 
 
 def door_key(settings, material):

@@ -59,6 +59,7 @@ import fcntl
 import hashlib
 import hmac
 import os
+import re
 import select
 import signal
 import subprocess
@@ -235,7 +236,7 @@ def format_sequence(sequence, separator=","):
 # ---- settings: KNOCKD_ROTATOR_<SETTING>, or KNOCKD_ROTATOR_<SETTING>_<NAME>
 # for the one door whose settings name is NAME (see settings_name).
 DOOR_SETTINGS = ("SECRET", "PIN", "MODE", "LENGTH", "PORT_MODULO", "PERIOD_MODULO",
-                 "GRACE", "ALGORITHM")
+                 "GRACE", "ALGORITHM", "SINGLE_USE")
 MODES = ("secret", "totp")
 TOTP_PERIOD = 30          # RFC 6238's default, the one every authenticator app uses
 TOTP_DIGITS = 6
@@ -315,9 +316,11 @@ def read_settings(environ, door, default_mode="secret"):
                            "use one of: %s" % ", ".join(ALGORITHMS), EXIT_ENVIRONMENT)
     pin = (door_variable(environ, "PIN", door, name)[1] or "").encode("utf-8",
                                                                      "surrogateescape")
-    if algorithm != "knockd-rotator/1" and (pin or mode != "secret"):
-        raise RotatorError("door %s: %s has no PIN and no totp mode" % (door, algorithm),
-                           "use knockd-rotator/1 for this door", EXIT_ENVIRONMENT)
+    single_use = number("SINGLE_USE", 0, 1, 0)
+    if algorithm != "knockd-rotator/1" and (pin or mode != "secret" or single_use):
+        raise RotatorError("door %s: %s has no PIN, no totp mode and no single use"
+                           % (door, algorithm), "use knockd-rotator/1 for this door",
+                           EXIT_ENVIRONMENT)
     if mode == "totp":
         # An authenticator app's codes change every 30 s: so does the sequence.
         period = whole_number(environ, own_variable("PERIOD_MODULO", door, name),
@@ -328,7 +331,7 @@ def read_settings(environ, door, default_mode="secret"):
     return DoorSettings(
         door=door, mode=mode, pin=pin, period=period, algorithm=algorithm,
         generate=ALGORITHMS[algorithm],
-        secret_variable=secret_variable, secret=secret,
+        secret_variable=secret_variable, secret=secret, single_use=bool(single_use),
         length=number("LENGTH", 1, MAX_LENGTH, 10),
         port_modulo=number("PORT_MODULO", 0, MAX_PORT, 0),
         # The grace is at most half the period, so a short period shrinks it.
@@ -347,6 +350,18 @@ def secret_bytes(settings):
                        "characters; a new one: python3 -c 'import secrets; print(secrets."
                        "token_urlsafe(32))'" % (settings.door, MIN_SECRET_CHARS),
                        EXIT_ENVIRONMENT)
+
+
+USE_TAG = b"knockd-rotator/1 use"
+
+
+def use_key(key, use):
+    """The key of a door's USE-th sequence in a period (docs/SPEC.md, single
+    use).  Use 0 is the door key itself: a door that never opened, and every
+    door without single use, keeps the sequences of before."""
+    if use == 0:
+        return key
+    return hmac.new(key, USE_TAG + use.to_bytes(4, "big"), hashlib.sha256).digest()
 
 
 def door_key(settings, material):
@@ -844,7 +859,11 @@ def grace_block(lines, previous, until):
         if name not in previous:
             continue        # a door with another period, not in its grace now
         out.append(b"[" + line.section + GRACE_SUFFIX.encode() + b"]" + newline)
-        directives = [l.raw for l in section_body(lines, index)
+        # A single-use sibling burns the previous period's counter, not the door's.
+        burn = re.compile(rb"(\bburn\s+)" + re.escape(line.section) + rb"(?=$|[\s;&|)])")
+        directives = [burn.sub(rb"\g<1>" + line.section + GRACE_SUFFIX.encode(), l.raw)
+                      if l.key in ("START_COMMAND", "START_COMMAND_6") else l.raw
+                      for l in section_body(lines, index)
                       if l.kind == "directive" and not l.is_sequence]
         for raw in directives:
             out.append(raw if raw.endswith(b"\n") else raw + newline)
@@ -866,7 +885,10 @@ def with_grace_block(lines, previous, until):
 # ---------------------------------------------------------------- settings
 
 def server_settings(environ):
-    """The server's own KNOCKD_ROTATOR_* settings, checked."""
+    """The server's own KNOCKD_ROTATOR_* settings, checked.  The environment
+    file counts too: a run that knockd starts (`burn`) has no other."""
+    env_file = environ.get("KNOCKD_ROTATOR_ENV_FILE") or DEFAULT_ENV_FILE
+    environ = with_env_file(environ, env_file)
     settings = {}
     for name, default in DEFAULT_COMMANDS.items():
         value = environ.get("KNOCKD_ROTATOR_" + name, default)
@@ -880,7 +902,7 @@ def server_settings(environ):
     settings["SERVER_INTERVAL"] = whole_number(environ, "KNOCKD_ROTATOR_SERVER_INTERVAL",
                                                60, 7 * 86400, DEFAULT_SERVER_INTERVAL)
     settings["STATE_DIR"] = environ.get("KNOCKD_ROTATOR_STATE_DIR") or DEFAULT_STATE_DIR
-    settings["ENV_FILE"] = environ.get("KNOCKD_ROTATOR_ENV_FILE") or DEFAULT_ENV_FILE
+    settings["ENV_FILE"] = env_file
     return settings
 
 
@@ -1264,6 +1286,66 @@ def sleep_until(moment):
         time.sleep(min(remaining, 30))
 
 
+# ---------------------------------------------------------------- single use
+#
+# A single-use door (KNOCKD_ROTATOR_SINGLE_USE=1) moves on to its next
+# sequence as soon as it opens: its start_command runs `burn DOOR` first,
+# which counts one more use of the period under the lock, rewrites the door
+# with the sequence of the next use and reloads knockd.  A sequence seen on
+# the wire is then worth nothing.  A grace sibling (`burn DOOR_GRACE`, which
+# the grace block writes for it) burns the previous period's counter.
+# STATE_DIR/uses holds, per door, the counter of each period still in use and
+# the times of its latest burns, for `status`.
+
+USES = "uses"
+BURNS_KEPT = 20           # latest burn times kept per door
+BURST_BURNS, BURST_SECONDS = 5, 60    # this many burns this fast: `status` warns
+
+
+def use_count(uses, settings, start):
+    """The use counter of SETTINGS's door in the period from START (0: unused)."""
+    if not uses or not settings.single_use:
+        return 0
+    return uses.get(settings.door, {}).get("counts", {}).get(str(start), 0)
+
+
+def read_uses(state_dir):
+    import json
+    try:
+        with open(os.path.join(state_dir, USES), "rb") as handle:
+            uses = json.loads(handle.read())
+        return uses if isinstance(uses, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def with_burn(uses, door, now, settings_of):
+    """USES after one opening of DOOR (a rotator door, or its grace sibling) at NOW."""
+    base, back = (door[:-len(GRACE_SUFFIX)], 1) if door.endswith(GRACE_SUFFIX) else (door, 0)
+    if not is_rotator(base.encode("utf-8", "surrogateescape")):
+        raise RotatorError("%s is not a rotator door" % door,
+                           "name a [*_ROTATOR] door or its _GRACE sibling", EXIT_USAGE)
+    settings = settings_of(base)
+    if not settings.single_use:
+        raise RotatorError("door %s is not single-use" % base,
+                           "set %s=1, or take `burn` out of its start_command"
+                           % own_variable("SINGLE_USE", base), EXIT_ENVIRONMENT)
+    current = period_start(now, settings.period)
+    start = current - back * settings.period
+    entry = uses.get(base, {})
+    counts = {key: value for key, value in entry.get("counts", {}).items()
+              if int(key) >= current - settings.period}
+    counts[str(start)] = counts.get(str(start), 0) + 1
+    burns = (entry.get("burns", []) + [int(now)])[-BURNS_KEPT:]
+    return dict(uses, **{base: {"counts": counts, "burns": burns}})
+
+
+def write_uses(state_dir, uses):
+    import json
+    replace_file(os.path.join(state_dir, USES),
+                 json.dumps(uses, sort_keys=True).encode() + b"\n", create=True)
+
+
 # ---------------------------------------------------------------- the rotation
 
 def utc(timestamp):
@@ -1334,8 +1416,9 @@ def with_sequences(settings):
 
         def key_at(start):
             return secret_key
-    settings.sequence_at = lambda start: format_sequence(settings.generate(
-        key_at(start), settings.door, start, settings.length, settings.port_modulo)).encode()
+    settings.sequence_at = lambda start, use=0: format_sequence(settings.generate(
+        use_key(key_at(start), use), settings.door, start, settings.length,
+        settings.port_modulo)).encode()
     return settings
 
 
@@ -1356,12 +1439,13 @@ def next_event(now, period, grace):
     return start + grace if now < start + grace else start + period
 
 
-def plan_rotation(config_path, old_data, now, settings_of, edit=None):
+def plan_rotation(config_path, old_data, now, settings_of, edit=None, uses=None):
     """The rotation of CONFIG_PATH's OLD_DATA for the moment NOW (pure: no I/O).
 
     SETTINGS_OF(door) gives a door's settings: .period, .grace and
-    .sequence_at(period start).  EDIT, if given, changes the user's Lines
-    first (add-client, remove-client).  The result's errors (line, what, fix)
+    .sequence_at(period start, use).  EDIT, if given, changes the user's Lines
+    first (add-client, remove-client).  USES (see use_count) gives a single-use
+    door's use counter of a period.  The result's errors (line, what, fix)
     are those of the new file: knockd's grammar, the rotator's rules and the
     silent traps; a rotation refuses any of them.
     """
@@ -1372,14 +1456,17 @@ def plan_rotation(config_path, old_data, now, settings_of, edit=None):
     doors = rotator_doors(user_lines)
     settings = {door: settings_of(door) for door in doors}
     starts = {door: period_start(now, settings[door].period) for door in doors}
-    current = {door: settings[door].sequence_at(starts[door]) for door in doors}
+    current = {door: settings[door].sequence_at(
+        starts[door], use_count(uses, settings[door], starts[door])) for door in doors}
     new_lines = rewrite_config(user_lines, current)
     errors = config_errors(new_lines) + rotator_errors(new_lines) + trap_errors(new_lines)
     warnings = trap_warnings(new_lines)
     graced = [door for door in doors if now < starts[door] + settings[door].grace]
     if graced and not errors:
-        previous = {door: settings[door].sequence_at(starts[door] - settings[door].period)
-                    for door in graced}
+        previous = {door: settings[door].sequence_at(
+            starts[door] - settings[door].period,
+            use_count(uses, settings[door], starts[door] - settings[door].period))
+            for door in graced}
         until = max(starts[door] + settings[door].grace for door in graced)
         new_lines = with_grace_block(new_lines, previous, until)
         errors = config_errors(new_lines)
@@ -1391,13 +1478,14 @@ def plan_rotation(config_path, old_data, now, settings_of, edit=None):
 
 
 def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=False,
-           change=None):
+           change=None, burn=None):
     """Bring CONFIG_PATH to the state of the moment NOW: every rotator door
     holds the sequence of its period holding NOW, and for its GRACE seconds
     after the period's start the grace block holds its previous one.
     Schedules a boundary run for the next event (plan.event) when SCHEDULE;
     returns the Plan.  CHANGE (an EnvChange) also edits the doors and swaps the
-    environment file with the config, or neither when anything fails."""
+    environment file with the config, or neither when anything fails.  BURN
+    names a single-use door (or grace sibling) that has just opened."""
     settings = server_settings(environ)
     warn_if_readable_by_others(settings["ENV_FILE"])
     config_path = os.path.realpath(config_path)
@@ -1409,8 +1497,15 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=Fal
         if change:
             change.prepare(config_path, old_data)
         environ = change.environ if change else with_env_file(environ, settings["ENV_FILE"])
-        plan = plan_rotation(config_path, old_data, now, settings_reader(environ),
-                             change.edit if change else None)
+        settings_of = settings_reader(environ)
+        uses = read_uses(settings["STATE_DIR"])
+        if burn:
+            # Counted before anything else may fail: a used sequence never
+            # comes back, even if this reload does not happen.
+            uses = with_burn(uses, burn, now, settings_of)
+            write_uses(settings["STATE_DIR"], uses)
+        plan = plan_rotation(config_path, old_data, now, settings_of,
+                             change.edit if change else None, uses)
         refuse_errors(config_path, plan.errors + file_errors(plan.new_lines))
         new_data = b"".join(line.raw for line in plan.new_lines)
         if not plan.doors:
@@ -1458,7 +1553,7 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=Fal
                     # The environment before any change: a removed client's
                     # door that comes back must keep its own secret.
                     replan = plan_rotation(config_path, good, now, settings_reader(
-                        with_env_file(original_environ, settings["ENV_FILE"])))
+                        with_env_file(original_environ, settings["ENV_FILE"])), uses=uses)
                 except RotatorError:
                     return good
                 return good if replan.errors else b"".join(l.raw for l in replan.new_lines)
@@ -2106,8 +2201,10 @@ def recorded_status(old_data, settings, now):
 
 def planned_status(config_path, old_data, environ, settings, now):
     """door_status()'s doors and plan facts, from the secrets."""
+    uses = read_uses(settings["STATE_DIR"])
     plan = plan_rotation(config_path, old_data, now,
-                         settings_reader(with_env_file(environ, settings["ENV_FILE"])))
+                         settings_reader(with_env_file(environ, settings["ENV_FILE"])),
+                         uses=uses)
     held = door_sequences(plan.user_lines)
     doors = []
     for door in plan.doors:
@@ -2120,6 +2217,10 @@ def planned_status(config_path, old_data, environ, settings, now):
         entry["previous"] = (not entry["current"] and
                              held.get(door) == door_settings.sequence_at(start - period))
         entry["sequence"] = (held.get(door) or b"").decode("utf-8", "replace")
+        if door_settings.single_use:
+            burns = uses.get(door, {}).get("burns", [])
+            entry["uses"] = use_count(uses, door_settings, start)
+            entry["burns_last_minute"] = sum(1 for t in burns if now - t < BURST_SECONDS)
         doors.append(entry)
     return doors, plan.old_block, b"".join(line.raw for line in plan.new_lines) == old_data
 
@@ -2168,6 +2269,10 @@ def status_state(report):
             warning.append("%s: rotation due" % door["door"])
         else:
             critical.append("%s does not hold the current sequence" % door["door"])
+    for door in report["doors"]:
+        if door.get("burns_last_minute", 0) >= BURST_BURNS:
+            warning.append("%s opened %d times in %d s (a client in a loop, or a replay?)"
+                           % (door["door"], door["burns_last_minute"], BURST_SECONDS))
     if report["grace_block_present"] != report["grace_active"]:
         warning.append("the grace block is %s" % ("left after the grace" if
                                                    report["grace_block_present"] else "missing"))
@@ -2204,16 +2309,18 @@ def status(config_path, environ, now, as_json, show_sequences):
     print("grace: %s" % ("active until %s" % utc(report["grace_until"])
                          if report["grace_active"] else "not active"))
     for door in report["doors"]:
-        print("%s: %s%s" % (door["door"], "current" if door["current"] else
-                            "previous period's" if door["previous"] else "NOT current",
-                            " " + door["sequence"] if show_sequences else ""))
+        print("%s: %s%s%s" % (door["door"], "current" if door["current"] else
+                              "previous period's" if door["previous"] else "NOT current",
+                              "; single use, used %d times this period" % door["uses"]
+                              if "uses" in door else "",
+                              " " + door["sequence"] if show_sequences else ""))
     return STATUS_CODES[state]
 
 
 # ---------------------------------------------------------------- CLI
 
 EPILOG = """\
-commands (a unique prefix is enough: ch, st, a, r, l):
+commands (a unique prefix is enough: ch, st, a, r, l, b):
   (none)         rotate: bring the doors to the current period and reload knockd
   check          check knockd.conf against knockd 0.8's grammar and its silent traps
   status         the state of every rotator door, for monitoring (exit 0 OK,
@@ -2221,6 +2328,7 @@ commands (a unique prefix is enough: ch, st, a, r, l):
   add-client     enrol a client: its own door and secret (optional PIN or TOTP)
   remove-client  remove a client's door and secret
   list-clients   the rotator doors and their clients, never a secret
+  burn           move a single-use door on to its next sequence (start_command)
 
 examples:
   %(prog)s                          rotate /etc/knockd.conf, reload knockd
@@ -2236,7 +2344,7 @@ exit codes: 0 ok, 1 knockd refused the reload (previous file restored),
             6 lock held by another run, 7 knockd down and recovery failed
 """
 
-COMMANDS = ("check", "status", "add-client", "remove-client", "list-clients")
+COMMANDS = ("check", "status", "add-client", "remove-client", "list-clients", "burn")
 # Options that take a value: the word after them is not a command.
 VALUE_OPTIONS = ("--config", "--at")
 
@@ -2312,6 +2420,13 @@ def build_parser():
                         help="the client's name")
     command("list-clients", "List the rotator doors and their clients (never a secret)",
             "  list-clients")
+    burn = command("burn", "Move a single-use door on to its next sequence (its start_command "
+                   "runs this when it opens)",
+                   "  start_command = /usr/local/sbin/knockd_rotator_server.py burn "
+                   "ssh_ROTATOR & <what opens the port>\n"
+                   "The door needs KNOCKD_ROTATOR_SINGLE_USE=1 (or _SINGLE_USE_<NAME>=1); its\n"
+                   "grace sibling burns itself as DOOR_GRACE.")
+    burn.add_argument("door", metavar="DOOR", help="the [*_ROTATOR] door that opened")
     return parser
 
 
@@ -2348,6 +2463,11 @@ def run(argv, environ):
         return remove_client(args.config, environ, time.time(), args.name)
     if args.command == "list-clients":
         return list_clients(args.config, environ)
+    if args.command == "burn":
+        now = time.time()
+        plan = rotate(args.config, environ, now, burn=args.door)
+        tell_next_event(args.config, plan.event, now, server_settings(environ))
+        return EXIT_OK
     if args.watch:
         return watch(args.config, environ, args.verbose)
     if args.at is not None:

@@ -64,7 +64,7 @@ def test_a_door_without_a_secret_names_both_variables():
     ({"KNOCKD_ROTATOR_MODE": "totp", "KNOCKD_ROTATOR_PERIOD_MODULO_X": "60"},
      "KNOCKD_ROTATOR_PERIOD_MODULO_X must be a whole number from 30 to 30"),
     ({"KNOCKD_ROTATOR_ALGORITHM": "legacy-v1", "KNOCKD_ROTATOR_PIN_X": "1234"},
-     "legacy-v1 has no PIN and no totp mode"),
+     "legacy-v1 has no PIN, no totp mode and no single use"),
     ({"KNOCKD_ROTATOR_GRACE_X": "16", "KNOCKD_ROTATOR_MODE_X": "totp"},
      "KNOCKD_ROTATOR_GRACE_X must be a whole number from 0 to 15")])
 def test_bad_door_settings(env, words):
