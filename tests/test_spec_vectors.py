@@ -164,3 +164,36 @@ def test_key_vector_matches_the_scripts(vector):
     finally:
         del client.print
     assert printed == [vector["sequence"]]
+
+
+USE_FIELDS = ("secret", "pin", "door", "now", "period", "length", "port_modulo", "use",
+              "use_key", "period_start", "sequence")
+USE_VECTORS = spec_vectors("Use vector", USE_FIELDS, plain=("use_key", "sequence"))
+
+
+@pytest.mark.parametrize("vector", USE_VECTORS)
+def test_use_vector_matches_independent_implementation_and_the_server(vector):
+    """Single use, from the SPEC's text: use 0 keeps the key, use n > 0 is an
+    HMAC of the tag and the counter under it."""
+    import knockd_rotator_server as server
+    key = independent_key("secret", vector["secret"], vector["pin"], vector["door"], "")
+    if vector["use"]:
+        key = hmac.new(key, b"knockd-rotator/1 use" + struct.pack(">I", vector["use"]),
+                       hashlib.sha256).digest()
+    assert key.hex() == vector["use_key"]
+    assert independent_sequence(key, vector["door"], vector["now"], vector["period"], 0,
+                                vector["length"], vector["port_modulo"]) == (
+        vector["period_start"], vector["sequence"])
+    env = {"KNOCKD_ROTATOR_SECRET": vector["secret"], "KNOCKD_ROTATOR_PIN": vector["pin"],
+           "KNOCKD_ROTATOR_PERIOD_MODULO": str(vector["period"]),
+           "KNOCKD_ROTATOR_SINGLE_USE": "1"}
+    settings = server.with_sequences(server.read_settings(env, vector["door"]))
+    assert settings.sequence_at(vector["period_start"], vector["use"]).decode() == \
+        vector["sequence"]
+
+
+def test_use_vectors_start_at_the_plain_sequence():
+    vectors = [p.values[0] for p in USE_VECTORS]
+    assert vectors[0]["use"] == 0 and vectors[0]["use_key"] == \
+        vectors[0]["secret"].encode().hex()
+    assert any(v["pin"] for v in vectors) and len({v["use"] for v in vectors}) >= 3
