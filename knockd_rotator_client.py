@@ -63,6 +63,14 @@ CHECK_INTERVAL = 0.1
 CHECK_FIRST_TIMEOUT = 0.125
 CHECK_CONNECT_TIMEOUT = 1.0
 
+# Single-use doors: how many counters past the remembered one --check tries
+# (another device, or a lost state file, may have used some), and how long
+# each of those tries waits for the port.  knockd opens within about 50 ms of
+# the last knock; a door that opens later than the wait has burned its use
+# anyway, and the next try opens it with the next one.
+LOOK_AHEAD = 10
+LOOK_AHEAD_WAIT = 0.5
+
 
 # BEGIN SHARED GENERATOR
 # This block is byte-identical in knockd_rotator_client.py and
@@ -421,6 +429,55 @@ def wait_for_port(family, sockaddr, port, timeout):
         time.sleep(min(CHECK_INTERVAL, max(0.0, deadline - time.monotonic())))
 
 
+# ---------------------------------------------------------------- single use
+#
+# A single-use door takes each sequence once (docs/SPEC.md, single use).  The
+# client remembers, per door, the next use counter of the current period in a
+# file of its own (0600): not a secret, but nobody else's business.
+
+def uses_file(environ):
+    explicit = environ.get("KNOCKD_ROTATOR_USES_FILE")
+    if explicit:
+        return explicit
+    base = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                         ".local", "state")
+    return os.path.join(base, "knockd_rotator", "uses.json")
+
+
+def remembered_use(path, door, start):
+    import json
+    try:
+        with open(path) as handle:
+            entry = json.load(handle).get(door, {})
+        return int(entry["next"]) if entry.get("start") == start else 0
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0
+
+
+def remember_use(path, door, start, next_use):
+    """Write the next use of DOOR atomically; a failure only costs a look-ahead."""
+    import json
+    try:
+        with open(path) as handle:
+            uses = json.load(handle)
+        if not isinstance(uses, dict):
+            uses = {}
+    except (OSError, ValueError):
+        uses = {}
+    uses[door] = {"start": start, "next": next_use}
+    folder = os.path.dirname(path) or "."
+    temporary = "%s.%d.tmp" % (path, os.getpid())
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(uses, handle, sort_keys=True)
+        os.replace(temporary, path)
+    except OSError as exc:
+        print("warning: cannot remember the use counter in %s: %s" % (path, exc.strerror),
+              file=sys.stderr)
+
+
 # ---------------------------------------------------------------- CLI
 
 def offset_number(text):
@@ -438,6 +495,12 @@ def positive_seconds(text):
     if not 0 < value <= 86400:
         raise argparse.ArgumentTypeError("%r is not a number of seconds from 0 to 86400" % text)
     return value
+
+
+def use_number(text):
+    if not (text.isascii() and text.isdigit()) or int(text) > 1000000:
+        raise argparse.ArgumentTypeError("%r is not a use counter from 0 to 1000000" % text)
+    return int(text)
 
 
 def delay_ms(text):
@@ -486,6 +549,9 @@ def build_parser():
         sub.add_argument("--code", metavar="CODE",
                          help="totp mode: the 6-digit code of the authenticator app, "
                               "or - to type it")
+        sub.add_argument("--use", type=use_number, metavar="N",
+                         help="single-use doors: the use counter to knock with (default: "
+                              "the one this client remembers, see KNOCKD_ROTATOR_USES_FILE)")
 
     generate = commands.add_parser(
         "generate", allow_abbrev=False, help="print the current sequence",
@@ -522,7 +588,7 @@ def build_parser():
 # Options whose value may be negative.  `knock` has the options -4 and -6, so
 # argparse takes any `-1` there for an option: such values are glued to their
 # option (`--offset=-1`) before parsing.
-NUMERIC_OPTIONS = ("--offset", "--check-timeout", "--delay")
+NUMERIC_OPTIONS = ("--offset", "--check-timeout", "--delay", "--use")
 
 
 def prepare_argv(argv):
@@ -597,12 +663,19 @@ def run(argv, environ, now):
     settings = door_settings(args, environ)
     door, period = settings.door, settings.period
 
-    def sequence_at(start):
-        return settings.generate(settings.key, door, start, settings.length,
+    def sequence_at(start, use=0):
+        return settings.generate(use_key(settings.key, use), door, start, settings.length,
                                  settings.port_modulo)
 
     start = period_start(now, period, args.offset)
-    sequence = sequence_at(start)
+    if args.use is not None and not settings.single_use:
+        raise RotatorError("--use is for single-use doors, and %s is not one" % door,
+                           "leave out --use, or set %s=1 as the server has it"
+                           % own_variable("SINGLE_USE", door), EXIT_USAGE)
+    uses_path = uses_file(environ)
+    use = args.use if args.use is not None else (
+        remembered_use(uses_path, door, start) if settings.single_use else 0)
+    sequence = sequence_at(start, use)
 
     if args.command == "generate":
         if args.format == "json":
@@ -619,8 +692,28 @@ def run(argv, environ, now):
     family, sockaddr = resolve_host(args.host, family)
     send_knocks(family, sockaddr, sequence, args.delay / 1000.0)
     if args.check is None:
+        if settings.single_use:
+            remember_use(uses_path, door, start, use + 1)
         return EXIT_OK
-    took = wait_for_port(family, sockaddr, args.check, args.check_timeout)
+    if settings.single_use:
+        # The remembered counter may be behind (another device used the door,
+        # or this state was lost): walk a few counters ahead.
+        took = wait_for_port(family, sockaddr, args.check, min(args.check_timeout,
+                                                               LOOK_AHEAD_WAIT))
+        for ahead in range(1, LOOK_AHEAD + 1):
+            if took is not None:
+                break
+            print("port %d on %s did not open; knocking with use %d (another device may "
+                  "have used the door)" % (args.check, args.host, use + ahead), file=sys.stderr)
+            send_knocks(family, sockaddr, sequence_at(start, use + ahead), args.delay / 1000.0)
+            took = wait_for_port(family, sockaddr, args.check, min(args.check_timeout,
+                                                                   LOOK_AHEAD_WAIT))
+            if took is not None:
+                use += ahead
+        if took is not None:
+            remember_use(uses_path, door, start, use + 1)
+    else:
+        took = wait_for_port(family, sockaddr, args.check, args.check_timeout)
     other = other_period(now, period, settings.grace)
     if took is None and other:
         # Our clock and the server's may sit on two sides of the boundary (in

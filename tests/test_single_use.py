@@ -12,7 +12,8 @@ import time
 import pytest
 
 import knockd_rotator_server as server
-from conftest import GUARDED_PORT, SECRET, SERVER, alive_command, need_root_and, wait_until
+from conftest import (GUARDED_PORT, SECRET, SERVER, alive_command, need_root_and, rotator_env,
+                      run_client, wait_until)
 
 SEND = r"""
 import socket, struct, sys
@@ -28,7 +29,7 @@ for port in sys.argv[2:]:
 class SingleUseDoor:
     """knockd with one single-use door whose start_command burns it."""
 
-    def __init__(self, netns, tmp_path, period=3600, grace=0):
+    def __init__(self, netns, tmp_path, period=3600, grace=0, cmd_timeout=5):
         self.netns, self.tmp = netns, tmp_path
         self.config = tmp_path / "knockd.conf"
         self.log = tmp_path / "knockd.log"
@@ -50,8 +51,9 @@ class SingleUseDoor:
         self.config.write_text(
             "[options]\n\tlogfile = %s\n\n[ssh_ROTATOR]\n\tseq_timeout = 10\n\ttcpflags = syn\n"
             "\tstart_command = %s /usr/sbin/iptables -I INPUT -s %%IP%% -p tcp --dport %d -j "
-            "ACCEPT\n\tcmd_timeout = 5\n\tstop_command = /usr/sbin/iptables -D INPUT -s %%IP%% "
-            "-p tcp --dport %d -j ACCEPT\n" % (self.log, burn, GUARDED_PORT, GUARDED_PORT))
+            "ACCEPT\n\tcmd_timeout = %d\n\tstop_command = /usr/sbin/iptables -D INPUT -s %%IP%% "
+            "-p tcp --dport %d -j ACCEPT\n" % (self.log, burn, GUARDED_PORT, cmd_timeout,
+                                              GUARDED_PORT))
         self.env = {"KNOCKD_ROTATOR_ENV_FILE": str(self.env_file), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 
     def rotate(self, *args):
@@ -139,3 +141,54 @@ def test_a_replay_within_the_grace_opens_nothing(guarded, tmp_path):
     assert time.time() % 10 < 5, "all of it within the grace"
     assert [door.opened("127.0.1.%d" % (host + 1)) for host in range(10)] == [0] * 10
     assert "127.0.0.2: ssh_ROTATOR_GRACE: OPEN SESAME" in door.log.read_text()
+
+
+def client_knock(door, uses_file):
+    """Our client, with the door's settings and a use counter file of its own."""
+    env = rotator_env(SECRET=None)
+    env.update(server.env_values(door.env_file.read_bytes()))
+    env["KNOCKD_ROTATOR_USES_FILE"] = str(uses_file)
+    return run_client("knock", "127.0.0.1", "ssh", "--check", GUARDED_PORT, "--check-timeout",
+                      "10", env=env, netns=door.netns.name)
+
+
+@pytest.fixture
+def short_door(guarded, tmp_path):
+    """A single-use door that closes 1 s after it opened."""
+    need_root_and("knockd")
+    made = SingleUseDoor(guarded, tmp_path, cmd_timeout=1)
+    made.rotate()
+    wait_until(lambda: "listening on lo" in made.log.read_text(errors="replace"), 10,
+               "knockd to listen")
+    return made
+
+
+def knock_when_shut(door, uses_file):
+    wait_until(lambda: not door.netns.tcp_open(GUARDED_PORT, timeout=0.1), 10,
+               "the port to close again")
+    knocked = client_knock(door, uses_file)
+    assert knocked.returncode == 0, knocked.stderr
+    return knocked
+
+
+def test_two_clients_share_a_door_without_knowing_each_other_s_counter(short_door, tmp_path):
+    files = [tmp_path / "laptop-uses.json", tmp_path / "phone-uses.json"]
+    looked_ahead = 0
+    for turn in range(6):
+        knocked = knock_when_shut(short_door, files[turn % 2])
+        looked_ahead += knocked.stderr.count("another device may have used the door")
+    assert short_door.opened("127.0.0.1") >= 6
+    print("6 knocks by two devices in turn: %d needed the look-ahead" % looked_ahead)
+    assert looked_ahead == 5, "all but the first find the other's use burned"
+    assert oct(files[0].stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_client_that_lost_its_counter_still_gets_in(short_door, tmp_path):
+    uses = tmp_path / "uses.json"
+    for _ in range(3):
+        knock_when_shut(short_door, uses)
+    assert "another device" not in knock_when_shut(short_door, uses).stderr
+    uses.unlink()
+    knocked = knock_when_shut(short_door, uses)
+    assert knocked.stderr.count("another device may have used the door") == 4
+    assert '"next": 5' in uses.read_text()
