@@ -715,6 +715,38 @@ def test_first_rotation_starts_knockd(container):
     box.assert_no_secret_seen()
 
 
+def test_a_knockd_that_dies_comes_back_and_rotation_carries_on(container):
+    """knockd 0.8 crashes at reloads under a flood: the drop-in install.sh
+    adds to knockd.service starts it again, and the next rotation goes on
+    with a knock that opens.  Killed again at a rotation's reload (as a crash
+    there), it runs with the new file, not the old one."""
+    box = container
+    install(box)
+    knockd_setup(box)
+    readme_steps(box)
+    box.sh("systemctl start knockd_rotator.service")
+    first = knockd_pid(box)
+    assert box.show("knockd.service", "Restart")["Restart"] == "on-failure"
+    box.sh("kill -SEGV %d" % first)
+    wait_until(lambda: knockd_pid(box) not in (0, first), 15, "systemd to start knockd again")
+    wait_until(lambda: knockd_log(box).count("listening on lo") >= 2, 10,
+               "knockd to listen again")
+    knock(box)
+    # A rotation whose reload meets a dying knockd: it runs with the new file.
+    settings(box, PERIOD_MODULO=31622399, RELOAD_COMMAND="'systemctl kill --signal=SEGV knockd'")
+    box.sh("systemctl start knockd_rotator.service")
+    assert "knockd died after the reload" in box.journal("knockd_rotator.service")
+    assert box.sh("systemctl is-active knockd.service", check=False).stdout.strip() == "active"
+    assert_current(box)
+    # The kill took the child that would have run the first knock's
+    # stop_command: this README iptables door does not close itself.
+    for rule in box.sh("iptables -S INPUT").stdout.splitlines():
+        if rule.startswith("-A") and "ACCEPT" in rule:
+            box.sh("iptables " + rule.replace("-A", "-D", 1))
+    knock(box)
+    box.assert_no_secret_seen()
+
+
 def run_piped(box, shell, timeout=60):
     """Run SHELL in the container as an admin's terminal would, its output
     through pipes, with strace recording every program it starts.  Fails
