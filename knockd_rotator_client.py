@@ -700,16 +700,19 @@ def run(argv, environ, now):
         # or this state was lost): walk a few counters ahead.
         took = wait_for_port(family, sockaddr, args.check, min(args.check_timeout,
                                                                LOOK_AHEAD_WAIT))
-        for ahead in range(1, LOOK_AHEAD + 1):
+        # Then the counters below the remembered one, in case the server's
+        # state was reset (they are burned otherwise, and only cost time).
+        tries = [use + ahead for ahead in range(1, LOOK_AHEAD + 1)] + list(range(use))
+        for candidate in tries[:2 * LOOK_AHEAD]:
             if took is not None:
                 break
             print("port %d on %s did not open; knocking with use %d (another device may "
-                  "have used the door)" % (args.check, args.host, use + ahead), file=sys.stderr)
-            send_knocks(family, sockaddr, sequence_at(start, use + ahead), args.delay / 1000.0)
+                  "have used the door)" % (args.check, args.host, candidate), file=sys.stderr)
+            send_knocks(family, sockaddr, sequence_at(start, candidate), args.delay / 1000.0)
             took = wait_for_port(family, sockaddr, args.check, min(args.check_timeout,
                                                                    LOOK_AHEAD_WAIT))
             if took is not None:
-                use += ahead
+                use = candidate
         if took is not None:
             remember_use(uses_path, door, start, use + 1)
     else:

@@ -1955,10 +1955,10 @@ def client_environment(environ, door):
         lines = {own_variable("SECRET", door): settings.secret}
     for setting, field in [("ALGORITHM", "algorithm"), ("LENGTH", "length"),
                            ("PORT_MODULO", "port_modulo"), ("PERIOD_MODULO", "period"),
-                           ("GRACE", "grace")]:
+                           ("GRACE", "grace"), ("SINGLE_USE", "single_use")]:
         value = getattr(settings, field)
         if getattr(read_settings(lines, door), field) != value:
-            lines[own_variable(setting, door)] = str(value)
+            lines[own_variable(setting, door)] = str(int(value) if value is True else value)
     return lines
 
 
@@ -1984,6 +1984,21 @@ def otpauth_uri(door, host, secret):
                quote("knockd-rotator"), TOTP_DIGITS, TOTP_PERIOD))
 
 
+def burn_command(config_path, door, environ):
+    """The start of a single-use door's start_command: `burn DOOR` in the
+    background, so that the port opens without waiting for the reload.
+    knockd's child has no KNOCKD_ROTATOR_* variable: the ones this run has
+    (its settings, and the environment file's path) go along, but never a
+    secret or a PIN, which the burn reads from the environment file."""
+    import shlex
+    assignments = ["%s=%s" % (name, shlex.quote(value)) for name, value in sorted(environ.items())
+                   if name.startswith("KNOCKD_ROTATOR_")
+                   and not name.startswith(("KNOCKD_ROTATOR_SECRET", "KNOCKD_ROTATOR_PIN"))]
+    return " ".join(assignments + [shlex.quote(SCRIPT), "--config",
+                                   shlex.quote(os.path.realpath(config_path)), "burn", door,
+                                   "& "])
+
+
 def add_client(config_path, environ, now, args):
     """Enrol a client: a door of its own, a new secret, one rotation; then
     print what the client needs."""
@@ -2002,6 +2017,9 @@ def add_client(config_path, environ, now, args):
     if args.pin:
         assignments.append((own_variable("PIN", door), read_new_pin(door)))
     env_path = server_settings(environ)["ENV_FILE"]
+    if args.single_use:
+        assignments.append((own_variable("SINGLE_USE", door), "1"))
+        commands = (burn_command(config_path, door, environ) + commands[0],) + commands[1:]
 
     def prepare(lines, values):
         if name in client_marks(lines) or door in rotator_doors(lines):
@@ -2077,7 +2095,8 @@ def list_clients(config_path, environ):
     for name, index in client_marks(lines).items():
         if index + 1 < len(lines) and lines[index + 1].kind == "section":
             client_of[lines[index + 1].section.decode("utf-8", "surrogateescape")] = name
-    rows = [("CLIENT", "DOOR", "MODE", "PIN", "SECRET", "PERIOD")]
+    rows = [("CLIENT", "DOOR", "MODE", "PIN", "SECRET", "PERIOD", "USES")]
+    uses, now = read_uses(server_settings(environ)["STATE_DIR"]), time.time()
     for door in rotator_doors(lines):
         variable, secret = door_variable(environ, "SECRET", door)
         source = ("missing" if secret is None else
@@ -2085,9 +2104,12 @@ def list_clients(config_path, environ):
         try:
             settings = read_settings(environ, door)
             mode, pin, period = settings.mode, "yes" if settings.pin else "no", settings.period
+            # Single use: the openings of this period.
+            used = (str(use_count(uses, settings, period_start(now, period)))
+                    if settings.single_use else "-")
         except RotatorError as exc:
-            mode, pin, period = "error: " + exc.what, "?", "?"
-        rows.append((client_of.get(door, "-"), door, mode, pin, source, str(period)))
+            mode, pin, period, used = "error: " + exc.what, "?", "?", "?"
+        rows.append((client_of.get(door, "-"), door, mode, pin, source, str(period), used))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join([cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]))
@@ -2414,6 +2436,9 @@ def build_parser():
                           "instead of a stored secret (30 s periods)")
     add.add_argument("--host", metavar="HOST",
                      help="this server's name for the client (default: the host name)")
+    add.add_argument("--no-single-use", dest="single_use", action="store_false",
+                     help="let a sequence open the door again until its period ends (by "
+                          "default each opening burns it: see Single-use knocks)")
     remove = command("remove-client", "Remove a client's door and settings, then reload knockd",
                      "  remove-client alice")
     remove.add_argument("name", metavar="NAME", type=lambda text: check_name("client", text),

@@ -40,10 +40,23 @@ def need_root_and(*programs):
         need(shutil.which(program), "needs %s (run tests/run to install it)" % program)
 
 
+# The client's single-use counters: a file of each test's own (see below).
+USES_FILE = [None]
+
+
+@pytest.fixture(autouse=True)
+def client_uses_file(tmp_path):
+    USES_FILE[0] = tmp_path / "client-uses.json"
+    yield
+    USES_FILE[0] = None
+
+
 def rotator_env(**overrides):
     """The test process's environment with only our KNOCKD_ROTATOR_* settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KNOCKD_ROTATOR_")}
     env["KNOCKD_ROTATOR_SECRET"] = SECRET
+    if USES_FILE[0]:
+        env["KNOCKD_ROTATOR_USES_FILE"] = str(USES_FILE[0])
     for key, value in overrides.items():
         name = "KNOCKD_ROTATOR_" + key
         if value is None:

@@ -16,7 +16,7 @@ import pytest
 
 import knockd_rotator_client as client
 import knockd_rotator_server as server
-from conftest import (GUARDED_PORT, SECRET, Watch, alive_command, need, need_root_and,
+from conftest import (GUARDED_PORT, SECRET, SERVER, Watch, alive_command, need, need_root_and,
                       rotator_env, run_client, run_server, wait_until)
 
 BASE_CONFIG = b"[options]\n\tlogfile = /dev/null\n\n[ssh_ROTATOR]\n\tsequence = 1\n" \
@@ -249,13 +249,16 @@ def test_add_client_then_remove_client(enrol):
     lines = client_lines(added.stdout)
     secret = lines["KNOCKD_ROTATOR_SECRET_ALICE_SSH"]
     assert len(secret) >= 43
-    # The server's period is not the client's default: the lines carry it.
+    # The server's period is not the client's default: the lines carry it;
+    # and the door is single-use, which the client must know.
     assert lines == {"KNOCKD_ROTATOR_SECRET_ALICE_SSH": secret,
-                     "KNOCKD_ROTATOR_PERIOD_MODULO_ALICE_SSH": "31622400"}
+                     "KNOCKD_ROTATOR_PERIOD_MODULO_ALICE_SSH": "31622400",
+                     "KNOCKD_ROTATOR_SINGLE_USE_ALICE_SSH": "1"}
     assert secret not in added.stderr, "the secret is printed for the client, never logged"
     assert "knockd_rotator_client.py knock srv alice_ssh --check 22" in added.stdout
     assert enrol.env_file.read_bytes() == before[1] + (
-        "KNOCKD_ROTATOR_SECRET_ALICE_SSH=%s\n" % secret).encode()
+        "KNOCKD_ROTATOR_SECRET_ALICE_SSH=%s\nKNOCKD_ROTATOR_SINGLE_USE_ALICE_SSH=1\n"
+        % secret).encode()
     assert oct(os.stat(enrol.env_file).st_mode & 0o777) == "0o600"
     text = enrol.config.read_text()
     assert text.startswith(BASE_CONFIG.decode().replace("\tsequence = 1", "\tsequence = "
@@ -266,10 +269,12 @@ def test_add_client_then_remove_client(enrol):
     assert re.fullmatch(
         r"# knockd_rotator client alice: .*\n\[alice_ssh_ROTATOR\]\n    sequence = [0-9:tcp,]+\n"
         r"    seq_timeout   = 15\n    tcpflags      = syn\n"
-        r"    start_command = {0} -I INPUT -s %IP% -p tcp --dport 22 -j ACCEPT\n"
+        r"    start_command = {1} {2} --config {3} burn alice_ssh_ROTATOR & "
+        r"{0} -I INPUT -s %IP% -p tcp --dport 22 -j ACCEPT\n"
         r"    cmd_timeout   = 30\n"
         r"    stop_command  = {0} -D INPUT -s %IP% -p tcp --dport 22 -j ACCEPT\n"
-        .format(re.escape(iptables)), door), door
+        .format(re.escape(iptables), "KNOCKD_ROTATOR_[A-Z_]+=[^ ]+( KNOCKD_ROTATOR_[A-Z_]+=[^ ]+)*",
+                re.escape(str(SERVER)), re.escape(str(enrol.config))), door), door
     # The printed lines make the client compute the door's sequence.
     held = server.door_sequences(server.parse_config(enrol.config.read_bytes()))
     generated = run_client("gen", "alice_ssh", env=client_env(lines))
@@ -277,8 +282,8 @@ def test_add_client_then_remove_client(enrol):
 
     listed = enrol.run("list-clients")
     assert listed.returncode == 0
-    assert re.search(r"alice +alice_ssh_ROTATOR +secret +no +own +31622400\n", listed.stdout)
-    assert re.search(r"- +ssh_ROTATOR +secret +no +shared +31622400\n", listed.stdout)
+    assert re.search(r"alice +alice_ssh_ROTATOR +secret +no +own +31622400 +0\n", listed.stdout)
+    assert re.search(r"- +ssh_ROTATOR +secret +no +shared +31622400 +-\n", listed.stdout)
     assert secret not in listed.stdout + listed.stderr and SECRET not in listed.stdout
 
     removed = enrol.run("remove-client", "alice")
@@ -329,7 +334,8 @@ def test_add_client_in_totp_mode_prints_the_otpauth_uri(enrol):
     assert uri == ("otpauth://totp/knockd-rotator:dave_ssh_ROTATOR%40srv?secret=" + secret +
                    "&issuer=knockd-rotator&algorithm=SHA1&digits=6&period=30")
     assert len(base64.b32decode(secret)) == 20
-    assert client_lines(added.stdout) == {"KNOCKD_ROTATOR_MODE_DAVE_SSH": "totp"}, \
+    assert client_lines(added.stdout) == {"KNOCKD_ROTATOR_MODE_DAVE_SSH": "totp",
+                                          "KNOCKD_ROTATOR_SINGLE_USE_DAVE_SSH": "1"}, \
         "a totp door's period is 30 s whatever the server's general period"
     assert "knock srv dave_ssh --code - --check 22" in added.stdout
     listed = enrol.run("list-clients")
@@ -448,9 +454,14 @@ def test_two_enrolled_clients_each_open_only_their_own_door(enrol, guarded, star
         assert result.returncode == 1 and "did not open" in result.stderr, result.stderr
     assert "OPEN SESAME" not in knockd.log_text()
 
+    reloads = knockd.log_text().count("re-reading config file")
     right = knock(guarded, "alice_ssh", alice_env, "--pin", input=b"7531\n")
     assert right.returncode == 0, right.stderr
     assert (opened(knockd, "alice_ssh_ROTATOR"), opened(knockd, "bob_ssh_ROTATOR")) == (1, 0)
+    # Alice's door is single-use: its burn reloads knockd, which drops a knock
+    # in progress; bob knocks after it (his --check cannot tell, the port
+    # being open for alice's address already).
+    knockd.wait_log(r"re-reading config file", "alice's burn", count=reloads + 1)
     bob_knock = knock(guarded, "bob_ssh", bob_env)
     assert bob_knock.returncode == 0, bob_knock.stderr
     # The port is open already (alice's door): knockd's log tells the doors apart.
