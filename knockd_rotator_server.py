@@ -1000,10 +1000,18 @@ def take_lock(state_dir):
             time.sleep(0.05)
 
 
+def without_secrets(environ):
+    """ENVIRON less every secret and PIN: the reload, check, recover and kill
+    commands, and a knockd one of them starts, need none."""
+    return {name: value for name, value in environ.items()
+            if not name.startswith(("KNOCKD_ROTATOR_SECRET", "KNOCKD_ROTATOR_PIN"))}
+
+
 def run_command(command):
     """Run a shell command line: (success, last line of its output)."""
     try:
         result = subprocess.run(command, shell=True, stdin=subprocess.DEVNULL,
+                                env=without_secrets(os.environ),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 timeout=COMMAND_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -1969,6 +1977,7 @@ def qr_code(text, environ):
     if program:
         # The text goes through stdin: a command line is visible to every user.
         result = subprocess.run([program, "-t", "UTF8", "-m", "2"], input=text.encode(),
+                                env=without_secrets(os.environ),
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         if result.returncode == 0:
             return result.stdout.decode("utf-8", "replace")
@@ -1991,9 +2000,9 @@ def burn_command(config_path, door, environ):
     (its settings, and the environment file's path) go along, but never a
     secret or a PIN, which the burn reads from the environment file."""
     import shlex
-    assignments = ["%s=%s" % (name, shlex.quote(value)) for name, value in sorted(environ.items())
-                   if name.startswith("KNOCKD_ROTATOR_")
-                   and not name.startswith(("KNOCKD_ROTATOR_SECRET", "KNOCKD_ROTATOR_PIN"))]
+    assignments = ["%s=%s" % (name, shlex.quote(value))
+                   for name, value in sorted(without_secrets(environ).items())
+                   if name.startswith("KNOCKD_ROTATOR_")]
     return " ".join(assignments + [shlex.quote(SCRIPT), "--config",
                                    shlex.quote(os.path.realpath(config_path)), "burn", door,
                                    "& "])

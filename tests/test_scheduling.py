@@ -196,3 +196,22 @@ def test_the_watch_shows_failures_and_exits_after_three(tmp_path, server_env):
     assert any(s.startswith("STATUS=FAILING (1 in a row): error: knockd did not take")
                for s in statuses), statuses
     assert statuses[-1].startswith("STATUS=FAILING: error:"), statuses
+
+
+def test_commands_get_no_secret(tmp_path, server_env):
+    """The reload, check and recover commands (and a knockd they start) see
+    neither the secret nor a PIN: a unit's EnvironmentFile puts them into
+    the server's environment, not theirs."""
+    config = tmp_path / "knockd.conf"
+    config.write_bytes(DOOR)
+    dumps = tmp_path / "environments"
+    dump = "env >> %s; echo --- >> %s" % (dumps, dumps)
+    env = server_env(RELOAD_COMMAND=dump + "; cat %s >/dev/null" % config, CHECK_COMMAND=dump,
+                     PIN_SSH="2468-1357-x")
+    result = run_server("--config", config, env=env)
+    assert result.returncode == 0, result.stderr
+    seen = dumps.read_text()
+    assert seen.count("---") >= 3, "the reload and the checks ran"
+    assert SECRET not in seen and "2468-1357-x" not in seen
+    assert "KNOCKD_ROTATOR_SECRET" not in seen and "KNOCKD_ROTATOR_PIN" not in seen
+    assert "KNOCKD_ROTATOR_STATE_DIR=" in seen, "the other settings stay"
