@@ -56,6 +56,10 @@ ip netns add "$namespace"
 ip -n "$namespace" link set lo up
 inside "$python" -m http.server "$port" --bind 127.0.0.1 >/dev/null 2>&1 &
 inside iptables -A INPUT -p tcp --dport "$port" -j DROP
+# add-client's iptables doors (step 6) write the address to this recent list,
+# which the rule accepts for 30 s: the hole closes even if knockd dies.
+inside iptables -I INPUT -p tcp --dport "$port" -m recent --name "knockd_rotator_$port" \
+    --rcheck --seconds 30 -j ACCEPT
 attempts=0
 until inside ss -ltn "sport = :$port" | grep -q LISTEN; do
     attempts=$((attempts + 1)); [ "$attempts" -lt 100 ] || { echo "error: the service did not start" >&2; exit 1; }
@@ -115,7 +119,7 @@ done
 echo "   port $port: closed again after about $(($(date +%s) - started)) s more"
 
 echo "== 6. a client of her own: add-client alice (her secret is printed once, for her)"
-"$python" "$here/knockd_rotator_server.py" --config "$work/knockd.conf" add-client alice \
+inside "$python" "$here/knockd_rotator_server.py" --config "$work/knockd.conf" add-client alice \
     --port "$port" --firewall iptables --host 127.0.0.1 > "$work/alice.txt"
 sed 's/^/   /' "$work/alice.txt"
 # Her environment: only the lines add-client printed, in a file only she can read.

@@ -56,6 +56,10 @@ with os.fdopen(descriptor, "w") as handle:
 PYTHON
         echo "created $env_file (mode 0600) with a new secret"
     fi
+    # knockd.conf holds the live sequences: Debian ships it readable by all.
+    if [ -f "$root/etc/knockd.conf" ]; then
+        chmod go-rwx "$root/etc/knockd.conf"
+    fi
     systemctl_here daemon-reload
     cat <<NEXT
 installed: $sbin/knockd_rotator_server.py, $sbin/knockd_rotator_client.py,

@@ -98,7 +98,10 @@ MIN_CHECK_SECONDS = 1
 DEFAULT_SERVER_INTERVAL = 3600
 
 COMMAND_TIMEOUT = 30     # seconds a reload, check or recover command may take
-CHECK_POLL = 0.2         # seconds between two runs of the check command
+CHECK_POLL = 0.05        # seconds between two runs of the check command
+# After knockd has re-read its file, this long alive is enough: a file it
+# refuses makes it exit at once.
+RELOAD_SETTLE = 0.2
 LOCK_TIMEOUT = 60        # seconds to wait for another run to finish
 # A boundary this much after the next timer run is still taken by a boundary
 # run: the timer may fire a little late.
@@ -629,6 +632,29 @@ def trap_warnings(lines):
     return warnings
 
 
+def ipv6_warnings(lines):
+    """Rotator doors whose start_command takes %IP% but that have no
+    start_command_6: (line, what, fix) tuples.  knockd 0.8 listens on IPv6
+    unless started with -4, and then runs start_command with an IPv6 %IP%
+    (`iptables -s ::1` fails: IPv6 clients are locked out).  `check` cannot
+    see knockd's flags, so it warns either way: with -4 the service must be
+    closed on IPv6 all the same.  A door whose start_command has no %IP%
+    opens the same thing for either family: not reported."""
+    warnings = []
+    for index, line in enumerate(lines):
+        if line.kind != "section" or not is_rotator(line.section):
+            continue
+        keys = {l.key: l.value for l in section_body(lines, index) if l.kind == "directive"}
+        if b"%IP%" in keys.get("START_COMMAND", b"") and "START_COMMAND_6" not in keys:
+            warnings.append((line.number, "rotator door [%s] has no start_command_6: an IPv6 "
+                             "knock runs start_command with an IPv6 %%IP%%, which an IPv4 "
+                             "firewall command refuses" % line.section.decode("utf-8", "replace"),
+                             "add start_command_6 and stop_command_6 (README, Doors), and close "
+                             "the service on IPv6: ip6tables -A INPUT -p tcp --dport PORT -j "
+                             "DROP, or tcp dport PORT drop in an inet table"))
+    return warnings
+
+
 def file_errors(lines):
     """What knockd needs on disk besides knockd.conf and refuses, or dies of,
     when it is not there: (line, what, fix) tuples.  A reload of such a file
@@ -1021,14 +1047,22 @@ def run_command(command):
     return result.returncode == 0, detail
 
 
-def knockd_stays_up(settings):
-    """Poll the check command for CHECK_SECONDS: (all passed, detail of a failure)."""
+def knockd_stays_up(settings, opens=None):
+    """Poll the check command for CHECK_SECONDS: (all passed, detail of a failure).
+    With OPENS (a FileOpens), evidence ends it sooner: knockd re-read the file
+    and still runs RELOAD_SETTLE seconds later.  A burn must not hold the lock
+    for whole seconds: the next opening's burn waits for it, and its replay
+    window with it."""
     deadline = time.monotonic() + settings["CHECK_SECONDS"]
+    reread = None
     while True:
         ok, detail = run_command(settings["CHECK_COMMAND"])
         if not ok:
             return False, "check command failed (%s)" % detail
-        if time.monotonic() >= deadline:
+        now = time.monotonic()
+        if reread is None and opens is not None and opens.seen(True):
+            reread = now
+        if now >= deadline or reread is not None and now - reread >= RELOAD_SETTLE:
             return True, ""
         time.sleep(CHECK_POLL)
 
@@ -1055,9 +1089,11 @@ class FileOpens:
             os.close(self.descriptor)
             self.descriptor = -1
 
-    def seen(self):
+    def seen(self, evidence_only=False):
+        """True once PATH was opened; where inotify is missing, True unless
+        EVIDENCE_ONLY (nothing was seen, so nothing proves it)."""
         if self.descriptor < 0:
-            return True
+            return not evidence_only
         return bool(select.select([self.descriptor], [], [], 0)[0])
 
     def close(self):
@@ -1092,7 +1128,7 @@ def load_into_knockd(path, new_data, fallback, was_running, settings):
             if not ok:
                 detail = "reload command failed (%s)" % detail
             else:
-                ok, detail = knockd_stays_up(settings)
+                ok, detail = knockd_stays_up(settings, opens)
                 hung = ok and not opens.seen()
         finally:
             opens.close()
@@ -1174,22 +1210,25 @@ def last_good(state_dir):
         return None
 
 
-def readable_by_others(env_file):
-    """A warning when ENV_FILE (the secret's file) is readable by others, else None."""
+def readable_by_others(path, what="the secret"):
+    """A warning when PATH (holding WHAT) is readable by others, else None.
+    knockd.conf holds the live sequences: Debian ships it 0644, and a local
+    user who reads it can open the doors from another address."""
     try:
-        mode = os.stat(env_file).st_mode
+        mode = os.stat(path).st_mode
     except OSError:
         return None
     if mode & 0o077:
-        return ("warning: %s is mode %04o: others can read the secret (chmod 600 %s)"
-                % (env_file, mode & 0o7777, env_file))
+        return ("warning: %s is mode %04o: others can read %s (chmod 600 %s)"
+                % (path, mode & 0o7777, what, path))
     return None
 
 
-def warn_if_readable_by_others(env_file):
-    warning = readable_by_others(env_file)
-    if warning:
-        log(warning)
+def warn_if_readable_by_others(env_file, config_path):
+    for warning in (readable_by_others(env_file),
+                    readable_by_others(config_path, "the live sequences")):
+        if warning:
+            log(warning)
 
 
 # ---------------------------------------------------------------- boundary runs
@@ -1495,8 +1534,8 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=Fal
     environment file with the config, or neither when anything fails.  BURN
     names a single-use door (or grace sibling) that has just opened."""
     settings = server_settings(environ)
-    warn_if_readable_by_others(settings["ENV_FILE"])
     config_path = os.path.realpath(config_path)
+    warn_if_readable_by_others(settings["ENV_FILE"], config_path)
     original_environ = environ
     with contextlib.nullcontext() if dry_run else take_lock(settings["STATE_DIR"]):
         if not dry_run:
@@ -1794,12 +1833,29 @@ def with_env_file(environ, path):
 CLIENT_MARK = b"# knockd_rotator client "
 NAME_MAX = 32            # characters of a client or service name
 FIREWALLS = {
-    # --firewall: (program, start_command, stop_command); {program} is its path.
-    "iptables": ("iptables", "{program} -I INPUT -s %IP% -p tcp --dport {port} -j ACCEPT",
-                 "{program} -D INPUT -s %IP% -p tcp --dport {port} -j ACCEPT"),
-    "nftables": ("nft", "{program} add element inet filter {set} {{ %IP% }}",
-                 "{program} delete element inet filter {set} {{ %IP% }}"),
-    "ufw": ("ufw", "{program} insert 1 allow from %IP% to any port {port} proto tcp",
+    # --firewall: (program, start_command, stop_command, start_command_6,
+    # stop_command_6); {program} is its path, {set} the list or set of the port,
+    # {seconds} cmd_timeout.  Every hole expires by itself after cmd_timeout, so
+    # that a knockd that dies (SIGKILL, a crash, a restart under systemd's
+    # KillMode=mixed) and never runs stop_command leaves no port open:
+    # iptables: the admin's `-m recent --rcheck --seconds N` rule accepts an
+    # address written to the kernel's recent list; one list holds both families.
+    "iptables": ("iptables", "echo +%IP% > /proc/net/xt_recent/{set}",
+                 "echo -%IP% > /proc/net/xt_recent/{set}",
+                 "echo +%IP% > /proc/net/xt_recent/{set}",
+                 "echo -%IP% > /proc/net/xt_recent/{set}"),
+    # nftables: elements with a timeout, in one set per family (a set holds
+    # one address type) of the admin's `inet filter` table.
+    "nftables": ("nft", "{program} add element inet filter {set} {{ %IP% timeout {seconds}s }}",
+                 "{program} delete element inet filter {set} {{ %IP% }}",
+                 "{program} add element inet filter {set}_6 {{ %IP% timeout {seconds}s }}",
+                 "{program} delete element inet filter {set}_6 {{ %IP% }}"),
+    # ufw has no rule that expires: only stop_command closes it.  `prepend`
+    # (ufw 0.36), not `insert 1`, which fails for an IPv6 rule placed before
+    # IPv4 ones, and on an empty ruleset.
+    "ufw": ("ufw", "{program} prepend allow from %IP% to any port {port} proto tcp",
+            "{program} delete allow from %IP% to any port {port} proto tcp",
+            "{program} prepend allow from %IP% to any port {port} proto tcp",
             "{program} delete allow from %IP% to any port {port} proto tcp"),
 }
 FIREWALL_PACKAGES = {"iptables": "iptables", "nft": "nftables", "ufw": "ufw"}
@@ -1810,7 +1866,36 @@ CLIENT_CMD_TIMEOUT = 30
 
 
 def nft_set(port):
+    """The nftables set (IPv4; + "_6" for IPv6) and the iptables recent list of PORT."""
     return "knockd_rotator_%d" % port
+
+
+def firewall_rules(firewall, port, seconds):
+    """The rules the admin adds once for a door of FIREWALL on PORT: they
+    accept what the door lets in, for SECONDS, and drop the port otherwise,
+    on IPv4 and IPv6."""
+    name = nft_set(port)
+    if firewall == "iptables":
+        return ["%s -I INPUT -p tcp --dport %d -j DROP" % (program, port)
+                for program in ("iptables", "ip6tables")] + [
+            "%s -I INPUT -p tcp --dport %d -m recent --name %s --rcheck --seconds %d -j ACCEPT"
+            % (program, port, name, seconds) for program in ("iptables", "ip6tables")]
+    if firewall == "nftables":
+        return ["nft add set inet filter %s '{ type ipv4_addr; flags timeout; }'" % name,
+                "nft add set inet filter %s_6 '{ type ipv6_addr; flags timeout; }'" % name,
+                "nft insert rule inet filter input tcp dport %d drop" % port,
+                "nft insert rule inet filter input ip6 saddr @%s_6 tcp dport %d accept"
+                % (name, port),
+                "nft insert rule inet filter input ip saddr @%s tcp dport %d accept"
+                % (name, port)]
+    return []
+
+
+def door_commands(firewall, program, port, seconds):
+    """(start_command, stop_command, start_command_6, stop_command_6) of a
+    FIREWALL door on PORT whose holes last SECONDS; PROGRAM is the path."""
+    fields = dict(program=program, port=port, set=nft_set(port), seconds=seconds)
+    return tuple(command.format(**fields) for command in FIREWALLS[firewall][1:])
 
 
 def check_name(kind, text):
@@ -1824,25 +1909,36 @@ def check_name(kind, text):
 
 
 def firewall_commands(firewall, port, environ):
-    """(start_command, stop_command) of a client door, with the program's full path."""
+    """(start_command, stop_command, start_command_6, stop_command_6) of a
+    client door, with the program's full path."""
     import shutil
-    program, start, stop = FIREWALLS[firewall]
+    program = FIREWALLS[firewall][0]
     path = shutil.which(program, path=environ.get("PATH", os.defpath))
     if not path:
         raise RotatorError("%s is not installed (no %s in PATH)" % (firewall, program),
                            "install it: apt install %s; or choose another --firewall"
                            % FIREWALL_PACKAGES[program], EXIT_ENVIRONMENT)
+    rules = "; ".join(firewall_rules(firewall, port, CLIENT_CMD_TIMEOUT))
     if firewall == "nftables":
-        ok, detail = run_command("%s list set inet filter %s" % (path, nft_set(port)))
-        if not ok:
-            raise RotatorError(
-                "the nftables set inet filter %s does not exist (%s)" % (nft_set(port), detail),
-                "create it and the rule that accepts it, in /etc/nftables.conf too: nft add "
-                "set inet filter {0} '{{ type ipv4_addr; }}'; nft insert rule inet filter "
-                "input ip saddr @{0} tcp dport {1} accept".format(nft_set(port), port),
-                EXIT_ENVIRONMENT)
-    fields = dict(program=path, port=port, set=nft_set(port))
-    return start.format(**fields), stop.format(**fields)
+        # A door whose set is missing, or has no timeouts, opens nothing.
+        for name in (nft_set(port), nft_set(port) + "_6"):
+            listing = "%s list set inet filter %s" % (path, name)
+            ok, detail = run_command(listing)
+            what = "does not exist (%s)" % detail
+            if ok and not run_command(listing + " | grep -qw timeout")[0]:
+                ok, what = False, "has no flags timeout: its holes would not close themselves"
+            if not ok:
+                raise RotatorError(
+                    "the nftables set inet filter %s %s" % (name, what),
+                    "create both sets (with flags timeout) and the rules, in /etc/nftables.conf "
+                    "too: " + rules, EXIT_ENVIRONMENT)
+    elif firewall == "iptables" and not os.path.exists("/proc/net/xt_recent/" + nft_set(port)):
+        # Only a warning: the list appears with the rule, which may come later
+        # (at boot, from a saved ruleset); until then the door opens nothing.
+        print("warning: there is no iptables recent list %s yet: the door opens nothing "
+              "until you add the rules (once, and to your saved ruleset): %s"
+              % (nft_set(port), rules), file=sys.stderr)
+    return door_commands(firewall, path, port, CLIENT_CMD_TIMEOUT)
 
 
 def client_marks(lines):
@@ -1857,17 +1953,19 @@ def client_marks(lines):
 
 def client_door_lines(name, door, commands, newline):
     """The raw lines of a new client door (its sequence comes with the rotation)."""
-    start_command, stop_command = commands
+    start_command, stop_command, start_command_6, stop_command_6 = commands
     return [line.encode() + newline for line in [
         "",
         "%s%s: added by add-client; remove-client %s removes this door"
         % (CLIENT_MARK.decode(), name, name),
         "[%s]" % door,
-        "    seq_timeout   = %d" % CLIENT_SEQ_TIMEOUT,
-        "    tcpflags      = syn",
-        "    start_command = %s" % start_command,
-        "    cmd_timeout   = %d" % CLIENT_CMD_TIMEOUT,
-        "    stop_command  = %s" % stop_command]]
+        "    seq_timeout     = %d" % CLIENT_SEQ_TIMEOUT,
+        "    tcpflags        = syn",
+        "    start_command   = %s" % start_command,
+        "    start_command_6 = %s" % start_command_6,
+        "    cmd_timeout     = %d" % CLIENT_CMD_TIMEOUT,
+        "    stop_command    = %s" % stop_command,
+        "    stop_command_6  = %s" % stop_command_6]]
 
 
 def without_client_door(lines, name, marks):
@@ -1907,6 +2005,10 @@ class EnvChange:
             raise RotatorError("%s is readable by others, and would hold a client's secret"
                                % self.env_path, "chmod 600 %s" % self.env_path,
                                EXIT_ENVIRONMENT)
+        if self.adds and readable_by_others(config_path):
+            raise RotatorError("%s is readable by others, and would hold the client's live "
+                               "sequences" % config_path, "chmod 600 %s" % config_path,
+                               EXIT_CONFIG)
         user_lines, _ = split_grace_block(parse_config(old_data))
         values = env_values(self.old_env)
         self.edit, assignments, removals = self.checker(user_lines, values)
@@ -2028,7 +2130,9 @@ def add_client(config_path, environ, now, args):
     env_path = server_settings(environ)["ENV_FILE"]
     if args.single_use:
         assignments.append((own_variable("SINGLE_USE", door), "1"))
-        commands = (burn_command(config_path, door, environ) + commands[0],) + commands[1:]
+        # An IPv6 knock burns the use as well.
+        burn = burn_command(config_path, door, environ)
+        commands = (burn + commands[0], commands[1], burn + commands[2], commands[3])
 
     def prepare(lines, values):
         if name in client_marks(lines) or door in rotator_doors(lines):
@@ -2142,7 +2246,7 @@ def check(config_path, environ):
     placed = rewrite_config(user_lines, {door: PLACEHOLDER_SEQUENCE for door in doors})
     errors = sorted(config_errors(placed) + rotator_errors(placed) + trap_errors(placed)
                     + file_errors(placed))
-    warnings = trap_warnings(placed)
+    warnings = trap_warnings(placed) + ipv6_warnings(placed)
     with_sequence = door_sequences(user_lines)
     warnings += [(line.number, "rotator door [%s] has no sequence yet: knockd refuses to start "
                   "until a rotation writes one" % line.section.decode("utf-8", "replace"),
@@ -2153,14 +2257,16 @@ def check(config_path, environ):
         print("error: " + finding(config_path, number, what, fix), file=sys.stderr)
     for number, what, fix in sorted(warnings):
         print("warning: " + finding(config_path, number, what, fix), file=sys.stderr)
-    others = readable_by_others(settings["ENV_FILE"])
-    if others:
-        print(others, file=sys.stderr)
+    others = [warning for warning in (readable_by_others(settings["ENV_FILE"]),
+                                      readable_by_others(config_path, "the live sequences"))
+              if warning]
+    for warning in others:
+        print(warning, file=sys.stderr)
     if not doors:
         print("warning: %s has no door whose name ends with %s (nothing to rotate)"
               % (config_path, ROTATOR_SUFFIX), file=sys.stderr)
     print("%s: %d errors, %d warnings, %d rotator doors" % (
-        config_path, len(errors), len(warnings) + bool(others) + (not doors), len(doors)))
+        config_path, len(errors), len(warnings) + len(others) + (not doors), len(doors)))
     return EXIT_CONFIG if errors else EXIT_OK
 
 

@@ -19,6 +19,11 @@ from pathlib import Path
 
 import pytest
 
+# Files the tests make are nobody else's business, as knockd.conf and the
+# environment file must be (the server warns about either when others can
+# read it, and add-client refuses).
+os.umask(0o077)
+
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "knockd_rotator_client.py"
 SERVER = ROOT / "knockd_rotator_server.py"
@@ -88,6 +93,15 @@ def run_client(*args, **kwargs):
 
 def run_server(*args, **kwargs):
     return run_script(SERVER, *args, **kwargs)
+
+
+def daemon_start_command(namespace, config, pidfile):
+    """A shell command that starts knockd as a daemon in NAMESPACE and returns
+    once it has written PIDFILE (knockd -d returns before its child does), as
+    `systemctl start` returns once the service runs."""
+    return ("rm -f {p}; ip netns exec {n} knockd -d -i lo -c {c} -p {p} && i=0; "
+            "while [ ! -s {p} ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done"
+            .format(n=namespace, c=config, p=pidfile))
 
 
 def alive_command(pid):
@@ -247,19 +261,27 @@ GUARDED_PORT = 2222
 
 @pytest.fixture
 def guarded(netns):
-    """A listener on GUARDED_PORT that iptables drops, in the test namespace."""
+    """A listener on GUARDED_PORT that iptables drops, in the test namespace.
+
+    It also accepts, for 30 s (add-client's cmd_timeout), the addresses in
+    the recent list that add-client's iptables doors write to."""
     need_root_and("iptables")
     listener = netns.listen(GUARDED_PORT)
     netns.run("iptables", "-A", "INPUT", "-p", "tcp", "--dport", GUARDED_PORT, "-j", "DROP")
+    netns.run("iptables", "-I", "INPUT", "-p", "tcp", "--dport", GUARDED_PORT, "-m", "recent",
+              "--name", "knockd_rotator_%d" % GUARDED_PORT, "--rcheck", "--seconds", "30",
+              "-j", "ACCEPT")
     yield netns
     listener.kill()
     listener.wait()
 
 
 def accept_rules(netns):
-    """The ACCEPT rules a door's start_command added to INPUT."""
+    """The ACCEPT rules a door's start_command added to INPUT (not guarded's
+    recent rule, which is always there)."""
     rules = netns.run("iptables", "-S", "INPUT").stdout
-    return [rule for rule in rules.splitlines() if rule.startswith("-A") and "ACCEPT" in rule]
+    return [rule for rule in rules.splitlines()
+            if rule.startswith("-A") and "ACCEPT" in rule and "-m recent" not in rule]
 
 
 class Watch:

@@ -268,13 +268,16 @@ def test_add_client_then_remove_client(enrol):
     door = text[text.index("# knockd_rotator client alice:"):]
     assert re.fullmatch(
         r"# knockd_rotator client alice: .*\n\[alice_ssh_ROTATOR\]\n    sequence = [0-9:tcp,]+\n"
-        r"    seq_timeout   = 15\n    tcpflags      = syn\n"
-        r"    start_command = {1} {2} --config {3} burn alice_ssh_ROTATOR & "
-        r"{0} -I INPUT -s %IP% -p tcp --dport 22 -j ACCEPT\n"
-        r"    cmd_timeout   = 30\n"
-        r"    stop_command  = {0} -D INPUT -s %IP% -p tcp --dport 22 -j ACCEPT\n"
-        .format(re.escape(iptables), "KNOCKD_ROTATOR_[A-Z_]+=[^ ]+( KNOCKD_ROTATOR_[A-Z_]+=[^ ]+)*",
-                re.escape(str(SERVER)), re.escape(str(enrol.config))), door), door
+        r"    seq_timeout     = 15\n    tcpflags        = syn\n"
+        r"    start_command   = {1} {2} --config {3} burn alice_ssh_ROTATOR & {0}\n"
+        r"    start_command_6 = {1} {2} --config {3} burn alice_ssh_ROTATOR & {0}\n"
+        r"    cmd_timeout     = 30\n"
+        r"    stop_command    = {4}\n"
+        r"    stop_command_6  = {4}\n"
+        .format(re.escape("echo +%IP% > /proc/net/xt_recent/knockd_rotator_22"),
+                "KNOCKD_ROTATOR_[A-Z_]+=[^ ]+( KNOCKD_ROTATOR_[A-Z_]+=[^ ]+)*",
+                re.escape(str(SERVER)), re.escape(str(enrol.config)),
+                re.escape("echo -%IP% > /proc/net/xt_recent/knockd_rotator_22")), door), door
     # The printed lines make the client compute the door's sequence.
     held = server.door_sequences(server.parse_config(enrol.config.read_bytes()))
     generated = run_client("gen", "alice_ssh", env=client_env(lines))
@@ -347,12 +350,14 @@ def test_add_client_in_totp_mode_prints_the_otpauth_uri(enrol):
                                   "invalid service", "missing firewall", "no nft set",
                                   "env readable", "short pin", "reload fails",
                                   "remove, reload fails", "variable taken",
-                                  "remove unknown"])
+                                  "remove unknown", "config readable"])
 def test_errors_change_nothing(enrol, tmp_path, case):
     if case.startswith("twice") or case == "remove, reload fails":
         assert enrol.run("add-client", "alice", "--firewall", "iptables").returncode == 0
     if case == "env readable":
         enrol.env_file.chmod(0o644)
+    if case == "config readable":
+        enrol.config.chmod(0o640)
     if case == "variable taken":
         with open(enrol.env_file, "a") as handle:
             handle.write("KNOCKD_ROTATOR_PIN_ERIN_SSH=1234\n")
@@ -382,7 +387,7 @@ def test_errors_change_nothing(enrol, tmp_path, case):
         env.update(KNOCKD_ROTATOR_RELOAD_COMMAND="false")
     result = enrol.run(*args, env=env, input=b"12\n")
     expected = {"reload fails": 1, "remove, reload fails": 1, "missing firewall": 3,
-                "no nft set": 3, "env readable": 3}.get(case, 2)
+                "no nft set": 3, "env readable": 3, "config readable": 4}.get(case, 2)
     assert result.returncode == expected, (result.returncode, result.stderr)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].endswith(")"), result.stderr
@@ -399,7 +404,9 @@ def test_errors_change_nothing(enrol, tmp_path, case):
              "reload fails": "knockd did not take the new",
              "remove, reload fails": "knockd did not take the new",
              "variable taken": "sets KNOCKD_ROTATOR_PIN_ERIN_SSH already",
-             "remove unknown": "no client zoe in"}[case]
+             "remove unknown": "no client zoe in",
+             "config readable": "is readable by others, and would hold the client's live "
+                                "sequences"}[case]
     assert words in errors[0], errors[0]
     assert enrol.files() == before
 
@@ -518,11 +525,13 @@ def test_totp_door_opens_with_the_authenticator_code(enrol, guarded, start_knock
 
 NFT_RULESET = """
 table inet filter {
-    set knockd_rotator_%(port)d { type ipv4_addr; }
+    set knockd_rotator_%(port)d { type ipv4_addr; flags timeout; }
+    set knockd_rotator_%(port)d_6 { type ipv6_addr; flags timeout; }
     chain input {
         type filter hook input priority 0; policy accept;
         ct state established,related accept
         ip saddr @knockd_rotator_%(port)d tcp dport %(port)d accept
+        ip6 saddr @knockd_rotator_%(port)d_6 tcp dport %(port)d accept
         tcp dport %(port)d drop
     }
 }
@@ -533,8 +542,11 @@ def test_nftables_door_opens_through_its_set(enrol, netns, start_knockd, tmp_pat
     need_root_and("knockd", "nft")
     ruleset = tmp_path / "ruleset.nft"
     ruleset.write_text(NFT_RULESET)
-    listener = netns.listen(GUARDED_PORT)
+    from test_doors import listen_both
+    listener = listen_both(netns, GUARDED_PORT)
     try:
+        for host in ("127.0.0.1", "::1"):
+            wait_until(lambda: netns.tcp_open(GUARDED_PORT, host), 10, "the listener")
         netns.run("nft", "-f", ruleset)
         assert not netns.tcp_open(GUARDED_PORT)
         knockd = start_knockd(BASE_CONFIG.decode().split("\n", 2)[2])
@@ -544,13 +556,24 @@ def test_nftables_door_opens_through_its_set(enrol, netns, start_knockd, tmp_pat
                            "nftables", "--port", GUARDED_PORT, env=env, netns=netns.name)
         assert added.returncode == 0, added.stderr
         knockd.wait_log(r"re-reading config file", "the reload of add-client")
-        assert "add element inet filter knockd_rotator_%d { %%IP%% }" % GUARDED_PORT \
+        assert "add element inet filter knockd_rotator_%d { %%IP%% timeout 30s }" % GUARDED_PORT \
             in knockd.config.read_text()
-        result = knock(netns, "erin_ssh", client_env(client_lines(added.stdout)))
+        assert not netns.tcp_open(GUARDED_PORT, "::1"), "closed on IPv6 too"
+        erin = client_env(client_lines(added.stdout))
+        result = knock(netns, "erin_ssh", erin)
         assert result.returncode == 0, result.stderr
         elements = netns.run("nft", "list", "set", "inet", "filter",
                              "knockd_rotator_%d" % GUARDED_PORT).stdout
-        assert "127.0.0.1" in elements
+        assert "127.0.0.1" in elements and "expires" in elements
+        # The door is single-use: its burn reloads knockd, which drops a knock
+        # in progress; then a knock over IPv6 opens the port for ::1.
+        knockd.wait_log(r"re-reading config file", "erin's burn", count=2)
+        assert not netns.tcp_open(GUARDED_PORT, "::1")
+        six = run_client("knock", "::1", "erin_ssh", "-6", "--check", GUARDED_PORT,
+                         "--check-timeout", "3", env=erin, netns=netns.name)
+        assert six.returncode == 0, six.stderr
+        assert "::1" in netns.run("nft", "list", "set", "inet", "filter",
+                                  "knockd_rotator_%d_6" % GUARDED_PORT).stdout
     finally:
         listener.kill()
         listener.wait()

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from conftest import (GUARDED_PORT, SECRET, Watch, alive_command, need_root_and, rotator_env,
-                      run_client, run_server, wait_until)
+from conftest import (GUARDED_PORT, SECRET, Watch, alive_command, daemon_start_command,
+                      need_root_and, rotator_env, run_client, run_server, wait_until)
 
 FLOOD = r"""
 import os, random, socket, struct, sys, time
@@ -59,8 +59,7 @@ class DaemonKnockd:
         start, stop = (GUARD.format("I"), GUARD.format("D")) if guard else ("true", "true")
         self.config.write_text("[options]\n\tlogfile = %s\n%s" % (self.log, "".join(
             DOOR.format(name=name, start=start, stop=stop) for name in doors)))
-        self.start = "ip netns exec %s knockd -d -i lo -c %s -p %s" % (
-            netns.name, self.config, self.pidfile)
+        self.start = daemon_start_command(netns.name, self.config, self.pidfile)
 
     def settings(self):
         return dict(RELOAD_COMMAND="kill -HUP $(cat %s)" % self.pidfile,

@@ -3,6 +3,7 @@
 The door guards a TCP listener on port 2222 behind an iptables DROP; its
 start_command inserts an ACCEPT for %IP% and its stop_command removes it."""
 
+import re
 import subprocess
 
 from conftest import (GUARDED_PORT, accept_rules, alive_command, need_root_and, run_client,
@@ -71,16 +72,8 @@ def test_door_opened_before_a_rotation_still_closes(guarded, start_knockd, serve
 
 def readme_door(firewall):
     """The example door for FIREWALL from the README, on the guarded port."""
-    from conftest import ROOT
-    readme = (ROOT / "README.md").read_text()
-    after = readme[readme.index("\n%s" % firewall):]
-    block = after[after.index("    [ssh_ROTATOR]"):]
-    lines = []
-    for line in block.splitlines():
-        if not line.startswith("    "):
-            break
-        lines.append(line[4:])
-    return "\n".join(lines).replace("dport 22 ", "dport %d " % GUARDED_PORT) + "\n"
+    from test_doors import readme_blocks
+    return re.sub(r"(?<![0-9])22(?![0-9])", str(GUARDED_PORT), readme_blocks(firewall)[1])
 
 
 def test_first_install_with_the_readme_nftables_door(netns, tmp_path, server_env):
@@ -89,16 +82,15 @@ def test_first_install_with_the_readme_nftables_door(netns, tmp_path, server_env
     need_root_and("nft", "knockd")
     listener = netns.listen(GUARDED_PORT)
     try:
-        ruleset = ("table inet filter {\n set knocked { type ipv4_addr; }\n"
-                   " chain input { type filter hook input priority 0; policy accept;\n"
-                   "  ip saddr @knocked tcp dport %d accept\n  tcp dport %d drop\n }\n}\n"
-                   % (GUARDED_PORT, GUARDED_PORT))
-        netns.run("nft", "-f", "-", input=ruleset)
+        from test_doors import readme_blocks
+        ruleset = readme_blocks("nftables")[0][0]
+        netns.run("nft", "-f", "-", input=re.sub(r"(?<![0-9])22(?![0-9])", str(GUARDED_PORT),
+                                                 ruleset))
         door = readme_door("nftables").replace("/usr/sbin/nft", "nft")
-        assert "nft add element inet filter knocked { %IP% }" in door
+        assert "nft add element inet filter knockd_rotator_2222 { %IP% timeout 30s }" in door
         config, pidfile = tmp_path / "knockd.conf", tmp_path / "knockd.pid"
         config.write_text("[options]\n\tlogfile = %s\n%s" % (
-            tmp_path / "knockd.log", door.replace("cmd_timeout   = 30", "cmd_timeout   = 3")))
+            tmp_path / "knockd.log", door.replace("30", "3")))
         running = alive_command("$(cat %s)" % pidfile)
         env = server_env(
             RELOAD_COMMAND="kill -HUP $(cat %s)" % pidfile, CHECK_COMMAND=running,
@@ -109,17 +101,22 @@ def test_first_install_with_the_readme_nftables_door(netns, tmp_path, server_env
         assert "knockd is not running: starting it with the new file" in result.stderr
         assert not netns.tcp_open(GUARDED_PORT)
         knock_until_open(netns, env)
-        assert "127.0.0.1" in netns.run("nft", "list", "set", "inet", "filter", "knocked").stdout
+        assert "127.0.0.1" in netns.run("nft", "list", "set", "inet", "filter",
+                                        "knockd_rotator_2222").stdout
         wait_until(lambda: not netns.tcp_open(GUARDED_PORT), 3 + 5, "the door to close")
         assert "127.0.0.1" not in netns.run("nft", "list", "set", "inet", "filter",
-                                            "knocked").stdout
+                                            "knockd_rotator_2222").stdout
     finally:
         listener.kill()
         listener.wait()
 
 
 def test_readme_iptables_door_is_the_tested_one():
+    """The README's doors are run by tests/test_doors.py, which reads them
+    from the README; here: the iptables one is the recent-list door."""
     door = readme_door("iptables")
-    assert "-I INPUT -s %IP% -p tcp --dport 2222 -j ACCEPT" in door
-    assert "-D INPUT -s %IP% -p tcp --dport 2222 -j ACCEPT" in door
-    assert "tcpflags      = syn" in door
+    assert "start_command   = echo +%IP% > /proc/net/xt_recent/knockd_rotator_2222" in door
+    assert "start_command_6 = echo +%IP% > /proc/net/xt_recent/knockd_rotator_2222" in door
+    assert "stop_command    = echo -%IP% > /proc/net/xt_recent/knockd_rotator_2222" in door
+    assert "stop_command_6  = echo -%IP% > /proc/net/xt_recent/knockd_rotator_2222" in door
+    assert "tcpflags        = syn" in door

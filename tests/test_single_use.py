@@ -12,8 +12,8 @@ import time
 import pytest
 
 import knockd_rotator_server as server
-from conftest import (GUARDED_PORT, SECRET, SERVER, alive_command, need_root_and, rotator_env,
-                      run_client, wait_until)
+from conftest import (GUARDED_PORT, SECRET, SERVER, alive_command, daemon_start_command,
+                      need_root_and, rotator_env, run_client, wait_until)
 
 SEND = r"""
 import socket, struct, sys
@@ -35,8 +35,7 @@ class SingleUseDoor:
         self.log = tmp_path / "knockd.log"
         self.pidfile = tmp_path / "knockd.pid"
         self.env_file = tmp_path / "rotator.env"
-        start = "ip netns exec %s knockd -d -i lo -c %s -p %s" % (netns.name, self.config,
-                                                                  self.pidfile)
+        start = daemon_start_command(netns.name, self.config, self.pidfile)
         self.period = period
         settings = dict(SECRET=SECRET, SINGLE_USE=1, PERIOD_MODULO=period, GRACE=grace,
                         STATE_DIR=tmp_path / "state", CHECK_SECONDS=1,
