@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, need, wait_until
+from test_doors import readme_blocks
 
 PACKAGES = "systemd,systemd-sysv,dbus,knockd,iptables,python3,iproute2,procps"
 SUITE = "bookworm"
@@ -41,14 +42,6 @@ SOURCE_ENV = "set -a; . %s; set +a; " % ENV_FILE
 
 # The README's iptables door, guarding PORT; a short cmd_timeout so that a
 # test can see the door shut again before the next knock.
-DOOR = """
-[ssh_ROTATOR]
-    seq_timeout   = 15
-    tcpflags      = syn
-    start_command = /usr/sbin/iptables -I INPUT -s %IP% -p tcp --dport {port} -j ACCEPT
-    cmd_timeout   = {cmd_timeout}
-    stop_command  = /usr/sbin/iptables -D INPUT -s %IP% -p tcp --dport {port} -j ACCEPT
-"""
 
 
 # ---------------------------------------------------------------- the host side
@@ -492,13 +485,25 @@ def settings(box, **values):
     box.append(ENV_FILE, "".join("KNOCKD_ROTATOR_%s=%s\n" % item for item in values.items()))
 
 
+def readme_iptables(cmd_timeout):
+    """README's iptables rules (shell lines) and door, on PORT with CMD_TIMEOUT."""
+    def localized(text):
+        text = re.sub(r"(?<![0-9])22(?![0-9])", str(PORT), text)
+        return re.sub(r"(?<![0-9])30(?![0-9])", str(cmd_timeout), text)
+    rules, door = readme_blocks("iptables")
+    return [line for block in rules for line in localized(block).splitlines()
+            if line.strip()], localized(door)
+
+
 def knockd_setup(box, sequence=None, cmd_timeout=5):
-    """knockd on the container's lo, a listener on PORT that iptables drops,
-    a [ssh_ROTATOR] door guarding it (without a sequence unless one is given)."""
+    """knockd on the container's lo, a listener on PORT, closed and guarded
+    as the README's iptables door says (without a sequence unless one is
+    given)."""
     defaults = box.read("/etc/default/knockd")
     assert "START_KNOCKD" in defaults            # Debian's; its unit ignores it
     box.write("/etc/default/knockd", defaults + 'KNOCKD_OPTS="-i lo"\n')
-    door = DOOR.format(port=PORT, cmd_timeout=cmd_timeout)
+    rules, door = readme_iptables(cmd_timeout)
+    door = "\n" + door
     if sequence:
         door += "    sequence      = %s\n" % sequence
     box.write("/etc/knockd.conf", "[options]\n    UseSyslog\n    logfile = /var/log/knockd.log\n"
@@ -509,7 +514,8 @@ def knockd_setup(box, sequence=None, cmd_timeout=5):
            "s.bind((\"127.0.0.1\", %d))\ns.listen(16)\n"
            "while True: s.accept()[0].close()'" % PORT)
     wait_until(lambda: port_open(box), 10, "the listener on %d" % PORT)
-    box.sh("iptables -A INPUT -p tcp --dport %d -j DROP" % PORT)
+    for rule in rules:
+        box.sh(rule)
     assert not port_open(box)
 
 
@@ -520,9 +526,8 @@ def port_open(box, port=PORT):
 
 
 def door_shut(box):
-    """No ACCEPT rule that a door's start_command added is in INPUT."""
-    rules = box.sh("iptables -S INPUT").stdout.splitlines()
-    return not [rule for rule in rules if rule.startswith("-A") and "ACCEPT" in rule]
+    """The guarded port is closed again (the door's hole expired)."""
+    return not port_open(box)
 
 
 def knock(box, service="ssh", env_file=ENV_FILE, check=True):
@@ -738,11 +743,9 @@ def test_a_knockd_that_dies_comes_back_and_rotation_carries_on(container):
     assert "knockd died after the reload" in box.journal("knockd_rotator.service")
     assert box.sh("systemctl is-active knockd.service", check=False).stdout.strip() == "active"
     assert_current(box)
-    # The kill took the child that would have run the first knock's
-    # stop_command: this README iptables door does not close itself.
-    for rule in box.sh("iptables -S INPUT").stdout.splitlines():
-        if rule.startswith("-A") and "ACCEPT" in rule:
-            box.sh("iptables " + rule.replace("-A", "-D", 1))
+    # The kill took the child that would have run the knock's stop_command:
+    # the README's door closes by itself all the same, within cmd_timeout.
+    wait_until(lambda: door_shut(box), 5 + 2, "the hole to expire")
     knock(box)
     box.assert_no_secret_seen()
 
