@@ -1191,8 +1191,8 @@ def put_back(path, data, detail, settings):
 LAST_GOOD = "last-good"
 
 
-def remember_good(state_dir, data):
-    path = os.path.join(state_dir, LAST_GOOD)
+def keep_state(path, data):
+    """Make the state file PATH hold DATA; most runs change nothing, and write nothing."""
     try:
         with open(path, "rb") as handle:
             if handle.read() == data:
@@ -1200,6 +1200,10 @@ def remember_good(state_dir, data):
     except OSError:
         pass
     replace_file(path, data, create=True)
+
+
+def remember_good(state_dir, data):
+    keep_state(os.path.join(state_dir, LAST_GOOD), data)
 
 
 def last_good(state_dir):
@@ -2296,15 +2300,8 @@ def record_fingerprints(state_dir, plan):
                      "mode": plan.settings[door].mode, "start": plan.starts[door],
                      "fingerprint": fingerprint(door, plan.starts[door], plan.current[door])}
               for door in plan.doors}
-    data = json.dumps(record, sort_keys=True, indent=1).encode() + b"\n"
-    path = os.path.join(state_dir, FINGERPRINTS)
-    try:
-        with open(path, "rb") as handle:
-            if handle.read() == data:
-                return
-    except OSError:
-        pass
-    replace_file(path, data, create=True)
+    keep_state(os.path.join(state_dir, FINGERPRINTS),
+               json.dumps(record, sort_keys=True, indent=1).encode() + b"\n")
 
 
 def recorded_status(old_data, settings, now):

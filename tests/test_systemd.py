@@ -852,17 +852,23 @@ def wait_for_events(box, period, grace, count, service="ssh"):
         knock(box, service)
 
 
+def timer_installed(box, **values):
+    """The README's install, with VALUES in the environment file, and the
+    timer's first run."""
+    install(box)
+    settings(box, **values)
+    knockd_setup(box)
+    readme_steps(box)
+    box.sh("systemctl start knockd_rotator.service")
+
+
 def test_watch_mode(container):
     """README's switch to the watch: it leaves no timer run behind, rotates at
     every boundary and grace end, stops cleanly, restarts, and shows a failing
     rotation in the unit's state."""
     box = container
     period, grace = 30, 10
-    install(box)
-    settings(box, PERIOD_MODULO=period, GRACE=grace)
-    knockd_setup(box)
-    readme_steps(box)
-    box.sh("systemctl start knockd_rotator.service")
+    timer_installed(box, PERIOD_MODULO=period, GRACE=grace)
     assert [argv for argv, _ in box.server_processes().values() if "--at" in argv], \
         "the timer's service left no boundary run to take over from"
 
@@ -920,11 +926,7 @@ def test_add_client_under_the_watch(container):
     printed, its output reaches EOF, and no process is left outside a unit."""
     box = container
     period, grace = 30, 10
-    install(box)
-    settings(box, PERIOD_MODULO=period, GRACE=grace)
-    knockd_setup(box)
-    readme_steps(box)
-    box.sh("systemctl start knockd_rotator.service")
+    timer_installed(box, PERIOD_MODULO=period, GRACE=grace)
     switch_to_watch(box)
     assert_no_timer_run_left(box)
 
@@ -959,11 +961,7 @@ def test_uninstall_leaves_nothing_running(container):
     unit, no process, no state folder, and nothing rewrites knockd.conf later."""
     box = container
     period, grace = 30, 10
-    install(box)
-    settings(box, PERIOD_MODULO=period, GRACE=grace)
-    knockd_setup(box)
-    readme_steps(box)
-    box.sh("systemctl start knockd_rotator.service")
+    timer_installed(box, PERIOD_MODULO=period, GRACE=grace)
     assert [argv for argv, _ in box.server_processes().values() if "--at" in argv]
 
     box.sh("cd %s && ./install.sh uninstall" % PROJECT)
