@@ -1003,11 +1003,32 @@ def remove_stale_temporaries(path):
             os.unlink(os.path.join(folder, name))
 
 
+def trust_state_dir(state_dir):
+    """Make STATE_DIR if missing; refuse one that another user could have
+    prepared.  Root writes its lock, its pending pid and the last good
+    knockd.conf there: under a world-writable parent, a local user's folder
+    (or a symlink named `lock` in it) would make root create files of that
+    user's choosing, or hold the lock and stop every rotation."""
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    status = os.lstat(state_dir)
+    import stat
+    if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.geteuid() \
+            or status.st_mode & 0o022:
+        raise RotatorError("the state folder %s is %s" % (
+            state_dir, "not a folder" if not stat.S_ISDIR(status.st_mode) else
+            "owned by uid %d" % status.st_uid if status.st_uid != os.geteuid() else
+            "writable by others (mode %04o)" % (status.st_mode & 0o7777)),
+                           "remove it, or set KNOCKD_ROTATOR_STATE_DIR to a folder of root's "
+                           "own, mode 0700", EXIT_ENVIRONMENT)
+
+
 def take_lock(state_dir):
     """An exclusive lock on STATE_DIR/lock, held until the process exits."""
     try:
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        handle = open(os.path.join(state_dir, "lock"), "a")
+        trust_state_dir(state_dir)
+        descriptor = os.open(os.path.join(state_dir, "lock"),
+                             os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        handle = os.fdopen(descriptor, "a")
     except OSError as exc:
         raise RotatorError("cannot open the lock in %s: %s" % (state_dir, exc.strerror),
                            "run as root, or set KNOCKD_ROTATOR_STATE_DIR",

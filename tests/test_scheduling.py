@@ -215,3 +215,29 @@ def test_commands_get_no_secret(tmp_path, server_env):
     assert SECRET not in seen and "2468-1357-x" not in seen
     assert "KNOCKD_ROTATOR_SECRET" not in seen and "KNOCKD_ROTATOR_PIN" not in seen
     assert "KNOCKD_ROTATOR_STATE_DIR=" in seen, "the other settings stay"
+
+
+@pytest.mark.parametrize("case", ["another user's folder", "writable by others",
+                                  "a symlink named lock"])
+def test_a_state_folder_others_could_prepare_is_refused(tmp_path, server_env, case):
+    """Under a world-writable parent, a local user's state folder, or a lock
+    symlink, made root create a file of that user's choosing."""
+    need(os.geteuid() == 0, "needs root to play two users")
+    parent = tmp_path / "shared"
+    parent.mkdir()
+    parent.chmod(0o1777)
+    state = parent / "state"
+    state.mkdir(mode=0o700)
+    target = tmp_path / "chosen-by-the-attacker"
+    if case == "another user's folder":
+        os.chown(state, 65534, 65534)
+    elif case == "writable by others":
+        state.chmod(0o777)
+    else:
+        (state / "lock").symlink_to(target)
+    config = tmp_path / "knockd.conf"
+    config.write_bytes(DOOR)
+    result = run_server("--config", config, env=server_env(STATE_DIR=state))
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1
+    assert not target.exists() and config.read_bytes() == DOOR
