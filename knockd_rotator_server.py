@@ -2058,7 +2058,9 @@ class EnvChange:
 
 # Characters a PIN may have: safe unquoted in ENV_FILE, for systemd and a shell.
 PIN_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.,:@+%/")
-PIN_MIN_CHARS = 4
+# A stolen secret (or, in totp mode, the public set of 10^6 codes) plus a
+# sprayed PIN: README, "A PIN", has the arithmetic behind this minimum.
+PIN_MIN_CHARS = 10
 
 
 def read_hidden(prompt):
@@ -2141,6 +2143,10 @@ def add_client(config_path, environ, now, args):
     import secrets
     name = args.name
     door = "%s_%s%s" % (name, args.service, ROTATOR_SUFFIX)
+    if args.totp and not args.pin:
+        raise RotatorError("a totp door needs a PIN: without one, its keys are the same "
+                           "10^6 in every period, and one address that sprays them opens it",
+                           "add --pin", EXIT_USAGE)
     commands = firewall_commands(args.firewall, args.port, environ)
     if args.totp:
         import base64

@@ -301,14 +301,14 @@ def test_add_client_then_remove_client(enrol):
 def test_add_client_with_a_pin_and_the_qr_code(enrol):
     need(shutil.which("qrencode"), "needs qrencode (run tests/run to install it)")
     added = enrol.run("add-client", "bob", "--service", "web", "--port", "8443", "--firewall",
-                      "iptables", "--pin", input=b"ab12-cd\n")
+                      "iptables", "--pin", input=b"ab12-cd-ef-7\n")
     assert added.returncode == 0, added.stderr
     values = server.env_values(enrol.env_file.read_bytes())
-    assert values["KNOCKD_ROTATOR_PIN_BOB_WEB"] == "ab12-cd"
+    assert values["KNOCKD_ROTATOR_PIN_BOB_WEB"] == "ab12-cd-ef-7"
     lines = client_lines(added.stdout)
     assert "KNOCKD_ROTATOR_SECRET_BOB_WEB" in lines
     assert not [name for name in lines if "PIN" in name], "the PIN is never printed"
-    assert "ab12-cd" not in added.stdout + added.stderr
+    assert "ab12-cd-ef-7" not in added.stdout + added.stderr
     assert added.stdout.rstrip().endswith("--check 8443 --pin")
     # The QR code is qrencode's drawing of exactly the printed lines.
     text = "".join("%s=%s\n" % pair for pair in lines.items())
@@ -330,7 +330,8 @@ def test_without_qrencode_it_says_how_to_get_it(enrol, tmp_path):
 
 
 def test_add_client_in_totp_mode_prints_the_otpauth_uri(enrol):
-    added = enrol.run("add-client", "dave", "--firewall", "iptables", "--totp", "--host", "srv")
+    added = enrol.run("add-client", "dave", "--firewall", "iptables", "--totp", "--pin",
+                      "--host", "srv", input=b"dave-pin-2468\n")
     assert added.returncode == 0, added.stderr
     uri = re.search(r"otpauth://\S+(?=\))", added.stdout).group(0)
     secret = server.env_values(enrol.env_file.read_bytes())["KNOCKD_ROTATOR_SECRET_DAVE_SSH"]
@@ -342,13 +343,14 @@ def test_add_client_in_totp_mode_prints_the_otpauth_uri(enrol):
         "a totp door's period is 30 s whatever the server's general period"
     assert "knock srv dave_ssh --code - --check 22" in added.stdout
     listed = enrol.run("list-clients")
-    assert re.search(r"dave +dave_ssh_ROTATOR +totp +no +own +30", listed.stdout)
+    assert re.search(r"dave +dave_ssh_ROTATOR +totp +yes +own +30", listed.stdout)
     assert secret not in listed.stdout
 
 
 @pytest.mark.parametrize("case", ["twice", "twice, other service", "invalid name",
                                   "invalid service", "missing firewall", "no nft set",
-                                  "env readable", "short pin", "reload fails",
+                                  "env readable", "short pin", "totp without a pin",
+                                  "reload fails",
                                   "remove, reload fails", "variable taken",
                                   "remove unknown", "config readable"])
 def test_errors_change_nothing(enrol, tmp_path, case):
@@ -371,6 +373,7 @@ def test_errors_change_nothing(enrol, tmp_path, case):
             "missing firewall": ["add-client", "erin", "--firewall", "ufw"],
             "no nft set": ["add-client", "erin", "--firewall", "nftables", "--port", "2"],
             "short pin": ["add-client", "erin", "--firewall", "iptables", "--pin"],
+            "totp without a pin": ["add-client", "erin", "--firewall", "iptables", "--totp"],
             "remove unknown": ["remove-client", "zoe"],
             "remove, reload fails": ["remove-client", "alice"]}.get(
         case, ["add-client", "alice" if case == "twice" else "erin", "--firewall", "iptables"])
@@ -400,7 +403,8 @@ def test_errors_change_nothing(enrol, tmp_path, case):
                                  "install ufw",
              "no nft set": "the nftables set inet filter knockd_rotator_2 does not exist",
              "env readable": "is readable by others, and would hold a client's secret",
-             "short pin": "the PIN must have at least 4 characters",
+             "short pin": "the PIN must have at least 10 characters",
+             "totp without a pin": "a totp door needs a PIN",
              "reload fails": "knockd did not take the new",
              "remove, reload fails": "knockd did not take the new",
              "variable taken": "sets KNOCKD_ROTATOR_PIN_ERIN_SSH already",
@@ -442,7 +446,7 @@ def test_two_enrolled_clients_each_open_only_their_own_door(enrol, guarded, star
     assert enrol.run().returncode == 0
     knockd.wait_log(r"re-reading config file", "the first reload")
     alice = enrol.run("add-client", "alice", "--firewall", "iptables", "--port", GUARDED_PORT,
-                      "--pin", input=b"7531\n")
+                      "--pin", input=b"7531-river-9\n")
     bob = enrol.run("add-client", "bob", "--firewall", "iptables", "--port", GUARDED_PORT)
     assert alice.returncode == bob.returncode == 0, alice.stderr + bob.stderr
     knockd.wait_log(r"re-reading config file", "the reloads of add-client", count=3)
@@ -451,7 +455,7 @@ def test_two_enrolled_clients_each_open_only_their_own_door(enrol, guarded, star
 
     # Knocks that must open nothing: a wrong PIN, no PIN, and one client's
     # secret on the other's door.
-    wrong_pin = knock(guarded, "alice_ssh", alice_env, "--pin", input=b"7532\n")
+    wrong_pin = knock(guarded, "alice_ssh", alice_env, "--pin", input=b"7532-river-9\n")
     no_pin = knock(guarded, "alice_ssh", alice_env)
     bob_as_alice = knock(guarded, "alice_ssh", dict(
         bob_env, KNOCKD_ROTATOR_SECRET_ALICE_SSH=bob_env["KNOCKD_ROTATOR_SECRET_BOB_SSH"]))
@@ -462,7 +466,7 @@ def test_two_enrolled_clients_each_open_only_their_own_door(enrol, guarded, star
     assert "OPEN SESAME" not in knockd.log_text()
 
     reloads = knockd.log_text().count("re-reading config file")
-    right = knock(guarded, "alice_ssh", alice_env, "--pin", input=b"7531\n")
+    right = knock(guarded, "alice_ssh", alice_env, "--pin", input=b"7531-river-9\n")
     assert right.returncode == 0, right.stderr
     assert (opened(knockd, "alice_ssh_ROTATOR"), opened(knockd, "bob_ssh_ROTATOR")) == (1, 0)
     # Alice's door is single-use: its burn reloads knockd, which drops a knock
@@ -481,7 +485,7 @@ def test_two_enrolled_clients_each_open_only_their_own_door(enrol, guarded, star
     knock(guarded, "bob_ssh", bob_env, "--check-timeout", "1")
     # knockd handles packets in order: once alice's next knock is logged, a
     # door that bob's knock opened would have been logged before it.
-    assert knock(guarded, "alice_ssh", alice_env, "--pin", input=b"7531\n").returncode == 0
+    assert knock(guarded, "alice_ssh", alice_env, "--pin", input=b"7531-river-9\n").returncode == 0
     knockd.wait_log(r"alice_ssh_ROTATOR: OPEN SESAME", "alice's second knock", count=2)
     assert opened(knockd, "bob_ssh_ROTATOR") == 1
 
@@ -503,7 +507,7 @@ def test_totp_door_opens_with_the_authenticator_code(enrol, guarded, start_knock
     enrol.config = knockd.config
     env = dict(knockd_server_env(enrol, knockd), TZ="UTC")
     added = run_server("--config", knockd.config, "add-client", "carol", "--firewall", "iptables",
-                       "--port", GUARDED_PORT, "--totp", "--pin", env=env, input=b"2580\n",
+                       "--port", GUARDED_PORT, "--totp", "--pin", env=env, input=b"2580-river-9\n",
                        prefix=["faketime", clock])
     assert added.returncode == 0, added.stderr
     knockd.wait_log(r"re-reading config file", "the reload of add-client")
@@ -514,11 +518,11 @@ def test_totp_door_opens_with_the_authenticator_code(enrol, guarded, start_knock
 
     wrong = "%06d" % ((int(code) + 1) % 1000000)
     for bad in (["--code", wrong, "--pin"], ["--code", code]):
-        result = knock(guarded, "carol_ssh", carol, *bad, clock=clock, input=b"2580\n")
+        result = knock(guarded, "carol_ssh", carol, *bad, clock=clock, input=b"2580-river-9\n")
         assert result.returncode == 1, result.stderr
     assert "OPEN SESAME" not in knockd.log_text()
     typed = knock(guarded, "carol_ssh", carol, "--code", "-", "--pin", clock=clock,
-                  input=("2580\n%s\n" % code).encode())
+                  input=("2580-river-9\n%s\n" % code).encode())
     assert typed.returncode == 0, typed.stderr
     assert opened(knockd, "carol_ssh_ROTATOR") == 1
 
@@ -591,7 +595,7 @@ def test_totp_door_under_watch_rotates_every_30_s_and_takes_a_late_code(
     secret = base64.b32encode(os.urandom(20)).decode()
     env_file = tmp_path / "absent.env"         # the ENV_FILE of server_env
     env_file.write_text("KNOCKD_ROTATOR_SECRET_CAROL_SSH=%s\nKNOCKD_ROTATOR_MODE_CAROL_SSH=totp\n"
-                        "KNOCKD_ROTATOR_PIN_CAROL_SSH=2580\nKNOCKD_ROTATOR_GRACE_CAROL_SSH=15\n"
+                        "KNOCKD_ROTATOR_PIN_CAROL_SSH=2580-river-9\nKNOCKD_ROTATOR_GRACE_CAROL_SSH=15\n"
                         % secret)
     env_file.chmod(0o600)
     server, _ = watch(knockd, 3600, 0)       # the ssh door: no grace; carol's: 15 s
@@ -603,14 +607,14 @@ def test_totp_door_under_watch_rotates_every_30_s_and_takes_a_late_code(
     carol = client_env({"KNOCKD_ROTATOR_MODE_CAROL_SSH": "totp"})
 
     now = knock(guarded, "carol_ssh", carol, "--code", independent_totp(secret, boundary),
-                "--pin", input=b"2580\n")
+                "--pin", input=b"2580-river-9\n")
     assert now.returncode == 0, now.stderr + server.text()
     assert "knocking again" not in now.stderr
     knockd.wait_log(r"carol_ssh_ROTATOR: OPEN SESAME", "the current code's door")
     close_door(guarded)
 
     late = knock(guarded, "carol_ssh", carol, "--code", independent_totp(secret, boundary - 30),
-                 "--pin", input=b"2580\n")
+                 "--pin", input=b"2580-river-9\n")
     assert late.returncode == 0, late.stderr + server.text()
     assert "knocking again with the previous period's sequence" in late.stderr
     knockd.wait_log(r"carol_ssh_ROTATOR_GRACE: OPEN SESAME", "the grace sibling")
