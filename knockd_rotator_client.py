@@ -55,21 +55,24 @@ EXIT_USAGE = 2        # bad command line
 EXIT_ENVIRONMENT = 3  # a KNOCKD_ROTATOR_* variable is missing or invalid
 EXIT_NETWORK = 5      # the host cannot be resolved or a knock cannot be sent
 
-# How often --check tries the guarded port, and how long one try may take:
-# the first tries are short, since a try made just before the firewall opens
-# has its SYN dropped and would wait out its whole timeout; the limit doubles
-# up to CHECK_CONNECT_TIMEOUT for distant hosts.
-CHECK_INTERVAL = 0.1
-CHECK_FIRST_TIMEOUT = 0.125
+# --check: a new connect attempt starts every CHECK_INTERVAL while the
+# earlier ones are still pending, each given up after CHECK_CONNECT_TIMEOUT.
+# knockd reads packets in 50 ms batches, so the firewall opens some tens of
+# milliseconds after the last knock; an attempt made before that has its SYN
+# dropped and would wait out the kernel's 1 s retransmission, but the next
+# attempt, 15 ms later, gets through.
+CHECK_INTERVAL = 0.015
 CHECK_CONNECT_TIMEOUT = 1.0
+CHECK_MAX_PENDING = 64
+
+# When the port stays shut: a retry about RETRY_AFTER seconds after a knock,
+# at most RETRIES of them (each re-planned from the clock at that moment).
+RETRY_AFTER = 1.0
+RETRIES = 12
 
 # Single-use doors: how many counters past the remembered one --check tries
-# (another device, or a lost state file, may have used some), and how long
-# each of those tries waits for the port.  knockd opens within about 50 ms of
-# the last knock; a door that opens later than the wait has burned its use
-# anyway, and the next try opens it with the next one.
+# (another device, or a lost state file, may have used some).
 LOOK_AHEAD = 10
-LOOK_AHEAD_WAIT = 0.5
 
 
 # BEGIN SHARED GENERATOR
@@ -408,25 +411,60 @@ def send_knocks(family, sockaddr, sequence, delay):
 
 
 def wait_for_port(family, sockaddr, port, timeout):
-    """Seconds until PORT accepts a TCP connection, or None after TIMEOUT."""
+    """Seconds until PORT accepts a TCP connection, or None after TIMEOUT.
+    Attempts overlap (see CHECK_INTERVAL): the first that connects wins."""
+    import select
     import socket
     started = time.monotonic()
     deadline = started + timeout
-    attempt_timeout = CHECK_FIRST_TIMEOUT
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return None
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.settimeout(min(remaining, attempt_timeout))
-            try:
-                sock.connect(with_port(sockaddr, port))
-                return time.monotonic() - started
-            except socket.timeout:
-                attempt_timeout = min(2 * attempt_timeout, CHECK_CONNECT_TIMEOUT)
-            except OSError:
-                pass
-        time.sleep(min(CHECK_INTERVAL, max(0.0, deadline - time.monotonic())))
+    pending = {}                  # socket -> when it gives up
+    next_attempt = started
+    try:
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                return None
+            if now >= next_attempt and len(pending) < CHECK_MAX_PENDING:
+                attempt = socket.socket(family, socket.SOCK_STREAM)
+                attempt.setblocking(False)
+                attempt.connect_ex(with_port(sockaddr, port))
+                pending[attempt] = now + CHECK_CONNECT_TIMEOUT
+                next_attempt = now + CHECK_INTERVAL
+            for attempt in [a for a, give_up in pending.items() if give_up <= now]:
+                attempt.close()
+                del pending[attempt]
+            wait = max(0.0, min(next_attempt, deadline) - time.monotonic())
+            done = select.select([], list(pending), [], wait)[1]
+            for attempt in done:
+                if attempt.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    return time.monotonic() - started
+                attempt.close()            # refused or unreachable: the next one may do
+                del pending[attempt]
+    finally:
+        for attempt in pending:
+            attempt.close()
+
+
+def retry_plan(now, period, grace, use, single_use):
+    """What to knock with when the port stayed shut, at NOW by the client's
+    clock: [(period offset, use)], in order, bounded.
+
+    Within GRACE seconds after a boundary, first the previous period's
+    sequence: the server's clock may be behind, or the code typed may be the
+    previous period's.  Then the current sequence again: knockd drops the
+    knocks in progress when it reloads, and misses about one knock in 800 in
+    part.  A single-use door then walks its use counter forward (another
+    device may have used it), and below the remembered one (state lost on
+    the server).  Never the next period's: it stays valid for a whole
+    period, and one spoiled knock just before a boundary would make the
+    client reveal it to whoever spoiled it."""
+    plan = [(0, use)]
+    if now - period_start(now, period) < grace:
+        plan.insert(0, (-1, 0))
+    if single_use:
+        plan += [(0, use + ahead) for ahead in range(1, LOOK_AHEAD + 1)]
+        plan += [(0, below) for below in range(use)]
+    return plan[:RETRIES]
 
 
 # ---------------------------------------------------------------- single use
@@ -578,8 +616,8 @@ def build_parser():
     family.add_argument("-4", dest="family", action="store_const", const=4, help="IPv4 only")
     family.add_argument("-6", dest="family", action="store_const", const=6, help="IPv6 only")
     knock.add_argument("--check", type=port_number, metavar="PORT",
-                       help="then wait until PORT accepts a TCP connection; near a "
-                            "boundary, knock once more with the other period if it does not")
+                       help="then wait until PORT accepts a TCP connection, and knock again "
+                            "(about once a second) while it does not")
     knock.add_argument("--check-timeout", type=positive_seconds, default=10.0, metavar="S",
                        help="how long --check waits (default 10)")
     return parser
@@ -605,16 +643,6 @@ def prepare_argv(argv):
         else:
             prepared.append(word)
     return prepared
-
-
-def other_period(now, period, grace):
-    """-1 or +1 when NOW is within GRACE seconds after or before a boundary, else 0."""
-    into = now - period_start(now, period)
-    if into < grace:
-        return -1
-    if period - into <= grace:
-        return 1
-    return 0
 
 
 def read_hidden(prompt):
@@ -651,8 +679,11 @@ def door_settings(args, environ):
         if not settings.pin:
             raise RotatorError("the PIN is empty", "type the PIN of the door", EXIT_USAGE)
     if settings.mode == "totp":
-        code = args.code if args.code != "-" else read_hidden("code for %s: " % door)
-        settings.key = door_key(settings, totp_code(code))
+        code = totp_code(args.code if args.code != "-" else read_hidden("code for %s: " % door))
+        if args.code != "-":
+            print("warning: a code on the command line is visible to every local user (ps) "
+                  "for its 30 s; --code - asks for it", file=sys.stderr)
+        settings.key = door_key(settings, code)
     else:
         settings.key = door_key(settings, secret_bytes(settings))
     return settings
@@ -695,38 +726,33 @@ def run(argv, environ, now):
         if settings.single_use:
             remember_use(uses_path, door, start, use + 1)
         return EXIT_OK
-    if settings.single_use:
-        # The remembered counter may be behind (another device used the door,
-        # or this state was lost): walk a few counters ahead.
-        took = wait_for_port(family, sockaddr, args.check, min(args.check_timeout,
-                                                               LOOK_AHEAD_WAIT))
-        # Then the counters below the remembered one, in case the server's
-        # state was reset (they are burned otherwise, and only cost time).
-        tries = [use + ahead for ahead in range(1, LOOK_AHEAD + 1)] + list(range(use))
-        for candidate in tries[:2 * LOOK_AHEAD]:
-            if took is not None:
+    deadline = time.monotonic() + args.check_timeout
+    took = wait_for_port(family, sockaddr, args.check, min(RETRY_AFTER, args.check_timeout))
+    if took is None:
+        plan = retry_plan(time.time(), period, settings.grace, use, settings.single_use)
+        for offset, candidate in plan:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 break
-            print("port %d on %s did not open; knocking with use %d (another device may "
-                  "have used the door)" % (args.check, args.host, candidate), file=sys.stderr)
-            send_knocks(family, sockaddr, sequence_at(start, candidate), args.delay / 1000.0)
-            took = wait_for_port(family, sockaddr, args.check, min(args.check_timeout,
-                                                                   LOOK_AHEAD_WAIT))
+            # The period as it is now, not as it was when the client started.
+            retry_start = period_start(time.time(), period, args.offset + offset)
+            print("port %d on %s did not open; knocking again %s" % (
+                args.check, args.host,
+                "with the previous period's sequence (just after a period boundary)"
+                if offset else "with use %d (another device may have used the door)"
+                % candidate if candidate != use else "with the same sequence (knockd drops "
+                "a knock in progress when it reloads)"), file=sys.stderr)
+            send_knocks(family, sockaddr, sequence_at(retry_start, candidate),
+                        args.delay / 1000.0)
+            took = wait_for_port(family, sockaddr, args.check, min(RETRY_AFTER, remaining))
             if took is not None:
-                use = candidate
-        if took is not None:
-            remember_use(uses_path, door, start, use + 1)
-    else:
-        took = wait_for_port(family, sockaddr, args.check, args.check_timeout)
-    other = other_period(now, period, settings.grace)
-    if took is None and other:
-        # Our clock and the server's may sit on two sides of the boundary (in
-        # totp mode: the code may be the previous period's).
-        print("port %d on %s did not open; this is %s a period boundary, so knocking "
-              "again with the %s period's sequence" % (
-                  args.check, args.host, "just after" if other < 0 else "just before",
-                  "previous" if other < 0 else "next"), file=sys.stderr)
-        send_knocks(family, sockaddr, sequence_at(start + other * period), args.delay / 1000.0)
-        took = wait_for_port(family, sockaddr, args.check, args.check_timeout)
+                start, use = retry_start, candidate
+                break
+        else:
+            took = wait_for_port(family, sockaddr, args.check,
+                                 max(0.0, deadline - time.monotonic()))
+    if took is not None and settings.single_use:
+        remember_use(uses_path, door, start, use + 1)
     if took is None:
         raise RotatorError("port %d on %s did not open within %g s"
                            % (args.check, args.host, args.check_timeout),

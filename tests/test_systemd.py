@@ -304,8 +304,12 @@ class Container:
     def read(self, inside):
         return self.path(inside).read_text(errors="replace")
 
-    def write(self, inside, text, mode=0o644):
+    def write(self, inside, text, mode=None):
+        """Write TEXT as an editor would: an existing file keeps its mode
+        (install.sh made knockd.conf 0600), a new one gets MODE or 0644."""
         path = self.path(inside)
+        if mode is None:
+            mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         with os.fdopen(descriptor, "w") as handle:
             handle.write(text)
@@ -896,8 +900,7 @@ def test_watch_mode(container):
     # An admin's typo in the door: every rotation now fails knockd's grammar.
     conf = box.read("/etc/knockd.conf")
     box.write("/etc/knockd.conf", conf.replace("[ssh_ROTATOR]\n",
-                                               "[ssh_ROTATOR]\n    bogus_key     = 1\n", 1),
-              mode=0o644)
+                                               "[ssh_ROTATOR]\n    bogus_key     = 1\n", 1))
     properties = ("ActiveState", "SubState", "Result", "NRestarts", "StatusText",
                   "ExecMainStatus")
 
