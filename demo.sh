@@ -28,9 +28,23 @@ for package in python3 knockd iptables iproute2 procps; do
 done
 if [ -n "$missing" ]; then
     echo "== installing$missing"
+    # Nothing installed here may start on the host's interfaces: knockd's
+    # package would otherwise start it with Debian's example doors.
+    policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        policy=/usr/sbin/policy-rc.d
+        trap 'rm -f "$policy"' EXIT
+        printf '#!/bin/sh\nexit 101\n' > "$policy"
+        chmod 755 "$policy"
+    fi
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
+    [ -z "$policy" ] || rm -f "$policy"
+    trap - EXIT
 fi
+# knockd.conf holds live sequences and the environment file secrets: like a
+# real server's, the demo's files are for root only.
+umask 077
 
 python=/usr/bin/python3
 namespace="krdemo-$$"
@@ -97,9 +111,11 @@ KNOCKD_ROTATOR_RECOVER_COMMAND="ip netns exec $namespace knockd -d -i lo -c $wor
 KNOCKD_ROTATOR_STATE_DIR="$work/state"
 KNOCKD_ROTATOR_ENV_FILE="$work/knockd_rotator.env"
 KNOCKD_ROTATOR_SERVER_INTERVAL=60
+# The client's memory of single-use counters, too (not the user's own).
+KNOCKD_ROTATOR_USES_FILE="$work/uses.json"
 export KNOCKD_ROTATOR_SECRET KNOCKD_ROTATOR_RELOAD_COMMAND KNOCKD_ROTATOR_CHECK_COMMAND \
     KNOCKD_ROTATOR_RECOVER_COMMAND KNOCKD_ROTATOR_STATE_DIR KNOCKD_ROTATOR_ENV_FILE \
-    KNOCKD_ROTATOR_SERVER_INTERVAL
+    KNOCKD_ROTATOR_SERVER_INTERVAL KNOCKD_ROTATOR_USES_FILE
 
 echo "== 3. the server writes the current sequence into knockd.conf and reloads knockd"
 "$python" "$here/knockd_rotator_server.py" --config "$work/knockd.conf" --dry-run | sed 's/^/   /'

@@ -15,6 +15,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=${DESTDIR:-}
 sbin=$root/usr/local/sbin
 bin=$root/usr/local/bin
+# The client that /usr/local/bin runs, imported from here by a launcher.
+lib=$root/usr/local/lib/knockd_rotator
 units=$root/etc/systemd/system
 env_file=$root/etc/knockd_rotator.env
 state=$root/var/lib/knockd_rotator
@@ -35,7 +37,26 @@ install_all() {
     for script in $scripts; do
         install -m 0755 "$here/$script" "$sbin/$script"
     done
-    install -m 0755 "$here/knockd_rotator_client.py" "$bin/knockd_rotator_client.py"
+    # Python compiles a script it runs anew at every start (5 ms, a sixth of
+    # a knock), but caches the bytecode of a module it imports: the client
+    # on the PATH is a launcher that imports the compiled client.
+    install -d -m 0755 "$lib"
+    install -m 0644 "$here/knockd_rotator_client.py" "$lib/knockd_rotator_client.py"
+    python3 -m py_compile "$lib/knockd_rotator_client.py"
+    cat >"$bin/knockd_rotator_client.py" <<'LAUNCHER'
+#!/usr/bin/env python3
+"""knockd-rotator client launcher: runs ../lib/knockd_rotator/knockd_rotator_client.py,
+the whole client in one file (copy that one, or /usr/local/sbin's, to a client)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.realpath(__file__)), os.pardir, "lib",
+                                "knockd_rotator"))
+from knockd_rotator_client import main  # noqa: E402
+
+sys.exit(main())
+LAUNCHER
+    chmod 0755 "$bin/knockd_rotator_client.py"
     for unit in $unit_files; do
         install -m 0644 "$here/$unit" "$units/$unit"
     done
@@ -63,14 +84,15 @@ PYTHON
     systemctl_here daemon-reload
     cat <<NEXT
 installed: $sbin/knockd_rotator_server.py, $sbin/knockd_rotator_client.py,
-           $bin/knockd_rotator_client.py, $units/{$(echo $unit_files | tr ' ' ',')},
+           $bin/knockd_rotator_client.py (runs $lib/knockd_rotator_client.py),
+           $units/{$(echo $unit_files | tr ' ' ',')},
            $dropin_dir/$dropin (restarts knockd when it dies)
 next steps:
   1. add a door such as [ssh_ROTATOR] to /etc/knockd.conf (README, "Doors"), then
      knockd_rotator_server.py check && knockd_rotator_server.py --dry-run
   2. systemctl enable --now knockd_rotator.timer && systemctl start knockd_rotator.service
      (or, for periods under an hour: systemctl enable --now knockd_rotator-watch.service)
-  3. copy knockd_rotator_client.py and the KNOCKD_ROTATOR_* lines of
+  3. copy $sbin/knockd_rotator_client.py and the KNOCKD_ROTATOR_* lines of
      /etc/knockd_rotator.env to each client, and knock before you log out
 NEXT
 }
@@ -87,6 +109,7 @@ uninstall_all() {
         rm -f "$sbin/$script"
     done
     rm -f "$bin/knockd_rotator_client.py"
+    rm -rf "$lib"
     for unit in $unit_files; do
         rm -f "$units/$unit"
     done

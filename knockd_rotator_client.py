@@ -13,17 +13,19 @@ Usage:
 Environment (each may be given for one door, as KNOCKD_ROTATOR_<SETTING>_<NAME>
 with NAME the door name upper-cased, e.g. KNOCKD_ROTATOR_SECRET_ALICE_SSH for
 [alice_ssh_ROTATOR]; the door's own variable wins):
-    KNOCKD_ROTATOR_SECRET         required, at least 10 characters
+    KNOCKD_ROTATOR_SECRET         required, 128 random bits (22 base64 characters)
     KNOCKD_ROTATOR_PIN            the door's PIN, if it has one (or --pin asks)
     KNOCKD_ROTATOR_MODE           secret (default), or totp: the key of each
                                   30 s period is an authenticator app's code
                                   (--code) instead of the secret
-    KNOCKD_ROTATOR_LENGTH         ports per sequence, 1-32 (default 10)
+    KNOCKD_ROTATOR_LENGTH         ports per sequence, 10-32 (default 10)
     KNOCKD_ROTATOR_PORT_MODULO    0: every knock is TCP; M > 0: TCP when
                                   port % M == 0, otherwise UDP (default 0)
     KNOCKD_ROTATOR_PERIOD_MODULO  rotation period in seconds (default 21600)
-    KNOCKD_ROTATOR_ALGORITHM      knockd-rotator/1 (default), or legacy-v1 for
-                                  servers of Knock Rotator v1.0.1
+    KNOCKD_ROTATOR_ALGORITHM      knockd-rotator/1 (default), or legacy-v1 /
+                                  legacy-v3 for servers of Knock Rotator 1.0.1
+                                  and 2.0.0 / 3.0.0 (which also read SALT,
+                                  PORTS and PROTO_MODULO as it did)
     KNOCKD_ROTATOR_GRACE          seconds after a boundary during which the
                                   server still takes the previous sequence
                                   (default 30, at most half the period)
@@ -70,6 +72,8 @@ CHECK_MAX_PENDING = 64
 RETRY_AFTER = 1.0
 RETRIES = 12
 
+DOOR_NAME_MAX = 127    # knockd cuts section names here
+
 # Single-use doors: how many counters past the remembered one --check tries
 # (another device, or a lost state file, may have used some).
 LOOK_AHEAD = 10
@@ -90,7 +94,16 @@ MIN_PORT = 2000        # below this live well-known services a scan hits first
 MAX_PORT = 65535
 PORT_SPAN = MAX_PORT - MIN_PORT + 1   # 63536 equally likely ports
 MAX_LENGTH = 32        # knockd 0.8 takes at most 32 ports in a sequence
-MIN_SECRET_CHARS = 10
+# knockd only sees the ports of its doors, so a port scan run upwards twice
+# (or downwards) hits them in every rotation of their sorted order: of the
+# L!-2 orders the generator draws, 2(L-1) open.  Length 6: 1 in 72 per
+# period; 10: 1 in 200 000 (docs/SPEC.md, "Validation").
+MIN_LENGTH = 10
+# Secrets that a person makes up fall to a dictionary run against one sniffed
+# knock; a random one of 128 bits does not.  Legacy doors keep the old
+# floor (their clients are not ours to change), and the server warns.
+MIN_SECRET_BITS = 128
+LEGACY_MIN_SECRET_CHARS = 10
 MAX_PERIOD = 366 * 86400   # a longer period is a static sequence in practice
 # Seconds after a boundary during which the previous sequence still opens the
 # door (docs/SPEC.md): covers clocks up to this far behind, and a knock sent
@@ -172,21 +185,73 @@ def with_protocols(ports, port_modulo):
     return [(p, "tcp" if port_modulo == 0 or p % port_modulo == 0 else "udp") for p in ports]
 
 
-def legacy_v1_sequence(secret, door, start, length, port_modulo):
-    """The sequence of Knock Rotator v1.0.1, for KNOCKD_ROTATOR_ALGORITHM=legacy-v1.
-
-    Kept only so that v1 clients go on working: a plain SHA-256 of the secret
-    next to public text, a modulo bias, repeats and scan order are possible.
-    """
-    ports = []
+def legacy_draws(secret, door, start, length, count):
+    """Knock Rotator's draws, each 0..COUNT-1: the first 8 hex digits of a
+    plain SHA-256 of the period start, door, secret and index, modulo COUNT."""
     for index in range(1, length + 1):
         text = b"%d" % start + door.encode("utf-8", "surrogateescape") + secret + b"%d" % index
-        ports.append(MIN_PORT + int(hashlib.sha256(text).hexdigest()[:8], 16) % PORT_SPAN)
+        yield int(hashlib.sha256(text).hexdigest()[:8], 16) % count
+
+
+def legacy_v1_sequence(secret, door, start, length, port_modulo):
+    """The sequence of Knock Rotator v1.0.1 and 2.0.0, for
+    KNOCKD_ROTATOR_ALGORITHM=legacy-v1.
+
+    Kept only so that their clients go on working: a plain SHA-256 of the
+    secret next to public text, a modulo bias, repeats and scan order are
+    possible.
+    """
+    return with_protocols([MIN_PORT + draw for draw in
+                           legacy_draws(secret, door, start, length, PORT_SPAN)], port_modulo)
+
+
+# Knock Rotator 3.0.0 draws from the list KNOCKD_ROTATOR_PORTS, by default
+# 2000-65536: 63 537 ports, the last of which no packet can carry.
+LEGACY_V3_PORTS = "2000-65536"
+
+
+def legacy_v3_sequence(secret, door, start, length, port_modulo, ranges):
+    """The sequence of Knock Rotator 3.0.0 (legacy-v3): v1's draws over the
+    sorted port list RANGES [(low, high)].  A period that draws a port above
+    65535 (3.0.0's own client stops there) takes the knockd-rotator/1
+    sequence of the same secret instead."""
+    ports = []
+    for draw in legacy_draws(secret, door, start, length,
+                             sum(high - low + 1 for low, high in ranges)):
+        for low, high in ranges:
+            if draw <= high - low:
+                ports.append(low + draw)
+                break
+            draw -= high - low + 1
+    if max(ports) > MAX_PORT:
+        return generate_sequence(secret, door, start, length, port_modulo)
     return with_protocols(ports, port_modulo)
 
 
+def legacy_port_ranges(variable, text):
+    """KNOCKD_ROTATOR_PORTS of legacy-v3: `LOW-HIGH` ranges and single ports,
+    comma-separated, none twice, at least 2 -> sorted [(low, high)]."""
+    ranges = []
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        if not all(word.isascii() and word.isdigit() for word in [low] + [high] * bool(dash)):
+            ranges = []
+            break
+        ranges.append((int(low), int(high) if dash else int(low)))
+    ranges.sort()
+    if (not ranges or not all(1 <= low <= high <= MAX_PORT + 1 for low, high in ranges)
+            or any(later[0] <= earlier[1] for earlier, later in zip(ranges, ranges[1:]))
+            or sum(high - low + 1 for low, high in ranges) < 2):
+        raise RotatorError("%s is %r" % (variable, text[:40]),
+                           "give ports and ranges of ports, comma-separated, none twice, at "
+                           "least 2, as Knock Rotator 3.0.0 took them: 2000-65536",
+                           EXIT_ENVIRONMENT)
+    return ranges
+
+
 # KNOCKD_ROTATOR_ALGORITHM: the name of each generator.
-ALGORITHMS = {"knockd-rotator/1": generate_sequence, "legacy-v1": legacy_v1_sequence}
+ALGORITHMS = {"knockd-rotator/1": generate_sequence, "legacy-v1": legacy_v1_sequence,
+              "legacy-v3": legacy_v3_sequence}
 
 
 def format_sequence(sequence, separator=","):
@@ -198,6 +263,43 @@ def format_sequence(sequence, separator=","):
 # for the one door whose settings name is NAME (see settings_name).
 DOOR_SETTINGS = ("SECRET", "PIN", "MODE", "LENGTH", "PORT_MODULO", "PERIOD_MODULO",
                  "GRACE", "ALGORITHM", "SINGLE_USE")
+# Knock Rotator's own names, read for legacy doors only: SALT (v1.0.1's
+# secret), PORTS and PROTO_MODULO (3.0.0's port list and port modulo).
+LEGACY_SETTINGS = ("SALT", "PORTS", "PROTO_MODULO")
+# (the algorithms that read each, what a knockd-rotator/1 door reads instead)
+LEGACY_READERS = {"SALT": (("legacy-v1", "legacy-v3"), "KNOCKD_ROTATOR_SECRET"),
+                  "PORTS": (("legacy-v3",), "no port list: its ports are 2000-65535"),
+                  "PROTO_MODULO": (("legacy-v3",), "KNOCKD_ROTATOR_PORT_MODULO")}
+# The settings of the one script or the other that are not per door: an
+# environment file may serve both.
+SCRIPT_SETTINGS = ("RELOAD_COMMAND", "CHECK_COMMAND", "RECOVER_COMMAND", "KILL_COMMAND",
+                   "CHECK_SECONDS", "SERVER_INTERVAL", "STATE_DIR", "ENV_FILE", "USES_FILE")
+
+
+def unread_variables(environ, algorithms):
+    """A warning for each KNOCKD_ROTATOR_* variable of ENVIRON that nothing
+    reads: a typo, or one of Knock Rotator's names (LEGACY_SETTINGS) that no
+    door's algorithm (of the set ALGORITHMS) reads.  Ignored in silence, they
+    would leave a migration to guess why its clients do not match."""
+    warnings = []
+    for variable in sorted(environ):
+        if not variable.startswith("KNOCKD_ROTATOR_"):
+            continue
+        setting = variable[len("KNOCKD_ROTATOR_"):]
+        base = [known for known in DOOR_SETTINGS + LEGACY_SETTINGS
+                if setting == known or setting.startswith(known + "_")]
+        if setting in SCRIPT_SETTINGS or set(base) & set(DOOR_SETTINGS):
+            continue
+        if not base:
+            warnings.append("%s is no setting of knockd-rotator (a typo?); it is ignored"
+                            % variable)
+            continue
+        readers, instead = LEGACY_READERS[base[0]]
+        if not set(readers) & set(algorithms):
+            warnings.append("%s is read only by %s doors (KNOCKD_ROTATOR_ALGORITHM); "
+                            "knockd-rotator/1 reads %s" % (variable, " and ".join(readers),
+                                                           instead))
+    return warnings
 MODES = ("secret", "totp")
 TOTP_PERIOD = 30          # RFC 6238's default, the one every authenticator app uses
 TOTP_DIGITS = 6
@@ -256,6 +358,15 @@ class DoorSettings:
         self.__dict__.update(fields)
 
 
+def scan_odds(length):
+    """N: one period in N opens a door of LENGTH distinct ports, in no scan
+    order, to a port scan run twice upwards and twice downwards."""
+    orders = 1
+    for count in range(2, length + 1):
+        orders *= count
+    return max(1, round((orders - 2) / (2 * (length - 1))))
+
+
 def read_settings(environ, door, default_mode="secret"):
     """DOOR's settings from ENVIRON: each KNOCKD_ROTATOR_<SETTING>_<NAME> in
     force over KNOCKD_ROTATOR_<SETTING>.  The secret is not checked here:
@@ -288,29 +399,65 @@ def read_settings(environ, door, default_mode="secret"):
                               TOTP_PERIOD, TOTP_PERIOD, TOTP_PERIOD)
     else:
         period = number("PERIOD_MODULO", 1, MAX_PERIOD, 21600)
+    length = number("LENGTH", 1, MAX_LENGTH, 10)
+    if length < MIN_LENGTH and algorithm == "knockd-rotator/1":
+        raise RotatorError("%s is %d: a port scan run twice opens a door of %d ports in 1 "
+                           "period out of %d" % (door_variable(environ, "LENGTH", door, name)[0],
+                                                 length, length, scan_odds(length)),
+                           "use %d or more on the server and every client" % MIN_LENGTH,
+                           EXIT_ENVIRONMENT)
     secret_variable, secret = door_variable(environ, "SECRET", door, name)
+    generate = ALGORITHMS[algorithm]
+    modulo = "PORT_MODULO"
+    if algorithm != "knockd-rotator/1":
+        if secret is None and door_variable(environ, "SALT", door, name)[1] is not None:
+            secret_variable, secret = door_variable(environ, "SALT", door, name)
+        if algorithm == "legacy-v3":
+            ports_variable, ports = door_variable(environ, "PORTS", door, name)
+            ranges = legacy_port_ranges(ports_variable, ports or LEGACY_V3_PORTS)
+
+            def generate(key, door, start, length, port_modulo):
+                return legacy_v3_sequence(key, door, start, length, port_modulo, ranges)
+            if door_variable(environ, "PROTO_MODULO", door, name)[1] is not None:
+                modulo = "PROTO_MODULO"
     return DoorSettings(
-        door=door, mode=mode, pin=pin, period=period, algorithm=algorithm,
-        generate=ALGORITHMS[algorithm],
+        door=door, mode=mode, pin=pin, period=period, algorithm=algorithm, generate=generate,
         secret_variable=secret_variable, secret=secret, single_use=bool(single_use),
-        length=number("LENGTH", 1, MAX_LENGTH, 10),
-        port_modulo=number("PORT_MODULO", 0, MAX_PORT, 0),
+        length=length,
+        port_modulo=number(modulo, 0, MAX_PORT, 0),
         # The grace is at most half the period, so a short period shrinks it.
         grace=number("GRACE", 0, period // 2, min(DEFAULT_GRACE, period // 2)))
 
 
+def secret_bits(secret):
+    """What SECRET could hold at most: its length times the bits of a
+    character of the smallest usual alphabet (decimal, hex, base32, base64)
+    that has every character of it."""
+    for alphabet, bits in (("0123456789", 3.32), ("0123456789abcdefABCDEF", 4),
+                           ("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567=", 5)):
+        if all(character in alphabet for character in secret):
+            return int(len(secret) * bits)
+    return 6 * len(secret)
+
+
 def secret_bytes(settings):
-    """The door's secret as bytes; an error naming both variables when missing."""
+    """The door's secret as bytes; an error naming both variables when it is
+    missing, or too short to resist guessing."""
     secret, variable = settings.secret or "", settings.secret_variable
-    if len(secret) >= MIN_SECRET_CHARS:
+    if settings.algorithm == "knockd-rotator/1":
+        strong = secret_bits(secret) >= MIN_SECRET_BITS
+        floor = "%d bits (22 random base64 characters, 32 hex digits)" % MIN_SECRET_BITS
+    else:
+        strong = len(secret) >= LEGACY_MIN_SECRET_CHARS
+        floor = "%d characters" % LEGACY_MIN_SECRET_CHARS
+    if strong:
         return secret.encode("utf-8", "surrogateescape")
     what = ("neither %s nor KNOCKD_ROTATOR_SECRET is set" % own_variable("SECRET", settings.door)
             if settings.secret is None else "%s is empty" % variable if not secret
-            else "%s is shorter than %d characters" % (variable, MIN_SECRET_CHARS))
-    raise RotatorError(what, "set it to the secret the server uses for [%s], at least %d "
-                       "characters; a new one: python3 -c 'import secrets; print(secrets."
-                       "token_urlsafe(32))'" % (settings.door, MIN_SECRET_CHARS),
-                       EXIT_ENVIRONMENT)
+            else "%s holds less than %s" % (variable, floor))
+    raise RotatorError(what, "set it to the secret the server uses for [%s]" % settings.door
+                       if not secret else "give the server and its clients a new one: python3 "
+                       "-c 'import secrets; print(secrets.token_urlsafe(32))'", EXIT_ENVIRONMENT)
 
 
 USE_TAG = b"knockd-rotator/1 use"
@@ -363,12 +510,30 @@ def resolve_command(word, commands):
 
 
 # ---------------------------------------------------------------- knocking
+#
+# Knocking imports _socket, the C module under socket: importing socket.py
+# (its enums, selectors) would cost about 3 ms, a tenth of the client's
+# start-up, for nothing the C module lacks.
+
+def address_literal(host):
+    """HOST as bytes when it is an IPv4 or IPv6 address, else HOST itself:
+    getaddrinfo sends a str through the idna codec, whose import costs about
+    1 ms, and an address needs no encoding."""
+    import _socket as socket
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return host.encode("ascii")
+        except (OSError, ValueError):
+            pass
+    return host
+
 
 def resolve_host(host, family):
     """One address for HOST: (family, sockaddr with port 0)."""
-    import socket
+    import _socket as socket
     try:
-        infos = socket.getaddrinfo(host, 0, family, socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(address_literal(host), 0, family, socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         raise RotatorError("cannot resolve host %r: %s" % (host, getattr(exc, "strerror", exc)),
                            "check the name, or give an IPv4 or IPv6 address",
@@ -383,7 +548,7 @@ def with_port(sockaddr, port):
 def send_knocks(family, sockaddr, sequence, delay):
     """One SYN per TCP knock, one datagram per UDP knock, in order."""
     import errno
-    import socket
+    import _socket as socket
     # A refused or pending connect is the normal fate of a knock.
     harmless = {0, errno.EINPROGRESS, errno.EAGAIN, errno.ECONNREFUSED}
     for index, (port, protocol) in enumerate(sequence):
@@ -391,18 +556,20 @@ def send_knocks(family, sockaddr, sequence, delay):
             time.sleep(delay)
         address = with_port(sockaddr, port)
         kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
-        with socket.socket(family, kind) as sock:
-            try:
-                if protocol == "tcp":
-                    # Non-blocking, then closed at once: the kernel sends one
-                    # SYN and never a retransmission.
-                    sock.setblocking(False)
-                    error = sock.connect_ex(address)
-                else:
-                    sock.sendto(b"\0", address)
-                    error = 0
-            except OSError as exc:
-                error = exc.errno
+        sock = socket.socket(family, kind)
+        try:
+            if protocol == "tcp":
+                # Non-blocking, then closed at once: the kernel sends one
+                # SYN and never a retransmission.
+                sock.setblocking(False)
+                error = sock.connect_ex(address)
+            else:
+                sock.sendto(b"\0", address)
+                error = 0
+        except OSError as exc:
+            error = exc.errno
+        finally:
+            sock.close()
         if error not in harmless:
             raise RotatorError("cannot knock on %s port %d/%s: %s"
                                % (sockaddr[0], port, protocol, os.strerror(error)),
@@ -414,7 +581,7 @@ def wait_for_port(family, sockaddr, port, timeout):
     """Seconds until PORT accepts a TCP connection, or None after TIMEOUT.
     Attempts overlap (see CHECK_INTERVAL): the first that connects wins."""
     import select
-    import socket
+    import _socket as socket
     started = time.monotonic()
     deadline = started + timeout
     pending = {}                  # socket -> when it gives up
@@ -453,17 +620,18 @@ def retry_plan(now, period, grace, use, single_use):
     sequence: the server's clock may be behind, or the code typed may be the
     previous period's.  Then the current sequence again: knockd drops the
     knocks in progress when it reloads, and misses about one knock in 800 in
-    part.  A single-use door then walks its use counter forward (another
-    device may have used it), and below the remembered one (state lost on
-    the server).  Never the next period's: it stays valid for a whole
+    part.  A single-use door then tries use 0 (the server lost its
+    state, or was set up anew), walks its use counter forward (another
+    device may have used it), and below the remembered one.  Never the next period's: it stays valid for a whole
     period, and one spoiled knock just before a boundary would make the
     client reveal it to whoever spoiled it."""
     plan = [(0, use)]
     if now - period_start(now, period) < grace:
         plan.insert(0, (-1, 0))
     if single_use:
+        plan += [(0, 0)] * (use > 0)
         plan += [(0, use + ahead) for ahead in range(1, LOOK_AHEAD + 1)]
-        plan += [(0, below) for below in range(use)]
+        plan += [(0, below) for below in range(1, use)]
     return plan[:RETRIES]
 
 
@@ -568,12 +736,36 @@ exit codes: 0 ok, 1 door did not open, 2 bad command line,
 """
 
 
+def terminal_columns():
+    """shutil.get_terminal_size().columns, without importing shutil."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
 def build_parser():
+    # argparse makes a formatter at every add_argument, to check the metavar,
+    # and without a width each one imports shutil, with bz2 and lzma: about
+    # 2 ms of every run.  The width is argparse's own default.
+    width = terminal_columns() - 2
+
+    def formatter(prog):
+        return argparse.RawDescriptionHelpFormatter(prog, width=width)
+
     parser = Parser(prog=os.path.basename(sys.argv[0]), allow_abbrev=False,
                     description="Compute the current knockd-rotator sequence and knock.",
-                    epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                    epilog=EPILOG, formatter_class=formatter)
     parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # A prog of its own spares add_subparsers a help formatter, whose import
+    # of shutil (and with it bz2 and lzma) would cost every run a few ms.
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", prog=parser.prog)
     commands.required = True
 
     def door_arguments(sub):
@@ -595,8 +787,12 @@ def build_parser():
         "generate", allow_abbrev=False, help="print the current sequence",
         description="Print the current sequence of a door.",
         epilog="examples:\n  generate ssh\n  generate ssh --format knock\n"
-               "  generate ssh --format json --offset -1",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               "  generate ssh --format json --offset -1\n\n"
+               "knockd's C client takes the ports as separate arguments:\n"
+               "  knock HOST $(knockd_rotator_client.py generate ssh --format knock)\n"
+               "Knock Rotator's `knock HOST $(... generate ssh)` now sends ONE knock:\n"
+               "the default form is knockd.conf's, a single comma-separated word.",
+        formatter_class=formatter)
     door_arguments(generate)
     generate.add_argument("--format", choices=("knockd", "knock", "json"), default="knockd",
                           help="knockd: knockd.conf form (default); knock: arguments "
@@ -607,7 +803,7 @@ def build_parser():
         description="Send the current sequence of a door to HOST, in order.",
         epilog="examples:\n  knock myserver ssh\n  knock myserver ssh --check 22\n"
                "  knock 2001:db8::1 ssh -6 --delay 50",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=formatter)
     knock.add_argument("host", metavar="HOST", help="name or IPv4/IPv6 address")
     door_arguments(knock)
     knock.add_argument("--delay", type=delay_ms, default=0, metavar="MS",
@@ -665,6 +861,12 @@ def totp_code(text):
 def door_settings(args, environ):
     """The door's settings, with the PIN prompted for and the code checked."""
     door = door_name(args.service)
+    if (not args.service or len(door.encode("utf-8", "surrogateescape")) > DOOR_NAME_MAX
+            or any(character in "[]" or not character.isprintable() for character in door)):
+        raise RotatorError("%r is no knockd door name" % door[:40],
+                           "give the service as in knockd.conf's [SERVICE_ROTATOR]: at most "
+                           "%d bytes, no brackets, no control characters" % DOOR_NAME_MAX,
+                           EXIT_USAGE)
     settings = read_settings(environ, door, "totp" if args.code else "secret")
     if args.code and settings.mode != "totp":
         raise RotatorError("--code is for doors in totp mode, and %s is %r"
@@ -674,6 +876,9 @@ def door_settings(args, environ):
         raise RotatorError("door %s is in totp mode" % door,
                            "give the code of your authenticator app: --code 123456, "
                            "or --code - to type it", EXIT_USAGE)
+    if args.pin and settings.algorithm != "knockd-rotator/1":
+        raise RotatorError("door %s: %s has no PIN" % (door, settings.algorithm),
+                           "leave out --pin, or use knockd-rotator/1 for this door", EXIT_USAGE)
     if args.pin:
         settings.pin = read_hidden("PIN for %s: " % door).encode("utf-8", "surrogateescape")
         if not settings.pin:
@@ -693,6 +898,8 @@ def run(argv, environ, now):
     args = build_parser().parse_args(prepare_argv(argv))
     settings = door_settings(args, environ)
     door, period = settings.door, settings.period
+    for warning in unread_variables(environ, {settings.algorithm}):
+        print("warning: " + warning, file=sys.stderr)
 
     def sequence_at(start, use=0):
         return settings.generate(use_key(settings.key, use), door, start, settings.length,
@@ -718,7 +925,7 @@ def run(argv, environ, now):
             print(format_sequence(sequence, "," if args.format == "knockd" else " "))
         return EXIT_OK
 
-    import socket
+    import _socket as socket
     family = {None: socket.AF_UNSPEC, 4: socket.AF_INET, 6: socket.AF_INET6}[args.family]
     family, sockaddr = resolve_host(args.host, family)
     send_knocks(family, sockaddr, sequence, args.delay / 1000.0)
@@ -736,12 +943,16 @@ def run(argv, environ, now):
                 break
             # The period as it is now, not as it was when the client started.
             retry_start = period_start(time.time(), period, args.offset + offset)
-            print("port %d on %s did not open; knocking again %s" % (
-                args.check, args.host,
-                "with the previous period's sequence (just after a period boundary)"
-                if offset else "with use %d (another device may have used the door)"
-                % candidate if candidate != use else "with the same sequence (knockd drops "
-                "a knock in progress when it reloads)"), file=sys.stderr)
+            if offset:
+                why = "with the previous period's sequence (just after a period boundary)"
+            elif candidate == use:
+                why = "with the same sequence (knockd drops a knock in progress when it reloads)"
+            elif candidate == 0:
+                why = "with use 0 (the server may have started its counters anew)"
+            else:
+                why = "with use %d (another device may have used the door)" % candidate
+            print("port %d on %s did not open; knocking again %s"
+                  % (args.check, args.host, why), file=sys.stderr)
             send_knocks(family, sockaddr, sequence_at(retry_start, candidate),
                         args.delay / 1000.0)
             took = wait_for_port(family, sockaddr, args.check, min(RETRY_AFTER, remaining))

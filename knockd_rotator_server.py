@@ -132,7 +132,16 @@ MIN_PORT = 2000        # below this live well-known services a scan hits first
 MAX_PORT = 65535
 PORT_SPAN = MAX_PORT - MIN_PORT + 1   # 63536 equally likely ports
 MAX_LENGTH = 32        # knockd 0.8 takes at most 32 ports in a sequence
-MIN_SECRET_CHARS = 10
+# knockd only sees the ports of its doors, so a port scan run upwards twice
+# (or downwards) hits them in every rotation of their sorted order: of the
+# L!-2 orders the generator draws, 2(L-1) open.  Length 6: 1 in 72 per
+# period; 10: 1 in 200 000 (docs/SPEC.md, "Validation").
+MIN_LENGTH = 10
+# Secrets that a person makes up fall to a dictionary run against one sniffed
+# knock; a random one of 128 bits does not.  Legacy doors keep the old
+# floor (their clients are not ours to change), and the server warns.
+MIN_SECRET_BITS = 128
+LEGACY_MIN_SECRET_CHARS = 10
 MAX_PERIOD = 366 * 86400   # a longer period is a static sequence in practice
 # Seconds after a boundary during which the previous sequence still opens the
 # door (docs/SPEC.md): covers clocks up to this far behind, and a knock sent
@@ -214,21 +223,73 @@ def with_protocols(ports, port_modulo):
     return [(p, "tcp" if port_modulo == 0 or p % port_modulo == 0 else "udp") for p in ports]
 
 
-def legacy_v1_sequence(secret, door, start, length, port_modulo):
-    """The sequence of Knock Rotator v1.0.1, for KNOCKD_ROTATOR_ALGORITHM=legacy-v1.
-
-    Kept only so that v1 clients go on working: a plain SHA-256 of the secret
-    next to public text, a modulo bias, repeats and scan order are possible.
-    """
-    ports = []
+def legacy_draws(secret, door, start, length, count):
+    """Knock Rotator's draws, each 0..COUNT-1: the first 8 hex digits of a
+    plain SHA-256 of the period start, door, secret and index, modulo COUNT."""
     for index in range(1, length + 1):
         text = b"%d" % start + door.encode("utf-8", "surrogateescape") + secret + b"%d" % index
-        ports.append(MIN_PORT + int(hashlib.sha256(text).hexdigest()[:8], 16) % PORT_SPAN)
+        yield int(hashlib.sha256(text).hexdigest()[:8], 16) % count
+
+
+def legacy_v1_sequence(secret, door, start, length, port_modulo):
+    """The sequence of Knock Rotator v1.0.1 and 2.0.0, for
+    KNOCKD_ROTATOR_ALGORITHM=legacy-v1.
+
+    Kept only so that their clients go on working: a plain SHA-256 of the
+    secret next to public text, a modulo bias, repeats and scan order are
+    possible.
+    """
+    return with_protocols([MIN_PORT + draw for draw in
+                           legacy_draws(secret, door, start, length, PORT_SPAN)], port_modulo)
+
+
+# Knock Rotator 3.0.0 draws from the list KNOCKD_ROTATOR_PORTS, by default
+# 2000-65536: 63 537 ports, the last of which no packet can carry.
+LEGACY_V3_PORTS = "2000-65536"
+
+
+def legacy_v3_sequence(secret, door, start, length, port_modulo, ranges):
+    """The sequence of Knock Rotator 3.0.0 (legacy-v3): v1's draws over the
+    sorted port list RANGES [(low, high)].  A period that draws a port above
+    65535 (3.0.0's own client stops there) takes the knockd-rotator/1
+    sequence of the same secret instead."""
+    ports = []
+    for draw in legacy_draws(secret, door, start, length,
+                             sum(high - low + 1 for low, high in ranges)):
+        for low, high in ranges:
+            if draw <= high - low:
+                ports.append(low + draw)
+                break
+            draw -= high - low + 1
+    if max(ports) > MAX_PORT:
+        return generate_sequence(secret, door, start, length, port_modulo)
     return with_protocols(ports, port_modulo)
 
 
+def legacy_port_ranges(variable, text):
+    """KNOCKD_ROTATOR_PORTS of legacy-v3: `LOW-HIGH` ranges and single ports,
+    comma-separated, none twice, at least 2 -> sorted [(low, high)]."""
+    ranges = []
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        if not all(word.isascii() and word.isdigit() for word in [low] + [high] * bool(dash)):
+            ranges = []
+            break
+        ranges.append((int(low), int(high) if dash else int(low)))
+    ranges.sort()
+    if (not ranges or not all(1 <= low <= high <= MAX_PORT + 1 for low, high in ranges)
+            or any(later[0] <= earlier[1] for earlier, later in zip(ranges, ranges[1:]))
+            or sum(high - low + 1 for low, high in ranges) < 2):
+        raise RotatorError("%s is %r" % (variable, text[:40]),
+                           "give ports and ranges of ports, comma-separated, none twice, at "
+                           "least 2, as Knock Rotator 3.0.0 took them: 2000-65536",
+                           EXIT_ENVIRONMENT)
+    return ranges
+
+
 # KNOCKD_ROTATOR_ALGORITHM: the name of each generator.
-ALGORITHMS = {"knockd-rotator/1": generate_sequence, "legacy-v1": legacy_v1_sequence}
+ALGORITHMS = {"knockd-rotator/1": generate_sequence, "legacy-v1": legacy_v1_sequence,
+              "legacy-v3": legacy_v3_sequence}
 
 
 def format_sequence(sequence, separator=","):
@@ -240,6 +301,43 @@ def format_sequence(sequence, separator=","):
 # for the one door whose settings name is NAME (see settings_name).
 DOOR_SETTINGS = ("SECRET", "PIN", "MODE", "LENGTH", "PORT_MODULO", "PERIOD_MODULO",
                  "GRACE", "ALGORITHM", "SINGLE_USE")
+# Knock Rotator's own names, read for legacy doors only: SALT (v1.0.1's
+# secret), PORTS and PROTO_MODULO (3.0.0's port list and port modulo).
+LEGACY_SETTINGS = ("SALT", "PORTS", "PROTO_MODULO")
+# (the algorithms that read each, what a knockd-rotator/1 door reads instead)
+LEGACY_READERS = {"SALT": (("legacy-v1", "legacy-v3"), "KNOCKD_ROTATOR_SECRET"),
+                  "PORTS": (("legacy-v3",), "no port list: its ports are 2000-65535"),
+                  "PROTO_MODULO": (("legacy-v3",), "KNOCKD_ROTATOR_PORT_MODULO")}
+# The settings of the one script or the other that are not per door: an
+# environment file may serve both.
+SCRIPT_SETTINGS = ("RELOAD_COMMAND", "CHECK_COMMAND", "RECOVER_COMMAND", "KILL_COMMAND",
+                   "CHECK_SECONDS", "SERVER_INTERVAL", "STATE_DIR", "ENV_FILE", "USES_FILE")
+
+
+def unread_variables(environ, algorithms):
+    """A warning for each KNOCKD_ROTATOR_* variable of ENVIRON that nothing
+    reads: a typo, or one of Knock Rotator's names (LEGACY_SETTINGS) that no
+    door's algorithm (of the set ALGORITHMS) reads.  Ignored in silence, they
+    would leave a migration to guess why its clients do not match."""
+    warnings = []
+    for variable in sorted(environ):
+        if not variable.startswith("KNOCKD_ROTATOR_"):
+            continue
+        setting = variable[len("KNOCKD_ROTATOR_"):]
+        base = [known for known in DOOR_SETTINGS + LEGACY_SETTINGS
+                if setting == known or setting.startswith(known + "_")]
+        if setting in SCRIPT_SETTINGS or set(base) & set(DOOR_SETTINGS):
+            continue
+        if not base:
+            warnings.append("%s is no setting of knockd-rotator (a typo?); it is ignored"
+                            % variable)
+            continue
+        readers, instead = LEGACY_READERS[base[0]]
+        if not set(readers) & set(algorithms):
+            warnings.append("%s is read only by %s doors (KNOCKD_ROTATOR_ALGORITHM); "
+                            "knockd-rotator/1 reads %s" % (variable, " and ".join(readers),
+                                                           instead))
+    return warnings
 MODES = ("secret", "totp")
 TOTP_PERIOD = 30          # RFC 6238's default, the one every authenticator app uses
 TOTP_DIGITS = 6
@@ -298,6 +396,15 @@ class DoorSettings:
         self.__dict__.update(fields)
 
 
+def scan_odds(length):
+    """N: one period in N opens a door of LENGTH distinct ports, in no scan
+    order, to a port scan run twice upwards and twice downwards."""
+    orders = 1
+    for count in range(2, length + 1):
+        orders *= count
+    return max(1, round((orders - 2) / (2 * (length - 1))))
+
+
 def read_settings(environ, door, default_mode="secret"):
     """DOOR's settings from ENVIRON: each KNOCKD_ROTATOR_<SETTING>_<NAME> in
     force over KNOCKD_ROTATOR_<SETTING>.  The secret is not checked here:
@@ -330,29 +437,65 @@ def read_settings(environ, door, default_mode="secret"):
                               TOTP_PERIOD, TOTP_PERIOD, TOTP_PERIOD)
     else:
         period = number("PERIOD_MODULO", 1, MAX_PERIOD, 21600)
+    length = number("LENGTH", 1, MAX_LENGTH, 10)
+    if length < MIN_LENGTH and algorithm == "knockd-rotator/1":
+        raise RotatorError("%s is %d: a port scan run twice opens a door of %d ports in 1 "
+                           "period out of %d" % (door_variable(environ, "LENGTH", door, name)[0],
+                                                 length, length, scan_odds(length)),
+                           "use %d or more on the server and every client" % MIN_LENGTH,
+                           EXIT_ENVIRONMENT)
     secret_variable, secret = door_variable(environ, "SECRET", door, name)
+    generate = ALGORITHMS[algorithm]
+    modulo = "PORT_MODULO"
+    if algorithm != "knockd-rotator/1":
+        if secret is None and door_variable(environ, "SALT", door, name)[1] is not None:
+            secret_variable, secret = door_variable(environ, "SALT", door, name)
+        if algorithm == "legacy-v3":
+            ports_variable, ports = door_variable(environ, "PORTS", door, name)
+            ranges = legacy_port_ranges(ports_variable, ports or LEGACY_V3_PORTS)
+
+            def generate(key, door, start, length, port_modulo):
+                return legacy_v3_sequence(key, door, start, length, port_modulo, ranges)
+            if door_variable(environ, "PROTO_MODULO", door, name)[1] is not None:
+                modulo = "PROTO_MODULO"
     return DoorSettings(
-        door=door, mode=mode, pin=pin, period=period, algorithm=algorithm,
-        generate=ALGORITHMS[algorithm],
+        door=door, mode=mode, pin=pin, period=period, algorithm=algorithm, generate=generate,
         secret_variable=secret_variable, secret=secret, single_use=bool(single_use),
-        length=number("LENGTH", 1, MAX_LENGTH, 10),
-        port_modulo=number("PORT_MODULO", 0, MAX_PORT, 0),
+        length=length,
+        port_modulo=number(modulo, 0, MAX_PORT, 0),
         # The grace is at most half the period, so a short period shrinks it.
         grace=number("GRACE", 0, period // 2, min(DEFAULT_GRACE, period // 2)))
 
 
+def secret_bits(secret):
+    """What SECRET could hold at most: its length times the bits of a
+    character of the smallest usual alphabet (decimal, hex, base32, base64)
+    that has every character of it."""
+    for alphabet, bits in (("0123456789", 3.32), ("0123456789abcdefABCDEF", 4),
+                           ("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567=", 5)):
+        if all(character in alphabet for character in secret):
+            return int(len(secret) * bits)
+    return 6 * len(secret)
+
+
 def secret_bytes(settings):
-    """The door's secret as bytes; an error naming both variables when missing."""
+    """The door's secret as bytes; an error naming both variables when it is
+    missing, or too short to resist guessing."""
     secret, variable = settings.secret or "", settings.secret_variable
-    if len(secret) >= MIN_SECRET_CHARS:
+    if settings.algorithm == "knockd-rotator/1":
+        strong = secret_bits(secret) >= MIN_SECRET_BITS
+        floor = "%d bits (22 random base64 characters, 32 hex digits)" % MIN_SECRET_BITS
+    else:
+        strong = len(secret) >= LEGACY_MIN_SECRET_CHARS
+        floor = "%d characters" % LEGACY_MIN_SECRET_CHARS
+    if strong:
         return secret.encode("utf-8", "surrogateescape")
     what = ("neither %s nor KNOCKD_ROTATOR_SECRET is set" % own_variable("SECRET", settings.door)
             if settings.secret is None else "%s is empty" % variable if not secret
-            else "%s is shorter than %d characters" % (variable, MIN_SECRET_CHARS))
-    raise RotatorError(what, "set it to the secret the server uses for [%s], at least %d "
-                       "characters; a new one: python3 -c 'import secrets; print(secrets."
-                       "token_urlsafe(32))'" % (settings.door, MIN_SECRET_CHARS),
-                       EXIT_ENVIRONMENT)
+            else "%s holds less than %s" % (variable, floor))
+    raise RotatorError(what, "set it to the secret the server uses for [%s]" % settings.door
+                       if not secret else "give the server and its clients a new one: python3 "
+                       "-c 'import secrets; print(secrets.token_urlsafe(32))'", EXIT_ENVIRONMENT)
 
 
 USE_TAG = b"knockd-rotator/1 use"
@@ -1092,6 +1235,53 @@ def knockd_runs(settings):
     return run_command(settings["CHECK_COMMAND"])[0]
 
 
+def knockd_listening(config_path):
+    """(True, ""), (False, why) or (None, why) for the knockd that reads
+    CONFIG_PATH (its -c, else /etc/knockd.conf): a process can be active for
+    systemd and hear nothing, stopped or without its packet capture socket.
+    None when no such process is to be seen here (another PID namespace):
+    then CHECK_COMMAND alone speaks for knockd."""
+    wanted = os.path.realpath(config_path)
+    found = {}                                     # pid -> (parent pid, state)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/comm" % entry) as handle:
+                if handle.read().strip() != "knockd":
+                    continue
+            with open("/proc/%s/cmdline" % entry, "rb") as handle:
+                argv = handle.read().split(b"\0")
+            with open("/proc/%s/stat" % entry) as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            folder = os.readlink("/proc/%s/cwd" % entry)
+        except OSError:
+            continue                               # gone meanwhile, or not ours to read
+        config = "/etc/knockd.conf"
+        for index, word in enumerate(argv[:-1]):      # the last one given wins
+            if word in (b"-c", b"--config"):
+                config = os.fsdecode(argv[index + 1])
+        if os.path.realpath(os.path.join(folder, config)) == wanted:
+            found[int(entry)] = (int(fields[1]), fields[0])
+    # knockd's own children (waiting to run a stop_command) are not the listener.
+    main = [pid for pid, (parent, _) in found.items() if parent not in found]
+    if not main:
+        return None, "no knockd process reading %s is visible" % config_path
+    for pid in main:
+        if found[pid][1] in "TtZX":
+            return False, "knockd (pid %d) is stopped" % pid
+        try:
+            sockets = {os.readlink("/proc/%d/fd/%s" % (pid, fd))
+                       for fd in os.listdir("/proc/%d/fd" % pid)}
+            with open("/proc/%d/net/packet" % pid) as handle:
+                captures = {"socket:[%s]" % row.split()[-1] for row in handle.readlines()[1:]}
+        except OSError:
+            continue
+        if not sockets & captures:
+            return False, "knockd (pid %d) has no packet capture open: it hears no knock" % pid
+    return True, ""
+
+
 IN_OPEN = 0x20     # inotify(7): the watched file was opened
 
 
@@ -1583,10 +1773,11 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=Fal
         if not plan.doors:
             log("%s has no door whose name ends with %s: nothing to rotate"
                 % (config_path, ROTATOR_SUFFIX))
-        for door in plan.doors:
-            if plan.settings[door].length < 3:
-                log("warning: [%s] has a length of %d: a port scan in order can open a "
-                    "door of fewer than 3 ports" % (door, plan.settings[door].length))
+        for what, fix in weak_doors(plan.settings):
+            log("warning: %s (%s)" % (what, fix))
+        algorithms = {found.algorithm for found in plan.settings.values()}
+        for warning in unread_variables(environ, algorithms):
+            log("warning: " + warning)
         if dry_run or verbose:
             for number, what, fix in plan.warnings:
                 log("warning: " + finding(config_path, number, what, fix))
@@ -2099,26 +2290,87 @@ def client_environment(environ, door):
     return lines
 
 
+def qrencode_program(environ):
+    import shutil
+    return shutil.which("qrencode", path=environ.get("PATH", os.defpath))
+
+
+def qrencode(text, environ, *options):
+    """qrencode's image of TEXT (OPTIONS: its type), with the standard's quiet
+    zone of 4 modules (strict decoders find nothing in less); None without
+    qrencode."""
+    program = qrencode_program(environ)
+    if not program:
+        return None
+    # The text goes through stdin: a command line is visible to every user.
+    result = subprocess.run([program, "-m", "4", "-o", "-"] + list(options),
+                            input=text.encode(), env=without_secrets(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    return result.stdout if result.returncode == 0 else None
+
+
 def qr_code(text, environ):
     """TEXT drawn as a QR code for the terminal, or a line saying how to get one."""
-    import shutil
-    program = shutil.which("qrencode", path=environ.get("PATH", os.defpath))
-    if program:
-        # The text goes through stdin: a command line is visible to every user.
-        result = subprocess.run([program, "-t", "UTF8", "-m", "2"], input=text.encode(),
-                                env=without_secrets(os.environ),
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        if result.returncode == 0:
-            return result.stdout.decode("utf-8", "replace")
+    # ANSIUTF8 sets both colours (white modules on black), so the code is the
+    # right way round whatever the terminal's theme: UTF8 draws the light
+    # modules in the terminal's foreground, which inverts it on a light one.
+    drawing = qrencode(text, environ, "-t", "ANSIUTF8")
+    if drawing is not None:
+        return drawing.decode("utf-8", "replace")
     return ("(no QR code: qrencode is not installed; apt install qrencode, then "
-            "`qrencode -t UTF8` draws the lines above from its standard input)\n")
+            "`qrencode -t ANSIUTF8 -m 4` draws the lines above from its standard input)\n")
+
+
+def check_qr_png(path, environ):
+    """Refuse, before anything changes, a --qr-png PATH that write_qr_png would."""
+    if not os.path.basename(path):
+        raise RotatorError("--qr-png %r names no file" % path,
+                           "give the path of a new file, e.g. /root/alice.png", EXIT_USAGE)
+    if os.path.lexists(path):
+        raise RotatorError("--qr-png %s exists already" % path,
+                           "choose a new path, or delete that file first", EXIT_USAGE)
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise RotatorError("--qr-png %s: there is no folder %s" % (path, folder),
+                           "create it, or choose another path", EXIT_USAGE)
+    if not qrencode_program(environ):
+        raise RotatorError("--qr-png needs qrencode, which is not installed",
+                           "apt install qrencode, or leave out --qr-png", EXIT_ENVIRONMENT)
+
+
+def write_qr_png(path, text, environ, name):
+    """TEXT's QR code into PATH, a new PNG file of mode 0600, once client NAME
+    is enrolled: a failure here leaves the enrolment as it is."""
+    # 8 pixels a module: big enough to scan off a screen.
+    image = qrencode(text, environ, "-t", "PNG", "-s", "8")
+    try:
+        if image is None:
+            raise OSError("qrencode failed")
+        # O_EXCL and O_NOFOLLOW: never over a file, nor through a link, that
+        # someone put there since check_qr_png.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(image)
+        except OSError:
+            os.unlink(path)
+            raise
+    except OSError as exc:
+        raise RotatorError("client %s is enrolled (above), but --qr-png %s failed: %s"
+                           % (name, path, exc.strerror or exc),
+                           "scan the QR code above instead, or remove-client %s and enrol "
+                           "it again" % name,
+                           EXIT_USAGE if isinstance(exc, FileExistsError) else EXIT_ENVIRONMENT
+                           ) from None
 
 
 def otpauth_uri(door, host, secret):
     """The otpauth:// URI that authenticator apps read (Key Uri Format)."""
     from urllib.parse import quote
+    # The label's one colon parts issuer and account: safe="" escapes every
+    # other, as an IPv6 --host has, and a '/' that would end the path.
     return ("otpauth://totp/%s:%s?secret=%s&issuer=%s&algorithm=SHA1&digits=%d&period=%d"
-            % (quote("knockd-rotator"), quote("%s@%s" % (door, host)), secret,
+            % (quote("knockd-rotator"), quote("%s@%s" % (door, host), safe=""), secret,
                quote("knockd-rotator"), TOTP_DIGITS, TOTP_PERIOD))
 
 
@@ -2147,6 +2399,8 @@ def add_client(config_path, environ, now, args):
         raise RotatorError("a totp door needs a PIN: without one, its keys are the same "
                            "10^6 in every period, and one address that sprays them opens it",
                            "add --pin", EXIT_USAGE)
+    if args.qr_png is not None:
+        check_qr_png(args.qr_png, environ)
     commands = firewall_commands(args.firewall, args.port, environ)
     if args.totp:
         import base64
@@ -2190,22 +2444,26 @@ def add_client(config_path, environ, now, args):
     print("Client %s enrolled: door [%s] opens tcp port %d (%s).\n"
           % (name, door, args.port, args.firewall))
     if args.totp:
-        uri = otpauth_uri(door, host, secret)
+        scanned = otpauth_uri(door, host, secret)
         print("1. Add the key to the authenticator app: scan this QR code, or type the "
-              "key %s\n   (%s)\n" % (secret, uri))
-        sys.stdout.write(qr_code(uri, environ))
+              "key %s\n   (%s)\n" % (secret, scanned))
+        sys.stdout.write(qr_code(scanned, environ))
         print("\n2. Put these lines into the client's environment:\n\n" + client_lines)
         knock = "knockd_rotator_client.py knock %s %s --code - --check %d" % (
             host, service, args.port)
     else:
         print("Put these lines into the client's environment (a file that only its user "
               "can read), or scan the QR code below:\n\n" + client_lines)
-        sys.stdout.write(qr_code(client_lines, environ))
+        scanned = client_lines
+        sys.stdout.write(qr_code(scanned, environ))
         knock = "knockd_rotator_client.py knock %s %s --check %d" % (host, service, args.port)
     if args.pin:
         knock += " --pin"
         print("\nThe PIN is in none of these: the client types it (--pin).")
     print("\nThen knock:  %s" % knock)
+    if args.qr_png is not None:
+        write_qr_png(args.qr_png, scanned, environ, name)
+        print("\nThe QR code is in %s too (mode 0600): delete it once scanned." % args.qr_png)
     return EXIT_OK
 
 
@@ -2268,6 +2526,29 @@ def list_clients(config_path, environ):
 PLACEHOLDER_SEQUENCE = b"2000:tcp,4000:tcp,3000:tcp"
 
 
+def weak_doors(settings):
+    """(what, fix) for each legacy door below the floors that
+    knockd-rotator/1 enforces (MIN_SECRET_BITS, MIN_LENGTH); SETTINGS maps
+    doors to their settings."""
+    found = []
+    for door, door_settings in sorted(settings.items()):
+        if door_settings.algorithm == "knockd-rotator/1":
+            continue
+        weak = []
+        if secret_bits(door_settings.secret or "") < MIN_SECRET_BITS:
+            weak.append("a secret of less than %d bits, which a dictionary run against one "
+                        "sniffed knock may find" % MIN_SECRET_BITS)
+        if door_settings.length < MIN_LENGTH:
+            weak.append("%d ports, which a port scan run twice opens in 1 period out of %d"
+                        % (door_settings.length, scan_odds(door_settings.length)))
+        if weak:
+            found.append(("%s door [%s] has %s" % (door_settings.algorithm, door,
+                                                    " and ".join(weak)),
+                          "move its clients to knockd-rotator/1 with a new secret "
+                          "(README: Migrating from Knock Rotator)"))
+    return found
+
+
 def check(config_path, environ):
     """Report what knockd 0.8 refuses and the traps it passes over in silence."""
     settings = server_settings(environ)
@@ -2284,13 +2565,28 @@ def check(config_path, environ):
                   "run knockd_rotator_server.py once")
                  for line in user_lines if line.kind == "section" and is_rotator(line.section)
                  and line.section.decode("utf-8", "surrogateescape") not in with_sequence]
+    environ = with_env_file(environ, settings["ENV_FILE"])
+    settings_of = settings_reader(environ)
+    door_settings = {}
+    for line in user_lines:
+        door = (line.section or b"").decode("utf-8", "surrogateescape")
+        if line.kind == "section" and door in doors and door not in door_settings:
+            door_settings[door] = None
+            try:
+                door_settings[door] = settings_of(door)
+            except RotatorError as exc:
+                errors.append((line.number, "door [%s]: %s" % (door, exc.what), exc.fix))
     for number, what, fix in errors:
         print("error: " + finding(config_path, number, what, fix), file=sys.stderr)
     for number, what, fix in sorted(warnings):
         print("warning: " + finding(config_path, number, what, fix), file=sys.stderr)
-    others = [warning for warning in (readable_by_others(settings["ENV_FILE"]),
-                                      readable_by_others(config_path, "the live sequences"))
-              if warning]
+    door_settings = {door: found for door, found in door_settings.items() if found}
+    others = ["warning: %s (%s)" % weak for weak in weak_doors(door_settings)]
+    others += ["warning: " + warning for warning in unread_variables(
+        environ, {found.algorithm for found in door_settings.values()})]
+    others += [warning for warning in (readable_by_others(settings["ENV_FILE"]),
+                                       readable_by_others(config_path, "the live sequences"))
+               if warning]
     for warning in others:
         print(warning, file=sys.stderr)
     if not doors:
@@ -2405,7 +2701,7 @@ def door_status(config_path, environ, now):
             last = int(handle.read())
     except (OSError, ValueError):
         last = None
-    return {
+    report = {
         "config": config_path, "now": int(now), "checked_with": source,
         "next_rotation_in": min((door["next_rotation_in"] for door in doors), default=None),
         "grace_active": any(door["grace_active"] for door in doors),
@@ -2415,6 +2711,8 @@ def door_status(config_path, environ, now):
         "file_current": file_current,
         "knockd_active": knockd_runs(settings), "last_rotation": last, "doors": doors,
     }
+    report["knockd_listening"], report["knockd_listening_why"] = knockd_listening(config_path)
+    return report
 
 
 def status_state(report):
@@ -2422,6 +2720,8 @@ def status_state(report):
     critical, warning = [], []
     if not report["knockd_active"]:
         critical.append("knockd is not active")
+    elif report.get("knockd_listening") is False:
+        critical.append(report["knockd_listening_why"])
     for door in report["doors"]:
         if door["current"]:
             continue
@@ -2556,7 +2856,9 @@ def build_parser():
         "its set-up",
         "  add-client alice --firewall iptables\n"
         "  add-client bob --service https --port 443 --firewall nftables --pin\n"
-        "  add-client carol --firewall ufw --totp        (an authenticator app's codes)\n"
+        "  add-client carol --firewall ufw --totp --pin  (an authenticator app's codes)\n"
+        "  add-client dave --firewall iptables --totp --pin --qr-png /root/dave.png\n"
+        "                                        (its QR code as an image: too tall for 24 lines)\n"
         "The door is [NAME_SERVICE_ROTATOR]; the secret goes into the environment file\n"
         "(mode 0600) and is printed once, here, for the client.")
     add.add_argument("name", metavar="NAME", type=lambda text: check_name("client", text),
@@ -2575,6 +2877,9 @@ def build_parser():
                           "instead of a stored secret (30 s periods)")
     add.add_argument("--host", metavar="HOST",
                      help="this server's name for the client (default: the host name)")
+    add.add_argument("--qr-png", metavar="PATH",
+                     help="also write the QR code into PATH, a new PNG image of mode 0600, "
+                          "once the client is enrolled (PATH must not exist)")
     add.add_argument("--no-single-use", dest="single_use", action="store_false",
                      help="let a sequence open the door again until its period ends (by "
                           "default each opening burns it: see Single-use knocks)")

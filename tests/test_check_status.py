@@ -84,7 +84,7 @@ def test_check_warnings_do_not_fail(tmp_path, server_env):
     config.write_bytes(b"[openSSH]\n\tsequence = 7000,8000,9000\n\tcommand = true\n"
                        b"[new_ROTATOR]\n\tstart_command = true\n\tstop_command = true\n")
     env_file = tmp_path / "rotator.env"
-    env_file.write_text("KNOCKD_ROTATOR_SECRET=x\n")
+    env_file.write_text("KNOCKD_ROTATOR_SECRET=%s\n" % SECRET)
     env_file.chmod(0o644)
     result = run_server("ch", "--config", config, env=server_env(ENV_FILE=env_file))
     assert result.returncode == 0, result.stderr

@@ -32,8 +32,8 @@ def test_generate_knock_and_json_forms_agree():
 
 def test_generate_matches_the_library_for_the_same_period():
     data = json.loads(run_client("gen", "web", "--format", "json", "--offset", "-1",
-                                 env=rotator_env(LENGTH=5, PORT_MODULO=4)).stdout)
-    expected = client.generate_sequence(SECRET.encode(), "web_ROTATOR", data["period_start"], 5, 4)
+                                 env=rotator_env(LENGTH=11, PORT_MODULO=4)).stdout)
+    expected = client.generate_sequence(SECRET.encode(), "web_ROTATOR", data["period_start"], 11, 4)
     assert data["sequence"] == client.format_sequence(expected)
 
 
@@ -83,7 +83,9 @@ ERRORS = [
     (["generate", "ssh"], {"SECRET": None}, 3,
      "neither KNOCKD_ROTATOR_SECRET_SSH nor KNOCKD_ROTATOR_SECRET is set"),
     (["generate", "ssh"], {"SECRET": ""}, 3, "KNOCKD_ROTATOR_SECRET is empty"),
-    (["generate", "ssh"], {"SECRET": "123456789"}, 3, "shorter than 10"),
+    (["generate", "ssh"], {"SECRET": "0123456789abcdef0123456789abcde"}, 3,
+     "KNOCKD_ROTATOR_SECRET holds less than 128 bits"),                 # 31 hex digits
+    (["generate", "ssh"], {"LENGTH": "9"}, 3, "KNOCKD_ROTATOR_LENGTH is 9"),
     (["generate", "ssh"], {"LENGTH": "0"}, 3, "KNOCKD_ROTATOR_LENGTH must be a whole number from 1 to 32"),
     (["generate", "ssh"], {"LENGTH": "ten"}, 3, "KNOCKD_ROTATOR_LENGTH"),
     (["generate", "ssh"], {"PORT_MODULO": "-3"}, 3, "KNOCKD_ROTATOR_PORT_MODULO"),

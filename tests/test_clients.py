@@ -33,16 +33,16 @@ def test_settings_name(door, name):
 
 
 def test_a_door_s_own_variables_win():
-    env = {"KNOCKD_ROTATOR_SECRET": "general-secret-0123", "KNOCKD_ROTATOR_LENGTH": "6",
-           "KNOCKD_ROTATOR_SECRET_ALICE_SSH": "alice-secret-0123",
+    env = {"KNOCKD_ROTATOR_SECRET": "general-secret-0123-4567", "KNOCKD_ROTATOR_LENGTH": "11",
+           "KNOCKD_ROTATOR_SECRET_ALICE_SSH": "alice-secret-0123-45678",
            "KNOCKD_ROTATOR_LENGTH_ALICE_SSH": "12", "KNOCKD_ROTATOR_PERIOD_MODULO_ALICE_SSH": "60",
            "KNOCKD_ROTATOR_PIN_ALICE_SSH": "2468"}
     alice = client.read_settings(env, "alice_ssh_ROTATOR")
     other = client.read_settings(env, "bob_ssh_ROTATOR")
     assert (client.secret_bytes(alice), alice.length, alice.period, alice.grace, alice.pin) == (
-        b"alice-secret-0123", 12, 60, 30, b"2468")
+        b"alice-secret-0123-45678", 12, 60, 30, b"2468")
     assert (client.secret_bytes(other), other.length, other.period, other.pin) == (
-        b"general-secret-0123", 6, 21600, b"")
+        b"general-secret-0123-4567", 11, 21600, b"")
     # An empty own variable is in force too: no PIN for this door.
     env["KNOCKD_ROTATOR_PIN"] = "1357"
     env["KNOCKD_ROTATOR_PIN_BOB_SSH"] = ""
@@ -212,28 +212,32 @@ def test_every_run_reads_the_environment_file(tmp_path, server_env):
 
 # ---------------------------------------------------------------- add-client and friends
 
+class Enrol:
+    """A knockd.conf and an environment file (0600) with one shared door in
+    FOLDER; run(*args) runs the server on them, after COMMAND."""
+
+    def __init__(self, folder, server_env, *command):
+        self.config, self.env_file = folder / "knockd.conf", folder / "rotator.env"
+        self.command = command
+        self.config.write_bytes(BASE_CONFIG)
+        self.env_file.write_text("KNOCKD_ROTATOR_SECRET=%s\n" % SECRET)
+        self.env_file.chmod(0o600)
+        self.env = server_env(SECRET=None, ENV_FILE=self.env_file)
+
+    def run(self, *args, **kwargs):
+        return run_server("--config", self.config, *self.command, *args,
+                          env=kwargs.pop("env", self.env), **kwargs)
+
+    def files(self):
+        """Both files, and the names of temporary files left beside them."""
+        return self.config.read_bytes(), self.env_file.read_bytes(), sorted(
+            p.name for p in self.config.parent.iterdir() if p.name.endswith(server.TEMP_SUFFIX))
+
+
 @pytest.fixture
 def enrol(tmp_path, server_env):
-    """A knockd.conf and an environment file (0600) with one shared door;
-    enrol.run(*args) runs the server on them."""
-    class Enrol:
-        config = tmp_path / "knockd.conf"
-        env_file = tmp_path / "rotator.env"
-
-        def __init__(self):
-            self.config.write_bytes(BASE_CONFIG)
-            self.env_file.write_text("KNOCKD_ROTATOR_SECRET=%s\n" % SECRET)
-            self.env_file.chmod(0o600)
-            self.env = server_env(SECRET=None, ENV_FILE=self.env_file)
-
-        def run(self, *args, **kwargs):
-            return run_server("--config", self.config, *args, env=kwargs.pop("env", self.env),
-                              **kwargs)
-
-        def files(self):
-            return self.config.read_bytes(), self.env_file.read_bytes(), sorted(
-                p.name for p in tmp_path.iterdir() if p.name.endswith(server.TEMP_SUFFIX))
-    return Enrol()
+    """An Enrol in tmp_path."""
+    return Enrol(tmp_path, server_env)
 
 
 def client_lines(output):
@@ -312,7 +316,7 @@ def test_add_client_with_a_pin_and_the_qr_code(enrol):
     assert added.stdout.rstrip().endswith("--check 8443 --pin")
     # The QR code is qrencode's drawing of exactly the printed lines.
     text = "".join("%s=%s\n" % pair for pair in lines.items())
-    drawn = subprocess.run(["qrencode", "-t", "UTF8", "-m", "2"], input=text.encode(),
+    drawn = subprocess.run(["qrencode", "-t", "ANSIUTF8", "-m", "4"], input=text.encode(),
                            capture_output=True, check=True).stdout.decode()
     assert drawn.count("\n") > 20 and "█" in drawn
     assert drawn in added.stdout

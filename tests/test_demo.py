@@ -1,5 +1,6 @@
 """The README's first command, ./demo.sh, works and leaves nothing behind."""
 
+import os
 import subprocess
 
 from conftest import ROOT, need_root_and
@@ -9,10 +10,18 @@ def namespaces():
     return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 
 
-def test_demo_runs_end_to_end():
+def test_demo_runs_end_to_end(tmp_path):
+    """As a fresh root shell runs it: umask 022, and a home the demo must
+    leave alone (the client's counters stay in the demo's own folder)."""
     need_root_and("knockd", "iptables", "ip")
     before = namespaces()
-    result = subprocess.run([str(ROOT / "demo.sh")], capture_output=True, text=True, timeout=120)
+    home = tmp_path / "home"
+    home.mkdir()
+    result = subprocess.run([str(ROOT / "demo.sh")], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, HOME=str(home)),
+                            preexec_fn=lambda: os.umask(0o022))
+    assert list(home.iterdir()) == []
+    assert "warning" not in result.stderr, result.stderr
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "port 2222 on 127.0.0.1 open after" in out

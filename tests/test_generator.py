@@ -119,9 +119,10 @@ def settings_tuple(environ, door="ssh_ROTATOR"):
 
 
 def test_settings_defaults_and_ranges():
-    env = {"KNOCKD_ROTATOR_SECRET": "0123456789"}
-    assert settings_tuple(env) == (b"0123456789", 10, 0, 21600)
-    for name, good, bad in [("LENGTH", ["1", "32"], ["0", "33", "", "x", "1.5", "-1", "9" * 40]),
+    env = {"KNOCKD_ROTATOR_SECRET": "0123456789abcdef0123456789abcdef"}
+    assert settings_tuple(env) == (b"0123456789abcdef0123456789abcdef", 10, 0, 21600)
+    for name, good, bad in [("LENGTH", ["10", "32"],
+                             ["0", "9", "33", "", "x", "1.5", "-1", "9" * 40]),
                             ("PORT_MODULO", ["0", "65535"], ["-1", "65536", " 3", "0x10"]),
                             ("PERIOD_MODULO", ["1", "31622400"], ["0", "31622401", "١٠"])]:
         for value in good:
@@ -131,7 +132,9 @@ def test_settings_defaults_and_ranges():
                 settings_tuple(dict(env, **{"KNOCKD_ROTATOR_" + name: value}))
             assert error.value.code == client.EXIT_ENVIRONMENT
             assert "KNOCKD_ROTATOR_" + name in str(error.value)
-    for secret in [None, "", "short"]:
+    legacy = dict(env, KNOCKD_ROTATOR_ALGORITHM="legacy-v1", KNOCKD_ROTATOR_SECRET="0123456789")
+    assert settings_tuple(dict(legacy, KNOCKD_ROTATOR_LENGTH="1"))[:2] == (b"0123456789", 1)
+    for secret in [None, "", "short", "Autumn2025!!", "0123456789abcdef0123456789abcde"]:
         broken = {} if secret is None else {"KNOCKD_ROTATOR_SECRET": secret}
         with pytest.raises(client.RotatorError, match="KNOCKD_ROTATOR_SECRET"):
             settings_tuple(broken)

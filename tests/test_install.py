@@ -1,6 +1,7 @@
 """./install.sh and ./install.sh uninstall, under a temporary root (DESTDIR)."""
 
 import os
+import re
 import stat
 import subprocess
 
@@ -9,13 +10,16 @@ from conftest import ROOT, rotator_env
 INSTALLED = {
     "usr/local/sbin/knockd_rotator_server.py": ("knockd_rotator_server.py", 0o755),
     "usr/local/sbin/knockd_rotator_client.py": ("knockd_rotator_client.py", 0o755),
-    "usr/local/bin/knockd_rotator_client.py": ("knockd_rotator_client.py", 0o755),
+    "usr/local/lib/knockd_rotator/knockd_rotator_client.py": ("knockd_rotator_client.py", 0o644),
     "etc/systemd/system/knockd_rotator.service": ("knockd_rotator.service", 0o644),
     "etc/systemd/system/knockd_rotator.timer": ("knockd_rotator.timer", 0o644),
     "etc/systemd/system/knockd_rotator-watch.service": ("knockd_rotator-watch.service", 0o644),
     "etc/systemd/system/knockd.service.d/knockd_rotator.conf":
         ("knockd.service.d/knockd_rotator.conf", 0o644),
 }
+# It imports the client from usr/local/lib/knockd_rotator, where its bytecode
+# is compiled once, at install.
+LAUNCHER = "usr/local/bin/knockd_rotator_client.py"
 
 
 def install(root, *args):
@@ -46,7 +50,12 @@ def test_install_is_idempotent_and_keeps_the_secret(tmp_path):
     assert second.returncode == 0, second.stderr
     assert "kept %s (never overwritten)" % env_file in second.stdout
     assert env_file.read_bytes() == kept
-    assert files_under(tmp_path) == sorted(list(INSTALLED) + ["etc/knockd_rotator.env"])
+    compiled = [str(path.relative_to(tmp_path)) for path in (
+        tmp_path / "usr/local/lib/knockd_rotator/__pycache__").glob("knockd_rotator_client.*.pyc")]
+    assert len(compiled) == 1
+    assert stat.S_IMODE((tmp_path / LAUNCHER).stat().st_mode) == 0o755
+    assert files_under(tmp_path) == sorted(list(INSTALLED) + compiled
+                                           + [LAUNCHER, "etc/knockd_rotator.env"])
 
     # The installed server reads the generated file's secret.
     config = tmp_path / "knockd.conf"
@@ -58,6 +67,25 @@ def test_install_is_idempotent_and_keeps_the_secret(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0 and "+\tsequence = " in result.stdout, result.stderr
     assert "others can read" not in result.stderr
+
+
+def test_the_client_on_the_path_runs_the_compiled_single_file(tmp_path):
+    assert install(tmp_path).returncode == 0
+    env = rotator_env()
+    single = subprocess.run([str(ROOT / "knockd_rotator_client.py"), "gen", "ssh"], env=env,
+                            capture_output=True, text=True)
+    assert single.returncode == 0 and single.stdout, single.stderr
+    launched = subprocess.run([str(tmp_path / LAUNCHER), "gen", "ssh"],
+                              env=dict(env, PYTHONVERBOSE="1"), capture_output=True, text=True)
+    assert launched.returncode == 0 and launched.stdout == single.stdout
+    assert re.search(r"knockd_rotator/__pycache__/knockd_rotator_client\.[^/]*\.pyc matches ",
+                     launched.stderr), "imported from the bytecode install.sh compiled"
+    for args in (["gen"], ["--version"]):
+        ours, theirs = (subprocess.run([str(script)] + args, env=env, capture_output=True,
+                                       text=True) for script in (tmp_path / LAUNCHER,
+                                                                 ROOT / "knockd_rotator_client.py"))
+        assert (ours.returncode, ours.stdout, ours.stderr) == (
+            theirs.returncode, theirs.stdout, theirs.stderr)
 
 
 def test_an_existing_environment_file_is_never_overwritten(tmp_path):

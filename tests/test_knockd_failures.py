@@ -283,3 +283,59 @@ def test_the_watch_keeps_rotating_under_a_flood_timed_to_its_reloads(guarded, tm
         assert "rotated" in watch.text() and watch.process.poll() is None
     finally:
         assert watch.stop() == 0
+
+
+STAND_IN = """
+import sys, time
+with open("/proc/self/comm", "w") as handle:      # looks like knockd to ps and /proc
+    handle.write("knockd")
+open(sys.argv[3], "w").write("ready")
+time.sleep(60)
+"""
+
+
+def test_status_is_critical_when_knockd_runs_but_hears_nothing(netns, tmp_path, server_env,
+                                                              daemon_knockd):
+    """A real knockd holds its capture socket: status OK.  Stopped (SIGSTOP),
+    it is still `active` for its check command, but hears no knock: CRITICAL.
+    A process named knockd that reads the file without capturing: CRITICAL."""
+    import json
+    import signal
+    knockd = daemon_knockd(["ssh_ROTATOR"])
+    env = server_env(GRACE=0, **knockd.settings())
+    assert run_server("--config", knockd.config, env=env).returncode == 0
+    pid = wait_until(knockd.pid, 10, "knockd to start")
+
+    def status():
+        result = run_server("status", "--config", knockd.config, "--json", env=env)
+        return result.returncode, json.loads(result.stdout)
+    code, report = status()
+    assert (code, report["state"]) == (0, "OK"), report
+    assert report["report"]["knockd_listening"] is True
+
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()[0]
+                   == "T", 5, "knockd to stop")
+        code, report = status()
+        assert (code, report["reasons"]) == (2, ["knockd (pid %d) is stopped" % pid]), report
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    code, report = status()
+    assert code == 0, report
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: knockd.pid() is None, 5, "knockd to end")
+
+    ready = tmp_path / "ready"
+    stand_in = netns.popen(sys.executable, "-c", STAND_IN, "-c", str(knockd.config),
+                           str(ready))
+    try:
+        wait_until(ready.exists, 10, "the stand-in to start")
+        knockd.pidfile.write_text(str(stand_in.pid))
+        code, report = status()
+        assert code == 2 and report["report"]["knockd_active"] is True, report
+        assert report["reasons"] == [
+            "knockd (pid %d) has no packet capture open: it hears no knock" % stand_in.pid]
+    finally:
+        stand_in.kill()
+        stand_in.wait()

@@ -8,7 +8,7 @@ from conftest import CLIENT, SERVER, need
 
 
 def vermin(*paths):
-    program = os.environ.get("KNOCKD_ROTATOR_TEST_VERMIN") or shutil.which("vermin")
+    program = os.environ.get("VERMIN_FOR_KNOCKD_ROTATOR_TESTS") or shutil.which("vermin")
     need(program, "needs vermin (tests/run installs it into a virtual environment)")
     return subprocess.run([program, "-t=3.8-", "--no-tips", "--violations"]
                           + [str(p) for p in paths], capture_output=True, text=True)

@@ -40,12 +40,14 @@ def test_retry_plan_never_sends_the_next_period_and_is_bounded():
 
 def test_retry_plan_of_a_single_use_door_walks_forward_then_back():
     plan = client.retry_plan(1800000000 // PERIOD * PERIOD + 45, PERIOD, GRACE, 3, True)
-    assert plan == [(0, 3), (0, 4), (0, 5), (0, 6), (0, 7), (0, 8), (0, 9), (0, 10), (0, 11),
-                    (0, 12), (0, 13), (0, 0)]
+    assert plan == [(0, 3), (0, 0), (0, 4), (0, 5), (0, 6), (0, 7), (0, 8), (0, 9), (0, 10),
+                    (0, 11), (0, 12), (0, 13)]
+    assert client.retry_plan(1800000000 // PERIOD * PERIOD + 45, PERIOD, GRACE, 0, True) == [
+        (0, use) for use in range(client.LOOK_AHEAD + 1)]
     # Just after a boundary the previous period comes first: the look-ahead
     # would otherwise outlast --check-timeout.
     plan = client.retry_plan(1800000000 // PERIOD * PERIOD + 2, PERIOD, GRACE, 3, True)
-    assert plan[:3] == [(-1, 0), (0, 3), (0, 4)]
+    assert plan[:4] == [(-1, 0), (0, 3), (0, 0), (0, 4)]
 
 
 def test_a_knock_dropped_by_a_reload_gets_in_on_the_retry(guarded, start_knockd):

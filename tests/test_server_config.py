@@ -13,7 +13,7 @@ from conftest import ROOT, SECRET, need, need_root_and, run_server
 
 GOLDEN = ROOT / "tests" / "golden"
 GOLDEN_TIME = "2026-01-01 00:30:00"
-GOLDEN_SETTINGS = dict(SECRET="golden-secret-0123", LENGTH=4, PORT_MODULO=3, PERIOD_MODULO=21600)
+GOLDEN_SETTINGS = dict(SECRET="golden-secret-0123-4567", LENGTH=10, PORT_MODULO=3, PERIOD_MODULO=21600)
 
 
 def rotate_at(config, env, moment=GOLDEN_TIME, *args):

@@ -192,3 +192,21 @@ def test_use_vectors_start_at_the_plain_sequence():
     assert vectors[0]["use"] == 0 and vectors[0]["use_key"] == \
         vectors[0]["secret"].encode().hex()
     assert any(v["pin"] for v in vectors) and len({v["use"] for v in vectors}) >= 3
+
+
+@pytest.mark.parametrize("vector", spec_vectors("Legacy vector", FIELDS))
+def test_legacy_vector_matches_v1_rule_and_the_client(vector, capsys):
+    from test_legacy import v1_ports
+    start = vector["now"] // vector["period"] * vector["period"]
+    assert start == vector["period_start"]
+    ports = v1_ports(vector["secret"], vector["door"], start, vector["length"])
+    modulo = vector["port_modulo"]
+    assert vector["sequence"] == ",".join(
+        "%d:%s" % (port, "tcp" if modulo == 0 or port % modulo == 0 else "udp")
+        for port in ports)
+    env = {"KNOCKD_ROTATOR_SECRET": vector["secret"], "KNOCKD_ROTATOR_ALGORITHM": "legacy-v1",
+           "KNOCKD_ROTATOR_PERIOD_MODULO": str(vector["period"]),
+           "KNOCKD_ROTATOR_LENGTH": str(vector["length"]),
+           "KNOCKD_ROTATOR_PORT_MODULO": str(modulo)}
+    assert client.run(["generate", vector["door"]], env, vector["now"]) == 0
+    assert capsys.readouterr().out == vector["sequence"] + "\n"
