@@ -210,3 +210,60 @@ def test_command_words_and_their_options(tmp_path, server_env):
         assert result.stderr.startswith("error: ") and words in result.stderr, result.stderr
         assert len(result.stderr.splitlines()) == 1
     assert os.path.exists(config) and config.read_bytes() == GOOD_DOOR
+
+
+def test_status_sees_one_time_sequences_running_out(tmp_path, server_env):
+    """knockd 0.8 exits when it uses the last one-time sequence, and does not
+    start again on the used-up file: status warns below 10 unused, and is
+    critical below 2 or when the file is gone."""
+    config = tmp_path / "knockd.conf"
+    sequences = tmp_path / "otp"
+    config.write_bytes(GOOD_DOOR + b"[otp]\n\tone_time_sequences = %s\n\tstart_command = true\n"
+                       % bytes(sequences))
+    env = server_env(GRACE=0)
+
+    def with_unused(count):
+        sequences.write_text("#00:tcp,7000:tcp,8000:tcp\n" * 3 + "".join(
+            "%d:tcp,7000:tcp,8000:tcp\n" % (6000 + n) for n in range(count)))
+    with_unused(12)
+    assert run_server("--config", config, env=env).returncode == 0
+    code, report = status_of(config, env)
+    assert (code, report["state"]) == (0, "OK"), report
+    assert report["report"]["one_time_sequences"] == [{"file": str(sequences), "unused": 12}]
+    with_unused(9)
+    code, report = status_of(config, env)
+    assert (code, report["reasons"]) == (1, [
+        "one_time_sequences file %s: 9 unused (knockd exits when it uses the last)"
+        % sequences]), report
+    with_unused(1)
+    code, report = status_of(config, env)
+    assert (code, report["reasons"]) == (2, [
+        "one_time_sequences file %s: 1 unused (knockd exits at its next use)" % sequences])
+    sequences.unlink()
+    code, report = status_of(config, env)
+    assert code == 2 and "unreadable" in report["reasons"][0], report
+
+
+def test_a_crowded_knockd_is_reported(tmp_path, server_env):
+    """knockd is deaf while it reloads, for longer the more doors it has:
+    above 100 (grace siblings counted) check, rotation and status say so."""
+    config = tmp_path / "knockd.conf"
+    static = b"".join(b"[static%d]\n\tsequence = %d,%d,%d\n\tstart_command = true\n"
+                      b"\tcmd_timeout = 5\n\tstop_command = true\n"
+                      % (n, 3000 + n, 5000 + n, 4000 + n) for n in range(98))
+    config.write_bytes(GOOD_DOOR + static)
+    config.chmod(0o600)
+    env = server_env(GRACE=0)
+    assert "knockd holds" not in run_server("check", "--config", config, env=env).stderr
+    rotated = run_server("--config", config, env=env)
+    assert rotated.returncode == 0 and "knockd holds" not in rotated.stderr, rotated.stderr
+    assert status_of(config, env)[0] == 0
+
+    config.write_bytes(config.read_bytes() + GOOD_DOOR.replace(b"ssh_", b"web_"))
+    checked = run_server("check", "--config", config, env=env)
+    assert checked.returncode == 0
+    assert "warning: knockd holds 100 doors, 102 during a grace window" in checked.stderr
+    rotated = run_server("--config", config, env=env)
+    assert rotated.returncode == 0 and "knockd holds 100 doors" in rotated.stderr
+    code, report = status_of(config, env)
+    assert code == 1 and report["reasons"][0].startswith("knockd holds 100 doors"), report

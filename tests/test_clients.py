@@ -16,8 +16,8 @@ import pytest
 
 import knockd_rotator_client as client
 import knockd_rotator_server as server
-from conftest import (GUARDED_PORT, SECRET, SERVER, Watch, alive_command, need, need_root_and,
-                      rotator_env, run_client, run_server, wait_until)
+from conftest import (GUARDED_PORT, ROOT, SECRET, SERVER, Watch, alive_command, need,
+                      need_root_and, rotator_env, run_client, run_server, wait_until)
 
 BASE_CONFIG = b"[options]\n\tlogfile = /dev/null\n\n[ssh_ROTATOR]\n\tsequence = 1\n" \
               b"\tstart_command = true\n\tcmd_timeout = 5\n\tstop_command = true\n"
@@ -133,6 +133,20 @@ def test_client_code_errors(args, env, words):
     result = run_client("gen", "ssh", *args, env=rotator_env(**env))
     assert result.returncode == 2 and words in result.stderr and result.stdout == ""
     assert len(result.stderr.splitlines()) == 1
+
+
+def test_a_code_on_the_command_line_warns_and_one_typed_does_not():
+    """A command line is readable by every local user (/proc/PID/cmdline)."""
+    env = rotator_env(MODE="totp")
+    given = run_client("gen", "ssh", "--code", "123456", env=env)
+    typed = run_client("gen", "ssh", "--code", "-", env=env, input=b"123456\n")
+    assert given.returncode == typed.returncode == 0, given.stderr + typed.stderr
+    assert given.stdout == typed.stdout
+    assert given.stderr == ("warning: a code on the command line is visible to every local "
+                            "user (ps) for its 30 s; --code - asks for it\n")
+    assert typed.stderr == ""
+    readme = (ROOT / "README.md").read_text()
+    assert "--code 1" not in readme.replace("`--code 123456` works too", "")
 
 
 def test_two_doors_with_the_same_settings_name_are_refused(tmp_path, server_env):
