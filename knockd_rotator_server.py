@@ -1065,8 +1065,10 @@ def grace_block(lines, previous, until):
             continue        # a door with another period, not in its grace now
         out.append(b"[" + line.section + GRACE_SUFFIX.encode() + b"]" + newline)
         # A single-use sibling burns the previous period's counter, not the door's.
+        # (A function, not a template: a door name may hold a backslash.)
         burn = re.compile(rb"(\bburn\s+)" + re.escape(line.section) + rb"(?=$|[\s;&|)])")
-        directives = [burn.sub(rb"\g<1>" + line.section + GRACE_SUFFIX.encode(), l.raw)
+        sibling = line.section + GRACE_SUFFIX.encode()
+        directives = [burn.sub(lambda match: match.group(1) + sibling, l.raw)
                       if l.key in ("START_COMMAND", "START_COMMAND_6") else l.raw
                       for l in section_body(lines, index)
                       if l.kind == "directive" and not l.is_sequence]

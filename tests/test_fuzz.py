@@ -128,6 +128,16 @@ def test_fuzz_rewrites_are_byte_exact_and_idempotent():
     run()
 
 
+@pytest.mark.parametrize("data", [
+    # Found by the fuzz: a door name that reads as a group reference once
+    # put into a regular expression's replacement.
+    b"[ssh_ROTATOR]\n[\\2_ROTATOR]\nSTART_COMMAND=",
+    b"[a\\g<0>_ROTATOR]\n\tstart_command = knockd_rotator_server.py burn a\\g<0>_ROTATOR\n",
+])
+def test_rewrites_found_by_the_fuzz(data):
+    check_text(data)
+
+
 def test_the_checker_above_can_fail():
     """A rewrite that touched another byte would be caught."""
     data = b"[ssh_ROTATOR]\nsequence = 1\ncommand = true\n"
