@@ -241,10 +241,11 @@ def legacy_port_ranges(variable, text):
     ranges = []
     for part in text.split(","):
         low, dash, high = part.strip().partition("-")
-        if not all(word.isascii() and word.isdigit() for word in [low] + [high] * bool(dash)):
-            ranges = []
+        high = high if dash else low
+        if not (low + high).isascii() or not low.isdigit() or not high.isdigit():
+            ranges = []           # the check below refuses it
             break
-        ranges.append((int(low), int(high) if dash else int(low)))
+        ranges.append((int(low), int(high)))
     ranges.sort()
     if (not ranges or not all(1 <= low <= high <= MAX_PORT + 1 for low, high in ranges)
             or any(later[0] <= earlier[1] for earlier, later in zip(ranges, ranges[1:]))
@@ -307,6 +308,8 @@ def unread_variables(environ, algorithms):
                             "knockd-rotator/1 reads %s" % (variable, " and ".join(readers),
                                                            instead))
     return warnings
+
+
 MODES = ("secret", "totp")
 TOTP_PERIOD = 30          # RFC 6238's default, the one every authenticator app uses
 TOTP_DIGITS = 6
@@ -417,8 +420,9 @@ def read_settings(environ, door, default_mode="secret"):
     generate = ALGORITHMS[algorithm]
     modulo = "PORT_MODULO"
     if algorithm != "knockd-rotator/1":
-        if secret is None and door_variable(environ, "SALT", door, name)[1] is not None:
-            secret_variable, secret = door_variable(environ, "SALT", door, name)
+        salt_variable, salt = door_variable(environ, "SALT", door, name)
+        if secret is None and salt is not None:
+            secret_variable, secret = salt_variable, salt
         if algorithm == "legacy-v3":
             ports_variable, ports = door_variable(environ, "PORTS", door, name)
             ranges = legacy_port_ranges(ports_variable, ports or LEGACY_V3_PORTS)

@@ -272,10 +272,11 @@ def legacy_port_ranges(variable, text):
     ranges = []
     for part in text.split(","):
         low, dash, high = part.strip().partition("-")
-        if not all(word.isascii() and word.isdigit() for word in [low] + [high] * bool(dash)):
-            ranges = []
+        high = high if dash else low
+        if not (low + high).isascii() or not low.isdigit() or not high.isdigit():
+            ranges = []           # the check below refuses it
             break
-        ranges.append((int(low), int(high) if dash else int(low)))
+        ranges.append((int(low), int(high)))
     ranges.sort()
     if (not ranges or not all(1 <= low <= high <= MAX_PORT + 1 for low, high in ranges)
             or any(later[0] <= earlier[1] for earlier, later in zip(ranges, ranges[1:]))
@@ -338,6 +339,8 @@ def unread_variables(environ, algorithms):
                             "knockd-rotator/1 reads %s" % (variable, " and ".join(readers),
                                                            instead))
     return warnings
+
+
 MODES = ("secret", "totp")
 TOTP_PERIOD = 30          # RFC 6238's default, the one every authenticator app uses
 TOTP_DIGITS = 6
@@ -448,8 +451,9 @@ def read_settings(environ, door, default_mode="secret"):
     generate = ALGORITHMS[algorithm]
     modulo = "PORT_MODULO"
     if algorithm != "knockd-rotator/1":
-        if secret is None and door_variable(environ, "SALT", door, name)[1] is not None:
-            secret_variable, secret = door_variable(environ, "SALT", door, name)
+        salt_variable, salt = door_variable(environ, "SALT", door, name)
+        if secret is None and salt is not None:
+            secret_variable, secret = salt_variable, salt
         if algorithm == "legacy-v3":
             ports_variable, ports = door_variable(environ, "PORTS", door, name)
             ranges = legacy_port_ranges(ports_variable, ports or LEGACY_V3_PORTS)
@@ -2608,20 +2612,20 @@ def check(config_path, environ):
                  and line.section.decode("utf-8", "surrogateescape") not in with_sequence]
     environ = with_env_file(environ, settings["ENV_FILE"])
     settings_of = settings_reader(environ)
-    door_settings = {}
+    first_lines = {}
     for line in user_lines:
-        door = (line.section or b"").decode("utf-8", "surrogateescape")
-        if line.kind == "section" and door in doors and door not in door_settings:
-            door_settings[door] = None
-            try:
-                door_settings[door] = settings_of(door)
-            except RotatorError as exc:
-                errors.append((line.number, "door [%s]: %s" % (door, exc.what), exc.fix))
+        if line.kind == "section" and is_rotator(line.section):
+            first_lines.setdefault(line.section.decode("utf-8", "surrogateescape"), line.number)
+    door_settings = {}
+    for door, number in first_lines.items():
+        try:
+            door_settings[door] = settings_of(door)
+        except RotatorError as exc:
+            errors.append((number, "door [%s]: %s" % (door, exc.what), exc.fix))
     for number, what, fix in errors:
         print("error: " + finding(config_path, number, what, fix), file=sys.stderr)
     for number, what, fix in sorted(warnings):
         print("warning: " + finding(config_path, number, what, fix), file=sys.stderr)
-    door_settings = {door: found for door, found in door_settings.items() if found}
     others = ["warning: %s (%s)" % weak for weak in weak_doors(door_settings)]
     others += ["warning: " + warning for warning in unread_variables(
         environ, {found.algorithm for found in door_settings.values()})]

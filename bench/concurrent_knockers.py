@@ -34,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from knock_latency import (CLIENT, INSIDE, SERVER, iptables, in_own_namespace, listen,
+from knock_latency import (CLIENT, INSIDE, SERVER, door, iptables, in_own_namespace, listen,
                            need_root_and, rotator_env, start_knockd)
 
 PORT = 2222
@@ -44,14 +44,7 @@ UID_BASE = 40000
 # No stop_command: this script removes each rule itself, right after the
 # knock; a stop_command run cmd_timeout later could delete the rule of the
 # same knocker's next knock before its connect got through.
-DOOR = """[options]
-\tlogfile = {log}
-[ssh_ROTATOR]
-\tsequence      = 1
-\tseq_timeout   = 5
-\ttcpflags      = syn
-\tstart_command = iptables -I INPUT -s %IP% -p tcp --dport PORT -j ACCEPT
-""".replace("PORT", str(PORT))
+DOOR = door(PORT)
 RETRY = re.compile(r"knocking again (with the same sequence|with the previous period's "
                    r"sequence|with use \d+)")
 

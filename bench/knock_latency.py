@@ -53,22 +53,26 @@ SERVER = ROOT / "knockd_rotator_server.py"
 KNOCKD_PORT = 2222
 FWKNOP_PORT = 2223
 CMD_TIMEOUT = 2
-DOOR = """[options]
-\tlogfile = {log}
-[ssh_ROTATOR]
-\tsequence      = 1
-\tseq_timeout   = 5
-\ttcpflags      = syn
-\tstart_command = iptables -I INPUT -s %IP% -p tcp --dport {port} -j ACCEPT
-\tcmd_timeout   = {timeout}
-\tstop_command  = iptables -D INPUT -s %IP% -p tcp --dport {port} -j ACCEPT
-"""
 POLICY_RC = Path("/usr/sbin/policy-rc.d")
 INSIDE = "--inside-namespace"
 
 
 # ---------------------------------------------------------------- shared with
 # bench/concurrent_knockers.py, which imports these.
+
+def door(port, cmd_timeout=None):
+    """knockd.conf (with `{log}` left for start_knockd) with one [ssh_ROTATOR]
+    door that lets the knocker reach PORT; a stop_command closes it again
+    CMD_TIMEOUT seconds later, or, with no CMD_TIMEOUT, the caller does."""
+    text = ("[options]\n\tlogfile = {log}\n[ssh_ROTATOR]\n\tsequence      = 1\n"
+            "\tseq_timeout   = 5\n\ttcpflags      = syn\n"
+            "\tstart_command = iptables -I INPUT -s %%IP%% -p tcp --dport %d -j ACCEPT\n" % port)
+    if cmd_timeout is not None:
+        text += ("\tcmd_timeout   = %d\n"
+                 "\tstop_command  = iptables -D INPUT -s %%IP%% -p tcp --dport %d -j ACCEPT\n"
+                 % (cmd_timeout, port))
+    return text
+
 
 def in_own_namespace(prefix, argv):
     """Run this script again, with ARGV and INSIDE, in a new network namespace
@@ -111,7 +115,7 @@ def listen(port):
 
 
 def start_knockd(folder, door):
-    """Debian's knockd on lo with DOOR (formatted with log=), once it listens."""
+    """Debian's knockd on lo with DOOR (see door()), once it listens."""
     config, log = folder / "knockd.conf", folder / "knockd.log"
     config.touch(mode=0o600)        # live sequences: the server warns of a readable file
     config.write_text(door.format(log=log))
@@ -276,8 +280,7 @@ def measure(folder, rounds):
     for port in (KNOCKD_PORT, FWKNOP_PORT):
         iptables("-A", "INPUT", "-p", "tcp", "--dport", port, "-j", "DROP")
         listen(port)
-    knockd, config, _ = start_knockd(folder, DOOR.replace("{port}", str(KNOCKD_PORT))
-                                     .replace("{timeout}", str(CMD_TIMEOUT)))
+    knockd, config, _ = start_knockd(folder, door(KNOCKD_PORT, CMD_TIMEOUT))
     env = rotator_env(folder, knockd)
     fwknopd, rc_file = start_fwknopd(folder)
     try:
