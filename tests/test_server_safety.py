@@ -34,7 +34,10 @@ def versions(tmp_path, server_env):
     """The original big config and its two rotations (settings A and B)."""
     config = tmp_path / "knockd.conf"
     original = big_config(config)
-    envs = [server_env(PERIOD_MODULO=31622400), server_env(PERIOD_MODULO=31622399)]
+    # No trial on knockd: a file this big is about the swap, and knockd 0.8
+    # could not compile its capture filter (the trial says so, and refuses).
+    envs = [server_env(PERIOD_MODULO=31622400, TRIAL_KNOCKD=""),
+            server_env(PERIOD_MODULO=31622399, TRIAL_KNOCKD="")]
     rotated = []
     for env in envs:
         config.write_bytes(original)
@@ -83,7 +86,7 @@ def test_a_run_waits_for_the_lock(tmp_path, server_env):
     state.mkdir()
     with open(state / "lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        process = start_server(config, server_env())
+        process = start_server(config, server_env(TRIAL_KNOCKD=""))   # see versions()
         wait_until(lambda: b"state/lock" in subprocess.run(
             ["ls", "-l", "/proc/%d/fd" % process.pid], capture_output=True).stdout,
             10, "the run to open the lock")

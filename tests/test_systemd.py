@@ -719,6 +719,9 @@ def test_first_rotation_starts_knockd(container):
     assert box.sh("systemctl is-active knockd.service", check=False).stdout.strip() == "active"
     assert knockd_pid(box) > 0
     assert_current(box)
+    # The file was tried on knockd first, inside the hardened unit.
+    journal = box.journal("knockd_rotator.service")
+    assert "rotated to the period" in journal and "not tried" not in journal, journal
     wait_until(lambda: "listening on lo" in knockd_log(box), 10, "knockd to listen")
     knock(box)
     box.assert_no_secret_seen()

@@ -1,0 +1,134 @@
+"""200 rotator doors in one knockd.conf, as a server with one door per client
+has them: after a rotation, every door opens with the real client.
+
+Real knockd in a network namespace guards port 2222 (the guarded fixture).
+Each door has its own secret; its start_command leaves a marker named after
+the door and puts the knocker into the iptables recent list that lets it
+reach the port, as add-client's iptables doors do, so that the client's
+--check sees it open and retries as it would for a user."""
+
+import re
+import time
+
+from conftest import GUARDED_PORT, SECRET, need_root_and, run_client, run_server, wait_until
+from test_server_knockd import knockd_env
+
+DOORS = 200
+RECENT = "/proc/net/xt_recent/knockd_rotator_%d" % GUARDED_PORT
+# cmd_timeout outlasts the test: a stop_command taking 127.0.0.1 out of the
+# list while a later door's --check waits would look like a missed knock.
+DOOR = """
+[{name}_ROTATOR]
+\tsequence        = 1
+\tseq_timeout     = 10
+\ttcpflags        = syn
+\tstart_command   = touch {marks}/{name} && echo +%IP% > {recent}
+\tstart_command_6 = touch {marks}/{name} && echo +%IP% > {recent}
+\tcmd_timeout     = 600
+\tstop_command    = echo -%IP% > {recent}
+\tstop_command_6  = echo -%IP% > {recent}
+"""
+
+
+def door_name(number):
+    return "c%03d_ssh" % number
+
+
+def knock(netns, env, name, check_timeout):
+    return run_client("knock", "127.0.0.1", name, "--check", GUARDED_PORT, "--check-timeout",
+                      check_timeout, netns=netns.name, env=env)
+
+
+def shut(netns):
+    """Empty the recent list, so that the next door's --check starts closed."""
+    netns.run("sh", "-c", "echo / > %s" % RECENT)
+
+
+def test_200_doors_each_with_its_own_secret_all_open_after_a_rotation(
+        guarded, start_knockd, server_env, tmp_path):
+    need_root_and("knockd", "iptables")
+    marks = tmp_path / "opened"
+    marks.mkdir()
+    names = [door_name(number) for number in range(DOORS)]
+    knockd = start_knockd("".join(DOOR.format(name=name, marks=marks, recent=RECENT)
+                                  for name in names))
+    # No general secret: a door that did not take its own would fail the rotation.
+    secrets = {"SECRET_" + name.upper(): "%s-%s" % (SECRET, name) for name in names}
+    env = knockd_env(server_env, knockd, SECRET=None, GRACE=0, **secrets)
+
+    started = time.monotonic()
+    rotated = run_server("--config", knockd.config, env=env, timeout=120)
+    rotation = time.monotonic() - started
+    assert rotated.returncode == 0, rotated.stderr
+    assert rotated.stderr.count(": rotated to the period from") == DOORS, rotated.stderr
+    assert "knockd holds %d doors" % DOORS in rotated.stderr, "the crowded-knockd warning"
+    sequences = re.findall(r"^\tsequence *= (.*)$", knockd.config.read_text(), re.M)
+    assert len(sequences) == len(set(sequences)) == DOORS and "1" not in sequences
+    knockd.wait_log(r"re-reading config file", "knockd to reload")
+
+    # knockd hears nothing while it compiles the filter of all the doors
+    # (seconds at 200 doors, longer than the client's one retry a second
+    # later covers): the first door is knocked, a knock a second, until it
+    # opens, which times that deafness.
+    reloaded = time.monotonic()
+    wait_until(lambda: knock(guarded, env, names[0], 1).returncode == 0, 30,
+               "knockd to hear the first door after the reload", interval=0)
+    deaf = time.monotonic() - reloaded
+    shut(guarded)
+
+    started = time.monotonic()
+    retried = []
+    for name in names[1:]:
+        result = knock(guarded, env, name, 5)
+        assert result.returncode == 0, "%s: %s" % (name, result.stderr)
+        # The marker is written before the port opens.
+        assert (marks / name).exists(), "%s: another door let the client in" % name
+        if "knocking again" in result.stderr:
+            retried.append(name)
+        shut(guarded)
+    took = time.monotonic() - started
+
+    assert sorted(path.name for path in marks.iterdir()) == names
+    print("server run: %.1f s; then to the first door open: %.1f s; %d doors knocked in "
+          "%.1f s (%.0f ms each); needed the client's retry: %d %s"
+          % (rotation, deaf, DOORS - 1, took, 1000 * took / (DOORS - 1), len(retried), retried))
+
+
+def cpu_ticks(pid):
+    with open("/proc/%d/stat" % pid) as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def test_a_knockd_busy_with_an_earlier_reload_is_waited_for_not_killed(
+        start_knockd, server_env, tmp_path):
+    """knockd compiles the filter of 200 doors of 10 ports for seconds in its
+    SIGHUP handler, and a SIGHUP that comes meanwhile waits for it: the
+    rotation's reload does not show in CHECK_SECONDS (1 s here).  knockd keeps
+    using CPU, so it is busy, not hung: the server waits for it to re-read
+    the file instead of killing it (which loses every pending stop_command)."""
+    need_root_and("knockd")
+    names = [door_name(number) for number in range(DOORS)]
+    knockd = start_knockd("".join(DOOR.format(name=name, marks=tmp_path, recent="/dev/null")
+                                  for name in names))
+    killed = tmp_path / "killed"
+    env = knockd_env(server_env, knockd, GRACE=0, KILL_COMMAND="touch %s" % killed)
+    assert run_server("--config", knockd.config, env=env, timeout=120).returncode == 0
+
+    def idle():
+        before = cpu_ticks(knockd.pid)
+        time.sleep(0.3)
+        return cpu_ticks(knockd.pid) == before
+    wait_until(idle, 60, "knockd to finish the first reload", interval=0)
+    rereads = knockd.log_text().count("re-reading config file")
+    knockd.reload()            # someone else's reload, just before the rotation's
+    started = time.monotonic()
+    rotated = run_server("--config", knockd.config, env=dict(env, KNOCKD_ROTATOR_PERIOD_MODULO=
+                                                              "31622399"), timeout=120)
+    took = time.monotonic() - started
+    assert rotated.returncode == 0, rotated.stderr
+    assert "hung" not in rotated.stderr and not killed.exists(), rotated.stderr
+    assert knockd.process.poll() is None
+    assert knockd.log_text().count("re-reading config file") == rereads + 2
+    print("the rotation waited %.1f s for the busy knockd" % took)
+    assert took > 1, "the reload was not slower than CHECK_SECONDS: nothing was tested"
