@@ -203,8 +203,9 @@ def test_a_missing_one_time_sequences_file_is_refused(netns, tmp_path, server_en
 
 def test_a_one_time_sequences_file_that_runs_out_locks_nobody_out(netns, tmp_path, server_env,
                                                                   daemon_knockd):
-    """knockd 0.8 exits when it uses the last line of a one_time_sequences
-    file.  The rotation gives the file a keeper line: the user's lines all
+    """knockd 0.8 disables a door that has used the last line of its
+    one_time_sequences file, and exits at the next reload (it refuses a
+    used-up file).  The rotation gives the file a keeper line: the user's lines all
     open, knockd runs on and the rotator door still opens; lines added at
     the end open after the next rotation, which moves the keeper."""
     need_root_and("knock")

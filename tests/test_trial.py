@@ -62,7 +62,8 @@ def test_one_time_sequences_are_tried_on_copies_as_a_rotation_leaves_them(tmp_pa
 
 def test_a_knockd_too_slow_to_listen_is_refused(tmp_path, knockd_program, monkeypatch):
     """knockd hears nothing while it compiles its capture filter, at every
-    reload: 200 doors of 10 ports take about 2 s.  A file that keeps the
+    reload: 200 doors of 10 random ports take about 2.5 s, these 200 of 10
+    consecutive ports over 30 s (check found it).  A file that keeps the
     trial from listening within TRIAL_SECONDS is refused."""
     lines = server.parse_config(doors(200, 10).encode())
     monkeypatch.setattr(server, "TRIAL_SECONDS", 0.2)
@@ -110,3 +111,16 @@ def test_without_the_capability_the_file_is_not_tried_and_it_says_so(tmp_path, s
         "setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all"])
     assert result.returncode == 0, result.stderr
     assert "warning: the new %s was not tried on knockd first (" % config in result.stderr
+
+
+def test_check_says_what_knockd_says(tmp_path, server_env, knockd_program, monkeypatch, capsys):
+    config = tmp_path / "knockd.conf"
+    config.write_text("[ssh_ROTATOR]\n" + OPEN + doors(20, 3))
+    environ = server_env()
+    assert server.check(str(config), environ) == server.EXIT_OK
+    config.write_text("[ssh_ROTATOR]\n" + OPEN + doors(200, 10))
+    monkeypatch.setattr(server, "TRIAL_SECONDS", 0.2)
+    assert server.check(str(config), environ) == server.EXIT_CONFIG
+    said = capsys.readouterr().err.splitlines()
+    assert [line for line in said if line.startswith(
+        "error: knockd refuses %s: it did not listen within 0.2 s" % config)], said
