@@ -7,10 +7,14 @@ the door and puts the knocker into the iptables recent list that lets it
 reach the port, as add-client's iptables doors do, so that the client's
 --check sees it open and retries as it would for a user."""
 
+import os
 import re
+import signal
+import subprocess
 import time
 
-from conftest import GUARDED_PORT, SECRET, need_root_and, run_client, run_server, wait_until
+from conftest import (GUARDED_PORT, SECRET, alive_command, daemon_start_command, need_root_and,
+                      run_client, run_server, wait_until)
 from test_server_knockd import knockd_env
 
 DOORS = 200
@@ -132,3 +136,60 @@ def test_a_knockd_busy_with_an_earlier_reload_is_waited_for_not_killed(
     assert knockd.log_text().count("re-reading config file") == rereads + 2
     print("the rotation waited %.1f s for the busy knockd" % took)
     assert took > 1, "the reload was not slower than CHECK_SECONDS: nothing was tested"
+
+
+def test_a_grown_knockd_is_restarted_when_no_stop_command_waits(netns, tmp_path, monkeypatch):
+    """knockd 0.8 leaks at every reload while it listens on IPv6 (lo has
+    ::1).  Past LEAK_BOUND of growth (100 KB here) the rotation restarts it,
+    but not while a child waits to run a stop_command."""
+    need_root_and("knockd", "knock", "pkill")
+    import knockd_rotator_server as server
+    config, log, pidfile = tmp_path / "knockd.conf", tmp_path / "knockd.log", tmp_path / "pid"
+    config.write_text("[options]\n\tlogfile = %s\n[held]\n\tsequence = 7001,7003,7002\n"
+                      "\tstart_command = true\n\tcmd_timeout = 600\n\tstop_command = true\n"
+                      % log + "".join("[static%d]\n\tsequence = %d,%d,%d\n\tstart_command = true\n"
+                                      % (n, 9000 + n, 20000 + n, 15000 + n) for n in range(100)))
+    start = daemon_start_command(netns.name, config, pidfile)
+    subprocess.run(start, shell=True, check=True)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    settings = dict(server.server_settings({"KNOCKD_ROTATOR_ENV_FILE": "/nonexistent"}),
+                    STATE_DIR=str(state), RECOVER_COMMAND=start, CHECK_SECONDS=1,
+                    KILL_COMMAND="kill -KILL $(cat %s)" % pidfile,
+                    CHECK_COMMAND=alive_command("$(cat %s)" % pidfile))
+    monkeypatch.setattr(server, "LEAK_BOUND", 100 * 1024)
+
+    pid = int(pidfile.read_text())
+
+    def reload(count):
+        os.kill(pid, signal.SIGHUP)
+        wait_until(lambda: log.read_text().count("re-reading config file") == count, 10,
+                   "reload %d" % count)
+    reload(1)       # the server looks only after a reload, past the first heap
+    sizes = state / server.KNOCKD_SIZE
+    wait_until(lambda: server.restart_when_grown(str(config), settings) is None
+               and sizes.exists(), 10, "knockd at rest, its size noted")
+    seen = int(sizes.read_text().split()[1])
+    reload(2)
+    assert server.restart_when_grown(str(config), settings) is None, "not grown enough"
+    for count in range(3, 41):
+        reload(count)
+    grown = server.resident_bytes(pid) - seen
+    print("knockd grew by %d bytes in 39 reloads of 101 doors" % grown)
+    assert grown > 100 * 1024, "the leak did not show: nothing would be tested"
+
+    netns.run("knock", "127.0.0.1", 7001, 7003, 7002)
+    wait_until(lambda: "held: running command" in log.read_text(), 10, "the door to open")
+    assert server.restart_when_grown(str(config), settings) is None
+    assert int(pidfile.read_text()) == pid, "restarted while a stop_command was pending"
+
+    subprocess.run(["pkill", "-KILL", "-P", str(pid)], check=True)   # as if it had run
+    wait_until(lambda: not subprocess.run(["pgrep", "-P", str(pid)]).stdout, 10,
+               "the child to be gone", interval=0.05)
+    restarted = wait_until(lambda: server.restart_when_grown(str(config), settings), 10,
+                           "the restart of knockd at rest")
+    assert restarted.startswith("knockd had grown by"), restarted
+    assert int(pidfile.read_text()) != pid
+    wait_until(lambda: server.restart_when_grown(str(config), settings) is None
+               and int(sizes.read_text().split()[0]) == int(pidfile.read_text()), 10,
+               "the new knockd's size noted")
