@@ -1498,14 +1498,14 @@ def restart_when_grown(config_path, settings):
     if seen_pid == pid and (size - seen_size <= LEAK_BOUND
                             or any(parent == pid for parent, _, _ in found.values())):
         return None
-    # Sizes that count are those of a knockd at rest: while it compiles a
-    # filter it is smaller before and bigger at the peak.
+    # Sizes that count are those of a knockd at rest (SIZE was, if it used
+    # no CPU since): while it compiles a filter it is smaller, then bigger.
     time.sleep(IDLE_LOOK)
     again = knockd_processes(config_path).get(pid)
     if again is None or again[1:] != ("S", found[pid][2]):
         return None
     if seen_pid != pid:
-        keep_state(path, b"%d %d\n" % (pid, resident_bytes(pid)))
+        keep_state(path, b"%d %d\n" % (pid, size))
         return None
     killed, detail = run_command(settings["KILL_COMMAND"])
     if killed:
@@ -1539,10 +1539,7 @@ TRIAL_OPTIONS = {"LOGFILE": b"logfile", "PIDFILE": b"pidfile", "INTERFACE": None
 def file_shape(lines):
     """LINES without what the rotator writes: a file knockd ran in this
     shape takes any sequences the rotator gives it."""
-    user_lines, _ = split_grace_block(lines)
-    placed = rewrite_config(user_lines, {door: PLACEHOLDER_SEQUENCE
-                                         for door in rotator_doors(user_lines)})
-    return b"".join(line.raw for line in placed)
+    return b"".join(line.raw for line in with_placeholders(split_grace_block(lines)[0]))
 
 
 def trial_copy(lines, folder):
@@ -2126,8 +2123,6 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=Fal
             if new_data != old_data:
                 sys.stdout.writelines(unified_diff(plan.old_lines, plan.new_lines, config_path))
             return plan
-        if new_data != old_data or struck:
-            try_on_knockd(config_path, plan.new_lines, settings)
         if new_data == old_data and not struck:
             if verbose:
                 log("%s is current" % config_path)
@@ -2143,6 +2138,7 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=Fal
             remember_good(settings["STATE_DIR"], new_data)
             record_fingerprints(settings["STATE_DIR"], plan)
         else:
+            try_on_knockd(config_path, plan.new_lines, settings)
             old_sequences = door_sequences(plan.user_lines)
             was_running = knockd_runs(settings)
             # The file that makes the other one valid goes first: a door must
@@ -2889,6 +2885,12 @@ def list_clients(config_path, environ):
 PLACEHOLDER_SEQUENCE = b"2000:tcp,4000:tcp,3000:tcp"
 
 
+def with_placeholders(user_lines):
+    """USER_LINES with PLACEHOLDER_SEQUENCE in every rotator door."""
+    return rewrite_config(user_lines, {door: PLACEHOLDER_SEQUENCE
+                                       for door in rotator_doors(user_lines)})
+
+
 def weak_doors(settings):
     """(what, fix) for each legacy door below the floors that
     knockd-rotator/1 enforces (MIN_SECRET_BITS, MIN_LENGTH); SETTINGS maps
@@ -2918,7 +2920,7 @@ def check(config_path, environ):
     lines = parse_config(read_config(config_path))
     user_lines, _ = split_grace_block(lines)
     doors = rotator_doors(user_lines)
-    placed = rewrite_config(user_lines, {door: PLACEHOLDER_SEQUENCE for door in doors})
+    placed = with_placeholders(user_lines)
     errors = sorted(config_errors(placed) + rotator_errors(placed) + trap_errors(placed)
                     + file_errors(placed))
     warnings = trap_warnings(placed) + ipv6_warnings(placed)
@@ -2956,7 +2958,6 @@ def check(config_path, environ):
     if refusal:
         print("error: knockd refuses %s: %s (fix what knockd names)" % (config_path, refusal),
               file=sys.stderr)
-        errors.append(refusal)
     for number, what, fix in sorted(warnings):
         print("warning: " + finding(config_path, number, what, fix), file=sys.stderr)
     others = ["warning: %s (%s)" % weak for weak in weak_doors(door_settings)]
@@ -2974,8 +2975,9 @@ def check(config_path, environ):
         print("warning: %s has no door whose name ends with %s (nothing to rotate)"
               % (config_path, ROTATOR_SUFFIX), file=sys.stderr)
     print("%s: %d errors, %d warnings, %d rotator doors" % (
-        config_path, len(errors), len(warnings) + len(others) + (not doors), len(doors)))
-    return EXIT_CONFIG if errors else EXIT_OK
+        config_path, len(errors) + bool(refusal), len(warnings) + len(others) + (not doors),
+        len(doors)))
+    return EXIT_CONFIG if errors or refusal else EXIT_OK
 
 
 # Exit codes of `status`: the monitoring (Nagios) convention.

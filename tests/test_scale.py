@@ -13,9 +13,11 @@ import signal
 import subprocess
 import time
 
+import knockd_rotator_server as server
 from conftest import (GUARDED_PORT, SECRET, alive_command, daemon_start_command, need_root_and,
                       run_client, run_server, wait_until)
 from test_server_knockd import knockd_env
+from test_trial import settings as trial_settings
 
 DOORS = 200
 RECENT = "/proc/net/xt_recent/knockd_rotator_%d" % GUARDED_PORT
@@ -98,12 +100,6 @@ def test_200_doors_each_with_its_own_secret_all_open_after_a_rotation(
           % (rotation, deaf, DOORS - 1, took, 1000 * took / (DOORS - 1), len(retried), retried))
 
 
-def cpu_ticks(pid):
-    with open("/proc/%d/stat" % pid) as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
 def test_a_knockd_busy_with_an_earlier_reload_is_waited_for_not_killed(
         start_knockd, server_env, tmp_path):
     """knockd compiles the filter of 200 doors of 10 ports for seconds in its
@@ -120,9 +116,9 @@ def test_a_knockd_busy_with_an_earlier_reload_is_waited_for_not_killed(
     assert run_server("--config", knockd.config, env=env, timeout=120).returncode == 0
 
     def idle():
-        before = cpu_ticks(knockd.pid)
+        before = server.knockd_processes(knockd.config)[knockd.pid][2]
         time.sleep(0.3)
-        return cpu_ticks(knockd.pid) == before
+        return server.knockd_processes(knockd.config)[knockd.pid][2] == before
     wait_until(idle, 60, "knockd to finish the first reload", interval=0)
     rereads = knockd.log_text().count("re-reading config file")
     knockd.reload()            # someone else's reload, just before the rotation's
@@ -143,7 +139,6 @@ def test_a_grown_knockd_is_restarted_when_no_stop_command_waits(netns, tmp_path,
     ::1).  Past LEAK_BOUND of growth (100 KB here) the rotation restarts it,
     but not while a child waits to run a stop_command."""
     need_root_and("knockd", "knock", "pkill")
-    import knockd_rotator_server as server
     config, log, pidfile = tmp_path / "knockd.conf", tmp_path / "knockd.log", tmp_path / "pid"
     config.write_text("[options]\n\tlogfile = %s\n[held]\n\tsequence = 7001,7003,7002\n"
                       "\tstart_command = true\n\tcmd_timeout = 600\n\tstop_command = true\n"
@@ -153,10 +148,9 @@ def test_a_grown_knockd_is_restarted_when_no_stop_command_waits(netns, tmp_path,
     subprocess.run(start, shell=True, check=True)
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
-    settings = dict(server.server_settings({"KNOCKD_ROTATOR_ENV_FILE": "/nonexistent"}),
-                    STATE_DIR=str(state), RECOVER_COMMAND=start, CHECK_SECONDS=1,
-                    KILL_COMMAND="kill -KILL $(cat %s)" % pidfile,
-                    CHECK_COMMAND=alive_command("$(cat %s)" % pidfile))
+    settings = trial_settings(STATE_DIR=str(state), RECOVER_COMMAND=start, CHECK_SECONDS=1,
+                              KILL_COMMAND="kill -KILL $(cat %s)" % pidfile,
+                              CHECK_COMMAND=alive_command("$(cat %s)" % pidfile))
     monkeypatch.setattr(server, "LEAK_BOUND", 100 * 1024)
 
     pid = int(pidfile.read_text())
