@@ -21,7 +21,9 @@ units=$root/etc/systemd/system
 env_file=$root/etc/knockd_rotator.env
 state=$root/var/lib/knockd_rotator
 scripts="knockd_rotator_server.py knockd_rotator_client.py"
-unit_files="knockd_rotator.service knockd_rotator.timer knockd_rotator-watch.service"
+unit_files="knockd_rotator.service knockd_rotator.timer knockd_rotator-watch.service knockd_rotator-knockd@.service"
+# The files of the further knockd that add-client starts (README, How many doors).
+instances=$root/etc/knockd_rotator.d
 # Debian's knockd.service gets a drop-in that restarts a knockd that died.
 dropin_dir=$units/knockd.service.d
 dropin=knockd_rotator.conf
@@ -62,6 +64,7 @@ LAUNCHER
     done
     install -d -m 0755 "$dropin_dir"
     install -m 0644 "$here/knockd.service.d/$dropin" "$dropin_dir/$dropin"
+    install -d -m 0700 "$instances"
     if [ -e "$env_file" ]; then
         echo "kept $env_file (never overwritten)"
         if [ -n "$(find "$env_file" -perm /077)" ]; then
@@ -97,6 +100,22 @@ next steps:
 NEXT
 }
 
+# A stop kills knockd's children that wait to run a door's stop_command (a
+# door opened in the last cmd_timeout would stay open): wait for them first,
+# 60 s at most.
+stop_instance() {
+    if [ -n "$root" ] || ! command -v systemctl >/dev/null 2>&1; then
+        return
+    fi
+    pid=$(systemctl show --property=MainPID --value "$1" 2>/dev/null || echo 0)
+    waited=0
+    while [ "${pid:-0}" -gt 0 ] && pgrep -P "$pid" >/dev/null && [ $waited -lt 60 ]; do
+        sleep 1
+        waited=$((waited + 1))
+    done
+    systemctl disable --now "$1" || true
+}
+
 uninstall_all() {
     for unit in knockd_rotator.timer knockd_rotator.service knockd_rotator-watch.service; do
         systemctl_here disable --now "$unit"
@@ -105,6 +124,12 @@ uninstall_all() {
     # oneshot, and `stop` does not reach it: it would rotate once more and
     # make the state folder again.
     systemctl_here kill knockd_rotator.service
+    # The further knockd go with their unit; their files stay, as knockd.conf does.
+    for file in "$instances"/*.conf; do
+        [ -e "$file" ] || continue
+        stop_instance "knockd_rotator-knockd@$(basename "$file" .conf).service"
+        echo "stopped knockd_rotator-knockd@$(basename "$file" .conf) (its doors stay in $file)"
+    done
     for script in $scripts; do
         rm -f "$sbin/$script"
     done
@@ -119,8 +144,10 @@ uninstall_all() {
     systemctl_here daemon-reload
     if [ "${1:-}" = "--purge" ]; then
         rm -f "$env_file"
-        echo "removed knockd-rotator and $env_file"
+        rm -rf "$instances"
+        echo "removed knockd-rotator, $env_file and $instances"
     else
+        rmdir "$instances" 2>/dev/null || true
         echo "removed knockd-rotator; kept $env_file (./install.sh uninstall --purge removes it)"
     fi
 }

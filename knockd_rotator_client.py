@@ -281,6 +281,8 @@ LEGACY_READERS = {"SALT": (("legacy-v1", "legacy-v3"), "KNOCKD_ROTATOR_SECRET"),
 # The settings of the one script or the other that are not per door: an
 # environment file may serve both.
 SCRIPT_SETTINGS = ("RELOAD_COMMAND", "CHECK_COMMAND", "RECOVER_COMMAND", "KILL_COMMAND",
+                   "INSTANCE_RELOAD_COMMAND", "INSTANCE_CHECK_COMMAND",
+                   "INSTANCE_RECOVER_COMMAND", "INSTANCE_KILL_COMMAND", "DOORS_PER_KNOCKD",
                    "TRIAL_KNOCKD", "CHECK_SECONDS", "SERVER_INTERVAL", "STATE_DIR", "ENV_FILE",
                    "USES_FILE")
 

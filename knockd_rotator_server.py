@@ -22,6 +22,12 @@ again over the environment it was started with):
     KNOCKD_ROTATOR_RELOAD_COMMAND   default: systemctl reload knockd
     KNOCKD_ROTATOR_CHECK_COMMAND    default: systemctl is-active --quiet knockd
     KNOCKD_ROTATOR_RECOVER_COMMAND  default: systemctl reload-or-restart knockd
+    KNOCKD_ROTATOR_INSTANCE_RELOAD_COMMAND, _INSTANCE_CHECK_COMMAND,
+    _INSTANCE_RECOVER_COMMAND, _INSTANCE_KILL_COMMAND
+                                    the same for the further knockd, %i for the
+                                    instance (knockd_rotator-knockd@%i)
+    KNOCKD_ROTATOR_DOORS_PER_KNOCKD doors add-client gives one knockd (12); then
+                                    it starts another, on knockd_rotator.d/N.conf
     KNOCKD_ROTATOR_TRIAL_KNOCKD     knockd run on a file in a new shape first
                                     (/usr/sbin/knockd; empty: no trial)
     KNOCKD_ROTATOR_CHECK_SECONDS    how long knockd must stay up after a reload (2)
@@ -51,6 +57,10 @@ Safety:
     and knockd is reloaded or started again; the run then fails.  If knockd
     was not running before (a first install: knockd refuses a door without a
     sequence), it is started with the new file instead of reloaded.
+  - knockd.conf is the user's: add-client puts clients beyond
+    DOORS_PER_KNOCKD into files the rotator owns, knockd_rotator.d/N.conf
+    beside it, each read by a knockd of its own, so that no reload keeps a
+    knockd deaf for long.  Every run rotates them all, each as knockd.conf.
   - The secret comes from the environment only and is never logged; only
     add-client prints one, once, for the client it makes.  add-client and
     remove-client change knockd.conf and the environment file under the same
@@ -71,6 +81,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 VERSION = "0.1.0"
@@ -95,6 +106,22 @@ DEFAULT_COMMANDS = {
     # with this before the recover command starts it again.
     "KILL_COMMAND": "systemctl kill --signal=KILL knockd",
 }
+# The same for the further knockd that add-client starts (see "Several
+# knockd"); %i is the instance's name.
+INSTANCE_UNIT = "knockd_rotator-knockd@%i"
+DEFAULT_INSTANCE_COMMANDS = {
+    "INSTANCE_RELOAD_COMMAND": "systemctl reload " + INSTANCE_UNIT,
+    "INSTANCE_CHECK_COMMAND": "systemctl is-active --quiet " + INSTANCE_UNIT,
+    # enable: a knockd started for a new file must come back after a reboot.
+    "INSTANCE_RECOVER_COMMAND": "systemctl enable --quiet %s && systemctl reload-or-restart %s"
+                                % (INSTANCE_UNIT, INSTANCE_UNIT),
+    "INSTANCE_KILL_COMMAND": "systemctl kill --signal=KILL " + INSTANCE_UNIT,
+}
+# add-client gives each knockd at most this many doors (grace siblings aside):
+# 12 doors of 10 ports and their siblings kept each knockd deaf for 120 ms at
+# most while a rotation of 500 doors reloaded them two at a time on 2 CPUs;
+# 15 doors for up to 246 ms (bench/knockd_instances.py, README).
+DEFAULT_DOORS_PER_KNOCKD = 12
 DEFAULT_STATE_DIR = "/var/lib/knockd_rotator"
 DEFAULT_ENV_FILE = "/etc/knockd_rotator.env"
 DEFAULT_CHECK_SECONDS = 2
@@ -318,6 +345,8 @@ LEGACY_READERS = {"SALT": (("legacy-v1", "legacy-v3"), "KNOCKD_ROTATOR_SECRET"),
 # The settings of the one script or the other that are not per door: an
 # environment file may serve both.
 SCRIPT_SETTINGS = ("RELOAD_COMMAND", "CHECK_COMMAND", "RECOVER_COMMAND", "KILL_COMMAND",
+                   "INSTANCE_RELOAD_COMMAND", "INSTANCE_CHECK_COMMAND",
+                   "INSTANCE_RECOVER_COMMAND", "INSTANCE_KILL_COMMAND", "DOORS_PER_KNOCKD",
                    "TRIAL_KNOCKD", "CHECK_SECONDS", "SERVER_INTERVAL", "STATE_DIR", "ENV_FILE",
                    "USES_FILE")
 
@@ -817,18 +846,23 @@ def ipv6_warnings(lines):
 CROWDED_DOORS = 100
 
 
-def crowded_knockd(lines):
-    """A warning when knockd would hold more than CROWDED_DOORS doors (with
-    the grace siblings), else None."""
+def door_load(lines):
+    """(doors, doors during a grace window) that knockd compiles for LINES."""
     user_lines, _ = split_grace_block(lines)
     sections = [line.section for line in user_lines
                 if line.kind == "section" and line.section != b"options"]
-    peak = len(sections) + sum(1 for section in sections if is_rotator(section))
+    return len(sections), len(sections) + sum(1 for section in sections if is_rotator(section))
+
+
+def crowded_knockd(lines):
+    """A warning when knockd would hold more than CROWDED_DOORS doors (with
+    the grace siblings), else None."""
+    doors, peak = door_load(lines)
     if peak <= CROWDED_DOORS:
         return None
     return ("knockd holds %d doors, %d during a grace window: it hears nothing for about "
-            "0.5 s (100 doors) to 2 s (200) at each reload, and exits at about 1000 (put "
-            "clients that may share a door into one)" % (len(sections), peak))
+            "0.5 s (100 doors) to 2 s (200) at each reload, and exits at about 1000 (move "
+            "clients to knockd of their own: README, How many doors)" % (doors, peak))
 
 
 # knockd 0.8 disables a door when it has used the last line of its
@@ -1204,6 +1238,16 @@ def server_settings(environ):
     settings["TRIAL_KNOCKD"] = environ.get("KNOCKD_ROTATOR_TRIAL_KNOCKD", DEFAULT_TRIAL_KNOCKD)
     settings["STATE_DIR"] = environ.get("KNOCKD_ROTATOR_STATE_DIR") or DEFAULT_STATE_DIR
     settings["ENV_FILE"] = env_file
+    for name, default in DEFAULT_INSTANCE_COMMANDS.items():
+        value = environ.get("KNOCKD_ROTATOR_" + name, default)
+        if "%i" not in value:
+            raise RotatorError("KNOCKD_ROTATOR_%s has no %%i" % name,
+                               "write %%i where the instance's name goes, as in the default "
+                               "%r" % default, EXIT_ENVIRONMENT)
+        settings[name] = value
+    settings["DOORS_PER_KNOCKD"] = whole_number(environ, "KNOCKD_ROTATOR_DOORS_PER_KNOCKD", 0,
+                                                1000, DEFAULT_DOORS_PER_KNOCKD)
+    settings["INSTANCE"], settings["UNIT"] = None, "knockd"
     return settings
 
 
@@ -1297,11 +1341,11 @@ def trust_state_dir(state_dir):
                            "own, mode 0700", EXIT_ENVIRONMENT)
 
 
-def take_lock(state_dir):
-    """An exclusive lock on STATE_DIR/lock, held until the process exits."""
+def take_lock(state_dir, name="lock"):
+    """An exclusive lock on STATE_DIR/NAME, held until the handle is closed."""
     try:
         trust_state_dir(state_dir)
-        descriptor = os.open(os.path.join(state_dir, "lock"),
+        descriptor = os.open(os.path.join(state_dir, name),
                              os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         handle = os.fdopen(descriptor, "a")
     except OSError as exc:
@@ -1315,9 +1359,9 @@ def take_lock(state_dir):
             return handle
         except BlockingIOError:
             if time.monotonic() > deadline:
-                raise RotatorError("another knockd_rotator_server run has held %s/lock for "
-                                   "%d s" % (state_dir, LOCK_TIMEOUT),
-                                   "see what it waits for: fuser -v %s/lock" % state_dir,
+                raise RotatorError("another knockd_rotator_server run has held %s/%s for "
+                                   "%d s" % (state_dir, name, LOCK_TIMEOUT),
+                                   "see what it waits for: fuser -v %s/%s" % (state_dir, name),
                                    EXIT_BUSY) from None
             time.sleep(0.05)
 
@@ -1343,12 +1387,13 @@ def run_command(command):
     return result.returncode == 0, detail
 
 
-def knockd_stays_up(settings, opens=None):
+def knockd_stays_up(settings, opens=None, slot=None):
     """Poll the check command for CHECK_SECONDS: (all passed, detail of a failure).
     With OPENS (a FileOpens), evidence ends it sooner: knockd re-read the file
     and still runs RELOAD_SETTLE seconds later.  A burn must not hold the lock
     for whole seconds: the next opening's burn waits for it, and its replay
-    window with it."""
+    window with it.  SLOT (a ReloadSlot) goes back once knockd has re-read
+    the file and compiled its filter."""
     deadline = time.monotonic() + settings["CHECK_SECONDS"]
     reread = None
     while True:
@@ -1358,9 +1403,41 @@ def knockd_stays_up(settings, opens=None):
         now = time.monotonic()
         if reread is None and opens is not None and opens.seen(True):
             reread = now
+        if slot is not None and reread is not None:
+            slot.release_when_compiled()
         if now >= deadline or reread is not None and now - reread >= RELOAD_SETTLE:
             return True, ""
         time.sleep(CHECK_POLL)
+
+
+# knockd compiles its capture filter inside its SIGHUP handler, on one CPU,
+# and hears nothing meanwhile.  Reloads that share a CPU stay deaf longer (500
+# doors on 2 CPUs: 2 at a time, 173 ms at worst; 4, 273 ms), so a reload takes
+# one of these slots, and gives it back once knockd has re-read its file and
+# is no longer running on a CPU.  rotate_all's threads wait in parallel for
+# everything else (the check, the settle, the state files).
+RELOAD_SLOTS = threading.BoundedSemaphore(os.cpu_count() or 1)
+
+
+class ReloadSlot:
+    """One of RELOAD_SLOTS, for the reload of the knockd that reads PATH."""
+
+    def __init__(self, path):
+        self.path = path
+        RELOAD_SLOTS.acquire()
+        self.held = True
+
+    def release(self):
+        if self.held:
+            self.held = False
+            RELOAD_SLOTS.release()
+
+    def release_when_compiled(self):
+        """Release, unless the knockd reading PATH is still running on a CPU
+        (a knockd this process cannot see counts as done)."""
+        found = knockd_processes(self.path) if self.held else {}
+        if all(found[pid][1] != "R" for pid in main_knockd(found)):
+            self.release()
 
 
 def knockd_runs(settings):
@@ -1513,7 +1590,8 @@ def restart_when_grown(config_path, settings):
     if not killed:
         raise RotatorError("knockd had grown by %d MB and was to be restarted, which failed (%s)"
                            % ((size - seen_size) >> 20, detail),
-                           "start knockd now: systemctl start knockd", EXIT_RECOVERY)
+                           "start knockd now: systemctl start %s" % settings["UNIT"],
+                           EXIT_RECOVERY)
     return ("knockd had grown by %d MB since it was first seen (knockd 0.8 leaks at every "
             "reload with IPv6): restarted it, with no stop_command pending"
             % ((size - seen_size) >> 20))
@@ -1662,17 +1740,18 @@ def load_into_knockd(path, new_data, fallback, was_running, settings):
     at the current sequences) go back.  Returns a warning to log, or None."""
     state_dir = settings["STATE_DIR"]
     if was_running:
-        opens, hung = FileOpens(path), False
+        opens, hung, slot = FileOpens(path), False, ReloadSlot(path)
         try:
             ok, detail = run_command(settings["RELOAD_COMMAND"])
             if not ok:
                 detail = "reload command failed (%s)" % detail
             else:
-                ok, detail = knockd_stays_up(settings, opens)
+                ok, detail = knockd_stays_up(settings, opens, slot)
                 if ok and not opens.seen() and rereads_while_busy(path, opens):
                     ok, detail = knockd_stays_up(settings, opens)   # and lives on
                 hung = ok and not opens.seen()
         finally:
+            slot.release()
             opens.close()
         if ok and not hung:
             remember_good(state_dir, new_data)
@@ -1687,14 +1766,15 @@ def load_into_knockd(path, new_data, fallback, was_running, settings):
             if not killed:
                 raise RotatorError("%s, and the kill command failed (%s)" % (detail, kill_detail),
                                    "kill knockd and start it now: systemctl kill --signal=KILL "
-                                   "knockd; systemctl start knockd", EXIT_RECOVERY)
+                                   "{0}; systemctl start {0}".format(settings["UNIT"]),
+                                   EXIT_RECOVERY)
         elif knockd_runs(settings):
             # knockd lives, with the old doors in memory: the file must match.
             put_back(path, fallback(), detail, settings)
             raise RotatorError("knockd did not take the new %s (%s); the last file it ran "
                                "with is back and knockd runs with it" % (path, detail),
                                "check KNOCKD_ROTATOR_RELOAD_COMMAND and _CHECK_COMMAND; "
-                               "journalctl -u knockd", EXIT_FAILED)
+                               "journalctl -u %s" % settings["UNIT"], EXIT_FAILED)
         why = ("knockd hung after the reload and was killed (%s)" if hung
                else "knockd died after the reload (%s)") % detail
     else:
@@ -1705,7 +1785,7 @@ def load_into_knockd(path, new_data, fallback, was_running, settings):
     if ok:
         remember_good(state_dir, new_data)
         return (("%s; it runs with the new file: knockd 0.8 can crash or hang while it reloads "
-                 "under a flood of knocks, see journalctl -u knockd" % why)
+                 "under a flood of knocks, see journalctl -u %s" % (why, settings["UNIT"]))
                 if was_running else None)
     put_back(path, fallback(), "%s and refused to start with the new file (%s)"
              % (why, detail), settings)
@@ -1714,11 +1794,12 @@ def load_into_knockd(path, new_data, fallback, was_running, settings):
         raise RotatorError("%s, and it starts neither with the new %s (%s) nor with the "
                            "last file it ran with, now back in place (%s)"
                            % (why, path, detail, recover_detail),
-                           "start knockd now: systemctl start knockd; journalctl -u knockd",
-                           EXIT_RECOVERY)
+                           "start knockd now: systemctl start {0}; journalctl -u {0}"
+                           .format(settings["UNIT"]), EXIT_RECOVERY)
     raise RotatorError("%s and refused to start with the new %s (%s); the last file it ran "
                        "with is back and knockd runs with it" % (why, path, detail),
-                       "knockd_rotator_server.py check; journalctl -u knockd", EXIT_FAILED)
+                       "knockd_rotator_server.py check; journalctl -u %s" % settings["UNIT"],
+                       EXIT_FAILED)
 
 
 def put_back(path, data, detail, settings):
@@ -1771,8 +1852,11 @@ def readable_by_others(path, what="the secret"):
     return None
 
 
-def warn_if_readable_by_others(env_file, config_path):
-    for warning in (readable_by_others(env_file),
+def warn_if_readable_by_others(config_path, settings):
+    """Log what others can read: CONFIG_PATH, and the environment file once,
+    from knockd.conf's rotation."""
+    env_file = settings["ENV_FILE"] if settings["INSTANCE"] is None else None
+    for warning in (env_file and readable_by_others(env_file),
                     readable_by_others(config_path, "the live sequences")):
         if warning:
             log(warning)
@@ -2071,18 +2155,17 @@ def plan_rotation(config_path, old_data, now, settings_of, edit=None, uses=None)
                 graced=graced, event=event, errors=errors, warnings=warnings)
 
 
-def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=False,
-           change=None, burn=None):
-    """Bring CONFIG_PATH to the state of the moment NOW: every rotator door
-    holds the sequence of its period holding NOW, and for its GRACE seconds
-    after the period's start the grace block holds its previous one.
-    Schedules a boundary run for the next event (plan.event) when SCHEDULE;
-    returns the Plan.  CHANGE (an EnvChange) also edits the doors and swaps the
-    environment file with the config, or neither when anything fails.  BURN
-    names a single-use door (or grace sibling) that has just opened."""
-    settings = server_settings(environ)
+def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None, burn=None):
+    """Bring CONFIG_PATH (knockd.conf, or an instance's file) to the state of
+    the moment NOW: every rotator door holds the sequence of its period
+    holding NOW, and for its GRACE seconds after the period's start the grace
+    block holds its previous one.  Returns the Plan.  CHANGE (an EnvChange)
+    also edits the doors and swaps the environment file with the config, or
+    neither when anything fails.  BURN names a single-use door (or grace
+    sibling) that has just opened."""
     config_path = os.path.realpath(config_path)
-    warn_if_readable_by_others(settings["ENV_FILE"], config_path)
+    settings = settings_for(config_path, server_settings(environ))
+    warn_if_readable_by_others(config_path, settings)
     original_environ = environ
     with contextlib.nullcontext() if dry_run else take_lock(settings["STATE_DIR"]):
         if not dry_run:
@@ -2113,7 +2196,8 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=Fal
         if crowded:
             log("warning: " + crowded)
         algorithms = {found.algorithm for found in plan.settings.values()}
-        for warning in unread_variables(environ, algorithms):
+        for warning in unread_variables(environ, algorithms) if settings["INSTANCE"] is None \
+                else ():
             log("warning: " + warning)
         if dry_run or verbose:
             for number, what, fix in plan.warnings:
@@ -2133,8 +2217,9 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=Fal
                 ok, detail = start_knockd(settings)
                 if not ok:
                     raise RotatorError("%s, and starting it failed (%s)" % (why, detail),
-                                       "start knockd now: systemctl start knockd; "
-                                       "journalctl -u knockd", EXIT_RECOVERY)
+                                       "start knockd now: systemctl start {0}; "
+                                       "journalctl -u {0}".format(settings["UNIT"]),
+                                       EXIT_RECOVERY)
             remember_good(settings["STATE_DIR"], new_data)
             record_fingerprints(settings["STATE_DIR"], plan)
         else:
@@ -2191,8 +2276,6 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, schedule=Fal
                     utc(until)))
             elif plan.old_block and not plan.graced:
                 log("grace ended: the previous sequences no longer open the doors")
-        if schedule:
-            schedule_boundary_run(config_path, plan.event, now, settings, verbose)
     return plan
 
 
@@ -2225,6 +2308,139 @@ def refuse_errors(config_path, errors):
         print("error: " + finding(config_path, *error), file=sys.stderr)
     number, what, fix = errors[-1]
     raise RotatorError("%s line %d: %s" % (config_path, number, what), fix, EXIT_CONFIG)
+
+
+# ---------------------------------------------------------------- several knockd
+#
+# knockd compiles one capture filter for all its doors, at a cost that grows
+# with the square of their number, and hears no knock meanwhile (README, How
+# many doors).  So add-client gives knockd.conf at most DOORS_PER_KNOCKD doors,
+# and puts further clients into files of their own, knockd_rotator.d/N.conf
+# beside knockd.conf, each read by a knockd of its own (the instance N of
+# knockd_rotator-knockd@.service) and given as many doors at most.  These
+# files are the rotator's; knockd.conf keeps its byte-exact rewrite.  A
+# rotation brings every file to its moment and reloads only the knockd whose
+# file changed, as many at once as there are CPUs: a reload is CPU-bound, and
+# one that shares a CPU keeps its doors deaf longer.  Each instance has its own
+# state folder (STATE_DIR/knockd@N), so a burn of one of its doors waits for no
+# other knockd.
+
+INSTANCE_FOLDER = "knockd_rotator.d"
+ROTATION_THREADS = 4 * (os.cpu_count() or 1)
+INSTANCE_FILE = re.compile(r"[1-9][0-9]{0,5}\.conf")
+CLIENTS_LOCK = "clients-lock"     # add-client and remove-client, across all knockd
+
+
+def instance_folder(config_path):
+    return os.path.join(os.path.dirname(os.path.realpath(config_path)), INSTANCE_FOLDER)
+
+
+def settings_for(config_path, settings):
+    """SETTINGS (server_settings) for the knockd that reads CONFIG_PATH: an
+    instance's file gets the instance's commands and state folder."""
+    folder, base = os.path.split(os.path.realpath(config_path))
+    if os.path.basename(folder) != INSTANCE_FOLDER or not INSTANCE_FILE.fullmatch(base):
+        return settings
+    name = base[:-len(".conf")]
+    settings = dict(settings, INSTANCE=name, UNIT=INSTANCE_UNIT.replace("%i", name),
+                    STATE_DIR=os.path.join(settings["STATE_DIR"], "knockd@" + name))
+    for command in DEFAULT_COMMANDS:
+        settings[command] = settings["INSTANCE_" + command].replace("%i", name)
+    return settings
+
+
+def knockd_files(config_path):
+    """CONFIG_PATH and the files of its instances, in the order of their numbers."""
+    folder = instance_folder(config_path)
+    try:
+        names = [name for name in os.listdir(folder) if INSTANCE_FILE.fullmatch(name)]
+    except FileNotFoundError:
+        names = []
+    except OSError as exc:
+        read_config(config_path)         # the likelier cause, named first
+        raise RotatorError("cannot list %s: %s" % (folder, exc.strerror),
+                           "run as root", EXIT_CONFIG) from None
+    names.sort(key=lambda name: int(name[:-len(".conf")]))
+    return [os.path.realpath(config_path)] + [os.path.join(folder, name) for name in names]
+
+
+def rotate_all(config_path, environ, now, dry_run=False, verbose=False, schedule=False):
+    """rotate() knockd.conf and every instance's file; schedule a boundary run
+    for the first next event when SCHEDULE.  A file that fails does not stop
+    the others: each failure is printed, and the gravest one raised."""
+    paths = knockd_files(config_path)
+    if dry_run or len(paths) == 1:
+        plans = [rotate(path, environ, now, dry_run, verbose) for path in paths]
+    else:
+        import concurrent.futures
+        # RELOAD_SLOTS keeps the reloads to one per CPU; the threads wait.
+        with concurrent.futures.ThreadPoolExecutor(ROTATION_THREADS) as pool:
+            futures = [pool.submit(rotate, path, environ, now, verbose=verbose)
+                       for path in paths]
+        plans, failures = [], []
+        for future in futures:
+            try:
+                plans.append(future.result())
+            except RotatorError as exc:
+                failures.append(exc)
+        if failures:
+            failures.sort(key=lambda exc: exc.code == EXIT_RECOVERY)
+            for exc in failures[:-1]:
+                print(exc, file=sys.stderr)
+            raise failures[-1]
+    event = min((plan.event for plan in plans if plan.event is not None), default=None)
+    if schedule:
+        settings = server_settings(environ)
+        with take_lock(settings["STATE_DIR"]):
+            schedule_boundary_run(config_path, event, now, settings, verbose)
+    return event
+
+
+def instance_options(main_lines):
+    """A new instance's file: the header and settings of knockd.conf's
+    [options] (the same interface and log), less its pid file, which would be
+    knockd.conf's knockd's.  No comment comes along: one may be a client's
+    mark, which belongs to the door below it."""
+    raws = [b"[options]\n"]
+    for line in main_lines:
+        if line.section == b"options" and line.kind == "directive" and line.key != "PIDFILE":
+            raws.append(line.raw if line.raw.endswith(b"\n") else line.raw + b"\n")
+    return b"".join(raws)
+
+
+def place_client(lines_of, settings):
+    """The file a new client's door goes into: the one of the knockd with the
+    fewest doors, if that is fewer than DOORS_PER_KNOCKD (0: knockd.conf
+    always), else a new instance's file, made here (its knockd starts with
+    the rotation).  LINES_OF maps knockd_files() to their Lines.  Returns
+    (path, whether it was made)."""
+    paths = list(lines_of)
+    limit = settings["DOORS_PER_KNOCKD"]
+    if limit == 0:
+        return paths[0], False
+    counts = [door_load(lines_of[path])[0] for path in paths]
+    fewest = min(range(len(paths)), key=lambda index: counts[index])
+    if counts[fewest] < limit:
+        return paths[fewest], False
+    taken = {int(os.path.basename(path)[:-len(".conf")]) for path in paths[1:]}
+    number = min(set(range(1, len(taken) + 2)) - taken)
+    path = os.path.join(instance_folder(paths[0]), "%d.conf" % number)
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise RotatorError("cannot make %s: %s" % (os.path.dirname(path), exc.strerror),
+                           "run as root", EXIT_CONFIG) from None
+    replace_file(path, instance_options(lines_of[paths[0]]), create=True)
+    log("every knockd has %d doors: starting another one for %s" % (limit, path))
+    return path, True
+
+
+def client_file(config_path, name):
+    """The file that holds client NAME's door, or None."""
+    for path in knockd_files(config_path):
+        if name in client_marks(split_grace_block(parse_config(read_config(path)))[0]):
+            return path
+    return None
 
 
 # ---------------------------------------------------------------- --watch
@@ -2283,12 +2499,16 @@ def pause_until(moment, wakeup, received, changed):
 
 
 def door_timings(config_path, environ, settings):
-    """{(period, grace)} of the rotator doors of CONFIG_PATH; empty when unknown."""
+    """{(period, grace)} of the rotator doors of CONFIG_PATH and its
+    instances' files; empty when unknown."""
     try:
-        lines, _ = split_grace_block(parse_config(read_config(config_path)))
         environ = with_env_file(environ, settings["ENV_FILE"])
-        return {(door.period, door.grace) for door in
-                (read_settings(environ, name) for name in rotator_doors(lines))}
+        timings = set()
+        for path in knockd_files(config_path):
+            lines, _ = split_grace_block(parse_config(read_config(path)))
+            timings |= {(door.period, door.grace) for door in
+                        (read_settings(environ, name) for name in rotator_doors(lines))}
+        return timings
     except RotatorError:
         return set()
 
@@ -2312,25 +2532,25 @@ def watch(config_path, environ, verbose):
     """Rotate at every event until a stop signal.  Returns an exit code."""
     settings = server_settings(environ)    # a bad setting ends the service now, not later
     wakeup, received = stop_signals()
-    files = (config_path, settings["ENV_FILE"])
+    def files():
+        return [settings["ENV_FILE"]] + knockd_files(config_path)
     end_pending_boundary_run(settings["STATE_DIR"])
     log("watching %s" % config_path)
     failures = 0
     while not received:
         now = time.time()
         # Read before the rotation: an edit made while it runs must wake us.
-        seen = modification_times(files)
+        seen = modification_times(files())
         try:
             # With no door, nothing is due: a change of the files wakes us.
-            event = rotate(config_path, environ, now, verbose=verbose).event or \
-                now + RETRY_SECONDS
+            event = rotate_all(config_path, environ, now, verbose=verbose) or now + RETRY_SECONDS
             failures = 0
             notify_systemd(environ, "STATUS=rotated at %s; next event at %s"
                            % (utc(now), utc(event)))
         except RotatorError as exc:
             # The rollback rewrote the file: that must not wake us at once,
             # or a failing reload would be hammered in a loop.
-            seen = modification_times(files)
+            seen = modification_times(files())
             failures += 1
             if failures >= WATCH_FAILURES:
                 log("%s; %d failed events in a row: exiting" % (exc, failures))
@@ -2340,7 +2560,7 @@ def watch(config_path, environ, verbose):
             log("%s; trying again at %s" % (exc, utc(event)))
             notify_systemd(environ, "STATUS=FAILING (%d in a row): %s; trying again at %s"
                            % (failures, exc, utc(event)))
-        pause_until(event, wakeup, received, lambda: modification_times(files) != seen)
+        pause_until(event, wakeup, received, lambda: modification_times(files()) != seen)
     log("stopped by signal %d" % received[0])
     return EXIT_OK
 
@@ -2771,18 +2991,19 @@ def add_client(config_path, environ, now, args):
         assignments = [(own_variable("SECRET", door), secret)]
     if args.pin:
         assignments.append((own_variable("PIN", door), read_new_pin(door)))
-    env_path = server_settings(environ)["ENV_FILE"]
+    settings = server_settings(environ)
+    env_path = settings["ENV_FILE"]
     if args.single_use:
         assignments.append((own_variable("SINGLE_USE", door), "1"))
-        # An IPv6 knock burns the use as well.
-        burn = burn_command(config_path, door, environ)
-        commands = (burn + commands[0], commands[1], burn + commands[2], commands[3])
 
-    def prepare(lines, values):
+    def enrolled(lines):
         if name in client_marks(lines) or door in rotator_doors(lines):
             raise RotatorError("client %s is enrolled already" % name,
                                "remove-client %s first, or choose another name" % name,
                                EXIT_USAGE)
+
+    def prepare(lines, values):
+        enrolled(lines)
         taken = sorted({own_variable(s, door) for s in DOOR_SETTINGS} & set(values))
         if taken:
             raise RotatorError("%s sets %s already" % (env_path, taken[0]),
@@ -2791,17 +3012,34 @@ def add_client(config_path, environ, now, args):
         raws = client_door_lines(name, door, commands, newline)
         return (lambda user: with_lines_appended(user, raws)), assignments, ()
 
-    change = EnvChange(env_path, environ, prepare, adds=True)
-    plan = rotate(config_path, environ, now, change=change)
-    tell_next_event(config_path, plan.event, now, server_settings(environ))
+    # The lock keeps two enrolments from picking the same place, or from
+    # rewriting the environment file at once from two knockd's rotations.
+    with take_lock(settings["STATE_DIR"], CLIENTS_LOCK):
+        lines_of = {path: parse_config(read_config(path)) for path in knockd_files(config_path)}
+        for lines in lines_of.values():
+            enrolled(split_grace_block(lines)[0])
+        target, made = place_client(lines_of, settings)
+        if args.single_use:
+            # An IPv6 knock burns the use as well.
+            burn = burn_command(target, door, environ)
+            commands = (burn + commands[0], commands[1], burn + commands[2], commands[3])
+        change = EnvChange(env_path, environ, prepare, adds=True)
+        try:
+            plan = rotate(target, environ, now, change=change)
+        except RotatorError:
+            # A new knockd that never ran leaves nothing behind.
+            if made and not knockd_runs(settings_for(target, settings)):
+                os.unlink(target)
+            raise
+    tell_next_event(config_path, plan.event, now, settings)
 
     import socket
     host = args.host or socket.gethostname()
     service = door[:-len(ROTATOR_SUFFIX)]
     client_lines = "".join("%s=%s\n" % pair
                            for pair in client_environment(change.environ, door).items())
-    print("Client %s enrolled: door [%s] opens tcp port %d (%s).\n"
-          % (name, door, args.port, args.firewall))
+    print("Client %s enrolled: door [%s] in %s opens tcp port %d (%s).\n"
+          % (name, door, target, args.port, args.firewall))
     if args.totp:
         scanned = otpauth_uri(door, host, secret)
         print("1. Add the key to the authenticator app: scan this QR code, or type the "
@@ -2840,8 +3078,9 @@ def remove_client(config_path, environ, now, name):
         return (lambda user: without_client_door(user, name, client_marks(user))), (), removals
 
     settings = server_settings(environ)
-    plan = rotate(config_path, environ, now,
-                  change=EnvChange(settings["ENV_FILE"], environ, prepare, adds=False))
+    with take_lock(settings["STATE_DIR"], CLIENTS_LOCK):
+        plan = rotate(client_file(config_path, name) or config_path, environ, now,
+                      change=EnvChange(settings["ENV_FILE"], environ, prepare, adds=False))
     tell_next_event(config_path, plan.event, now, settings)
     print("client %s removed: its door and its settings are gone, and knockd has reloaded"
           % name)
@@ -2849,28 +3088,34 @@ def remove_client(config_path, environ, now, name):
 
 
 def list_clients(config_path, environ):
-    """Every rotator door with its client and settings, never a secret."""
-    environ = with_env_file(environ, server_settings(environ)["ENV_FILE"])
-    lines, _ = split_grace_block(parse_config(read_config(config_path)))
-    client_of = {}
-    for name, index in client_marks(lines).items():
-        if index + 1 < len(lines) and lines[index + 1].kind == "section":
-            client_of[lines[index + 1].section.decode("utf-8", "surrogateescape")] = name
-    rows = [("CLIENT", "DOOR", "MODE", "PIN", "SECRET", "PERIOD", "USES")]
-    uses, now = read_uses(server_settings(environ)["STATE_DIR"]), time.time()
-    for door in rotator_doors(lines):
-        variable, secret = door_variable(environ, "SECRET", door)
-        source = ("missing" if secret is None else
-                  "own" if variable == own_variable("SECRET", door) else "shared")
-        try:
-            settings = read_settings(environ, door)
-            mode, pin, period = settings.mode, "yes" if settings.pin else "no", settings.period
-            # Single use: the openings of this period.
-            used = (str(use_count(uses, settings, period_start(now, period)))
-                    if settings.single_use else "-")
-        except RotatorError as exc:
-            mode, pin, period, used = "error: " + exc.what, "?", "?", "?"
-        rows.append((client_of.get(door, "-"), door, mode, pin, source, str(period), used))
+    """Every rotator door with its client, settings and knockd, never a secret."""
+    settings = server_settings(environ)
+    environ = with_env_file(environ, settings["ENV_FILE"])
+    rows = [("CLIENT", "DOOR", "MODE", "PIN", "SECRET", "PERIOD", "USES", "KNOCKD")]
+    now = time.time()
+    for path in knockd_files(config_path):
+        knockd = settings_for(path, settings)
+        lines, _ = split_grace_block(parse_config(read_config(path)))
+        client_of = {}
+        for name, index in client_marks(lines).items():
+            if index + 1 < len(lines) and lines[index + 1].kind == "section":
+                client_of[lines[index + 1].section.decode("utf-8", "surrogateescape")] = name
+        uses = read_uses(knockd["STATE_DIR"])
+        for door in rotator_doors(lines):
+            variable, secret = door_variable(environ, "SECRET", door)
+            source = ("missing" if secret is None else
+                      "own" if variable == own_variable("SECRET", door) else "shared")
+            try:
+                door_settings = read_settings(environ, door)
+                mode, period = door_settings.mode, door_settings.period
+                pin = "yes" if door_settings.pin else "no"
+                # Single use: the openings of this period.
+                used = (str(use_count(uses, door_settings, period_start(now, period)))
+                        if door_settings.single_use else "-")
+            except RotatorError as exc:
+                mode, pin, period, used = "error: " + exc.what, "?", "?", "?"
+            rows.append((client_of.get(door, "-"), door, mode, pin, source, str(period), used,
+                         knockd["UNIT"]))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join([cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]))
@@ -2915,8 +3160,14 @@ def weak_doors(settings):
 
 
 def check(config_path, environ):
-    """Report what knockd 0.8 refuses and the traps it passes over in silence."""
+    """Report what knockd 0.8 refuses and the traps it passes over in silence,
+    in knockd.conf and every instance's file."""
     settings = server_settings(environ)
+    return max(check_file(path, environ, settings_for(path, settings))
+               for path in knockd_files(config_path))
+
+
+def check_file(config_path, environ, settings):
     lines = parse_config(read_config(config_path))
     user_lines, _ = split_grace_block(lines)
     doors = rotator_doors(user_lines)
@@ -2961,12 +3212,13 @@ def check(config_path, environ):
     for number, what, fix in sorted(warnings):
         print("warning: " + finding(config_path, number, what, fix), file=sys.stderr)
     others = ["warning: %s (%s)" % weak for weak in weak_doors(door_settings)]
+    main = settings["INSTANCE"] is None       # says what concerns every file
     others += ["warning: " + warning for warning in unread_variables(
-        environ, {found.algorithm for found in door_settings.values()})]
+        environ, {found.algorithm for found in door_settings.values()}) if main]
     others += ["warning: " + crowded for crowded in [crowded_knockd(lines)] if crowded]
     others += ["warning: %s was not tried on knockd (%s)" % (config_path, untried)
                for untried in [untried] if untried]
-    others += [warning for warning in (readable_by_others(settings["ENV_FILE"]),
+    others += [warning for warning in (main and readable_by_others(settings["ENV_FILE"]),
                                        readable_by_others(config_path, "the live sequences"))
                if warning]
     for warning in others:
@@ -2977,6 +3229,10 @@ def check(config_path, environ):
     print("%s: %d errors, %d warnings, %d rotator doors" % (
         config_path, len(errors) + bool(refusal), len(warnings) + len(others) + (not doors),
         len(doors)))
+    print("%s: %s compiles %d doors, %d during a grace window (add-client gives it %d at "
+          "most; past %d with grace windows, each reload leaves it deaf for 0.5 s or more)"
+          % ((config_path, settings["UNIT"]) + door_load(lines)
+             + (settings["DOORS_PER_KNOCKD"], CROWDED_DOORS)))
     return EXIT_CONFIG if errors or refusal else EXIT_OK
 
 
@@ -3069,9 +3325,18 @@ def planned_status(config_path, old_data, environ, settings, now):
 
 
 def door_status(config_path, environ, now):
-    """The state of every rotator door at NOW, as a dict (see the README).
-    Without the secrets (a monitoring account), from the recorded fingerprints."""
+    """The state of every rotator door at NOW, as a dict (see the README):
+    knockd.conf's report, with those of the instances' files in "instances"."""
     settings = server_settings(environ)
+    reports = [knockd_status(path, environ, settings_for(path, settings), now)
+               for path in knockd_files(config_path)]
+    reports[0]["instances"] = reports[1:]
+    return reports[0]
+
+
+def knockd_status(config_path, environ, settings, now):
+    """The state of the rotator doors of CONFIG_PATH and of its knockd.
+    Without the secrets (a monitoring account), from the recorded fingerprints."""
     old_data = read_config(config_path)
     try:
         doors, old_block, file_current = planned_status(config_path, old_data, environ,
@@ -3099,6 +3364,9 @@ def door_status(config_path, environ, now):
     }
     report["knockd_listening"], report["knockd_listening_why"] = knockd_listening(config_path)
     lines = parse_config(old_data)
+    report["knockd"] = settings["UNIT"]
+    report["door_count"], report["doors_in_grace"] = door_load(lines)
+    report["doors_per_knockd"] = settings["DOORS_PER_KNOCKD"]
     report["crowded"] = crowded_knockd(lines)
     report["one_time_sequences"] = [
         {"file": path, "unused": None if isinstance(supply, OSError) else supply.unused,
@@ -3108,7 +3376,15 @@ def door_status(config_path, environ, now):
 
 
 def status_state(report):
-    """(state, reasons) of a door_status() report."""
+    """(state, reasons) of a door_status() report: the worst of its knockd's."""
+    states = [knockd_state(report)] + [knockd_state(instance, instance["knockd"] + ": ")
+                                       for instance in report["instances"]]
+    worst = max(states, key=lambda state: STATUS_CODES[state[0]])[0]
+    return worst, [reason for state in states for reason in state[1]]
+
+
+def knockd_state(report, prefix=""):
+    """(state, reasons) of one knockd's report; each reason starts with PREFIX."""
     critical, warning = [], []
     if not report["knockd_active"]:
         critical.append("knockd is not active")
@@ -3145,6 +3421,8 @@ def status_state(report):
     if report["grace_block_present"] != report["grace_active"]:
         warning.append("the grace block is %s" % ("left after the grace" if
                                                    report["grace_block_present"] else "missing"))
+    critical, warning = [prefix + reason for reason in critical], \
+        [prefix + reason for reason in warning]
     if critical:
         return "CRITICAL", critical + warning
     return ("WARNING", warning) if warning else ("OK", [])
@@ -3158,8 +3436,9 @@ def status(config_path, environ, now, as_json, show_sequences):
         report, state, reasons = None, "UNKNOWN", [str(exc)]
     else:
         state, reasons = status_state(report)
+        reports = [report] + report["instances"]
         if not show_sequences:
-            for door in report["doors"]:
+            for door in (door for each in reports for door in each["doors"]):
                 del door["sequence"]
     if as_json:
         import json
@@ -3168,21 +3447,30 @@ def status(config_path, environ, now, as_json, show_sequences):
     if report is None:
         print("KNOCKD_ROTATOR UNKNOWN - %s" % reasons[0])
         return STATUS_CODES[state]
-    summary = "; ".join(reasons) or "%d doors current" % len(report["doors"])
+    next_rotation = min((each["next_rotation_in"] for each in reports
+                         if each["next_rotation_in"] is not None), default=None)
+    summary = "; ".join(reasons) or "%d doors current" % sum(len(each["doors"])
+                                                              for each in reports)
     print("KNOCKD_ROTATOR %s - %s; next rotation %s; knockd %s" % (
-        state, summary, "none (no rotator door)" if report["next_rotation_in"] is None else
-        "in %d s" % report["next_rotation_in"],
-        "active" if report["knockd_active"] else "NOT active"))
-    last = report["last_rotation"]
+        state, summary, "none (no rotator door)" if next_rotation is None else
+        "in %d s" % next_rotation,
+        "active" if all(each["knockd_active"] for each in reports) else "NOT active"))
+    last = max((each["last_rotation"] for each in reports if each["last_rotation"]),
+               default=None)
     print("last rotation: %s" % (utc(last) if last is not None else "none recorded"))
-    print("grace: %s" % ("active until %s" % utc(report["grace_until"])
-                         if report["grace_active"] else "not active"))
-    for door in report["doors"]:
-        print("%s: %s%s%s" % (door["door"], "current" if door["current"] else
-                              "previous period's" if door["previous"] else "NOT current",
-                              "; single use, used %d times this period" % door["uses"]
-                              if "uses" in door else "",
-                              " " + door["sequence"] if show_sequences else ""))
+    until = max((each["grace_until"] for each in reports if each["grace_active"]), default=None)
+    print("grace: %s" % ("active until %s" % utc(until) if until else "not active"))
+    for each in reports:
+        print("%s on %s: %s, %d doors, %d during a grace window (add-client gives it %d at "
+              "most)" % (each["knockd"], each["config"], "active" if each["knockd_active"]
+                         else "NOT active", each["door_count"], each["doors_in_grace"],
+                         each["doors_per_knockd"]))
+        for door in each["doors"]:
+            print("%s: %s%s%s" % (door["door"], "current" if door["current"] else
+                                  "previous period's" if door["previous"] else "NOT current",
+                                  "; single use, used %d times this period" % door["uses"]
+                                  if "uses" in door else "",
+                                  " " + door["sequence"] if show_sequences else ""))
     return STATUS_CODES[state]
 
 
@@ -3198,6 +3486,8 @@ commands (a unique prefix is enough: ch, st, a, r, l, b):
   remove-client  remove a client's door and secret
   list-clients   the rotator doors and their clients, never a secret
   burn           move a single-use door on to its next sequence (start_command)
+Every command but burn also covers the further knockd's files that add-client
+makes in knockd_rotator.d/ beside knockd.conf (past KNOCKD_ROTATOR_DOORS_PER_KNOCKD).
 
 examples:
   %(prog)s                          rotate /etc/knockd.conf, reload knockd
@@ -3341,6 +3631,7 @@ def run(argv, environ):
     if args.command == "list-clients":
         return list_clients(args.config, environ)
     if args.command == "burn":
+        # The door's start_command names its own file with --config.
         now = time.time()
         plan = rotate(args.config, environ, now, burn=args.door)
         tell_next_event(args.config, plan.event, now, server_settings(environ))
@@ -3352,13 +3643,13 @@ def run(argv, environ):
     scheduled = args.schedule or args.at is not None
     now = time.time()
     try:
-        plan = rotate(args.config, environ, now, args.dry_run, args.verbose, schedule=scheduled)
+        event = rotate_all(args.config, environ, now, args.dry_run, args.verbose, scheduled)
     except RotatorError:
         if scheduled:
             schedule_retry(args.config, environ, now, args.verbose)
         raise
     if not scheduled and not args.dry_run:
-        tell_next_event(args.config, plan.event, now, server_settings(environ))
+        tell_next_event(args.config, event, now, server_settings(environ))
     return EXIT_OK
 
 

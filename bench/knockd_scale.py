@@ -23,19 +23,29 @@ doors (each a distinct, non-ascending sequence of --ports TCP ports above
              or only held back in the capture buffer (sent early).  "no
              reload" is the same knock, three times, with no SIGHUP: the cost
              of any knock (knockd reads packets in 50 ms batches).
-  memory     VmHWM (peak RSS) and VmRSS of knockd from /proc/PID/status
-             after the reloads, and the growth of VmRSS per reload (the
-             least-squares slope from after the first reload to the last) (knockd 0.8 never frees its IPv6
+  memory     VmHWM (peak RSS) of knockd from /proc/PID/status after the
+             reloads; VmRSS and PSS (proportional set size, from
+             /proc/PID/smaps_rollup: shared pages divided among the processes
+             that map them) at rest, 0.3 s after the last reload opened; and
+             the growth of VmRSS per reload (the least-squares slope from after
+             the first reload to the last) (knockd 0.8 never frees its IPv6
              filter string: about 139 bytes per door per reload).
+
+With --malloc-env, each mode also runs with knockd's environment holding
+MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072, as the units
+give it (modes `default+malloc`, `-4+malloc`): glibc then serves big blocks
+with mmap and hands the heap back after the filter compilation instead of
+keeping it, so knockd at rest is smaller; its peak (VmHWM) is not.
 
 A door count whose start or reload takes more than --cap seconds (default 15)
 is abandoned for that mode, and so are the larger ones; the table says so.
 It prints a table (median and max deafness, the same per door, when the knock
-that opened was sent, a knock with no reload, VmHWM, RSS growth per reload and
-per door) and the command to reproduce it.  Needs root, ip and
+that opened was sent, a knock with no reload, VmHWM, VmRSS and PSS at rest,
+RSS growth per reload and per door) and the command to reproduce it.  Needs root, ip and
 knockd (tests/run installs them):
 
     /usr/bin/python3 bench/knockd_scale.py [--doors 10,50,100,200] [--ports 3] [--reloads 10]
+        [--malloc-env]
 """
 
 import argparse
@@ -56,6 +66,9 @@ from knock_latency import INSIDE, in_own_namespace, need_root_and  # noqa: E402
 INTERVAL = 0.020          # one full attempt of the timed door every 20 ms
 POLL = 0.002              # how often the log is read while waiting
 MODES = (("default", []), ("-4", ["-4"]))
+# What the units give knockd (knockd_rotator-knockd@.service, the drop-in for
+# knockd.service): glibc hands the heap of the filter compilation back.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 DOOR = """[{name}]
 \tsequence    = {ports}
 \tseq_timeout = 5
@@ -98,6 +111,14 @@ def status(pid):
         if key in ("VmHWM", "VmRSS"):
             fields[key] = int(value.split()[0]) * 1024
     return fields
+
+
+def pss(pid):
+    """PID's proportional set size in bytes (/proc/PID/smaps_rollup)."""
+    for line in Path("/proc/%d/smaps_rollup" % pid).read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no Pss in smaps_rollup")
 
 
 class Knocker:
@@ -154,14 +175,15 @@ def knock_until_open(knocker, log, since, offset, cap, knockd):
             time.sleep(min(POLL, max(0.0, next_attempt - time.monotonic())))
 
 
-def measure_one(folder, doors, length, flags, reloads, cap, rng):
+def measure_one(folder, doors, length, flags, env, reloads, cap, rng):
     config, log = folder / "knockd.conf", folder / "knockd.log"
     sequence = write_config(config, log, doors, length, rng)
     log.write_text("")
     # -p: the namespace shares the host's file system; keep off its pid file.
     knockd = subprocess.Popen(["knockd"] + flags + ["-i", "lo", "-c", str(config),
                                                     "-p", str(folder / "knockd.pid")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=dict(os.environ, **env))
     row = {"doors": doors, "deaf": [], "seen": [], "note": ""}
     try:
         knocker = Knocker(sequence)
@@ -198,8 +220,10 @@ def measure_one(folder, doors, length, flags, reloads, cap, rng):
             row["seen"].append(result[1])
             rss.append(status(knockd.pid)["VmRSS"])
         if knockd.poll() is None:
+            time.sleep(0.3)         # at rest: the `true` children have exited
             row["hwm"] = status(knockd.pid)["VmHWM"]
             row["rss"] = status(knockd.pid)["VmRSS"]
+            row["pss"] = pss(knockd.pid)
         if len(rss) >= 3:
             # The least-squares slope from after the first reload on: the
             # first one may grow the heap for good (allocator pools), which is
@@ -215,10 +239,20 @@ def measure_one(folder, doors, length, flags, reloads, cap, rng):
         knockd.wait()
 
 
-def measure(doors_list, length, reloads, cap, seed):
+def modes(malloc_env):
+    """(name, knockd's flags, its extra environment) of each mode."""
+    result = []
+    for mode, flags in MODES:
+        result.append((mode, flags, {}))
+        if malloc_env:
+            result.append((mode + "+malloc", flags, MALLOC_ENV))
+    return result
+
+
+def measure(doors_list, length, reloads, cap, seed, malloc_env):
     rng = random.Random(seed)
     rows = []
-    for mode, flags in MODES:
+    for mode, flags, env in modes(malloc_env):
         abandoned = None
         for doors in doors_list:
             if abandoned:
@@ -226,7 +260,8 @@ def measure(doors_list, length, reloads, cap, seed):
                              "note": "skipped (%d doors: %s)" % abandoned})
                 continue
             with tempfile.TemporaryDirectory() as folder:
-                row = measure_one(Path(folder), doors, length, flags, reloads, cap, rng)
+                row = measure_one(Path(folder), doors, length, flags, env, reloads, cap,
+                                  rng)
             row["mode"] = mode
             rows.append(row)
             print("  %s, %d doors: %s" % (mode, doors, summary(row)), flush=True)
@@ -243,30 +278,36 @@ def summary(row):
                              "; " + row["note"] if row["note"] else "")
 
 
-def report(rows, doors_list, length, reloads, cap, seed):
-    print("knockd: %s; %d reloads per door count and mode; a knock attempt every %d ms"
+def report(rows, doors_list, length, reloads, cap, seed, malloc_env):
+    print("knockd: %s; %d reloads per door count and mode; a knock attempt every %d ms%s"
           % (subprocess.run(["knockd", "-V"], capture_output=True, text=True)
-             .stdout.splitlines()[0], reloads, INTERVAL * 1000))
-    print("command: %s %s --doors %s --ports %d --reloads %d --cap %g --seed %d"
+             .stdout.splitlines()[0], reloads, INTERVAL * 1000,
+             "; +malloc: knockd's environment holds %s"
+             % " ".join("%s=%s" % item for item in MALLOC_ENV.items()) if malloc_env else ""))
+    print("command: %s %s --doors %s --ports %d --reloads %d --cap %g --seed %d%s"
           % (sys.executable, os.path.relpath(__file__), ",".join(map(str, doors_list)),
-             length, reloads, cap, seed))
+             length, reloads, cap, seed, " --malloc-env" if malloc_env else ""))
     print()
     print("| doors | mode | deafness median | max | per door | knock that opened, sent |"
-          " no reload | VmHWM | VmRSS at the end | RSS growth per reload | per door per reload |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          " no reload | VmHWM | VmRSS at rest | PSS at rest | RSS growth per reload |"
+          " per door per reload |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if not row["deaf"]:
-            print("| %d | %s | %s | | | | | | | | |" % (row["doors"], row["mode"], row["note"]))
+            print("| %d | %s | %s | | | | | | | | | |"
+                  % (row["doors"], row["mode"], row["note"]))
             continue
         deaf = statistics.median(row["seen"]) * 1000
         growth = row.get("growth")
-        print("| %d | %s | %.0f ms | %.0f ms | %.2f ms | %.0f ms (max %.0f) | %s | %s | %s | %s | %s |%s"
+        print("| %d | %s | %.0f ms | %.0f ms | %.2f ms | %.0f ms (max %.0f) | %s | %s | %s | %s |"
+              " %s | %s |%s"
               % (row["doors"], row["mode"], deaf, max(row["seen"]) * 1000,
                  deaf / row["doors"], statistics.median(row["deaf"]) * 1000,
                  max(row["deaf"]) * 1000,
                  "%.0f ms" % (statistics.median(row["idle"]) * 1000) if row["idle"] else "?",
                  "%.1f MB" % (row["hwm"] / 1e6) if "hwm" in row else "?",
                  "%.1f MB" % (row["rss"] / 1e6) if "rss" in row else "?",
+                 "%.1f MB" % (row["pss"] / 1e6) if "pss" in row else "?",
                  "%.1f KB" % (growth / 1024) if growth is not None else "?",
                  "%.0f B" % (growth / row["doors"]) if growth is not None else "?",
                  " " + row["note"] if row["note"] else ""))
@@ -283,13 +324,19 @@ def main():
                         help="seconds a start or reload may take before that door count "
                              "and the larger ones are skipped (default 15)")
     parser.add_argument("--seed", type=int, default=16, help="of the random sequences")
+    parser.add_argument("--malloc-env", action="store_true",
+                        help="also run each mode with the units' glibc environment for "
+                             "knockd (%s)" % " ".join("%s=%s" % item
+                                                      for item in MALLOC_ENV.items()))
     parser.add_argument(INSIDE, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     doors_list = sorted(int(d) for d in args.doors.split(","))
     try:
         if args.inside_namespace:
-            rows = measure(doors_list, args.ports, args.reloads, args.cap, args.seed)
-            report(rows, doors_list, args.ports, args.reloads, args.cap, args.seed)
+            rows = measure(doors_list, args.ports, args.reloads, args.cap, args.seed,
+                           args.malloc_env)
+            report(rows, doors_list, args.ports, args.reloads, args.cap, args.seed,
+                   args.malloc_env)
             return 0
         need_root_and("knockd", "ip")
         if not 2 <= args.ports <= 32:
@@ -297,7 +344,8 @@ def main():
         return in_own_namespace("krscale", ["--doors", args.doors, "--ports", str(args.ports),
                                             "--reloads",
                                             str(args.reloads), "--cap", str(args.cap),
-                                            "--seed", str(args.seed)])
+                                            "--seed", str(args.seed)]
+                                + (["--malloc-env"] if args.malloc_env else []))
     except KeyboardInterrupt:
         return 130          # the finally clauses have cleaned up
 

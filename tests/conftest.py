@@ -104,6 +104,20 @@ def daemon_start_command(namespace, config, pidfile):
             .format(n=namespace, c=config, p=pidfile))
 
 
+# A raw SYN per port, from a chosen source address (argv 1) to 127.0.0.1,
+# as knockd's C client sends them: `python3 -c SEND_SYNS SOURCE PORT...`.
+SEND_SYNS = r"""
+import socket, struct, sys
+source = bytes(int(part) for part in sys.argv[1].split("."))
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for port in sys.argv[2:]:
+    tcp = struct.pack("!HHIIBBHHH", 40000, int(port), 0, 0, 5 << 4, 0x02, 1024, 0, 0)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, socket.IPPROTO_TCP, 0,
+                     source, bytes([127, 0, 0, 1]))
+    raw.sendto(ip + tcp, ("127.0.0.1", 0))
+"""
+
+
 def alive_command(pid):
     """A shell check that PID (a number, or a shell expression such as
     `$(cat PIDFILE)`) runs; a zombie does not count."""
@@ -120,7 +134,9 @@ def server_env(tmp_path):
     def make(**overrides):
         settings = dict(STATE_DIR=tmp_path / "state", ENV_FILE=tmp_path / "absent.env",
                         RELOAD_COMMAND="true", CHECK_COMMAND="true", RECOVER_COMMAND="true",
-                        KILL_COMMAND="true",
+                        KILL_COMMAND="true", INSTANCE_RELOAD_COMMAND="true %i",
+                        INSTANCE_CHECK_COMMAND="true %i", INSTANCE_RECOVER_COMMAND="true %i",
+                        INSTANCE_KILL_COMMAND="true %i",
                         CHECK_SECONDS=1, PERIOD_MODULO=31622400, SERVER_INTERVAL=60)
         settings.update(overrides)
         return rotator_env(**settings)

@@ -88,7 +88,10 @@ def test_check_warnings_do_not_fail(tmp_path, server_env):
     env_file.chmod(0o644)
     result = run_server("ch", "--config", config, env=server_env(ENV_FILE=env_file))
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "%s: 0 errors, 4 warnings, 1 rotator doors\n" % config
+    assert result.stdout == ("%s: 0 errors, 4 warnings, 1 rotator doors\n%s: knockd compiles 2 "
+                             "doors, 3 during a grace window (add-client gives it 12 at most; "
+                             "past 100 with grace windows, each reload leaves it deaf for 0.5 s "
+                             "or more)\n" % (config, config))
     warnings = result.stderr.splitlines()
     assert len(warnings) == 4 and all(w.startswith("warning: ") for w in warnings)
     text = result.stderr
@@ -191,9 +194,9 @@ def test_status_warns_right_after_a_boundary_then_turns_critical():
     report = {"knockd_active": True, "now": 1003, "grace_block_present": False,
               "grace_active": False, "doors": [{"door": "ssh_ROTATOR", "current": False,
                                                 "previous": True, "period_start": 1000}]}
-    assert server.status_state(report) == ("WARNING", ["ssh_ROTATOR: rotation due"])
+    assert server.knockd_state(report) == ("WARNING", ["ssh_ROTATOR: rotation due"])
     report["now"] = 1000 + server.STATUS_SLACK
-    assert server.status_state(report)[0] == "CRITICAL"
+    assert server.knockd_state(report)[0] == "CRITICAL"
 
 
 def test_command_words_and_their_options(tmp_path, server_env):

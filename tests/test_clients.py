@@ -293,7 +293,7 @@ def test_add_client_then_remove_client(enrol):
         r"    stop_command    = {4}\n"
         r"    stop_command_6  = {4}\n"
         .format(re.escape("echo +%IP% > /proc/net/xt_recent/knockd_rotator_22"),
-                "KNOCKD_ROTATOR_[A-Z_]+=[^ ]+( KNOCKD_ROTATOR_[A-Z_]+=[^ ]+)*",
+                "KNOCKD_ROTATOR_[A-Z_]+=('[^']*'|[^ ]+)( KNOCKD_ROTATOR_[A-Z_]+=('[^']*'|[^ ]+))*",
                 re.escape(str(SERVER)), re.escape(str(enrol.config)),
                 re.escape("echo -%IP% > /proc/net/xt_recent/knockd_rotator_22")), door), door
     # The printed lines make the client compute the door's sequence.
@@ -303,8 +303,10 @@ def test_add_client_then_remove_client(enrol):
 
     listed = enrol.run("list-clients")
     assert listed.returncode == 0
-    assert re.search(r"alice +alice_ssh_ROTATOR +secret +no +own +31622400 +0\n", listed.stdout)
-    assert re.search(r"- +ssh_ROTATOR +secret +no +shared +31622400 +-\n", listed.stdout)
+    assert re.search(r"alice +alice_ssh_ROTATOR +secret +no +own +31622400 +0 +knockd\n",
+                     listed.stdout)
+    assert re.search(r"- +ssh_ROTATOR +secret +no +shared +31622400 +- +knockd\n",
+                     listed.stdout)
     assert secret not in listed.stdout + listed.stderr and SECRET not in listed.stdout
 
     removed = enrol.run("remove-client", "alice")

@@ -14,6 +14,8 @@ INSTALLED = {
     "etc/systemd/system/knockd_rotator.service": ("knockd_rotator.service", 0o644),
     "etc/systemd/system/knockd_rotator.timer": ("knockd_rotator.timer", 0o644),
     "etc/systemd/system/knockd_rotator-watch.service": ("knockd_rotator-watch.service", 0o644),
+    "etc/systemd/system/knockd_rotator-knockd@.service": ("knockd_rotator-knockd@.service",
+                                                          0o644),
     "etc/systemd/system/knockd.service.d/knockd_rotator.conf":
         ("knockd.service.d/knockd_rotator.conf", 0o644),
 }
@@ -39,6 +41,7 @@ def test_install_is_idempotent_and_keeps_the_secret(tmp_path):
         assert (tmp_path / path).read_bytes() == (ROOT / source).read_bytes()
         assert stat.S_IMODE((tmp_path / path).stat().st_mode) == mode
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "etc/knockd_rotator.d").stat().st_mode) == 0o700
     secret = [line.split("=", 1)[1] for line in env_file.read_text().splitlines()
               if line.startswith("KNOCKD_ROTATOR_SECRET=")]
     assert len(secret) == 1 and len(secret[0]) >= 40

@@ -12,19 +12,9 @@ import time
 import pytest
 
 import knockd_rotator_server as server
-from conftest import (GUARDED_PORT, SECRET, SERVER, alive_command, daemon_start_command,
-                      need_root_and, rotator_env, run_client, wait_until)
+from conftest import (GUARDED_PORT, SECRET, SEND_SYNS, SERVER, alive_command,
+                      daemon_start_command, need_root_and, rotator_env, run_client, wait_until)
 
-SEND = r"""
-import socket, struct, sys
-source = bytes(int(part) for part in sys.argv[1].split("."))
-raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-for port in sys.argv[2:]:
-    tcp = struct.pack("!HHIIBBHHH", 40000, int(port), 0, 0, 5 << 4, 0x02, 1024, 0, 0)
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, socket.IPPROTO_TCP, 0,
-                     source, bytes([127, 0, 0, 1]))
-    raw.sendto(ip + tcp, ("127.0.0.1", 0))
-"""
 
 class SingleUseDoor:
     """knockd with one single-use door whose start_command burns it."""
@@ -69,7 +59,7 @@ class SingleUseDoor:
         return [int(item.split(b":")[0]) for item in settings.sequence_at(start, use).split(b",")]
 
     def send(self, source, ports):
-        self.netns.run(sys.executable, "-c", SEND, source, *ports)
+        self.netns.run(sys.executable, "-c", SEND_SYNS, source, *ports)
 
     def opened(self, source):
         return len(re.findall(r"%s: ssh_ROTATOR(_GRACE)?: OPEN SESAME" % re.escape(source),

@@ -489,10 +489,10 @@ def settings(box, **values):
     box.append(ENV_FILE, "".join("KNOCKD_ROTATOR_%s=%s\n" % item for item in values.items()))
 
 
-def readme_iptables(cmd_timeout):
+def readme_iptables(cmd_timeout, port=PORT):
     """README's iptables rules (shell lines) and door, on PORT with CMD_TIMEOUT."""
     def localized(text):
-        text = re.sub(r"(?<![0-9])22(?![0-9])", str(PORT), text)
+        text = re.sub(r"(?<![0-9])22(?![0-9])", str(port), text)
         return re.sub(r"(?<![0-9])30(?![0-9])", str(cmd_timeout), text)
     rules, door = readme_blocks("iptables")
     return [line for block in rules for line in localized(block).splitlines()
@@ -512,15 +512,20 @@ def knockd_setup(box, sequence=None, cmd_timeout=5):
         door += "    sequence      = %s\n" % sequence
     box.write("/etc/knockd.conf", "[options]\n    UseSyslog\n    logfile = /var/log/knockd.log\n"
               + door)
-    box.sh("systemd-run --unit=guarded --quiet python3 -c '"
+    guard(box, PORT, rules)
+
+
+def guard(box, port, rules):
+    """A listener on PORT, then the README's iptables RULES that close it."""
+    box.sh("systemd-run --unit=guarded-%d --quiet python3 -c '"
            "import socket\ns = socket.socket()\n"
            "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
            "s.bind((\"127.0.0.1\", %d))\ns.listen(16)\n"
-           "while True: s.accept()[0].close()'" % PORT)
-    wait_until(lambda: port_open(box), 10, "the listener on %d" % PORT)
+           "while True: s.accept()[0].close()'" % (port, port))
+    wait_until(lambda: port_open(box, port), 10, "the listener on %d" % port)
     for rule in rules:
         box.sh(rule)
-    assert not port_open(box)
+    assert not port_open(box, port)
 
 
 def port_open(box, port=PORT):
@@ -529,16 +534,16 @@ def port_open(box, port=PORT):
     return box.sh("python3 -c \"%s\"" % code, check=False).returncode == 0
 
 
-def door_shut(box):
+def door_shut(box, port=PORT):
     """The guarded port is closed again (the door's hole expired)."""
-    return not port_open(box)
+    return not port_open(box, port)
 
 
-def knock(box, service="ssh", env_file=ENV_FILE, check=True):
+def knock(box, service="ssh", env_file=ENV_FILE, check=True, port=PORT):
     """The client knocks, inside; its secret comes from a file, not argv."""
-    wait_until(lambda: door_shut(box), 30, "the door to be shut before knocking")
+    wait_until(lambda: door_shut(box, port), 30, "the door to be shut before knocking")
     result = box.sh("set -a; . %s; set +a; exec knockd_rotator_client.py knock 127.0.0.1 %s "
-                    "--check %d" % (env_file, service, PORT), check=False)
+                    "--check %d" % (env_file, service, port), check=False)
     if check:
         assert result.returncode == 0, "the knock did not open the door:\n%s%s\n%s" % (
             result.stdout, result.stderr, knockd_log(box)[-3000:])
@@ -562,9 +567,9 @@ def assert_current(box, service="ssh"):
     pytest.fail("the period changed three times in a row")
 
 
-def door_sequence(box, door="ssh_ROTATOR"):
-    """The sequence of [DOOR] in the container's knockd.conf, or None."""
-    text = box.read("/etc/knockd.conf")
+def door_sequence(box, door="ssh_ROTATOR", path="/etc/knockd.conf"):
+    """The sequence of [DOOR] in the container's knockd.conf (or PATH), or None."""
+    text = box.read(path)
     match = re.search(r"^\[%s\]\n(.*?)(?=^\[|\Z)" % re.escape(door), text, re.M | re.S)
     if not match:
         return None
@@ -1005,3 +1010,164 @@ def test_security_exposure_as_published(container):
     assert published, "README publishes no exposure level"
     assert scores == {"knockd_rotator.service": published.group(1),
                       "knockd_rotator-watch.service": published.group(1)}, result.stdout
+
+
+# ---------------------------------------------------------------- several knockd
+
+INSTANCE = "knockd_rotator-knockd@1"
+INSTANCE_CONF = "/etc/knockd_rotator.d/1.conf"
+BOB_PORT = PORT + 1                       # bob's door guards a port of its own
+
+
+def enrol(box, name, port):
+    """README "One door per client": add-client NAME, and the lines it
+    printed into /root/NAME.env, the client's file.  Returns its output."""
+    output = box.sh("knockd_rotator_server.py add-client %s --firewall iptables --port %d"
+                    % (name, port)).stdout
+    lines = re.findall(r"^\s*(KNOCKD_ROTATOR_\w+=\S+)\s*$", output, re.M)
+    assert lines, output
+    box.write("/root/%s.env" % name, "".join(line + "\n" for line in lines), mode=0o600)
+    box.learn_secrets()
+    return output
+
+
+def said(box, unit, text):
+    """How many lines of knockd's own log (UseSyslog) in UNIT's journal hold TEXT."""
+    return sum(1 for entry in box.journal_entries(unit)
+               if entry.get("SYSLOG_IDENTIFIER") == "knockd"
+               and text in str(entry.get("MESSAGE", "")))
+
+
+def unit_states(box, unit):
+    """(systemctl is-active UNIT, systemctl is-enabled UNIT)."""
+    return tuple(box.sh("systemctl %s %s" % (verb, unit), check=False).stdout.strip()
+                 for verb in ("is-active", "is-enabled"))
+
+
+def no_burn_left(box):
+    return not [argv for argv, _ in box.server_processes().values() if "burn" in argv]
+
+
+def split_knock(box, reloaded):
+    """Bob's sequence (the one his door holds) in two halves, sent with
+    knockd's C client (one SYN a port, as the client sends them), and
+    `systemctl reload RELOADED` in between: after the second knockd has taken
+    the first half, and before the second half, once RELOADED re-read its file."""
+    sequence = door_sequence(box, "bob_ssh_ROTATOR", INSTANCE_CONF).split(",")
+    half = len(sequence) // 2
+    stage = "bob_ssh_ROTATOR: Stage %d" % half
+    staged = said(box, INSTANCE, stage)
+    box.sh("knock 127.0.0.1 " + " ".join(sequence[:half]))
+    wait_until(lambda: said(box, INSTANCE, stage) > staged, 5,
+               "the second knockd to take the first half of bob's knock")
+    rereads_before = said(box, reloaded, "re-reading config file")
+    box.sh("systemctl reload " + reloaded)
+    wait_until(lambda: said(box, reloaded, "re-reading config file") > rereads_before, 10,
+               "%s to re-read its file" % reloaded)
+    box.sh("knock 127.0.0.1 " + " ".join(sequence[half:]))
+
+
+def test_clients_beyond_doors_per_knockd_get_a_knockd_of_their_own(container):
+    """KNOCKD_ROTATOR_DOORS_PER_KNOCKD: the client past it gets a second
+    knockd (knockd_rotator-knockd@1, enabled and active) and both clients'
+    knocks open; a reload of one knockd leaves a knock in progress at the
+    other intact (and a reload of that one drops it); a rotation under the
+    unit rewrites the instance's file and reloads that knockd alone; and
+    ./install.sh uninstall stops it."""
+    box = container
+    install(box)
+    # knockd.conf has the README's [ssh_ROTATOR]: alice is its second and
+    # last door.  A period of a year puts no boundary into the test.
+    settings(box, DOORS_PER_KNOCKD=2, PERIOD_MODULO=31622399)
+    knockd_setup(box)
+    guard(box, BOB_PORT, readme_iptables(5, BOB_PORT)[0])
+    readme_steps(box)
+    box.sh("systemctl start knockd_rotator.service")
+    wait_until(lambda: said(box, "knockd", "listening on lo"), 10, "knockd to listen")
+
+    output = enrol(box, "alice", PORT)
+    assert "in /etc/knockd.conf" in output, output
+    assert not box.path(INSTANCE_CONF).exists()
+    output = enrol(box, "bob", BOB_PORT)
+    assert "in %s" % INSTANCE_CONF in output, output
+    assert box.path(INSTANCE_CONF).stat().st_mode & 0o777 == 0o600
+    assert unit_states(box, INSTANCE) == ("active", "enabled"), box.journal(INSTANCE)
+    assert door_sequence(box, "bob_ssh_ROTATOR") is None
+    assert door_sequence(box, "bob_ssh_ROTATOR", INSTANCE_CONF)
+    wait_until(lambda: said(box, INSTANCE, "listening on lo"), 10, "the second knockd to listen")
+    pid = int(box.show(INSTANCE, "MainPID")["MainPID"])
+
+    listed = box.sh("knockd_rotator_server.py list-clients").stdout
+    knockd_of = {row.split()[1]: row.split()[-1] for row in listed.splitlines()[1:]}
+    assert knockd_of == {"ssh_ROTATOR": "knockd", "alice_ssh_ROTATOR": "knockd",
+                         "bob_ssh_ROTATOR": INSTANCE}, listed
+    status = box.sh("knockd_rotator_server.py status", check=False)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "knockd on /etc/knockd.conf: active, 2 doors" in status.stdout, status.stdout
+    assert "%s on %s: active, 1 doors" % (INSTANCE, INSTANCE_CONF) in status.stdout, status.stdout
+    report = json.loads(box.sh("knockd_rotator_server.py status --json").stdout)["report"]
+    assert [(each["knockd"], each["door_count"], each["knockd_active"])
+            for each in report["instances"]] == [(INSTANCE, 1, True)], report["instances"]
+
+    # Each client's knock opens its port; bob's single-use burn reloads only his knockd.
+    rereads_before = said(box, "knockd", "re-reading config file")
+    knock(box, "alice_ssh", env_file="/root/alice.env")
+    wait_until(lambda: said(box, "knockd", "re-reading config file") > rereads_before, 10,
+               "alice's burn to reload knockd")
+    wait_until(lambda: no_burn_left(box), 10, "alice's burn to end")
+    rereads = said(box, "knockd", "re-reading config file"), \
+        said(box, INSTANCE, "re-reading config file")
+    held = door_sequence(box, "bob_ssh_ROTATOR", INSTANCE_CONF)
+    knock(box, "bob_ssh", env_file="/root/bob.env", port=BOB_PORT)
+    wait_until(lambda: said(box, INSTANCE, "re-reading config file") > rereads[1], 10,
+               "bob's burn to reload the second knockd")
+    wait_until(lambda: no_burn_left(box), 10, "bob's burn to end")
+    assert door_sequence(box, "bob_ssh_ROTATOR", INSTANCE_CONF) != held
+    assert said(box, "knockd", "re-reading config file") == rereads[0], box.journal("knockd")
+
+    # A reload of bob's own knockd between the halves of his knock drops it ...
+    wait_until(lambda: door_shut(box, BOB_PORT), 10, "bob's port to be shut")
+    opened = said(box, INSTANCE, "bob_ssh_ROTATOR: OPEN SESAME")
+    split_knock(box, INSTANCE)
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        assert door_shut(box, BOB_PORT), "a knock opened across its knockd's reload"
+    assert said(box, INSTANCE, "bob_ssh_ROTATOR: OPEN SESAME") == opened
+    # ... and one of the other knockd leaves it intact.
+    split_knock(box, "knockd")
+    wait_until(lambda: port_open(box, BOB_PORT), 5, "bob's split knock to open his port")
+    assert said(box, INSTANCE, "bob_ssh_ROTATOR: OPEN SESAME") == opened + 1
+    wait_until(lambda: no_burn_left(box), 10, "bob's burn to end")
+
+    # A rotation under the unit: a new period for bob's door rewrites the
+    # instance's file and reloads its knockd, and only that one.
+    rereads = said(box, "knockd", "re-reading config file"), \
+        said(box, INSTANCE, "re-reading config file")
+    kept = door_sequence(box), door_sequence(box, "alice_ssh_ROTATOR")
+    held = door_sequence(box, "bob_ssh_ROTATOR", INSTANCE_CONF)
+    settings(box, PERIOD_MODULO_BOB_SSH=31622398)
+    box.sh("systemctl start knockd_rotator.service")
+    assert door_sequence(box, "bob_ssh_ROTATOR", INSTANCE_CONF) != held
+    assert (door_sequence(box), door_sequence(box, "alice_ssh_ROTATOR")) == kept
+    wait_until(lambda: said(box, INSTANCE, "re-reading config file") > rereads[1], 10,
+               "the rotation to reload the second knockd")
+    assert said(box, "knockd", "re-reading config file") == rereads[0], box.journal("knockd")
+    journal = box.journal("knockd_rotator.service")
+    assert box.show("knockd_rotator.service", "Result")["Result"] == "success", journal
+    assert not re.search(r"error|fail|warning", journal, re.I), journal
+    box.append("/root/bob.env", "KNOCKD_ROTATOR_PERIOD_MODULO_BOB_SSH=31622398\n")
+    knock(box, "bob_ssh", env_file="/root/bob.env", port=BOB_PORT)
+    assert int(box.show(INSTANCE, "MainPID")["MainPID"]) == pid, "the second knockd restarted"
+
+    # ./install.sh uninstall stops the second knockd, and keeps its file; it
+    # waits for bob's pending stop_command first (a stop would kill it).
+    output = box.sh("cd %s && ./install.sh uninstall" % PROJECT).stdout
+    assert "stopped %s" % INSTANCE in output, output
+    journal = box.journal(INSTANCE)
+    assert unit_states(box, INSTANCE)[0] == "inactive", journal
+    assert "Killing process" not in journal, journal
+    assert box.path(INSTANCE_CONF).exists()
+    wait_until(lambda: not [argv for argv, _ in box.processes().values()
+                            if INSTANCE_CONF in argv], 10, "the second knockd to end")
+    assert box.sh("systemctl is-active knockd.service").stdout.strip() == "active"
+    box.assert_no_secret_seen()

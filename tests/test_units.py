@@ -8,7 +8,10 @@ import pytest
 
 from conftest import CLIENT, ROOT, SERVER, need, run_script
 
-UNITS = ("knockd_rotator.service", "knockd_rotator.timer", "knockd_rotator-watch.service")
+UNITS = ("knockd_rotator.service", "knockd_rotator.timer", "knockd_rotator-watch.service",
+         "knockd_rotator-knockd@.service")
+# A template is verified as one of its instances.
+VERIFIED = [unit.replace("@.", "@1.") for unit in UNITS]
 
 
 @pytest.fixture
@@ -19,6 +22,11 @@ def install_root(tmp_path):
     (tmp_path / "usr/local/sbin").mkdir(parents=True)
     for script in (SERVER, CLIENT):
         shutil.copy2(script, tmp_path / "usr/local/sbin" / script.name)
+    # The template's commands: Debian's knockd (tests/run installs it) and kill.
+    for program in ("/usr/sbin/knockd", "/bin/kill"):
+        need(os.access(program, os.X_OK), "needs %s (Debian package knockd)" % program)
+        (tmp_path / program[1:]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(program, tmp_path / program[1:])
     units = tmp_path / "etc/systemd/system"
     units.mkdir(parents=True)
     for unit in UNITS:
@@ -28,7 +36,7 @@ def install_root(tmp_path):
 
 def verify(root):
     return subprocess.run(["systemd-analyze", "--root=%s" % root, "verify"]
-                          + ["/etc/systemd/system/" + unit for unit in UNITS],
+                          + ["/etc/systemd/system/" + unit for unit in VERIFIED],
                           capture_output=True, text=True)
 
 
