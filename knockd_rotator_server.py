@@ -1435,7 +1435,9 @@ class ReloadSlot:
     def release_when_compiled(self):
         """Release, unless the knockd reading PATH is still running on a CPU
         (a knockd this process cannot see counts as done)."""
-        found = knockd_processes(self.path) if self.held else {}
+        if not self.held:
+            return
+        found = knockd_processes(self.path)
         if all(found[pid][1] != "R" for pid in main_knockd(found)):
             self.release()
 
@@ -1852,10 +1854,8 @@ def readable_by_others(path, what="the secret"):
     return None
 
 
-def warn_if_readable_by_others(config_path, settings):
-    """Log what others can read: CONFIG_PATH, and the environment file once,
-    from knockd.conf's rotation."""
-    env_file = settings["ENV_FILE"] if settings["INSTANCE"] is None else None
+def warn_if_readable_by_others(config_path, env_file):
+    """Log what others can read: CONFIG_PATH, and ENV_FILE unless None."""
     for warning in (env_file and readable_by_others(env_file),
                     readable_by_others(config_path, "the live sequences")):
         if warning:
@@ -2155,17 +2155,20 @@ def plan_rotation(config_path, old_data, now, settings_of, edit=None, uses=None)
                 graced=graced, event=event, errors=errors, warnings=warnings)
 
 
-def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None, burn=None):
+def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None, burn=None,
+           whole_run=True):
     """Bring CONFIG_PATH (knockd.conf, or an instance's file) to the state of
     the moment NOW: every rotator door holds the sequence of its period
     holding NOW, and for its GRACE seconds after the period's start the grace
     block holds its previous one.  Returns the Plan.  CHANGE (an EnvChange)
     also edits the doors and swaps the environment file with the config, or
     neither when anything fails.  BURN names a single-use door (or grace
-    sibling) that has just opened."""
+    sibling) that has just opened.  WHOLE_RUN: also warn about what concerns
+    every file (the environment file's mode, variables nothing reads);
+    rotate_all asks it of the first file only."""
     config_path = os.path.realpath(config_path)
     settings = settings_for(config_path, server_settings(environ))
-    warn_if_readable_by_others(config_path, settings)
+    warn_if_readable_by_others(config_path, settings["ENV_FILE"] if whole_run else None)
     original_environ = environ
     with contextlib.nullcontext() if dry_run else take_lock(settings["STATE_DIR"]):
         if not dry_run:
@@ -2196,8 +2199,7 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
         if crowded:
             log("warning: " + crowded)
         algorithms = {found.algorithm for found in plan.settings.values()}
-        for warning in unread_variables(environ, algorithms) if settings["INSTANCE"] is None \
-                else ():
+        for warning in unread_variables(environ, algorithms) if whole_run else ():
             log("warning: " + warning)
         if dry_run or verbose:
             for number, what, fix in plan.warnings:
@@ -2370,13 +2372,14 @@ def rotate_all(config_path, environ, now, dry_run=False, verbose=False, schedule
     the others: each failure is printed, and the gravest one raised."""
     paths = knockd_files(config_path)
     if dry_run or len(paths) == 1:
-        plans = [rotate(path, environ, now, dry_run, verbose) for path in paths]
+        plans = [rotate(path, environ, now, dry_run, verbose, whole_run=path == paths[0])
+                 for path in paths]
     else:
         import concurrent.futures
         # RELOAD_SLOTS keeps the reloads to one per CPU; the threads wait.
         with concurrent.futures.ThreadPoolExecutor(ROTATION_THREADS) as pool:
-            futures = [pool.submit(rotate, path, environ, now, verbose=verbose)
-                       for path in paths]
+            futures = [pool.submit(rotate, path, environ, now, verbose=verbose,
+                                   whole_run=path == paths[0]) for path in paths]
         plans, failures = [], []
         for future in futures:
             try:
@@ -3163,11 +3166,13 @@ def check(config_path, environ):
     """Report what knockd 0.8 refuses and the traps it passes over in silence,
     in knockd.conf and every instance's file."""
     settings = server_settings(environ)
-    return max(check_file(path, environ, settings_for(path, settings))
-               for path in knockd_files(config_path))
+    paths = knockd_files(config_path)
+    return max(check_file(path, environ, settings_for(path, settings), path == paths[0])
+               for path in paths)
 
 
-def check_file(config_path, environ, settings):
+def check_file(config_path, environ, settings, whole_run):
+    """check() of one file; WHOLE_RUN: also what concerns every file."""
     lines = parse_config(read_config(config_path))
     user_lines, _ = split_grace_block(lines)
     doors = rotator_doors(user_lines)
@@ -3212,13 +3217,12 @@ def check_file(config_path, environ, settings):
     for number, what, fix in sorted(warnings):
         print("warning: " + finding(config_path, number, what, fix), file=sys.stderr)
     others = ["warning: %s (%s)" % weak for weak in weak_doors(door_settings)]
-    main = settings["INSTANCE"] is None       # says what concerns every file
     others += ["warning: " + warning for warning in unread_variables(
-        environ, {found.algorithm for found in door_settings.values()}) if main]
+        environ, {found.algorithm for found in door_settings.values()}) if whole_run]
     others += ["warning: " + crowded for crowded in [crowded_knockd(lines)] if crowded]
     others += ["warning: %s was not tried on knockd (%s)" % (config_path, untried)
                for untried in [untried] if untried]
-    others += [warning for warning in (main and readable_by_others(settings["ENV_FILE"]),
+    others += [warning for warning in (whole_run and readable_by_others(settings["ENV_FILE"]),
                                        readable_by_others(config_path, "the live sequences"))
                if warning]
     for warning in others:

@@ -69,6 +69,7 @@ import time
 from pathlib import Path
 
 from knock_latency import CLIENT, INSIDE, SERVER, iptables, in_own_namespace, need_root_and
+from knockd_scale import MALLOC_ASSIGNMENTS
 
 sys.path.insert(0, str(SERVER.parent))
 import knockd_rotator_server as server  # noqa: E402
@@ -77,8 +78,6 @@ PORT = 2222             # knocker N checks PORT + N
 PERIOD = 10
 GRACE = 5
 UID_BASE = 40000
-# The units' glibc settings: knockd hands the heap of its filter compilation back.
-MALLOC = "MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072"
 # A knocked door: it lets the knocking address reach the knockers' ports (the
 # address tells the knockers apart).  No stop_command: this script removes
 # each rule itself, right after the knock; a stop_command run cmd_timeout
@@ -206,7 +205,7 @@ def commands(config, pidfile):
                          '*") "[!ZX]*) ;; *) false;; esac' % pidfile,
         "RECOVER_COMMAND": "rm -f {p}; {m} knockd -d -i lo -c {c} -p {p} && i=0; "
                            "while [ ! -s {p} ] && [ $i -lt 1000 ]; do sleep 0.01; i=$((i+1)); "
-                           "done".format(p=pidfile, c=config, m=MALLOC),
+                           "done".format(p=pidfile, c=config, m=MALLOC_ASSIGNMENTS),
         "KILL_COMMAND": "kill -KILL $(cat %s)" % pidfile}
 
 

@@ -90,7 +90,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from knock_latency import INSIDE, SERVER, in_own_namespace, need_root_and  # noqa: E402
-from knockd_scale import sequences  # noqa: E402
+from knockd_scale import MALLOC_ASSIGNMENTS, sequences  # noqa: E402
 
 sys.path.insert(0, str(SERVER.parent))
 import knockd_rotator_server as server  # noqa: E402
@@ -100,7 +100,6 @@ POLL = 0.002              # how often the SIGHUP files and the logs are read
 SAMPLE = 0.010            # how often the knockd's RSS is summed
 LATE = 1.0                # how long after an event's last opening attempts may still open
 PROBE_PORTS = 10
-MALLOC_ENV = "MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICKS = os.sysconf("SC_CLK_TCK")
 # add-client's door, less the firewall (see concurrent_knockers.FILLER).
@@ -174,7 +173,7 @@ def commands(folder, config, flags):
            'echo "$t $(date +%s.%N)" >> {hups}')
     start = ("rm -f {pid}; env %s knockd %s-d -i lo -c {conf} -p {pid} && i=0; "
              "while [ ! -s {pid} ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done"
-             % (MALLOC_ENV, "".join(flag + " " for flag in flags)))
+             % (MALLOC_ASSIGNMENTS, "".join(flag + " " for flag in flags)))
     templates = {
         "RELOAD_COMMAND": hup,
         "CHECK_COMMAND": "ps -o stat= -p $(cat {pid}) | grep -qv Z",
@@ -580,7 +579,7 @@ def report(rows, args):
           "%s; period %d s, grace %d s; %d doors per knockd (+1 probe door)%s"
           % (subprocess.run(["knockd", "-V"], capture_output=True, text=True)
              .stdout.splitlines()[0], "-4 " if args.ipv4_only else "", sys.executable,
-             sys.version.split()[0], os.cpu_count(), MALLOC_ENV, args.period, args.grace,
+             sys.version.split()[0], os.cpu_count(), MALLOC_ASSIGNMENTS, args.period, args.grace,
              args.per_knockd, "" if args.trial else "; no trial knockd"))
     print("command: %s %s %s" % (sys.executable, os.path.relpath(__file__),
                                  " ".join(arguments(args))))

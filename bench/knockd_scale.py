@@ -67,8 +67,13 @@ INTERVAL = 0.020          # one full attempt of the timed door every 20 ms
 POLL = 0.002              # how often the log is read while waiting
 MODES = (("default", []), ("-4", ["-4"]))
 # What the units give knockd (knockd_rotator-knockd@.service, the drop-in for
-# knockd.service): glibc hands the heap of the filter compilation back.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+# knockd.service): glibc hands the heap of the filter compilation back.  Read
+# from the template unit, so that the benches run knockd as it ships.
+UNIT = Path(__file__).resolve().parent.parent / "knockd_rotator-knockd@.service"
+MALLOC_ENV = dict(item.split("=", 1) for line in UNIT.read_text().splitlines()
+                  if line.startswith("Environment=MALLOC_")
+                  for item in line[len("Environment="):].split())
+MALLOC_ASSIGNMENTS = " ".join("%s=%s" % item for item in MALLOC_ENV.items())
 DOOR = """[{name}]
 \tsequence    = {ports}
 \tseq_timeout = 5
@@ -283,7 +288,7 @@ def report(rows, doors_list, length, reloads, cap, seed, malloc_env):
           % (subprocess.run(["knockd", "-V"], capture_output=True, text=True)
              .stdout.splitlines()[0], reloads, INTERVAL * 1000,
              "; +malloc: knockd's environment holds %s"
-             % " ".join("%s=%s" % item for item in MALLOC_ENV.items()) if malloc_env else ""))
+             % MALLOC_ASSIGNMENTS if malloc_env else ""))
     print("command: %s %s --doors %s --ports %d --reloads %d --cap %g --seed %d%s"
           % (sys.executable, os.path.relpath(__file__), ",".join(map(str, doors_list)),
              length, reloads, cap, seed, " --malloc-env" if malloc_env else ""))
@@ -326,8 +331,7 @@ def main():
     parser.add_argument("--seed", type=int, default=16, help="of the random sequences")
     parser.add_argument("--malloc-env", action="store_true",
                         help="also run each mode with the units' glibc environment for "
-                             "knockd (%s)" % " ".join("%s=%s" % item
-                                                      for item in MALLOC_ENV.items()))
+                             "knockd (%s)" % MALLOC_ASSIGNMENTS)
     parser.add_argument(INSIDE, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     doors_list = sorted(int(d) for d in args.doors.split(","))
