@@ -16,9 +16,11 @@ def reloads(knockd):
     return knockd.log_text().count("re-reading config file")
 
 
-def wait_for_moment(period, low, high):
-    """Wait until the time into the period is between LOW and HIGH seconds."""
-    wait_until(lambda: low <= time.time() % period < high, period + 1,
+def wait_for_moment(period, low, high, after=0):
+    """Wait until the time into the period is between LOW and HIGH seconds,
+    in a period that starts after the time AFTER; return its start."""
+    wait_until(lambda: low <= time.time() % period < high
+               and time.time() // period * period > after, 2 * period + 1,
                "%g to %g s into a %d s period" % (low, high, period), interval=0.01)
     return int(time.time()) // period * period
 
@@ -43,7 +45,8 @@ def test_a_client_2_s_behind_opens_after_the_boundary_but_not_after_the_grace(
     period, grace = 20, 5
     knockd = start_knockd(DOOR.format(port=GUARDED_PORT, cmd_timeout=120))
     server, env = watch(knockd, period, grace)
-    boundary = wait_for_moment(period, 0.5, 1.5)
+    # A boundary after the start-up rotation: one just before it would be that one.
+    boundary = wait_for_moment(period, 0.5, 1.5, after=time.time())
     # Our rotation at the boundary happened (the first reload was at start-up).
     wait_until(lambda: reloads(knockd) >= 2, 2, "the boundary's reload")
     assert "_GRACE" in knockd.config.read_text()
