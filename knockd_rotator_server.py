@@ -26,10 +26,12 @@ again over the environment it was started with):
     _INSTANCE_RECOVER_COMMAND, _INSTANCE_KILL_COMMAND
                                     the same for the further knockd, %i for the
                                     instance (knockd_rotator-knockd@%i)
-    KNOCKD_ROTATOR_DOORS_PER_KNOCKD doors add-client gives one knockd (12); then
+    KNOCKD_ROTATOR_DOORS_PER_KNOCKD doors add-client gives one knockd (10); then
                                     it starts another, on knockd_rotator.d/N.conf
     KNOCKD_ROTATOR_TRIAL_KNOCKD     knockd run on a file in a new shape first
                                     (/usr/sbin/knockd; empty: no trial)
+    KNOCKD_ROTATOR_LEAD             seconds before a boundary at which the doors get
+                                    the next sequences (10; at most period - grace)
     KNOCKD_ROTATOR_CHECK_SECONDS    how long knockd must stay up after a reload (2)
     KNOCKD_ROTATOR_SERVER_INTERVAL  seconds between timer runs (3600)
     KNOCKD_ROTATOR_STATE_DIR        lock and pending run (/var/lib/knockd_rotator)
@@ -50,9 +52,12 @@ Safety:
     already current.
   - knockd is reloaded (SIGHUP), never restarted: a restart kills the children
     that run stop_command after cmd_timeout, and leaves those ports open.
-  - For KNOCKD_ROTATOR_GRACE seconds after a boundary, a generated block of
-    sibling doors at the end of the file holds the previous sequences; it is
-    removed, byte-exactly, when the grace ends (docs/SPEC.md).
+  - From KNOCKD_ROTATOR_LEAD seconds before a boundary (default 10) the doors
+    hold the next period's sequences, and until KNOCKD_ROTATOR_GRACE seconds
+    after it a generated block of sibling doors at the end of the file holds
+    the sequences before those; the block is removed, byte-exactly, when the
+    grace ends (docs/SPEC.md).  So a rotation of many knockd that ends
+    seconds late still has every knockd ready at the boundary.
   - If knockd is not running after the reload, the previous file is put back
     and knockd is reloaded or started again; the run then fails.  If knockd
     was not running before (a first install: knockd refuses a door without a
@@ -118,10 +123,17 @@ DEFAULT_INSTANCE_COMMANDS = {
     "INSTANCE_KILL_COMMAND": "systemctl kill --signal=KILL " + INSTANCE_UNIT,
 }
 # add-client gives each knockd at most this many doors (grace siblings aside):
-# 12 doors of 10 ports and their siblings kept each knockd deaf for 120 ms at
-# most while a rotation of 500 doors reloaded them two at a time on 2 CPUs;
-# 15 doors for up to 246 ms (bench/knockd_instances.py, README).
-DEFAULT_DOORS_PER_KNOCKD = 12
+# while a rotation of 500 doors reloaded them two at a time on 2 CPUs, 10
+# doors of 10 ports and their siblings kept each knockd deaf for 151 ms at
+# most; 12 doors for up to 216 ms, 15 for 248 ms (bench/knockd_instances.py,
+# README).
+DEFAULT_DOORS_PER_KNOCKD = 10
+# Seconds before a boundary at which the server already writes the next
+# period's sequence, keeping the current one as the grace sibling (at most
+# period - grace): a rotation of many knockd ends seconds after it starts
+# (500 doors in 50 knockd: 4.5 to 5 s on 2 CPUs), and the last knockd must not
+# still hold the old sequence once the boundary has passed.
+DEFAULT_LEAD = 10
 DEFAULT_STATE_DIR = "/var/lib/knockd_rotator"
 DEFAULT_ENV_FILE = "/etc/knockd_rotator.env"
 DEFAULT_CHECK_SECONDS = 2
@@ -348,7 +360,7 @@ SCRIPT_SETTINGS = ("RELOAD_COMMAND", "CHECK_COMMAND", "RECOVER_COMMAND", "KILL_C
                    "INSTANCE_RELOAD_COMMAND", "INSTANCE_CHECK_COMMAND",
                    "INSTANCE_RECOVER_COMMAND", "INSTANCE_KILL_COMMAND", "DOORS_PER_KNOCKD",
                    "TRIAL_KNOCKD", "CHECK_SECONDS", "SERVER_INTERVAL", "STATE_DIR", "ENV_FILE",
-                   "USES_FILE")
+                   "USES_FILE", "LEAD")
 
 
 def unread_variables(environ, algorithms):
@@ -1387,10 +1399,11 @@ def run_command(command):
     return result.returncode == 0, detail
 
 
-def knockd_stays_up(settings, opens=None, slot=None):
+def knockd_stays_up(settings, opens=None, slot=None, started=None):
     """Poll the check command for CHECK_SECONDS: (all passed, detail of a failure).
     With OPENS (a FileOpens), evidence ends it sooner: knockd re-read the file
-    and still runs RELOAD_SETTLE seconds later.  A burn must not hold the lock
+    and still runs RELOAD_SETTLE seconds later; with STARTED (the path of the
+    file a knockd was just started on), that it listens (knockd_started).  A burn must not hold the lock
     for whole seconds: the next opening's burn waits for it, and its replay
     window with it.  SLOT (a ReloadSlot) goes back once knockd has re-read
     the file and compiled its filter."""
@@ -1401,7 +1414,8 @@ def knockd_stays_up(settings, opens=None, slot=None):
         if not ok:
             return False, "check command failed (%s)" % detail
         now = time.monotonic()
-        if reread is None and opens is not None and opens.seen(True):
+        if reread is None and (opens is not None and opens.seen(True) or
+                               started is not None and knockd_started(started)):
             reread = now
         if slot is not None and reread is not None:
             slot.release_when_compiled()
@@ -1588,7 +1602,7 @@ def restart_when_grown(config_path, settings):
         return None
     killed, detail = run_command(settings["KILL_COMMAND"])
     if killed:
-        killed, detail = start_knockd(settings)
+        killed, detail = start_knockd(config_path, settings)
     if not killed:
         raise RotatorError("knockd had grown by %d MB and was to be restarted, which failed (%s)"
                            % ((size - seen_size) >> 20, detail),
@@ -1721,12 +1735,23 @@ class FileOpens:
             os.close(self.descriptor)
 
 
-def start_knockd(settings):
-    """Start knockd with the file on disk: (stays up, detail of a failure)."""
+def knockd_started(config_path):
+    """True once the knockd reading CONFIG_PATH has its packet capture open
+    (knockd opens it after it has taken its file) and has compiled its
+    filter (it no longer runs on a CPU)."""
+    found = knockd_processes(config_path)
+    return knockd_listening(config_path)[0] is True and \
+        all(found.get(pid, (0, "R"))[1] != "R" for pid in main_knockd(found))
+
+
+def start_knockd(path, settings):
+    """Start knockd with the file on disk at PATH: (stays up, detail of a failure).
+    A knockd that listens and lives RELOAD_SETTLE seconds on has taken its
+    file (a new knockd for a new client need not wait CHECK_SECONDS)."""
     ok, detail = run_command(settings["RECOVER_COMMAND"])
     if not ok:
         return False, "recover command failed (%s)" % detail
-    return knockd_stays_up(settings)
+    return knockd_stays_up(settings, started=path)
 
 
 def load_into_knockd(path, new_data, fallback, was_running, settings):
@@ -1783,7 +1808,7 @@ def load_into_knockd(path, new_data, fallback, was_running, settings):
         # First install: knockd refuses to start while a door has no sequence.
         why = "knockd was not running"
         log("knockd is not running: starting it with the new file")
-    ok, detail = start_knockd(settings)
+    ok, detail = start_knockd(path, settings)
     if ok:
         remember_good(state_dir, new_data)
         return (("%s; it runs with the new file: knockd 0.8 can crash or hang while it reloads "
@@ -1791,7 +1816,7 @@ def load_into_knockd(path, new_data, fallback, was_running, settings):
                 if was_running else None)
     put_back(path, fallback(), "%s and refused to start with the new file (%s)"
              % (why, detail), settings)
-    recovered, recover_detail = start_knockd(settings)
+    recovered, recover_detail = start_knockd(path, settings)
     if not recovered:
         raise RotatorError("%s, and it starts neither with the new %s (%s) nor with the "
                            "last file it ran with, now back in place (%s)"
@@ -1927,7 +1952,7 @@ def end_pending_boundary_run(state_dir):
 def retry_moment(config_path, environ, settings, now):
     """When to try a failed event again: the doors' next event, at the latest
     RETRY_SECONDS from NOW."""
-    return int(min([next_event(now, period, grace) for period, grace in
+    return int(min([next_event(now, *timing) for timing in
                     door_timings(config_path, environ, settings)] + [now + RETRY_SECONDS]))
 
 
@@ -2008,7 +2033,7 @@ def with_burn(uses, door, now, settings_of):
         raise RotatorError("door %s is not single-use" % base,
                            "set %s=1, or take `burn` out of its start_command"
                            % own_variable("SINGLE_USE", base), EXIT_ENVIRONMENT)
-    current = period_start(now, settings.period)
+    current = door_start(now, settings)
     start = current - back * settings.period
     entry = uses.get(base, {})
     counts = {key: value for key, value in entry.get("counts", {}).items()
@@ -2100,21 +2125,37 @@ def with_sequences(settings):
     return settings
 
 
+def rotation_settings(environ, door):
+    """read_settings() with the server's .lead: from LEAD seconds before its
+    boundary a door holds the next period's sequence, its current one in the
+    grace sibling (see door_start)."""
+    settings = read_settings(environ, door)
+    settings.lead = min(whole_number(environ, "KNOCKD_ROTATOR_LEAD", 0, MAX_PERIOD,
+                                     DEFAULT_LEAD), settings.period - settings.grace)
+    return settings
+
+
 def settings_reader(environ):
     """A function door -> its settings with sequences (see with_sequences), each read once."""
     known = {}
 
     def settings_of(door):
         if door not in known:
-            known[door] = with_sequences(read_settings(environ, door))
+            known[door] = with_sequences(rotation_settings(environ, door))
         return known[door]
     return settings_of
 
 
-def next_event(now, period, grace):
-    """When the server next changes the file: the grace end, or the next boundary."""
-    start = period_start(now, period)
-    return start + grace if now < start + grace else start + period
+def door_start(now, settings):
+    """The start of the period whose sequence the door of SETTINGS holds at NOW:
+    the next period's from SETTINGS.lead seconds before its boundary."""
+    return period_start(now + settings.lead, settings.period)
+
+
+def next_event(now, period, grace, lead):
+    """When the server next changes the file: the grace end, or the next lead's start."""
+    start = period_start(now + lead, period)
+    return start + grace if now < start + grace else start + period - lead
 
 
 def plan_rotation(config_path, old_data, now, settings_of, edit=None, uses=None):
@@ -2133,7 +2174,7 @@ def plan_rotation(config_path, old_data, now, settings_of, edit=None, uses=None)
         user_lines = edit(user_lines)
     doors = rotator_doors(user_lines)
     settings = {door: settings_of(door) for door in doors}
-    starts = {door: period_start(now, settings[door].period) for door in doors}
+    starts = {door: door_start(now, settings[door]) for door in doors}
     current = {door: settings[door].sequence_at(
         starts[door], use_count(uses, settings[door], starts[door])) for door in doors}
     new_lines = rewrite_config(user_lines, current)
@@ -2149,7 +2190,8 @@ def plan_rotation(config_path, old_data, now, settings_of, edit=None, uses=None)
         new_lines = with_grace_block(new_lines, previous, until)
         errors = config_errors(new_lines)
     # None: no door, nothing to plan for.
-    event = min((next_event(now, s.period, s.grace) for s in settings.values()), default=None)
+    event = min((next_event(now, s.period, s.grace, s.lead) for s in settings.values()),
+                default=None)
     return Plan(old_lines=old_lines, user_lines=user_lines, old_block=old_block, doors=doors,
                 settings=settings, starts=starts, current=current, new_lines=new_lines,
                 graced=graced, event=event, errors=errors, warnings=warnings)
@@ -2159,8 +2201,9 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
            whole_run=True):
     """Bring CONFIG_PATH (knockd.conf, or an instance's file) to the state of
     the moment NOW: every rotator door holds the sequence of its period
-    holding NOW, and for its GRACE seconds after the period's start the grace
-    block holds its previous one.  Returns the Plan.  CHANGE (an EnvChange)
+    holding NOW (of the next period from LEAD seconds before its start), and
+    from then until GRACE seconds after the period's start the grace block
+    holds its previous one.  Returns the Plan.  CHANGE (an EnvChange)
     also edits the doors and swaps the environment file with the config, or
     neither when anything fails.  BURN names a single-use door (or grace
     sibling) that has just opened.  WHOLE_RUN: also warn about what concerns
@@ -2216,7 +2259,7 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
             if not knockd_runs(settings):
                 why = "knockd is not running, although %s is current" % config_path
                 log(why + ": starting it")
-                ok, detail = start_knockd(settings)
+                ok, detail = start_knockd(config_path, settings)
                 if not ok:
                     raise RotatorError("%s, and starting it failed (%s)" % (why, detail),
                                        "start knockd now: systemctl start {0}; "
@@ -2273,9 +2316,14 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
             if plan.graced and not plan.old_block:
                 until = max(plan.starts[door] + plan.settings[door].grace
                             for door in plan.graced)
-                log("grace: the previous sequences open %s until %s" % (
-                    "the doors" if plan.graced == plan.doors else ", ".join(plan.graced),
-                    utc(until)))
+                early = [door for door in plan.graced if now < plan.starts[door]]
+                doors = "the doors" if plan.graced == plan.doors else ", ".join(plan.graced)
+                if early:
+                    log("lead: %s hold the sequences of the period from %s already; the "
+                        "current ones open them until %s" % (
+                            doors, utc(min(plan.starts[door] for door in early)), utc(until)))
+                else:
+                    log("grace: the previous sequences open %s until %s" % (doors, utc(until)))
             elif plan.old_block and not plan.graced:
                 log("grace ended: the previous sequences no longer open the doors")
     return plan
@@ -2391,6 +2439,16 @@ def rotate_all(config_path, environ, now, dry_run=False, verbose=False, schedule
             for exc in failures[:-1]:
                 print(exc, file=sys.stderr)
             raise failures[-1]
+    # The lead exists so that every knockd holds the new sequences when the
+    # period starts: say so when this run ended too late for that.
+    prepared = [plan.starts[door] for plan in plans for door in plan.doors
+                if plan.starts[door] > now]
+    late = time.time() - min(prepared, default=time.time())
+    if late > 0 and not dry_run:
+        log("warning: the rotation of %d knockd files ended %.1f s after the period start at "
+            "%s that it prepared: until then some knockd held the old sequences, and clients "
+            "got in on their retry (raise KNOCKD_ROTATOR_LEAD, at most the period less the "
+            "grace, or lengthen the period)" % (len(paths), late, utc(min(prepared))))
     event = min((plan.event for plan in plans if plan.event is not None), default=None)
     if schedule:
         settings = server_settings(environ)
@@ -2502,15 +2560,15 @@ def pause_until(moment, wakeup, received, changed):
 
 
 def door_timings(config_path, environ, settings):
-    """{(period, grace)} of the rotator doors of CONFIG_PATH and its
+    """{(period, grace, lead)} of the rotator doors of CONFIG_PATH and its
     instances' files; empty when unknown."""
     try:
         environ = with_env_file(environ, settings["ENV_FILE"])
         timings = set()
         for path in knockd_files(config_path):
             lines, _ = split_grace_block(parse_config(read_config(path)))
-            timings |= {(door.period, door.grace) for door in
-                        (read_settings(environ, name) for name in rotator_doors(lines))}
+            timings |= {(door.period, door.grace, door.lead) for door in
+                        (rotation_settings(environ, name) for name in rotator_doors(lines))}
         return timings
     except RotatorError:
         return set()
@@ -3109,12 +3167,12 @@ def list_clients(config_path, environ):
             source = ("missing" if secret is None else
                       "own" if variable == own_variable("SECRET", door) else "shared")
             try:
-                door_settings = read_settings(environ, door)
-                mode, period = door_settings.mode, door_settings.period
-                pin = "yes" if door_settings.pin else "no"
-                # Single use: the openings of this period.
-                used = (str(use_count(uses, door_settings, period_start(now, period)))
-                        if door_settings.single_use else "-")
+                found = rotation_settings(environ, door)
+                mode, period = found.mode, found.period
+                pin = "yes" if found.pin else "no"
+                # Single use: the openings of the period its door holds.
+                used = (str(use_count(uses, found, door_start(now, found)))
+                        if found.single_use else "-")
             except RotatorError as exc:
                 mode, pin, period, used = "error: " + exc.what, "?", "?", "?"
             rows.append((client_of.get(door, "-"), door, mode, pin, source, str(period), used,
@@ -3242,9 +3300,10 @@ def check_file(config_path, environ, settings, whole_run):
 
 # Exit codes of `status`: the monitoring (Nagios) convention.
 STATUS_CODES = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}
-# A door may hold the previous sequence this long after a boundary before
-# `status` calls it critical: the boundary's run takes a moment.
-STATUS_SLACK = 5
+# A door may hold the previous sequence this long after its rotation was due
+# (the lead before a boundary) before `status` calls it critical: a rotation
+# of many knockd takes seconds (500 doors in 50 knockd: up to 6.3 s).
+STATUS_SLACK = 10
 # Fewer unused one_time_sequences than this: `status` warns in time to add
 # some, before the door opens for nobody (see KEEPER_MARK).
 ONE_TIME_LOW = 10
@@ -3266,6 +3325,7 @@ def fingerprint(door, start, sequence):
 def record_fingerprints(state_dir, plan):
     import json
     record = {door: {"period": plan.settings[door].period, "grace": plan.settings[door].grace,
+                     "lead": plan.settings[door].lead,
                      "mode": plan.settings[door].mode, "start": plan.starts[door],
                      "fingerprint": fingerprint(door, plan.starts[door], plan.current[door])}
               for door in plan.doors}
@@ -3289,12 +3349,13 @@ def recorded_status(old_data, settings, now):
     for door in rotator_doors(user_lines):
         known = record.get(door, {"period": 1, "grace": 0, "mode": "?", "start": None,
                                   "fingerprint": None})
-        period, grace = known["period"], known["grace"]
-        start = period_start(now, period)
+        period, grace, lead = known["period"], known["grace"], known.get("lead", 0)
+        start = period_start(now + lead, period)
         matches = fingerprint(door, known["start"] or 0, held.get(door) or b"") == \
             known["fingerprint"]
         doors.append({"door": door, "mode": known["mode"], "period": period, "grace": grace,
-                      "period_start": start, "next_rotation_in": int(start + period - now),
+                      "lead": lead, "period_start": start,
+                      "next_rotation_in": int(start + period - lead - now),
                       "grace_active": now < start + grace,
                       "current": matches and known["start"] == start,
                       "previous": matches and known["start"] == start - period,
@@ -3312,9 +3373,10 @@ def planned_status(config_path, old_data, environ, settings, now):
     doors = []
     for door in plan.doors:
         door_settings, start = plan.settings[door], plan.starts[door]
-        period, grace = door_settings.period, door_settings.grace
+        period, grace, lead = door_settings.period, door_settings.grace, door_settings.lead
         entry = {"door": door, "mode": door_settings.mode, "period": period, "grace": grace,
-                 "period_start": start, "next_rotation_in": int(start + period - now),
+                 "lead": lead, "period_start": start,
+                 "next_rotation_in": int(start + period - lead - now),
                  "grace_active": door in plan.graced,
                  "current": held.get(door) == plan.current[door]}
         entry["previous"] = (not entry["current"] and
@@ -3397,7 +3459,7 @@ def knockd_state(report, prefix=""):
     for door in report["doors"]:
         if door["current"]:
             continue
-        late = report["now"] - door["period_start"]
+        late = report["now"] - (door["period_start"] - door["lead"])
         if door["previous"] and late < STATUS_SLACK:
             warning.append("%s: rotation due" % door["door"])
         else:

@@ -43,14 +43,16 @@ and of which kind (from the client's "knocking again ..." lines), and each
 failure with its error output; the knocks by second into the period; for each
 knockd, the stretches in which it was deaf, reloading (its process state,
 sampled every 10 ms); the rotation lag (from each boundary until the knockd's
-file holds the new period's sequence: the server walks the files, as many at
-once as there are CPUs, and a knockd whose file it has not reached yet opens
-only to the previous sequence, which the client tries on its retry); and the
-server's errors, since a server that gave up leaves stale doors.  Needs root,
-knockd, iptables and ip (tests/run installs them).
+file holds the new period's sequence, negative when before it: the server
+starts KNOCKD_ROTATOR_LEAD seconds before the boundary, and walks the files,
+one knockd compiling per CPU at a time; a knockd whose file it has not
+reached by the boundary opens only to the previous sequence, which the
+client tries on its retry, within the grace); and the server's errors, since
+a server that gave up leaves stale doors.  Needs root, knockd, iptables and
+ip (tests/run installs them).
 
     /usr/bin/python3 bench/concurrent_knockers.py [--rotations 6] [--knockers 10]
-        [--doors 1] [--per-knockd K]     (K: the server's default)
+        [--doors 1] [--per-knockd K] [--lead L]     (K, L: the server's defaults)
 """
 
 import argparse
@@ -246,13 +248,15 @@ def start_knockds(folder, files, knocked):
     return knockds
 
 
-def rotator_env(folder, doors, per_knockd):
+def rotator_env(folder, doors, per_knockd, lead):
     """The environment of the server and the clients: the knockds of FOLDER,
-    a secret for each door; no environment file."""
+    a secret for each door; no environment file.  LEAD None: the server's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KNOCKD_ROTATOR_")}
     settings = dict(SECRET=secrets.token_urlsafe(32), STATE_DIR=folder / "state",
                     ENV_FILE=folder / "absent.env", PERIOD_MODULO=PERIOD, GRACE=GRACE,
                     CHECK_SECONDS=1, DOORS_PER_KNOCKD=per_knockd)
+    if lead is not None:
+        settings["LEAD"] = lead
     settings.update(commands(folder / "knockd.conf", folder / "knockd.pid"))
     settings.update(("INSTANCE_" + name, command) for name, command in commands(
         folder / server.INSTANCE_FOLDER / "%i.conf", folder / "knockd-%i.pid").items())
@@ -319,7 +323,7 @@ def watch(knockds, stop, deaf, rewrites):
             deaf[index].append((time.time() - (now - started), now - started))
 
 
-def measure(folder, rotations, knockers, doors, per_knockd):
+def measure(folder, rotations, knockers, doors, per_knockd, lead):
     iptables("-A", "INPUT", "-p", "tcp", "--dport", ports(knockers), "-j", "DROP")
     for number in range(knockers):
         iptables("-t", "nat", "-A", "POSTROUTING", "-o", "lo", "-m", "owner", "--uid-owner",
@@ -333,7 +337,7 @@ def measure(folder, rotations, knockers, doors, per_knockd):
     process = None
     try:
         knockds = start_knockds(folder, files, knocked)
-        env = rotator_env(folder, doors, per_knockd)
+        env = rotator_env(folder, doors, per_knockd, lead)
         process = subprocess.Popen([sys.executable, str(SERVER), "--watch", "--config",
                                     str(knockds[0].config)], env=env,
                                    stderr=open(server_log, "wb"))
@@ -345,8 +349,9 @@ def measure(folder, rotations, knockers, doors, per_knockd):
                     sys.exit("error: the server did not rotate %s: %s"
                              % (knockd.config, server_log.read_text()))
                 time.sleep(0.01)
-        # Start on a boundary, so that the run holds ROTATIONS whole periods.
-        first = (int(time.time()) // PERIOD + 1) * PERIOD
+        # Start on a boundary, so that the run holds ROTATIONS whole periods,
+        # and a period from now, so that the watcher sees its lead's rewrites.
+        first = (int(time.time()) // PERIOD + 2) * PERIOD
         end = first + rotations * PERIOD
         outcomes = [[] for _ in range(knockers)]
         threads = [threading.Thread(target=knocker, args=(n, knocked[n], env, first, end,
@@ -377,17 +382,17 @@ def measure(folder, rotations, knockers, doors, per_knockd):
     # Deafness within the run only, cut to it.
     deaf = [[min(end, start + length) - max(first, start) for start, length in stretches
              if start + length > first and start < end] for stretches in deaf]
-    report(outcomes, logs, files, knocked, (first, end, rotations, knockers, doors, per_knockd),
+    report(outcomes, logs, files, knocked,
+           (first, end, rotations, knockers, doors, per_knockd, env),
            (deaf, lags, died, server_errors, gave_up, accepted))
 
 
 def boundary_lags(rewrites, files, env, first, end):
     """[[lag of knockd i at each boundary] for each knockd i]: from each
     boundary from FIRST to END to the first version of knockd i's file
-    (REWRITES, see watch) whose first door holds the new period's sequence
-    (the server's pass for a boundary uses the moment it starts: a pass that
-    is still walking the files when the next event comes writes sequences
-    that are already stale).  None: not within the run."""
+    (REWRITES, see watch) whose first door holds the new period's sequence;
+    negative when it came before the boundary, as the server's lead has it.
+    None: not within the run."""
     settings_of = server.settings_reader(env)
     lags = []
     for index, members in enumerate(files):
@@ -396,18 +401,17 @@ def boundary_lags(rewrites, files, env, first, end):
             server.parse_config(data))[0]).get(door)) for moment, found, data in rewrites
             if found == index]
         lags.append([next((moment - boundary for moment, sequence in held
-                           if moment >= boundary
-                           and sequence == settings_of(door).sequence_at(boundary)), None)
+                           if sequence == settings_of(door).sequence_at(boundary)), None)
                      for boundary in range(first, end, PERIOD)])
     return lags
 
 
 def report(outcomes, logs, files, knocked, run, health):
-    """RUN: (first, end, rotations, knockers, doors, per_knockd).  HEALTH:
+    """RUN: (first, end, rotations, knockers, doors, per_knockd, env).  HEALTH:
     (the deaf stretches of each knockd, its boundary lags, the knockd that
     exited, the server's error lines, its exit code or None, the listeners'
     connections by (port, source address))."""
-    first, end, rotations, knockers, doors, per_knockd = run
+    first, end, rotations, knockers, doors, per_knockd, env = run
     deaf, lags, died, server_errors, gave_up, accepted = health
     span = end - first
     entries = [entry for o in outcomes for entry in o]
@@ -419,9 +423,11 @@ def report(outcomes, logs, files, knocked, run, health):
         found = RETRY.findall(errors)
         retried += bool(found)
         kinds.update("use N" if kind.startswith("with use") else kind[5:] for kind in found)
-    print("interpreter: %s (Python %s); period %d s, grace %d s; %d knockers, one knock a "
-          "second each, %d s (%d rotations)"
-          % (sys.executable, sys.version.split()[0], PERIOD, GRACE, knockers, span, rotations))
+    lead = server.rotation_settings(env, door_name(0) + "_ROTATOR").lead
+    print("interpreter: %s (Python %s); period %d s, grace %d s, lead %d s; %d knockers, one "
+          "knock a second each, %d s (%d rotations)"
+          % (sys.executable, sys.version.split()[0], PERIOD, GRACE, lead, knockers, span,
+             rotations))
     print("doors: %d rotator doors (%d during a grace window) in %d knockd, %s; knocked: %d "
           "doors in %d knockd"
           % (doors, 2 * doors, len(files),
@@ -429,8 +435,9 @@ def report(outcomes, logs, files, knocked, run, health):
              "at most %d a knockd (knockd.conf, then knockd_rotator.d/1.conf ...)" % per_knockd,
              len(set(knocked.values())),
              len({knockd_of(files, door) for door in knocked.values()})))
-    print("command: %s %s --rotations %d --knockers %d --doors %d --per-knockd %d"
-          % (sys.executable, os.path.relpath(__file__), rotations, knockers, doors, per_knockd))
+    print("command: %s %s --rotations %d --knockers %d --doors %d --per-knockd %d%s"
+          % (sys.executable, os.path.relpath(__file__), rotations, knockers, doors, per_knockd,
+             "" if "KNOCKD_ROTATOR_LEAD" not in env else " --lead %d" % lead))
     print("opened: %d/%d (%.1f %%; goal 100 %%): %s"
           % (opened, total, 100.0 * opened / total, "met" if opened == total else "NOT MET"))
     print("knocks that needed a retry: %d; retries by kind: %s"
@@ -462,13 +469,15 @@ def report(outcomes, logs, files, knocked, run, health):
              % ", ".join(map(str, died))))
     late = [(lag, index) for index, found in enumerate(lags) for lag in found]
     known = [lag for lag, _ in late if lag is not None]
-    worst = [max((lag for lag in (found[b] for found in lags) if lag is not None), default=0)
+    worst = [max((lag for lag in (found[b] for found in lags) if lag is not None),
+                 default=float("nan"))
              for b in range(len(lags[0]))]
-    print("rotation lag (boundary to each knockd's file holding the new sequence), %d "
-          "boundaries x %d knockd: median %.2f s, max %.2f s (knockd %s); the last knockd at "
-          "each boundary: %s s%s"
+    print("rotation lag (boundary to each knockd's file holding the new sequence; negative: "
+          "before it), %d boundaries x %d knockd: median %.2f s, max %.2f s (knockd %s); the "
+          "last knockd at each boundary: %s s%s"
           % (len(lags[0]), len(lags), statistics.median(known) if known else 0,
-             max(known, default=0), max(late, key=lambda item: item[0] or 0)[1],
+             max(known, default=0), max(late, key=lambda item: -1e9 if item[0] is None
+                                        else item[0])[1],
              ", ".join("%.2f" % lag for lag in worst),
              "; %d not within the run" % (len(late) - len(known)) if len(known) < len(late)
              else ""))
@@ -493,7 +502,7 @@ def report(outcomes, logs, files, knocked, run, health):
                  sum(1 for _, code, _, _ in knocks if code == 0), len(knocks),
                  sum(1 for _, _, errors, _ in knocks if RETRY.search(errors)), len(deaf[index]),
                  statistics.median(deaf[index]) if deaf[index] else 0,
-                 max(deaf[index], default=0), max(known, default=0),
+                 max(deaf[index], default=0), max(known, default=float("nan")),
                  "" if len(known) == len(lags[index]) else " (and %d not within the run)"
                  % (len(lags[index]) - len(known)),
                  ", ".join("%s %d" % item for item in sorted(sesames.items())) or "-"))
@@ -523,6 +532,10 @@ def main():
                         help="doors in each knockd's file, as KNOCKD_ROTATOR_DOORS_PER_KNOCKD "
                              "(default %(default)s, the server's); 0: all in knockd.conf, "
                              "one knockd")
+    parser.add_argument("--lead", type=int, choices=range(0, PERIOD),
+                        metavar="0-%d" % (PERIOD - 1),
+                        help="KNOCKD_ROTATOR_LEAD (default: the server's, %d s, at most "
+                             "period - grace)" % server.DEFAULT_LEAD)
     parser.add_argument(INSIDE, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     # knockd 0.8 exits at about 1000 doors, as many as 500 rotator doors
@@ -533,13 +546,14 @@ def main():
         if args.inside_namespace:
             with tempfile.TemporaryDirectory() as folder:
                 measure(Path(folder), args.rotations, args.knockers, args.doors,
-                        args.per_knockd)
+                        args.per_knockd, args.lead)
             return 0
         need_root_and("knockd", "iptables", "ip")
         return in_own_namespace("krknockers", ["--rotations", str(args.rotations),
                                                "--knockers", str(args.knockers),
                                                "--doors", str(args.doors),
-                                               "--per-knockd", str(args.per_knockd)])
+                                               "--per-knockd", str(args.per_knockd)]
+                                 + ([] if args.lead is None else ["--lead", str(args.lead)]))
     except KeyboardInterrupt:
         return 130          # the finally clauses have cleaned up
 

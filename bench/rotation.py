@@ -9,8 +9,10 @@ DROP, Debian's knockd with one [ssh_ROTATOR] door, and
 removed so that every attempt starts closed.  It prints:
 
   - the success ratio, and how many knocks needed the client's retry;
-  - the lag from each boundary and grace end to knockd having re-read its
-    file (seen in knockd's log, polled every 2 ms): median and max;
+  - the lag from each of the server's events (the start of the lead, 5 s
+    before each boundary at this period, and the grace end: here the same
+    moment) to knockd having re-read its file (seen in knockd's log, polled
+    every 2 ms): median and max;
   - the number of reloads.
 
 It runs three series: knocks started on the whole second, half a second
@@ -37,6 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "knockd_rotator_client.py"
 SERVER = ROOT / "knockd_rotator_server.py"
+sys.path.insert(0, str(ROOT))
+from knockd_rotator_server import DEFAULT_LEAD  # noqa: E402
 PORT = 2222
 DOOR = """[options]
 \tlogfile = {log}
@@ -94,14 +98,15 @@ def knock_series(namespace, env, phase, seconds):
     return outcomes
 
 
-def events_between(first, last, period, grace):
-    """Boundaries and grace ends from FIRST to LAST."""
-    events = []
+def events_between(first, last, period, grace, lead):
+    """The server's events from FIRST to LAST: leads' starts (LEAD seconds
+    before each boundary) and grace ends, which may be the same moment."""
+    events = set()
     start = int(first) // period * period
-    while start <= last:
-        events.extend(e for e in (start, start + grace) if first <= e <= last)
+    while start <= last + lead:
+        events.update(e for e in (start - lead, start + grace) if first <= e <= last)
         start += period
-    return events
+    return sorted(events)
 
 
 def measure(namespace, folder, args):
@@ -125,6 +130,7 @@ def measure(namespace, folder, args):
                KNOCKD_ROTATOR_CHECK_COMMAND="kill -0 %d" % knockd.pid,
                KNOCKD_ROTATOR_RECOVER_COMMAND="false", KNOCKD_ROTATOR_CHECK_SECONDS="1")
     grace = min(30, args.period // 2)
+    lead = min(DEFAULT_LEAD, args.period - grace)
     watcher = LogWatcher(log)
     watcher.start()
     server = subprocess.Popen([sys.executable, str(SERVER), "--watch", "--config", str(config)],
@@ -146,15 +152,15 @@ def measure(namespace, folder, args):
         for process in (knockd, listener):
             process.kill()
             process.wait()
-    events = events_between(began, ended - 0.5, args.period, grace)
+    events = events_between(began, ended - 0.5, args.period, grace, lead)
     lags = []
     for event in events:
         after = [t - event for t in watcher.times if event <= t < event + grace]
         lags.append(min(after) if after else float("inf"))
 
-    print("interpreter: %s (Python %s); period %d s, grace %d s, %d s of knocks per series"
-          % (sys.executable, sys.version.split()[0], args.period, grace,
-             args.rotations * args.period))
+    print("interpreter: %s (Python %s); period %d s, grace %d s, lead %d s, %d s of knocks "
+          "per series" % (sys.executable, sys.version.split()[0], args.period, grace, lead,
+                          args.rotations * args.period))
     for phase, outcomes in series.items():
         ok = sum(1 for _, success, _ in outcomes if success)
         retried = sum(1 for _, success, again in outcomes if success and again)
@@ -164,7 +170,7 @@ def measure(namespace, folder, args):
             if not success or again:
                 print("    %s at %.2f s into the period" % (
                     "retried" if success else "FAILED", started % args.period))
-    print("boundaries and grace ends: %d; reloads seen: %d (1 at start-up)"
+    print("leads' starts and grace ends: %d; reloads seen: %d (1 at start-up)"
           % (len(events), len(watcher.times)))
     print("lag from event to knockd re-reading its file: median %.0f ms, max %.0f ms "
           "(goal: at most 1000 ms)" % (statistics.median(lags) * 1000, max(lags) * 1000))

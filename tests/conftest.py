@@ -322,11 +322,12 @@ class Watch:
 
 @pytest.fixture
 def watch(server_env, tmp_path):
-    """watch(knockd, period, grace) -> a running Watch, stopped after the test."""
+    """watch(knockd, period, grace, lead=None) -> a running Watch, stopped
+    after the test (LEAD None: the server's default)."""
     started = []
 
-    def start(knockd, period, grace):
-        env = server_env(PERIOD_MODULO=period, GRACE=grace,
+    def start(knockd, period, grace, lead=None):
+        env = server_env(PERIOD_MODULO=period, GRACE=grace, LEAD=lead,
                          RELOAD_COMMAND="kill -HUP %d" % knockd.pid,
                          CHECK_COMMAND=alive_command(knockd.pid))
         started.append(Watch(knockd.config, env, tmp_path))

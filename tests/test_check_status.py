@@ -89,7 +89,7 @@ def test_check_warnings_do_not_fail(tmp_path, server_env):
     result = run_server("ch", "--config", config, env=server_env(ENV_FILE=env_file))
     assert result.returncode == 0, result.stderr
     assert result.stdout == ("%s: 0 errors, 4 warnings, 1 rotator doors\n%s: knockd compiles 2 "
-                             "doors, 3 during a grace window (add-client gives it 12 at most; "
+                             "doors, 3 during a grace window (add-client gives it 10 at most; "
                              "past 100 with grace windows, each reload leaves it deaf for 0.5 s "
                              "or more)\n" % (config, config))
     warnings = result.stderr.splitlines()
@@ -190,12 +190,15 @@ def test_status_text_hides_sequences(tmp_path, server_env):
     assert "ssh_ROTATOR: current %s\n" % sequence.decode() in shown.stdout
 
 
-def test_status_warns_right_after_a_boundary_then_turns_critical():
-    report = {"knockd_active": True, "now": 1003, "grace_block_present": False,
+@pytest.mark.parametrize("lead", [0, 10])
+def test_status_warns_right_after_a_rotation_is_due_then_turns_critical(lead):
+    """Due at the period's start less the lead (see test_lead.py)."""
+    report = {"knockd_active": True, "now": 1003 - lead, "grace_block_present": False,
               "grace_active": False, "doors": [{"door": "ssh_ROTATOR", "current": False,
-                                                "previous": True, "period_start": 1000}]}
+                                                "previous": True, "period_start": 1000,
+                                                "lead": lead}]}
     assert server.knockd_state(report) == ("WARNING", ["ssh_ROTATOR: rotation due"])
-    report["now"] = 1000 + server.STATUS_SLACK
+    report["now"] = 1000 - lead + server.STATUS_SLACK
     assert server.knockd_state(report)[0] == "CRITICAL"
 
 

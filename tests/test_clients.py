@@ -165,7 +165,8 @@ def test_two_doors_with_the_same_settings_name_are_refused(tmp_path, server_env)
 
 def test_doors_with_their_own_periods_have_their_own_grace(tmp_path):
     """A 30 s door and a 6 h door: the block holds only the door in its grace,
-    and the next event is the nearer of the two doors' events."""
+    and the next event is the nearer of the two doors' events (the grace end,
+    then the next lead's start)."""
     config = BASE_CONFIG + b"[fast_ROTATOR]\n\tsequence = 1\n\tstop_command = true\n"
     env = {"KNOCKD_ROTATOR_SECRET": SECRET, "KNOCKD_ROTATOR_PERIOD_MODULO_FAST": "30",
            "KNOCKD_ROTATOR_GRACE_FAST": "10"}
@@ -178,7 +179,8 @@ def test_doors_with_their_own_periods_have_their_own_grace(tmp_path):
     fast = plan.settings["fast_ROTATOR"]
     assert ("\tsequence = %s\n" % fast.sequence_at(start - 30).decode()).encode() in text
     later = server.plan_rotation("k.conf", text, now + 10, server.settings_reader(env))
-    assert later.graced == [] and later.event == start + 30
+    # The next event: the fast door's lead, 10 s before its next period.
+    assert later.graced == [] and later.event == start + 30 - fast.lead == start + 20
     assert b"_GRACE" not in b"".join(line.raw for line in later.new_lines)
 
 

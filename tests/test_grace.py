@@ -153,8 +153,8 @@ def test_grace_beyond_half_the_period_is_an_error(grace):
 @pytest.mark.parametrize("now, expected", [(100, 105), (104.9, 105), (105, 120), (119, 120),
                                            (120, 125)])
 def test_next_event_is_the_grace_end_or_the_boundary(now, expected):
-    assert server.next_event(now, 20, 5) == expected
-    assert server.next_event(now, 20, 0) == (int(now) // 20 + 1) * 20
+    assert server.next_event(now, 20, 5, 0) == expected
+    assert server.next_event(now, 20, 0, 0) == (int(now) // 20 + 1) * 20
 
 
 def test_spec_describes_the_block():

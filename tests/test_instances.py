@@ -270,11 +270,12 @@ def test_one_knockd_refusing_its_file_leaves_the_others_rotating(cluster):
 
 
 def test_the_watch_rotates_every_knockd_at_each_event(guarded, tmp_path):
-    """A 10 s period with a 3 s grace: at the boundary both files get the
-    new sequences and a grace block, and lose the block at the grace end;
-    each knockd reloads at both events, and every door opens in its period."""
+    """A 10 s period with a 3 s grace and a 2 s lead: 2 s before the boundary
+    both files get the new sequences and a grace block, and lose the block at
+    the grace end; each knockd reloads at both events, and every door opens
+    in its period."""
     need_root_and("knockd", "iptables")
-    cluster = Cluster(guarded, tmp_path, PERIOD_MODULO=10, GRACE=3)
+    cluster = Cluster(guarded, tmp_path, PERIOD_MODULO=10, GRACE=3, LEAD=2)
     watch = None
     try:
         assert cluster.run().returncode == 0
@@ -320,6 +321,50 @@ def test_a_new_knockd_that_does_not_start_leaves_nothing_behind(guarded, tmp_pat
         assert not cluster.instance(1).exists()
         assert cluster.env_file.read_bytes() == env_before
         assert b"alice" not in cluster.config.read_bytes()
+    finally:
+        cluster.stop()
+
+
+def test_a_new_knockd_counts_as_started_once_it_listens(guarded, tmp_path):
+    """A client that starts a new knockd: add-client returns once that
+    knockd has its capture open and its filter compiled, and lived 0.2 s on,
+    not after the whole CHECK_SECONDS (here 10 s)."""
+    need_root_and("knockd", "iptables")
+    cluster = Cluster(guarded, tmp_path, doors=1, CHECK_SECONDS=10)
+    try:
+        assert cluster.run().returncode == 0
+        wait_until(lambda: "listening on lo" in cluster.log_text(), 10, "knockd to listen")
+        started = time.monotonic()
+        bob = enrol(cluster, "bob", "--no-single-use")
+        took = time.monotonic() - started
+        assert took < 5, "add-client took %.1f s: it waited for the whole check" % took
+        assert server.knockd_listening(cluster.instance(1)) == (True, "")
+        knocked = run_client("knock", "127.0.0.1", "bob_ssh", "--check", GUARDED_PORT,
+                             "--check-timeout", "2", env=bob, netns=cluster.netns.name)
+        assert knocked.returncode == 0, knocked.stderr
+        print("add-client with a new knockd: %.2f s (CHECK_SECONDS 10)" % took)
+    finally:
+        cluster.stop()
+
+
+def test_a_new_knockd_that_never_listens_is_checked_to_the_end(guarded, tmp_path):
+    """The control: a "knockd" that runs for 3 s and never listens gives no
+    evidence, so the check goes on until it fails (exit 7), and the
+    enrolment leaves nothing behind."""
+    need_root_and("knockd", "iptables")
+    pidfile = "%s/knockd-%%i.pid" % tmp_path
+    cluster = Cluster(guarded, tmp_path, doors=1, CHECK_SECONDS=10,
+                      INSTANCE_RECOVER_COMMAND="sleep 3 >/dev/null 2>&1 & echo $! > %s"
+                      % pidfile)
+    try:
+        assert cluster.run().returncode == 0
+        env_before = cluster.env_file.read_bytes()
+        started = time.monotonic()
+        added = cluster.run("add-client", "carol", "--firewall", "iptables")
+        assert added.returncode == 7, added.stderr
+        assert time.monotonic() - started > 3, "it took the live process for a started knockd"
+        assert not cluster.instance(1).exists()
+        assert cluster.env_file.read_bytes() == env_before
     finally:
         cluster.stop()
 

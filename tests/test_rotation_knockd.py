@@ -7,6 +7,8 @@ clients whose clocks are shifted run under faketime."""
 import signal
 import time
 
+import pytest
+
 from conftest import (GUARDED_PORT, Watch, accept_rules, need_root_and, run_client,
                       wait_until)
 from test_server_knockd import DOOR
@@ -44,7 +46,8 @@ def test_a_client_2_s_behind_opens_after_the_boundary_but_not_after_the_grace(
     need_root_and("faketime")
     period, grace = 20, 5
     knockd = start_knockd(DOOR.format(port=GUARDED_PORT, cmd_timeout=120))
-    server, env = watch(knockd, period, grace)
+    # No lead: the boundary's own reload is what this test follows.
+    server, env = watch(knockd, period, grace, lead=0)
     # A boundary after the start-up rotation: one just before it would be that one.
     boundary = wait_for_moment(period, 0.5, 1.5, after=time.time())
     # Our rotation at the boundary happened (the first reload was at start-up).
@@ -68,25 +71,39 @@ def test_a_client_2_s_behind_opens_after_the_boundary_but_not_after_the_grace(
     assert server.stop() == 0
 
 
-def test_a_client_ahead_retries_with_the_previous_period(guarded, start_knockd, watch):
+@pytest.mark.parametrize("lead", [0, None])
+def test_a_client_ahead_gets_in_by_the_lead_or_by_its_retry(guarded, start_knockd, watch, lead):
     """7 s ahead, 6 s before the server's boundary: the client's clock is just
-    past a boundary, its first knock is the next period's, and the retry with
-    the previous one (the server's current) opens."""
+    past a boundary, and its first knock is the server's next period's.
+    Within the server's lead (10 s by default) the door holds that sequence
+    already, and it opens at once; without a lead, the client's retry with the
+    previous period's (the server's current) opens."""
     need_root_and("faketime")
     period, grace = 20, 5
     knockd = start_knockd(DOOR.format(port=GUARDED_PORT, cmd_timeout=120))
-    server, env = watch(knockd, period, grace)
-    wait_for_moment(period, period - 6.5, period - 6)
+    server, env = watch(knockd, period, grace, lead=lead)
+    boundary = wait_for_moment(period, period - 6.5, period - 6) + period
+    if lead is None:
+        wait_until(lambda: "lead: the doors hold the sequences of the period from" in
+                   server.text(), 2, "the lead's rotation")
+        assert "_GRACE" in knockd.config.read_text()
     ahead = knock(guarded, env, timeout=4, clock="+7s")
     assert ahead.returncode == 0, ahead.stderr + server.text() + knockd.log_text()
-    assert "did not open; knocking again with the previous period's sequence (just after " \
-           "a period boundary)" in ahead.stderr
-    assert "_GRACE" not in knockd.log_text(), "the server's own door opened"
+    assert time.time() < boundary, "all before the server's boundary"
+    if lead is None:
+        assert "knocking again" not in ahead.stderr
+        assert "ssh_ROTATOR: OPEN SESAME" in knockd.log_text()
+    else:
+        assert "did not open; knocking again with the previous period's sequence (just " \
+               "after a period boundary)" in ahead.stderr
+    assert "_GRACE: OPEN SESAME" not in knockd.log_text(), "the door, not its sibling, opened"
     assert server.stop() == 0
 
 
 def test_watch_keeps_every_knock_working_over_3_rotations(guarded, start_knockd, watch):
-    """Period 10 s, grace 3 s, a fresh client once a second for 34 s.
+    """Period 10 s, grace 3 s, a fresh client once a second for 34 s.  The
+    lead (7 s: at most the period less the grace) reaches back to the grace
+    end, so the file changes once a period.
 
     Knocks start half a second after a whole second, away from the instants
     knockd reloads (the benchmark measures knocks at every instant)."""
@@ -106,7 +123,7 @@ def test_watch_keeps_every_knock_working_over_3_rotations(guarded, start_knockd,
     # retry is knockd's, more would be the rotation's.
     retried = [o for o in outcomes if "knocking again" in o[2]]
     assert len(retried) <= 1, retried
-    assert reloads(knockd) >= 1 + 2 * 3, "a boundary and a grace end in each of 3 periods"
+    assert reloads(knockd) >= 1 + 3, "the lead's start (the grace end) in each of 3 periods"
     assert server.stop() == 0
 
 

@@ -222,13 +222,14 @@ def test_no_boundary_run_when_the_timer_comes_first(tmp_path, server_env):
 
 
 def test_boundary_and_grace_end_runs_happen_on_the_second(tmp_path, server_env):
-    """A boundary run adds the grace block; the run it schedules for the grace
-    end removes it.  Each reload comes at most 1 s after its event."""
-    period, grace = 6, 2
+    """A boundary run at the lead's start (1 s before the boundary) adds the
+    grace block; the run it schedules for the grace end removes it.  Each
+    reload comes at most 1 s after its event."""
+    period, grace, lead = 6, 2, 1
     config = tmp_path / "knockd.conf"
     config.write_bytes(b"[ssh_ROTATOR]\n\tsequence = 1\n\tcommand = true\n")
     reloads = tmp_path / "reloads"
-    env = server_env(PERIOD_MODULO=period, GRACE=grace, SERVER_INTERVAL=60,
+    env = server_env(PERIOD_MODULO=period, GRACE=grace, LEAD=lead, SERVER_INTERVAL=60,
                      RELOAD_COMMAND="(date +%%s.%%N; grep -c _GRACE %s; true) >> %s" % (config, reloads))
     wait_until(lambda: grace + 0.2 < time.time() % period < period - 2, period + 1,
                "a moment out of the grace, 2 s before a boundary")
@@ -241,6 +242,6 @@ def test_boundary_and_grace_end_runs_happen_on_the_second(tmp_path, server_env):
                        period + grace + 5, "the first run, the boundary run, the grace end run")
     events = [(float(lines[i]), int(lines[i + 1])) for i in range(0, 6, 2)]
     assert [blocks for _, blocks in events] == [0, 1, 0], "no block, a block, no block"
-    for (reloaded, _), expected in zip(events[1:], (boundary, boundary + grace)):
+    for (reloaded, _), expected in zip(events[1:], (boundary - lead, boundary + grace)):
         assert 0 <= reloaded - expected <= 1.0, "reloaded %.3f s after the event" % (
             reloaded - expected)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+import knockd_rotator_server as server
 from conftest import ROOT, need, wait_until
 from test_doors import readme_blocks
 
@@ -556,13 +557,17 @@ def generate(box, offset=0, service="ssh"):
 
 
 def assert_current(box, service="ssh"):
-    """The door holds the sequence the client computes now (read between two
-    computations of the same period, in case a boundary passes meanwhile)."""
+    """The door holds the sequence the client computes now or, within the
+    server's lead before a boundary, the next one with the client's as its
+    grace sibling (read between two computations of the same period, in case
+    a boundary passes meanwhile)."""
     for _ in range(3):
         first = generate(box, service=service)
         held = door_sequence(box, service + "_ROTATOR")
+        sibling = door_sequence(box, service + "_ROTATOR_GRACE")
         if generate(box, service=service) == first:
-            assert held == first, box.read("/etc/knockd.conf")
+            assert held == first or (held == generate(box, offset=1, service=service)
+                                     and sibling == first), box.read("/etc/knockd.conf")
             return
     pytest.fail("the period changed three times in a row")
 
@@ -622,9 +627,11 @@ def assert_reloaded_at(box, moment):
 
 
 def events_after(moment, period, grace):
-    """The next boundary and grace end after MOMENT."""
-    boundary = (int(moment) // period + 1) * period
-    return boundary, boundary + grace
+    """The server's next events after MOMENT: the start of the lead before a
+    boundary (the server's default lead), and that boundary's grace end."""
+    lead = min(server.DEFAULT_LEAD, period - grace)
+    boundary = (int(moment + lead) // period + 1) * period
+    return boundary - lead, boundary + grace
 
 
 def grace_sequence(box):
@@ -636,7 +643,8 @@ def grace_sequence(box):
 def test_timer_rotates_reloads_knockd_and_runs_on_the_boundary(container):
     """The README's timer set-up: the first rotation is a reload of the running
     knockd (same pid), a knock opens, and the boundary run left by the oneshot
-    rotates on the boundary and at the grace end, within a second."""
+    rotates at the lead's start (10 s before the boundary) and at the grace
+    end, within a second."""
     box = container
     period, grace = 60, 10
     install(box)
@@ -674,19 +682,19 @@ def test_timer_rotates_reloads_knockd_and_runs_on_the_boundary(container):
     left = box.server_processes()
     assert [unit_of(cgroup) for _, cgroup in left.values()] == ["knockd_rotator.service"], left
 
-    boundary, grace_end = events_after(time.time() + 1, period, grace)
+    lead_start, grace_end = events_after(time.time() + 1, period, grace)
     old = door_sequence(box)
     reloads = rereads(box)
-    wait_until(lambda: door_sequence(box) != old, boundary - time.time() + 5,
-               "the rotation at the boundary")
+    wait_until(lambda: door_sequence(box) != old, lead_start - time.time() + 5,
+               "the rotation at the lead's start")
     written = mtime(box)
-    assert 0 <= written - boundary < 1, "rotated %.3f s after the boundary" % (
-        written - boundary)
+    assert 0 <= written - lead_start < 1, "rotated %.3f s after the lead's start" % (
+        written - lead_start)
     assert_current(box)
     assert grace_sequence(box) == old
     assert knockd_pid(box) == pid
     wait_until(lambda: rereads(box) > reloads, 5, "knockd to re-read its file")
-    assert_reloaded_at(box, boundary)
+    assert_reloaded_at(box, lead_start)
     knock(box)
 
     wait_until(lambda: grace_sequence(box) is None, grace_end - time.time() + 5,
@@ -839,20 +847,20 @@ def assert_no_timer_run_left(box):
 
 
 def wait_for_events(box, period, grace, count, service="ssh"):
-    """COUNT boundaries and grace ends: each rotates within a second of its
+    """COUNT leads' starts and grace ends: each rotates within a second of its
     moment, keeps knockd's pid, and a knock opens after each."""
     pid = knockd_pid(box)
     for _ in range(count):
-        boundary, grace_end = events_after(time.time() + 1, period, grace)
+        lead_start, grace_end = events_after(time.time() + 1, period, grace)
         old = door_sequence(box)
-        wait_until(lambda: door_sequence(box) != old, boundary - time.time() + 5,
-                   "the rotation at the boundary %d" % boundary)
+        wait_until(lambda: door_sequence(box) != old, lead_start - time.time() + 5,
+                   "the rotation at the lead's start %d" % lead_start)
         written = mtime(box)
-        assert 0 <= written - boundary < 1, "rotated %.3f s after the boundary" % (
-            written - boundary)
+        assert 0 <= written - lead_start < 1, "rotated %.3f s after the lead's start" % (
+            written - lead_start)
         assert_current(box)
         assert grace_sequence(box) == old
-        assert_reloaded_at(box, boundary)
+        assert_reloaded_at(box, lead_start)
         knock(box, service)
         wait_until(lambda: grace_sequence(box) is None, grace_end - time.time() + 5,
                    "the rotation at the grace end %d" % grace_end)
@@ -876,7 +884,7 @@ def timer_installed(box, **values):
 
 def test_watch_mode(container):
     """README's switch to the watch: it leaves no timer run behind, rotates at
-    every boundary and grace end, stops cleanly, restarts, and shows a failing
+    every lead's start and grace end, stops cleanly, restarts, and shows a failing
     rotation in the unit's state."""
     box = container
     period, grace = 30, 10
@@ -985,9 +993,9 @@ def test_uninstall_leaves_nothing_running(container):
     assert box.sh("systemctl is-active knockd.service").stdout.strip() == "active"
 
     written = mtime(box)
-    boundary, grace_end = events_after(time.time(), period, grace)
+    lead_start, grace_end = events_after(time.time(), period, grace)
     now = time.time()
-    event = min(t for t in (boundary - period + grace, boundary, grace_end) if t > now)
+    event = min(t for t in (grace_end - period, lead_start, grace_end) if t > now)
     deadline = event + 3
     while time.time() < deadline:       # nothing may happen, until past the next event
         assert mtime(box) == written, "knockd.conf was rewritten after uninstall"
