@@ -126,7 +126,8 @@ class Cluster:
         return [self.rereads(path) for path in server.knockd_files(self.config)]
 
     def opened(self, door, source=""):
-        return len(re.findall(r"%s: %s: OPEN SESAME" % (re.escape(source) or ".*", door),
+        return len(re.findall(r"%s: %s(?:_GRACE)?: OPEN SESAME"
+                              % (re.escape(source) or ".*", door),
                               self.log_text()))
 
     def sequence(self, door):
