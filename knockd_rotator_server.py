@@ -1403,10 +1403,10 @@ def knockd_stays_up(settings, opens=None, slot=None, started=None):
     """Poll the check command for CHECK_SECONDS: (all passed, detail of a failure).
     With OPENS (a FileOpens), evidence ends it sooner: knockd re-read the file
     and still runs RELOAD_SETTLE seconds later; with STARTED (the path of the
-    file a knockd was just started on), that it listens (knockd_started).  A burn must not hold the lock
-    for whole seconds: the next opening's burn waits for it, and its replay
-    window with it.  SLOT (a ReloadSlot) goes back once knockd has re-read
-    the file and compiled its filter."""
+    file a knockd was just started on), that it listens (knockd_started).  A
+    burn must not hold the lock for whole seconds: the next opening's burn
+    waits for it, and its replay window with it.  SLOT (a ReloadSlot) goes
+    back once knockd has re-read the file and compiled its filter."""
     deadline = time.monotonic() + settings["CHECK_SECONDS"]
     reread = None
     while True:
@@ -1980,6 +1980,20 @@ def tell_next_event(config_path, event, now, settings):
             "mode, `systemctl start knockd_rotator.service` schedules it" % utc(event))
 
 
+def derive_keys(config_path, environ, moment):
+    """Plan every file's rotation at MOMENT now, for its keys: a boundary run
+    that sleeps until MOMENT then finds each PIN door's key (a PBKDF2) in
+    KEY_CACHE, in memory only, and its rotation only computes sequences.
+    Whatever fails here, the run at MOMENT meets and reports."""
+    try:
+        settings = server_settings(environ)
+        settings_of = settings_reader(with_env_file(environ, settings["ENV_FILE"]))
+        for path in knockd_files(config_path):
+            plan_rotation(path, read_config(path), moment, settings_of)
+    except RotatorError:
+        pass
+
+
 def sleep_until(moment):
     """Sleep until the wall clock reaches MOMENT, following clock changes."""
     while True:
@@ -2092,8 +2106,9 @@ def totp_secret(settings):
 
 # A PIN door's key costs a PBKDF2 (PIN_ITERATIONS rounds, about 3 ms): the
 # watch keeps each one in memory, never on disk, so that a rotation of 1000
-# PIN doors does not pay 1000 of them every time.  Bounded: totp doors add a
-# key per period.
+# PIN doors does not pay 1000 of them every time; a boundary run derives
+# them before it sleeps (derive_keys).  Bounded: totp doors add a key per
+# period.
 KEY_CACHE = {}
 KEY_CACHE_MAX = 20000
 
@@ -3705,6 +3720,7 @@ def run(argv, environ):
     if args.watch:
         return watch(args.config, environ, args.verbose)
     if args.at is not None:
+        derive_keys(args.config, environ, args.at)
         sleep_until(args.at)
     scheduled = args.schedule or args.at is not None
     now = time.time()

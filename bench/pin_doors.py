@@ -7,12 +7,19 @@ its rotations after the first only compute sequences.  Times plan_rotation()
 in this process for DOORS doors (all with a PIN): the first rotation, then the
 median of RUNS rotations of later periods, and their ratio.
 
+Then timer mode: a boundary run (`knockd_rotator_server.py --at MOMENT`, as
+the timer's service leaves one) for the same doors, spawned 20 to 40 s before
+a boundary (20 s period, no grace, no lead; commands `true`).  It derives the
+keys before it sleeps; printed is how long after MOMENT knockd.conf held the
+new sequences (its modification time, polled every 5 ms).
+
     python3 bench/pin_doors.py [--doors 1000] [--runs 5]
 """
 
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,6 +27,34 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import knockd_rotator_server as server  # noqa: E402
+
+SERVER = Path(server.__file__).resolve()
+PERIOD = 20
+
+
+def boundary_run(config, environ, folder):
+    """Seconds from a boundary run's moment until CONFIG held its rotation."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KNOCKD_ROTATOR_")}
+    env.update(environ, KNOCKD_ROTATOR_PERIOD_MODULO=str(PERIOD), KNOCKD_ROTATOR_GRACE="0",
+               KNOCKD_ROTATOR_LEAD="0", KNOCKD_ROTATOR_STATE_DIR=os.path.join(folder, "state"),
+               KNOCKD_ROTATOR_ENV_FILE=os.path.join(folder, "absent.env"),
+               KNOCKD_ROTATOR_TRIAL_KNOCKD="", KNOCKD_ROTATOR_CHECK_SECONDS="1")
+    env.update(("KNOCKD_ROTATOR_" + name, "true") for name in server.DEFAULT_COMMANDS)
+    moment = (int(time.time()) // PERIOD + 2) * PERIOD
+    before = os.stat(config).st_mtime_ns
+    run = subprocess.Popen([sys.executable, str(SERVER), "--config", config, "--at",
+                            str(moment)], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        while os.stat(config).st_mtime_ns == before:
+            if run.poll() is not None:
+                sys.exit("error: the boundary run ended without rotating (exit %d)"
+                         % run.returncode)
+            time.sleep(0.005)
+        return time.time() - moment
+    finally:
+        run.kill()         # its reload and check are `true`: nothing to wait for
+        run.wait()
 
 
 def main():
@@ -48,6 +83,10 @@ def main():
     print("%d PIN doors on %s: first rotation %.3f s, later rotations (the watch) %.3f s "
           "median of %d, ratio %.1f" % (args.doors, sys.executable, first, later, args.runs,
                                         first / later))
+    late = boundary_run(config, environ, folder)
+    print("timer mode: a boundary run had knockd.conf rotated %.3f s after its moment "
+          "(keys derived before it slept); ratio to the first rotation %.1f"
+          % (late, first / late))
 
 
 if __name__ == "__main__":

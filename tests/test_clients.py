@@ -11,6 +11,7 @@ import re
 import shutil
 import struct
 import subprocess
+import time
 
 import pytest
 
@@ -644,6 +645,32 @@ def test_totp_door_under_watch_rotates_every_30_s_and_takes_a_late_code(
     assert "knocking again with the previous period's sequence" in late.stderr
     knockd.wait_log(r"carol_ssh_ROTATOR_GRACE: OPEN SESAME", "the grace sibling")
     assert server.stop() == 0
+
+
+def test_a_boundary_run_derives_its_keys_before_it_sleeps(tmp_path, server_env, monkeypatch):
+    """Timer mode: each run is a process of its own, so the boundary run that
+    sleeps until an event derives the PIN doors' keys first (derive_keys), and
+    its rotation at the event derives none, PIN or totp."""
+    derived = []
+    real = hashlib.pbkdf2_hmac
+    monkeypatch.setattr(server.hashlib, "pbkdf2_hmac",
+                        lambda *args: derived.append(args[2]) or real(*args))
+    monkeypatch.setattr(server, "KEY_CACHE", {})
+    config = tmp_path / "knockd.conf"
+    config.write_bytes(b"".join(b"[c%d_ROTATOR]\n\tstart_command = true\n" % i
+                                for i in range(20)))
+    env = server_env(PIN="2468-1357", PERIOD_MODULO=60)
+    env.update(KNOCKD_ROTATOR_MODE_C0="totp",
+               KNOCKD_ROTATOR_SECRET_C0="JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP")
+    moment = (int(time.time()) // 60 + 5) * 60 + 3
+    server.derive_keys(str(config), env, moment)
+    assert len(derived) == 20 + 1, "each door's key, and the totp door's of the previous period"
+    before = len(derived)
+    plan = server.plan_rotation(str(config), config.read_bytes(), moment,
+                                server.settings_reader(env))
+    assert len(derived) == before, "the rotation at the moment derived a key again"
+    assert len(plan.current) == 20
+    server.derive_keys(str(tmp_path / "missing.conf"), env, moment)    # no error escapes
 
 
 def test_the_watch_derives_a_pin_door_s_key_once(monkeypatch):
