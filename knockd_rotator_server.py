@@ -1408,18 +1408,18 @@ def knockd_stays_up(settings, opens=None, slot=None, started=None):
     waits for it, and its replay window with it.  SLOT (a ReloadSlot) goes
     back once knockd has re-read the file and compiled its filter."""
     deadline = time.monotonic() + settings["CHECK_SECONDS"]
-    reread = None
+    evidence = None       # when knockd was seen to have taken its file
     while True:
         ok, detail = run_command(settings["CHECK_COMMAND"])
         if not ok:
             return False, "check command failed (%s)" % detail
         now = time.monotonic()
-        if reread is None and (opens is not None and opens.seen(True) or
-                               started is not None and knockd_started(started)):
-            reread = now
-        if slot is not None and reread is not None:
+        if evidence is None and (opens is not None and opens.seen(True) or
+                                 started is not None and knockd_started(started)):
+            evidence = now
+        if slot is not None and evidence is not None:
             slot.release_when_compiled()
-        if now >= deadline or reread is not None and now - reread >= RELOAD_SETTLE:
+        if now >= deadline or evidence is not None and now - evidence >= RELOAD_SETTLE:
             return True, ""
         time.sleep(CHECK_POLL)
 
@@ -1449,10 +1449,7 @@ class ReloadSlot:
     def release_when_compiled(self):
         """Release, unless the knockd reading PATH is still running on a CPU
         (a knockd this process cannot see counts as done)."""
-        if not self.held:
-            return
-        found = knockd_processes(self.path)
-        if all(found[pid][1] != "R" for pid in main_knockd(found)):
+        if self.held and compiled(knockd_processes(self.path)):
             self.release()
 
 
@@ -1490,19 +1487,25 @@ def knockd_processes(config_path):
     return found
 
 
+def compiled(found):
+    """Whether no knockd of FOUND (knockd_processes) runs on a CPU: its
+    filter is compiled (a knockd this process cannot see counts as done)."""
+    return all(found[pid][1] != "R" for pid in main_knockd(found))
+
+
 def main_knockd(found):
     """The pids of FOUND (knockd_processes) that are no other one's child:
     knockd's children wait to run a stop_command and hear nothing."""
     return [pid for pid, (parent, _, _) in found.items() if parent not in found]
 
 
-def knockd_listening(config_path):
+def knockd_listening(config_path, found=None):
     """(True, ""), (False, why) or (None, why) for the knockd that reads
     CONFIG_PATH: a process can be active for systemd and hear nothing,
     stopped or without its packet capture socket.  None when no such
     process is to be seen here (another PID namespace): then CHECK_COMMAND
-    alone speaks for knockd."""
-    found = knockd_processes(config_path)
+    alone speaks for knockd.  FOUND: knockd_processes(CONFIG_PATH), if at hand."""
+    found = knockd_processes(config_path) if found is None else found
     main = main_knockd(found)
     if not main:
         return None, "no knockd process reading %s is visible" % config_path
@@ -1740,8 +1743,7 @@ def knockd_started(config_path):
     (knockd opens it after it has taken its file) and has compiled its
     filter (it no longer runs on a CPU)."""
     found = knockd_processes(config_path)
-    return knockd_listening(config_path)[0] is True and \
-        all(found.get(pid, (0, "R"))[1] != "R" for pid in main_knockd(found))
+    return knockd_listening(config_path, found)[0] is True and compiled(found)
 
 
 def start_knockd(path, settings):
@@ -2458,12 +2460,13 @@ def rotate_all(config_path, environ, now, dry_run=False, verbose=False, schedule
     # period starts: say so when this run ended too late for that.
     prepared = [plan.starts[door] for plan in plans for door in plan.doors
                 if plan.starts[door] > now]
-    late = time.time() - min(prepared, default=time.time())
-    if late > 0 and not dry_run:
+    ended = time.time()
+    if prepared and not dry_run and ended > min(prepared):
         log("warning: the rotation of %d knockd files ended %.1f s after the period start at "
             "%s that it prepared: until then some knockd held the old sequences, and clients "
             "got in on their retry (raise KNOCKD_ROTATOR_LEAD, at most the period less the "
-            "grace, or lengthen the period)" % (len(paths), late, utc(min(prepared))))
+            "grace, or lengthen the period)" % (len(paths), ended - min(prepared),
+                                                utc(min(prepared))))
     event = min((plan.event for plan in plans if plan.event is not None), default=None)
     if schedule:
         settings = server_settings(environ)
