@@ -293,14 +293,15 @@ def unread_variables(environ, algorithms):
     door's algorithm (of the set ALGORITHMS) reads.  Ignored in silence, they
     would leave a migration to guess why its clients do not match."""
     warnings = []
+    one_door = tuple(known + "_" for known in DOOR_SETTINGS)    # each client has its own
     for variable in sorted(environ):
         if not variable.startswith("KNOCKD_ROTATOR_"):
             continue
         setting = variable[len("KNOCKD_ROTATOR_"):]
-        base = [known for known in DOOR_SETTINGS + LEGACY_SETTINGS
-                if setting == known or setting.startswith(known + "_")]
-        if setting in SCRIPT_SETTINGS or set(base) & set(DOOR_SETTINGS):
+        if setting in SCRIPT_SETTINGS + DOOR_SETTINGS or setting.startswith(one_door):
             continue
+        base = [known for known in LEGACY_SETTINGS
+                if setting == known or setting.startswith(known + "_")]
         if not base:
             warnings.append("%s is no setting of knockd-rotator (a typo?); it is ignored"
                             % variable)

@@ -369,14 +369,15 @@ def unread_variables(environ, algorithms):
     door's algorithm (of the set ALGORITHMS) reads.  Ignored in silence, they
     would leave a migration to guess why its clients do not match."""
     warnings = []
+    one_door = tuple(known + "_" for known in DOOR_SETTINGS)    # each client has its own
     for variable in sorted(environ):
         if not variable.startswith("KNOCKD_ROTATOR_"):
             continue
         setting = variable[len("KNOCKD_ROTATOR_"):]
-        base = [known for known in DOOR_SETTINGS + LEGACY_SETTINGS
-                if setting == known or setting.startswith(known + "_")]
-        if setting in SCRIPT_SETTINGS or set(base) & set(DOOR_SETTINGS):
+        if setting in SCRIPT_SETTINGS + DOOR_SETTINGS or setting.startswith(one_door):
             continue
+        base = [known for known in LEGACY_SETTINGS
+                if setting == known or setting.startswith(known + "_")]
         if not base:
             warnings.append("%s is no setting of knockd-rotator (a typo?); it is ignored"
                             % variable)
@@ -1401,27 +1402,33 @@ def run_command(command):
 
 def knockd_stays_up(settings, opens=None, slot=None, started=None):
     """Poll the check command for CHECK_SECONDS: (all passed, detail of a failure).
-    With OPENS (a FileOpens), evidence ends it sooner: knockd re-read the file
-    and still runs RELOAD_SETTLE seconds later; with STARTED (the path of the
-    file a knockd was just started on), that it listens (knockd_started).  A
-    burn must not hold the lock for whole seconds: the next opening's burn
-    waits for it, and its replay window with it.  SLOT (a ReloadSlot) goes
-    back once knockd has re-read the file and compiled its filter."""
+    With OPENS (a FileOpens), evidence ends it sooner: knockd (re-)read the
+    file and still runs RELOAD_SETTLE seconds later; with STARTED (the path
+    of the file a knockd was just started on), it must listen by then too
+    (knockd_started).  A burn must not hold the lock for whole seconds: the
+    next opening's burn waits for it, and its replay window with it.  SLOT (a
+    ReloadSlot) goes back once knockd has re-read the file and compiled its
+    filter."""
     deadline = time.monotonic() + settings["CHECK_SECONDS"]
-    evidence = None       # when knockd was seen to have taken its file
+    evidence = None       # when knockd was seen to read its file
     while True:
         ok, detail = run_command(settings["CHECK_COMMAND"])
         if not ok:
             return False, "check command failed (%s)" % detail
         now = time.monotonic()
-        if evidence is None and (opens is not None and opens.seen(True) or
-                                 started is not None and knockd_started(started)):
-            evidence = now
         if slot is not None and evidence is not None:
             slot.release_when_compiled()
-        if now >= deadline or evidence is not None and now - evidence >= RELOAD_SETTLE:
+        if now >= deadline or evidence is not None and now - evidence >= RELOAD_SETTLE and (
+                started is None or knockd_started(started)):
             return True, ""
-        time.sleep(CHECK_POLL)
+        if evidence is None and opens is not None:
+            # An open wakes this wait at once.
+            if opens.seen(True, wait=CHECK_POLL):
+                evidence = time.monotonic()
+        else:
+            # The last check comes as the settling ends, not up to a poll later.
+            settled_in = RELOAD_SETTLE - (now - evidence) if evidence is not None else 0
+            time.sleep(settled_in if 0 < settled_in < CHECK_POLL else CHECK_POLL)
 
 
 # knockd compiles its capture filter inside its SIGHUP handler, on one CPU,
@@ -1457,34 +1464,58 @@ def knockd_runs(settings):
     return run_command(settings["CHECK_COMMAND"])[0]
 
 
+# The file each knockd process reads, by (pid, start time), for one run:
+# with 50 knockd, finding each one's file again (its arguments, its folder,
+# the real path) made every look at /proc cost 4.6 ms instead of 1.1 ms, and
+# a reload looks several times.  rotate_all() starts afresh.
+KNOCKD_CONFIGS = {}
+
+
+def knockd_config(entry):
+    """The real path of the file knockd process ENTRY (a /proc name) reads:
+    its -c, else /etc/knockd.conf."""
+    with open("/proc/%s/cmdline" % entry, "rb") as handle:
+        argv = handle.read().split(b"\0")
+    folder = os.readlink("/proc/%s/cwd" % entry)
+    config = "/etc/knockd.conf"
+    for index, word in enumerate(argv[:-1]):      # the last one given wins
+        if word in (b"-c", b"--config"):
+            config = os.fsdecode(argv[index + 1])
+    return os.path.realpath(os.path.join(folder, config))
+
+
 def knockd_processes(config_path):
     """{pid: (parent pid, state, CPU clock ticks used)} of the knockd
-    processes that read CONFIG_PATH (their -c, else /etc/knockd.conf), as
-    far as /proc shows them."""
+    processes that read CONFIG_PATH, as far as /proc shows them."""
     wanted = os.path.realpath(config_path)
     found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            with open("/proc/%s/comm" % entry) as handle:
-                if handle.read().strip() != "knockd":
-                    continue
-            with open("/proc/%s/cmdline" % entry, "rb") as handle:
-                argv = handle.read().split(b"\0")
-            with open("/proc/%s/stat" % entry) as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-            folder = os.readlink("/proc/%s/cwd" % entry)
+            if proc_file("/proc/%s/comm" % entry) != b"knockd\n":
+                continue
+            # stat(5) after the name: state, ppid, ... utime and stime
+            # (fields 14, 15), ... start time (22).
+            fields = proc_file("/proc/%s/stat" % entry).rsplit(b")", 1)[1].split()
+            known = (entry, fields[19])
+            if known not in KNOCKD_CONFIGS:
+                KNOCKD_CONFIGS[known] = knockd_config(entry)
         except OSError:
             continue                               # gone meanwhile, or not ours to read
-        config = "/etc/knockd.conf"
-        for index, word in enumerate(argv[:-1]):      # the last one given wins
-            if word in (b"-c", b"--config"):
-                config = os.fsdecode(argv[index + 1])
-        if os.path.realpath(os.path.join(folder, config)) == wanted:
-            # stat(5): state, ppid, ... utime and stime (fields 14, 15).
-            found[int(entry)] = (int(fields[1]), fields[0], int(fields[11]) + int(fields[12]))
+        if KNOCKD_CONFIGS[known] == wanted:
+            found[int(entry)] = (int(fields[1]), fields[0].decode(),
+                                 int(fields[11]) + int(fields[12]))
     return found
+
+
+def proc_file(path):
+    """The bytes of a small /proc file (without the cost of a Python file object)."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(descriptor, 4096)
+    finally:
+        os.close(descriptor)
 
 
 def compiled(found):
@@ -1726,12 +1757,14 @@ class FileOpens:
             os.close(self.descriptor)
             self.descriptor = -1
 
-    def seen(self, evidence_only=False):
-        """True once PATH was opened; where inotify is missing, True unless
-        EVIDENCE_ONLY (nothing was seen, so nothing proves it)."""
+    def seen(self, evidence_only=False, wait=0):
+        """True once PATH was opened, waiting WAIT seconds at most for it;
+        where inotify is missing, True unless EVIDENCE_ONLY (nothing was
+        seen, so nothing proves it)."""
         if self.descriptor < 0:
+            time.sleep(wait)
             return not evidence_only
-        return bool(select.select([self.descriptor], [], [], 0)[0])
+        return bool(select.select([self.descriptor], [], [], wait)[0])
 
     def close(self):
         if self.descriptor >= 0:
@@ -1748,12 +1781,16 @@ def knockd_started(config_path):
 
 def start_knockd(path, settings):
     """Start knockd with the file on disk at PATH: (stays up, detail of a failure).
-    A knockd that listens and lives RELOAD_SETTLE seconds on has taken its
-    file (a new knockd for a new client need not wait CHECK_SECONDS)."""
-    ok, detail = run_command(settings["RECOVER_COMMAND"])
-    if not ok:
-        return False, "recover command failed (%s)" % detail
-    return knockd_stays_up(settings, started=path)
+    A knockd that read the file, lives RELOAD_SETTLE seconds on and listens
+    has taken it (a new knockd for a new client need not wait CHECK_SECONDS)."""
+    opens = FileOpens(path)
+    try:
+        ok, detail = run_command(settings["RECOVER_COMMAND"])
+        if not ok:
+            return False, "recover command failed (%s)" % detail
+        return knockd_stays_up(settings, opens, started=path)
+    finally:
+        opens.close()
 
 
 def load_into_knockd(path, new_data, fallback, was_running, settings):
@@ -2214,6 +2251,93 @@ def plan_rotation(config_path, old_data, now, settings_of, edit=None, uses=None)
                 graced=graced, event=event, errors=errors, warnings=warnings)
 
 
+# A run by hand and the timer's hourly run mostly find the files current, but
+# learnt it by planning every door again: in a new process, which has no
+# keys (they are never written), 1000 PIN doors cost 11 s of PBKDF2.  So each
+# good rotation records, per knockd, what its file was planned from: the
+# file's SHA-256, a PBKDF2 of every KNOCKD_ROTATOR_* value and of this script
+# (PIN_ITERATIONS rounds: a PIN guessed against it costs what one guessed
+# against a sequence seen on the wire costs), the single-use counters and the
+# moments between which that plan holds (the plan changes only at an event).
+# A run that finds all of them as recorded has nothing to change.
+PLANNED = "planned"
+PLANNED_BASIS = {}       # this process's "salt" (the first it met) and "script" (its SHA-256)
+PLANNED_DIGESTS = {}     # (salt, inputs) -> digest, for the threads of one run
+PLANNED_LOCK = threading.Lock()
+
+
+def inputs_digest(environ, salt):
+    """The PBKDF2 of ENVIRON's KNOCKD_ROTATOR_* values and this script, under SALT."""
+    import json
+    if "script" not in PLANNED_BASIS:
+        try:
+            with open(__file__, "rb") as handle:
+                PLANNED_BASIS["script"] = hashlib.sha256(handle.read()).hexdigest()
+        except OSError:
+            PLANNED_BASIS["script"] = ""
+    inputs = json.dumps([PLANNED_BASIS["script"]] + sorted(
+        item for item in environ.items() if item[0].startswith("KNOCKD_ROTATOR_")))
+    with PLANNED_LOCK:       # the first thread derives it, the others find it
+        if (salt, inputs) not in PLANNED_DIGESTS:
+            PLANNED_DIGESTS[(salt, inputs)] = hashlib.pbkdf2_hmac(
+                "sha256", inputs.encode("utf-8", "surrogateescape"), salt,
+                PIN_ITERATIONS).hex()
+        return PLANNED_DIGESTS[(salt, inputs)]
+
+
+def uses_digest(uses):
+    import json
+    return hashlib.sha256(json.dumps(uses, sort_keys=True).encode()).hexdigest()
+
+
+def record_planned(state_dir, data, environ, uses, now, plan):
+    """After a good rotation: DATA is the file PLAN makes until its event."""
+    import json
+    import secrets
+    if plan.event is None:
+        return
+    salt = PLANNED_BASIS.setdefault("salt", secrets.token_bytes(16))
+    record = {"file": hashlib.sha256(data).hexdigest(), "salt": salt.hex(),
+              "inputs": inputs_digest(environ, salt), "uses": uses_digest(uses),
+              "from": now, "until": plan.event, "starts": plan.starts}
+    keep_state(os.path.join(state_dir, PLANNED), json.dumps(record, sort_keys=True).encode())
+
+
+def as_planned(state_dir, data, environ, uses, now):
+    """The Plan (its doors, starts and event only) recorded for DATA, if it
+    still holds at NOW for ENVIRON and USES, else None: plan it again."""
+    import json
+    if b"ONE_TIME_SEQUENCES" in data.upper():
+        return None          # their keepers follow files that knockd uses up
+    try:
+        with open(os.path.join(state_dir, PLANNED), "rb") as handle:
+            record = json.loads(handle.read())
+        salt = bytes.fromhex(record["salt"])
+        holds = (record["from"] <= now < record["until"]
+                 and record["file"] == hashlib.sha256(data).hexdigest()
+                 and record["uses"] == uses_digest(uses)
+                 and record["inputs"] == inputs_digest(environ, salt))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not holds:
+        return None
+    PLANNED_BASIS.setdefault("salt", salt)
+    return Plan(doors=list(record["starts"]), starts=record["starts"], event=record["until"])
+
+
+def heal_knockd(config_path, settings):
+    """A current file does not prove knockd runs: start it if it does not."""
+    if knockd_runs(settings):
+        return
+    why = "knockd is not running, although %s is current" % config_path
+    log(why + ": starting it")
+    ok, detail = start_knockd(config_path, settings)
+    if not ok:
+        raise RotatorError("%s, and starting it failed (%s)" % (why, detail),
+                           "start knockd now: systemctl start {0}; "
+                           "journalctl -u {0}".format(settings["UNIT"]), EXIT_RECOVERY)
+
+
 def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None, burn=None,
            whole_run=True):
     """Bring CONFIG_PATH (knockd.conf, or an instance's file) to the state of
@@ -2244,6 +2368,11 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
             # comes back, even if this reload does not happen.
             uses = with_burn(uses, burn, now, settings_of)
             write_uses(settings["STATE_DIR"], uses)
+        recorded = (None if dry_run or verbose or change or burn else
+                    as_planned(settings["STATE_DIR"], old_data, environ, uses, now))
+        if recorded:
+            heal_knockd(config_path, settings)
+            return recorded
         plan = plan_rotation(config_path, old_data, now, settings_of,
                              change.edit if change else None, uses)
         refuse_errors(config_path, plan.errors + file_errors(plan.new_lines))
@@ -2272,18 +2401,10 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
         if new_data == old_data and not struck:
             if verbose:
                 log("%s is current" % config_path)
-            # A current file does not prove knockd runs: heal it at every run.
-            if not knockd_runs(settings):
-                why = "knockd is not running, although %s is current" % config_path
-                log(why + ": starting it")
-                ok, detail = start_knockd(config_path, settings)
-                if not ok:
-                    raise RotatorError("%s, and starting it failed (%s)" % (why, detail),
-                                       "start knockd now: systemctl start {0}; "
-                                       "journalctl -u {0}".format(settings["UNIT"]),
-                                       EXIT_RECOVERY)
+            heal_knockd(config_path, settings)
             remember_good(settings["STATE_DIR"], new_data)
             record_fingerprints(settings["STATE_DIR"], plan)
+            record_planned(settings["STATE_DIR"], new_data, environ, uses, now, plan)
         else:
             try_on_knockd(config_path, plan.new_lines, settings)
             old_sequences = door_sequences(plan.user_lines)
@@ -2317,6 +2438,7 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
             if change and not change.adds:
                 change.write()
             record_fingerprints(settings["STATE_DIR"], plan)
+            record_planned(settings["STATE_DIR"], new_data, environ, uses, now, plan)
             if warning:
                 log("warning: " + warning)
             # After a reload, not a start: knockd's first reload keeps the heap
@@ -2436,6 +2558,7 @@ def rotate_all(config_path, environ, now, dry_run=False, verbose=False, schedule
     for the first next event when SCHEDULE.  A file that fails does not stop
     the others: each failure is printed, and the gravest one raised."""
     paths = knockd_files(config_path)
+    KNOCKD_CONFIGS.clear()
     if dry_run or len(paths) == 1:
         plans = [rotate(path, environ, now, dry_run, verbose, whole_run=path == paths[0])
                  for path in paths]
@@ -2487,17 +2610,34 @@ def instance_options(main_lines):
     return b"".join(raws)
 
 
-def place_client(lines_of, settings):
+# add-client looks at every knockd's file, and parsing 50 files of 10 doors
+# took 7 ms: the 501st client waited for what the 2nd did not.  It counts
+# their header lines instead (0.7 ms), and parses only a file that has the
+# new client's name in it.  Each pattern starts at a newline, which the
+# regular expression engine finds fast; the data gets one in front.
+HEADER_LINE = re.compile(rb"\n[ \t\r\v\f]*\[([^\n\0]*)\][ \t\r\v\f]*(?:\0[^\n]*)?(?=\n|\Z)")
+GRACE_BLOCK = re.compile(rb"\n%s.*?\n%s\r*(?=\n|\Z)" % (re.escape(GRACE_BEGIN),
+                                                       re.escape(GRACE_END)), re.DOTALL)
+
+
+def door_count(data):
+    """door_load(parse_config(DATA))[0] (the doors outside a grace window),
+    from the header lines outside the grace block."""
+    return sum(1 for section in HEADER_LINE.findall(GRACE_BLOCK.sub(b"", b"\n" + data, count=1))
+               if section != b"options")
+
+
+def place_client(data_of, settings):
     """The file a new client's door goes into: the one of the knockd with the
     fewest doors, if that is fewer than DOORS_PER_KNOCKD (0: knockd.conf
     always), else a new instance's file, made here (its knockd starts with
-    the rotation).  LINES_OF maps knockd_files() to their Lines.  Returns
+    the rotation).  DATA_OF maps knockd_files() to their bytes.  Returns
     (path, whether it was made)."""
-    paths = list(lines_of)
+    paths = list(data_of)
     limit = settings["DOORS_PER_KNOCKD"]
     if limit == 0:
         return paths[0], False
-    counts = [door_load(lines_of[path])[0] for path in paths]
+    counts = [door_count(data_of[path]) for path in paths]
     fewest = min(range(len(paths)), key=lambda index: counts[index])
     if counts[fewest] < limit:
         return paths[fewest], False
@@ -2509,7 +2649,7 @@ def place_client(lines_of, settings):
     except OSError as exc:
         raise RotatorError("cannot make %s: %s" % (os.path.dirname(path), exc.strerror),
                            "run as root", EXIT_CONFIG) from None
-    replace_file(path, instance_options(lines_of[paths[0]]), create=True)
+    replace_file(path, instance_options(parse_config(data_of[paths[0]])), create=True)
     log("every knockd has %d doors: starting another one for %s" % (limit, path))
     return path, True
 
@@ -2674,13 +2814,23 @@ def env_assignment(raw):
     return name.strip(), value
 
 
+# A run reads the environment file several times (the settings, the
+# rotation, an enrolment's change), and with 500 clients' secrets in it each
+# parse took 1 ms: the last file parsed is kept, in memory as it was anyway.
+LAST_ENV = {}
+
+
 def env_values(data):
-    values = {}
-    for raw in (data or b"").splitlines():
-        assignment = env_assignment(raw)
-        if assignment:
-            values[assignment[0]] = assignment[1]
-    return values
+    data = data or b""
+    last = LAST_ENV.get("parsed")
+    if last is None or last[0] != data:
+        values = {}
+        for raw in data.splitlines():
+            assignment = env_assignment(raw)
+            if assignment:
+                values[assignment[0]] = assignment[1]
+        last = LAST_ENV["parsed"] = (data, values)
+    return dict(last[1])
 
 
 def with_env_file(environ, path):
@@ -2886,8 +3036,9 @@ class EnvChange:
         user_lines, _ = split_grace_block(parse_config(old_data))
         values = env_values(self.old_env)
         self.edit, assignments, removals = self.checker(user_lines, values)
-        kept = [raw for raw in (self.old_env or b"").splitlines(True)
-                if (env_assignment(raw) or ("",))[0] not in removals]
+        kept = (self.old_env or b"").splitlines(True)
+        if removals:
+            kept = [raw for raw in kept if (env_assignment(raw) or ("",))[0] not in removals]
         if kept and not kept[-1].endswith(b"\n"):
             kept[-1] += b"\n"
         kept += [("%s=%s\n" % pair).encode() for pair in assignments]
@@ -3094,10 +3245,11 @@ def add_client(config_path, environ, now, args):
     # The lock keeps two enrolments from picking the same place, or from
     # rewriting the environment file at once from two knockd's rotations.
     with take_lock(settings["STATE_DIR"], CLIENTS_LOCK):
-        lines_of = {path: parse_config(read_config(path)) for path in knockd_files(config_path)}
-        for lines in lines_of.values():
-            enrolled(split_grace_block(lines)[0])
-        target, made = place_client(lines_of, settings)
+        data_of = {path: read_config(path) for path in knockd_files(config_path)}
+        for data in data_of.values():
+            if name.encode("utf-8", "surrogateescape") in data:
+                enrolled(split_grace_block(parse_config(data))[0])
+        target, made = place_client(data_of, settings)
         if args.single_use:
             # An IPv6 knock burns the use as well.
             burn = burn_command(target, door, environ)

@@ -13,6 +13,11 @@ a boundary (20 s period, no grace, no lead; commands `true`).  It derives the
 keys before it sleeps; printed is how long after MOMENT knockd.conf held the
 new sequences (its modification time, polled every 5 ms).
 
+Last, the runs of their own that find the files current (the timer's hourly
+run, a run by hand): `knockd_rotator_server.py --config C` twice in a row, a
+1-hour period, the first rotating; printed is the second's wall time, from
+spawn to exit (it finds the record of the first, and derives no key).
+
     python3 bench/pin_doors.py [--doors 1000] [--runs 5]
 """
 
@@ -32,14 +37,28 @@ SERVER = Path(server.__file__).resolve()
 PERIOD = 20
 
 
-def boundary_run(config, environ, folder):
-    """Seconds from a boundary run's moment until CONFIG held its rotation."""
+def run_env(environ, folder, **settings):
+    """ENVIRON for a server run in FOLDER, its commands `true`, and SETTINGS."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KNOCKD_ROTATOR_")}
-    env.update(environ, KNOCKD_ROTATOR_PERIOD_MODULO=str(PERIOD), KNOCKD_ROTATOR_GRACE="0",
-               KNOCKD_ROTATOR_LEAD="0", KNOCKD_ROTATOR_STATE_DIR=os.path.join(folder, "state"),
+    env.update(environ, KNOCKD_ROTATOR_STATE_DIR=os.path.join(folder, "state"),
                KNOCKD_ROTATOR_ENV_FILE=os.path.join(folder, "absent.env"),
                KNOCKD_ROTATOR_TRIAL_KNOCKD="", KNOCKD_ROTATOR_CHECK_SECONDS="1")
     env.update(("KNOCKD_ROTATOR_" + name, "true") for name in server.DEFAULT_COMMANDS)
+    env.update(("KNOCKD_ROTATOR_" + name, str(value)) for name, value in settings.items())
+    return env
+
+
+def own_run(config, env):
+    """Wall seconds of one run of the server over CONFIG, spawn to exit."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, str(SERVER), "--config", config], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def boundary_run(config, environ, folder):
+    """Seconds from a boundary run's moment until CONFIG held its rotation."""
+    env = run_env(environ, folder, PERIOD_MODULO=PERIOD, GRACE=0, LEAD=0)
     moment = (int(time.time()) // PERIOD + 2) * PERIOD
     before = os.stat(config).st_mtime_ns
     run = subprocess.Popen([sys.executable, str(SERVER), "--config", config, "--at",
@@ -87,6 +106,11 @@ def main():
     print("timer mode: a boundary run had knockd.conf rotated %.3f s after its moment "
           "(keys derived before it slept); ratio to the first rotation %.1f"
           % (late, first / late))
+    env = run_env(environ, folder)
+    rotating = own_run(config, env)
+    current = own_run(config, env)
+    print("runs of their own: %.3f s rotating, %.3f s over the current files (the timer's "
+          "hourly run, a run by hand); ratio %.1f" % (rotating, current, rotating / current))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ For each text, a rotation at a moment out of the grace and one inside it:
   - raises nothing but RotatorError;
   - when it accepts the file, changes no byte outside the sequence values of
     rotator doors (and the grace block, which is removed exactly);
-  - a second rotation at the same moment changes nothing.
+  - a second rotation at the same moment changes nothing;
+  - door_count, from the header lines alone, counts what door_load does.
 """
 
 import pytest
@@ -115,6 +116,9 @@ def check_text(data):
     leaving = plan(in_grace, IN_GRACE + GRACE)
     expected = plan(new, IN_GRACE + GRACE)
     assert data_of(leaving.new_lines) == data_of(expected.new_lines)
+    # add-client's count of a file's doors, from its header lines alone.
+    for text in (data, new, in_grace):
+        assert server.door_count(text) == server.door_load(server.parse_config(text))[0]
 
 
 def test_fuzz_rewrites_are_byte_exact_and_idempotent():
@@ -137,6 +141,15 @@ def test_fuzz_rewrites_are_byte_exact_and_idempotent():
 ])
 def test_rewrites_found_by_the_fuzz(data):
     check_text(data)
+
+
+@pytest.mark.parametrize("data", [
+    b"[a]\0junk\n[b\0]\n\0[c]\n[d]  \0[e]\n",       # C strings end at a NUL
+    b"[options]\n[ options ]\n[]\n[[x]]\n\t [y] \r\n",
+])
+def test_door_count_reads_headers_as_knockd_does(data):
+    """Beyond the fuzz's texts, which have no NUL."""
+    assert server.door_count(data) == server.door_load(server.parse_config(data))[0]
 
 
 def test_the_checker_above_can_fail():

@@ -348,15 +348,17 @@ def test_a_new_knockd_counts_as_started_once_it_listens(guarded, tmp_path):
         cluster.stop()
 
 
-def test_a_new_knockd_that_never_listens_is_checked_to_the_end(guarded, tmp_path):
-    """The control: a "knockd" that runs for 3 s and never listens gives no
-    evidence, so the check goes on until it fails (exit 7), and the
-    enrolment leaves nothing behind."""
+@pytest.mark.parametrize("reads", [False, True], ids=["silent", "reads its file"])
+def test_a_new_knockd_that_never_listens_is_checked_to_the_end(guarded, tmp_path, reads):
+    """The control: a "knockd" that runs for 3 s and never listens, whether
+    or not it reads its file, gives no evidence, so the check goes on until
+    it fails (exit 7), and the enrolment leaves nothing behind."""
     need_root_and("knockd", "iptables")
     pidfile = "%s/knockd-%%i.pid" % tmp_path
+    reading = "cat %s/knockd_rotator.d/%%i.conf >/dev/null; " % tmp_path if reads else ""
     cluster = Cluster(guarded, tmp_path, doors=1, CHECK_SECONDS=10,
-                      INSTANCE_RECOVER_COMMAND="sleep 3 >/dev/null 2>&1 & echo $! > %s"
-                      % pidfile)
+                      INSTANCE_RECOVER_COMMAND="%ssleep 3 >/dev/null 2>&1 & echo $! > %s"
+                      % (reading, pidfile))
     try:
         assert cluster.run().returncode == 0
         env_before = cluster.env_file.read_bytes()
