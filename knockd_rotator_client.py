@@ -293,12 +293,13 @@ def unread_variables(environ, algorithms):
     door's algorithm (of the set ALGORITHMS) reads.  Ignored in silence, they
     would leave a migration to guess why its clients do not match."""
     warnings = []
+    read = SCRIPT_SETTINGS + DOOR_SETTINGS
     one_door = tuple(known + "_" for known in DOOR_SETTINGS)    # each client has its own
     for variable in sorted(environ):
         if not variable.startswith("KNOCKD_ROTATOR_"):
             continue
         setting = variable[len("KNOCKD_ROTATOR_"):]
-        if setting in SCRIPT_SETTINGS + DOOR_SETTINGS or setting.startswith(one_door):
+        if setting in read or setting.startswith(one_door):
             continue
         base = [known for known in LEGACY_SETTINGS
                 if setting == known or setting.startswith(known + "_")]

@@ -369,12 +369,13 @@ def unread_variables(environ, algorithms):
     door's algorithm (of the set ALGORITHMS) reads.  Ignored in silence, they
     would leave a migration to guess why its clients do not match."""
     warnings = []
+    read = SCRIPT_SETTINGS + DOOR_SETTINGS
     one_door = tuple(known + "_" for known in DOOR_SETTINGS)    # each client has its own
     for variable in sorted(environ):
         if not variable.startswith("KNOCKD_ROTATOR_"):
             continue
         setting = variable[len("KNOCKD_ROTATOR_"):]
-        if setting in SCRIPT_SETTINGS + DOOR_SETTINGS or setting.startswith(one_door):
+        if setting in read or setting.startswith(one_door):
             continue
         base = [known for known in LEGACY_SETTINGS
                 if setting == known or setting.startswith(known + "_")]
@@ -1425,10 +1426,11 @@ def knockd_stays_up(settings, opens=None, slot=None, started=None):
             # An open wakes this wait at once.
             if opens.seen(True, wait=CHECK_POLL):
                 evidence = time.monotonic()
-        else:
+        elif evidence is not None and now - evidence < RELOAD_SETTLE:
             # The last check comes as the settling ends, not up to a poll later.
-            settled_in = RELOAD_SETTLE - (now - evidence) if evidence is not None else 0
-            time.sleep(settled_in if 0 < settled_in < CHECK_POLL else CHECK_POLL)
+            time.sleep(min(CHECK_POLL, evidence + RELOAD_SETTLE - now))
+        else:
+            time.sleep(CHECK_POLL)
 
 
 # knockd compiles its capture filter inside its SIGHUP handler, on one CPU,
@@ -2581,15 +2583,14 @@ def rotate_all(config_path, environ, now, dry_run=False, verbose=False, schedule
             raise failures[-1]
     # The lead exists so that every knockd holds the new sequences when the
     # period starts: say so when this run ended too late for that.
-    prepared = [plan.starts[door] for plan in plans for door in plan.doors
-                if plan.starts[door] > now]
+    prepared = min((plan.starts[door] for plan in plans for door in plan.doors
+                    if plan.starts[door] > now), default=None)
     ended = time.time()
-    if prepared and not dry_run and ended > min(prepared):
+    if prepared is not None and not dry_run and ended > prepared:
         log("warning: the rotation of %d knockd files ended %.1f s after the period start at "
             "%s that it prepared: until then some knockd held the old sequences, and clients "
             "got in on their retry (raise KNOCKD_ROTATOR_LEAD, at most the period less the "
-            "grace, or lengthen the period)" % (len(paths), ended - min(prepared),
-                                                utc(min(prepared))))
+            "grace, or lengthen the period)" % (len(paths), ended - prepared, utc(prepared)))
     event = min((plan.event for plan in plans if plan.event is not None), default=None)
     if schedule:
         settings = server_settings(environ)
