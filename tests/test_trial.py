@@ -103,6 +103,7 @@ def test_a_rotation_tries_only_a_new_shape_and_refuses_before_writing(
     assert config.read_bytes() == before and not reloaded.exists()
 
 
+@pytest.mark.knockd
 def test_without_the_capability_the_file_is_not_tried_and_it_says_so(tmp_path, server_env):
     need_root_and("knockd", "setpriv")
     config = tmp_path / "knockd.conf"
