@@ -217,7 +217,13 @@ class RotatorError(Exception):
         self.what, self.fix, self.code = what, fix, code
 
     def __str__(self):
-        return "error: %s (%s)" % (self.what, self.fix)
+        return ("error: %s (%s)" % (self.what, self.fix)).translate(ONE_LINE)
+
+
+# What an error line quotes (an argument, a value) is shown escaped where it
+# would break the line: an error is exactly one line.
+ONE_LINE = {code: "\\x%02x" % code for code in list(range(0x20)) + list(range(0x7F, 0xA0))}
+ONE_LINE.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
 
 
 def door_name(service):
@@ -1019,7 +1025,8 @@ def keep_one_time_sequences(lines):
         except OSError as exc:
             raise RotatorError("cannot add a keeper line to the one_time_sequences file %s "
                                "(line %d): %s" % (path, line.number, exc.strerror),
-                               "make it writable for root, or remove the door") from None
+                               "make it writable for root, or remove the door",
+                               EXIT_CONFIG) from None
         struck = struck or bool(supply.keepers)
         log("%s: %s a keeper line (knockd 0.8 stops when the lines are used up)"
             % (path, "moved" if supply.keepers else "added"))
