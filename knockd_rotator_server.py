@@ -2407,7 +2407,7 @@ def as_planned(state_dir, data, environ, uses, now):
                  and record["file"] == hashlib.sha256(data).hexdigest()
                  and record["uses"] == uses_digest(uses)
                  and record["inputs"] == inputs_digest(environ, salt))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
     if not holds:
         return None
@@ -3592,12 +3592,27 @@ def record_fingerprints(state_dir, plan):
                json.dumps(record, sort_keys=True, indent=1).encode() + b"\n")
 
 
+def valid_fingerprint(known):
+    """Whether KNOWN is an entry of the fingerprints file as record_fingerprints writes it."""
+    def whole(value, low, high):
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    return (isinstance(known, dict) and whole(known.get("period"), 1, MAX_PERIOD)
+            and whole(known.get("grace"), 0, MAX_PERIOD) and whole(known.get("lead", 0), 0,
+                                                                  MAX_PERIOD)
+            and isinstance(known.get("mode"), str) and "start" in known
+            and (known["start"] is None or whole(known["start"], 0, AT_MAX))
+            and isinstance(known.get("fingerprint", 0), (str, type(None))))
+
+
 def recorded_status(old_data, settings, now):
     """door_status()'s doors and plan facts from the fingerprints, no secret needed."""
     import json
     try:
         with open(os.path.join(settings["STATE_DIR"], FINGERPRINTS), "rb") as handle:
             record = json.loads(handle.read())
+    except RecursionError:
+        record = {}
     except (OSError, ValueError) as exc:
         raise RotatorError("no secret to compute the sequences with, and no fingerprints "
                            "recorded by a rotation (%s)" % getattr(exc, "strerror", exc),
@@ -3606,8 +3621,9 @@ def recorded_status(old_data, settings, now):
     held = door_sequences(user_lines)
     doors = []
     for door in rotator_doors(user_lines):
-        known = record.get(door, {"period": 1, "grace": 0, "mode": "?", "start": None,
-                                  "fingerprint": None})
+        known = record.get(door) if isinstance(record, dict) else None
+        if not valid_fingerprint(known):      # damaged, or no rotation recorded it
+            known = {"period": 1, "grace": 0, "mode": "?", "start": None, "fingerprint": None}
         period, grace, lead = known["period"], known["grace"], known.get("lead", 0)
         start = period_start(now + lead, period)
         matches = fingerprint(door, known["start"] or 0, held.get(door) or b"") == \

@@ -81,13 +81,13 @@ if given:
         [0, 1, -1, 2 ** 32 - 1, 2 ** 32, 10 ** 8, True, None, "3", 1.5, [], {}]))
     starts = st.sampled_from([1699984800, 1699999980, "1699984800", None, 0, -1, 2 ** 64])
     client_uses = st.one_of(
-        st.sampled_from([b"", b"{", b"[]", b"null", b"1" * 5000, b"[" * 100000, b"\xff\xfe",
+        st.sampled_from([b"", b"{", b"[]", b"null", b"1" * 5000, b"[" * 5000, b"\xff\xfe",
                          b'{"ssh_ROTATOR": 1}', b'{"ssh_ROTATOR": {}}', None]),
         st.fixed_dictionaries({"ssh_ROTATOR": st.fixed_dictionaries(
             {"start": starts, "next": counters})}).map(lambda d: json.dumps(d).encode()),
         st.binary(max_size=20))
     server_uses = st.one_of(
-        st.sampled_from([b"", b"{", b"[]", b"null", b"[" * 100000, b'{"1": 2}',
+        st.sampled_from([b"", b"{", b"[]", b"null", b"[" * 5000, b'{"1": 2}',
                          b'{"ssh_ROTATOR": []}', b'{"ssh_ROTATOR": {"counts": [], "burns": {}}}',
                          b'{"ssh_ROTATOR": {"counts": {"x": 1, "-": 2}, "burns": ["a", null]}}',
                          None]),
@@ -198,7 +198,7 @@ def test_client_never_raises_anything_else():
      b'{"ssh_ROTATOR": {"start": 1699984800, "next": 100000000}}'),
     (["kn", "127.0.0.1", "ssh", "--check", "22"], {"SINGLE_USE": "1"},
      b'{"ssh_ROTATOR": {"start": 1699984800, "next": 4294967295}}'),
-    (["gen", "ssh"], {"SINGLE_USE": "1"}, b"[" * 100000),
+    (["gen", "ssh"], {"SINGLE_USE": "1"}, b"[" * 5000),
     (["gen", "ssh", "--offset=-999999999999999999"], {"ALGORITHM": "legacy-v1",
                                                      "SECRET": "legacy-secret"}, None),
     (["gen", "ssh"], {"ALGORITHM": "legacy-v3", "PORTS": "1-" + "9" * 5000}, None),
@@ -209,16 +209,17 @@ def test_client_crashes_found_before(tmp_path, argv, environ, uses):
     client_run(argv, dict({"SECRET": SECRET}, **environ), uses, "", False, str(tmp_path))
 
 
-def server_run(argv, environ, uses, stdin, folder):
+def server_run(argv, environ, uses, stdin, folder, state_files=()):
     config = os.path.join(folder, "knockd.conf")
     state = os.path.join(folder, "state")
     os.makedirs(state, mode=0o700, exist_ok=True)
     if not os.path.exists(config):
         with open(config, "wb") as handle:
             handle.write(CONFIG)
-    if uses is not None:
-        with open(os.path.join(state, "uses"), "wb") as handle:
-            handle.write(uses)
+    for name, data in [("uses", uses)] + list(state_files):
+        if data is not None:
+            with open(os.path.join(state, name), "wb") as handle:
+                handle.write(data)
     base = {"STATE_DIR": state, "ENV_FILE": os.path.join(folder, "env"),
             "RELOAD_COMMAND": "true", "CHECK_COMMAND": "true", "RECOVER_COMMAND": "true",
             "KILL_COMMAND": "true", "INSTANCE_RELOAD_COMMAND": "true %i",
@@ -266,6 +267,19 @@ if given:
             st.sampled_from([["--totp"], ["--no-single-use"]])), max_size=4)).map(
             lambda p: [p[0], p[1]] + [word for group in p[2] for word in group]))
     # Mostly settings a rotation takes, so that most runs get past them.
+    damaged = st.one_of(st.sampled_from([b"", b"{", b"[]", b"null", b"[" * 5000, b"1" * 5000,
+                                         b"\xff", b'{"ssh_ROTATOR": []}',
+                                         b'{"ssh_ROTATOR": {"period": "x", "start": []}}',
+                                         b'{"salt": 5, "from": [], "starts": 7}',
+                                         b'{"ssh_ROTATOR": {"period": 60, "grace": 0, '
+                                         b'"mode": "secret", "fingerprint": null}}',
+                                         b'{"ssh_ROTATOR": {"period": 0, "grace": 0, '
+                                         b'"mode": "secret", "start": 5}}']),
+                        st.binary(max_size=20))
+    # The other state files the server reads, damaged (the pending boundary
+    # run's pid is left out: the server signals the process it names).
+    state_files = st.lists(st.tuples(st.sampled_from(
+        ["fingerprints", "planned", "last-rotation", "last-good"]), damaged), max_size=3)
     server_environments = st.one_of(
         st.sampled_from([{}, {"SINGLE_USE": "1"}, {"SINGLE_USE_SSH": "1", "PIN": "1234"}]),
         environments.map(lambda env: {key: value for key, value in env.items()
@@ -276,17 +290,18 @@ def test_server_never_raises_anything_else():
     need(given, "needs hypothesis (Debian package python3-hypothesis; tests/run installs it)")
     need(os.geteuid() == 0, "needs root (the server's state folder, add-client)")
 
-    @settings(max_examples=300, deadline=None, database=None, derandomize=True,
+    @settings(max_examples=600, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
-    @given(server_argv, server_environments, server_uses, typed)
-    def run(argv, environ, uses, stdin):
+    @given(server_argv, server_environments, server_uses, typed, state_files)
+    def run(argv, environ, uses, stdin, files):
         with tempfile.TemporaryDirectory() as folder:
-            server_run(argv, environ, uses, stdin, folder)
+            server_run(argv, environ, uses, stdin, folder, files)
 
     run()
 
 
-@pytest.mark.parametrize("argv, environ, uses", [
+# (argv, environment, uses file, other state files if any)
+@pytest.mark.parametrize("case", [
     (["burn", "ssh_ROTATOR"], {"SINGLE_USE": "1"}, b'{"ssh_ROTATOR": {"counts": []}}'),
     (["burn", "ssh_ROTATOR"], {"SINGLE_USE": "1"},
      b'{"ssh_ROTATOR": {"counts": {"x": 1}, "burns": "no"}}'),
@@ -298,10 +313,18 @@ def test_server_never_raises_anything_else():
     (["--at", "1" * 5000], {}, None),
     (["--dry-run"], {"LENGTH": "1"}, None),
     (["--dry-run"], {"LEAD": "9" * 5000}, None),
+    (["--dry-run"], {}, None, [("planned", b"[" * 5000)]),
+    (["status"], {"SECRET": ""}, None, [("fingerprints", b"[]")]),
+    (["status"], {"SECRET": ""}, None, [("fingerprints", b"[" * 5000)]),
+    (["status"], {"SECRET": ""}, None,
+     [("fingerprints", b'{"ssh_ROTATOR": {"period": "60", "grace": null, "start": []}}')]),
 ])
-def test_server_crashes_found_before(tmp_path, argv, environ, uses):
+def test_server_crashes_found_before(tmp_path, case):
+    """Tracebacks of damaged state files: the uses (burn, status, rotations),
+    the planned record and the fingerprints; and numbers out of the grammar."""
     need(os.geteuid() == 0, "needs root (the server's state folder)")
-    server_run(argv, environ, uses, "", str(tmp_path))
+    argv, environ, uses, *files = case
+    server_run(argv, environ, uses, "", str(tmp_path), files[0] if files else ())
 
 
 SPAWNED = [
