@@ -156,14 +156,16 @@ def outcome(function, exits, *args):
     return code, out.getvalue(), err.getvalue()
 
 
-def client_run(argv, environ, uses, stdin, opens, folder):
-    path = os.path.join(folder, "uses.json")
-    if uses is not None:
+def client_run(argv, environ, uses, stdin, opens, folder, path_kind="file"):
+    path = {"file": os.path.join(folder, "uses.json"), "folder": folder, "empty": "",
+            "nowhere": os.path.join(folder, "absent", "deeper", "uses.json")}[path_kind]
+    if uses is not None and path_kind == "file":
         with open(path, "wb") as handle:
             handle.write(uses)
     environ = {"KNOCKD_ROTATOR_" + key: value
                for key, value in dict({"SECRET": SECRET}, **environ).items()}
     environ["KNOCKD_ROTATOR_USES_FILE"] = path
+    environ["XDG_STATE_HOME"] = folder        # where an empty USES_FILE leads
     saved = os.sys.stdin
     os.sys.stdin = io.StringIO(stdin)
     try:
@@ -179,10 +181,11 @@ def test_client_never_raises_anything_else():
 
     @settings(max_examples=1500, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
-    @given(client_argv, environments, client_uses, typed, st.booleans())
-    def run(argv, environ, uses, stdin, opens):
+    @given(client_argv, environments, client_uses, typed, st.booleans(),
+           st.sampled_from(["file", "file", "folder", "empty", "nowhere"]))
+    def run(argv, environ, uses, stdin, opens, path_kind):
         with tempfile.TemporaryDirectory() as folder:
-            client_run(argv, environ, uses, stdin, opens, folder)
+            client_run(argv, environ, uses, stdin, opens, folder, path_kind)
 
     run()
 
@@ -216,9 +219,9 @@ def server_run(argv, environ, uses, stdin, folder, state_files=()):
     if not os.path.exists(config):
         with open(config, "wb") as handle:
             handle.write(CONFIG)
-    for name, data in [("uses", uses)] + list(state_files):
+    for name, data in [("state/uses", uses)] + list(state_files):
         if data is not None:
-            with open(os.path.join(state, name), "wb") as handle:
+            with open(os.path.join(folder, name), "wb") as handle:
                 handle.write(data)
     base = {"STATE_DIR": state, "ENV_FILE": os.path.join(folder, "env"),
             "RELOAD_COMMAND": "true", "CHECK_COMMAND": "true", "RECOVER_COMMAND": "true",
@@ -276,10 +279,17 @@ if given:
                                          b'{"ssh_ROTATOR": {"period": 0, "grace": 0, '
                                          b'"mode": "secret", "start": 5}}']),
                         st.binary(max_size=20))
-    # The other state files the server reads, damaged (the pending boundary
-    # run's pid is left out: the server signals the process it names).
-    state_files = st.lists(st.tuples(st.sampled_from(
-        ["fingerprints", "planned", "last-rotation", "last-good"]), damaged), max_size=3)
+    # The other files the server reads, damaged: its state (but the pending
+    # boundary run's pid: the server signals the process it names) and the
+    # environment file.
+    env_file = st.one_of(st.sampled_from([b"KNOCKD_ROTATOR_LENGTH=+5\n",
+                                          b"KNOCKD_ROTATOR_SINGLE_USE_SSH='1'\n",
+                                          b"=\n'\n\"x\nKNOCKD_ROTATOR_GRACE=\xff\n"]),
+                         st.binary(max_size=40))
+    state_files = st.lists(st.one_of(
+        st.tuples(st.sampled_from(["state/fingerprints", "state/planned",
+                                   "state/last-rotation", "state/last-good"]), damaged),
+        st.tuples(st.just("env"), env_file)), max_size=3)
     server_environments = st.one_of(
         st.sampled_from([{}, {"SINGLE_USE": "1"}, {"SINGLE_USE_SSH": "1", "PIN": "1234"}]),
         environments.map(lambda env: {key: value for key, value in env.items()
@@ -313,11 +323,11 @@ def test_server_never_raises_anything_else():
     (["--at", "1" * 5000], {}, None),
     (["--dry-run"], {"LENGTH": "1"}, None),
     (["--dry-run"], {"LEAD": "9" * 5000}, None),
-    (["--dry-run"], {}, None, [("planned", b"[" * 5000)]),
-    (["status"], {"SECRET": ""}, None, [("fingerprints", b"[]")]),
-    (["status"], {"SECRET": ""}, None, [("fingerprints", b"[" * 5000)]),
+    (["--dry-run"], {}, None, [("state/planned", b"[" * 5000)]),
+    (["status"], {"SECRET": ""}, None, [("state/fingerprints", b"[]")]),
+    (["status"], {"SECRET": ""}, None, [("state/fingerprints", b"[" * 5000)]),
     (["status"], {"SECRET": ""}, None,
-     [("fingerprints", b'{"ssh_ROTATOR": {"period": "60", "grace": null, "start": []}}')]),
+     [("state/fingerprints", b'{"ssh_ROTATOR": {"period": "60", "grace": null, "start": []}}')]),
 ])
 def test_server_crashes_found_before(tmp_path, case):
     """Tracebacks of damaged state files: the uses (burn, status, rotations),
