@@ -1091,7 +1091,7 @@ def rotator_errors(lines):
                            "knockd cuts" % (name[:20], DOOR_NAME_MAX), "shorten it"))
         elif line.kind == "section" and door_name_refused(line.section.decode(
                 "utf-8", "surrogateescape")):
-            errors.append((line.number, "door name [%r] holds a control character, a bracket, "
+            errors.append((line.number, "door name %r holds a control character, a bracket, "
                            "a line separator or bytes that are not UTF-8, which no client "
                            "takes (docs/SPEC.md)" % name, "rename the door"))
         if line.kind == "directive" and line.key == "ONE_TIME_SEQUENCES":
