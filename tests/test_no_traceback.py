@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import os
+import sys
 import tempfile
 
 import pytest
@@ -140,8 +141,8 @@ class Stubbed:
 
 
 def outcome(function, exits, *args):
-    """(exit code, stdout, stderr) of FUNCTION(*ARGS), checked: a RotatorError
-    is one line and a documented exit code; anything else fails the test."""
+    """The exit code of FUNCTION(*ARGS), checked: a RotatorError is one line
+    and a documented exit code; anything else fails the test."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -153,7 +154,7 @@ def outcome(function, exits, *args):
             assert exc.code in exits, (exc.code, message)
             code = exc.code
     assert "Traceback" not in err.getvalue()
-    return code, out.getvalue(), err.getvalue()
+    return code
 
 
 def client_run(argv, environ, uses, stdin, opens, folder, path_kind="file"):
@@ -166,13 +167,13 @@ def client_run(argv, environ, uses, stdin, opens, folder, path_kind="file"):
                for key, value in dict({"SECRET": SECRET}, **environ).items()}
     environ["KNOCKD_ROTATOR_USES_FILE"] = path
     environ["XDG_STATE_HOME"] = folder        # where an empty USES_FILE leads
-    saved = os.sys.stdin
-    os.sys.stdin = io.StringIO(stdin)
+    saved = sys.stdin
+    sys.stdin = io.StringIO(stdin)
     try:
         with Stubbed(opens):
-            code, _, _ = outcome(client.run, CLIENT_EXITS, argv, environ, NOW)
+            code = outcome(client.run, CLIENT_EXITS, argv, environ, NOW)
     finally:
-        os.sys.stdin = saved
+        sys.stdin = saved
     assert code in {0} | CLIENT_EXITS
 
 
@@ -232,17 +233,17 @@ def server_run(argv, environ, uses, stdin, folder, state_files=()):
     base.update(environ)
     environ = {"KNOCKD_ROTATOR_" + key: value for key, value in base.items()}
     environ["PATH"] = os.environ.get("PATH", os.defpath)
-    saved = (os.sys.stdin, server.knockd_stays_up, server.schedule_boundary_run,
+    saved = (sys.stdin, server.knockd_stays_up, server.schedule_boundary_run,
              server.schedule_retry, server.sleep_until)
-    os.sys.stdin = io.StringIO(stdin)
+    sys.stdin = io.StringIO(stdin)
     # A rotation's check would take CHECK_SECONDS; a boundary run would outlive the test.
     server.knockd_stays_up = lambda *args, **kwargs: (True, "")
     server.schedule_boundary_run = server.schedule_retry = lambda *args, **kwargs: None
     server.sleep_until = lambda moment: None
     try:
-        code, _, _ = outcome(server.run, SERVER_EXITS, ["--config", config] + argv, environ)
+        code = outcome(server.run, SERVER_EXITS, ["--config", config] + argv, environ)
     finally:
-        (os.sys.stdin, server.knockd_stays_up, server.schedule_boundary_run,
+        (sys.stdin, server.knockd_stays_up, server.schedule_boundary_run,
          server.schedule_retry, server.sleep_until) = saved
     assert isinstance(code, int)
 
