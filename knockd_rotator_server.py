@@ -193,6 +193,20 @@ MAX_PERIOD = 366 * 86400   # a longer period is a static sequence in practice
 # as the period turns.  At most half the period, so a short period shrinks it.
 DEFAULT_GRACE = 30
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+MAX_USE = 2 ** 32 - 1      # single use's counter goes into the key as u32be(use)
+# Every whole number read (settings, options) is an optional `-` and at most
+# this many ASCII digits (docs/SPEC.md, "Whole numbers"): any 64-bit value
+# fits, and no text is long enough to make a conversion costly or fail.
+NUMBER_DIGITS_MAX = 20
+DOOR_NAME_MAX = 127        # bytes of UTF-8: knockd cuts section names here
+# Code points no door name holds (docs/SPEC.md, "Door names"): a fixed list,
+# not a Unicode database's categories, so every implementation and version
+# decides alike.  C0 and C1 controls and DEL (knockd would not read such a
+# line), the brackets of knockd's section headers, the line and paragraph
+# separators (an editor breaks the header there), and the surrogates that
+# stand for bytes that are not UTF-8.
+DOOR_NAME_REFUSED = ((0x00, 0x1F), (0x5B, 0x5B), (0x5D, 0x5D), (0x7F, 0x9F),
+                     (0x2028, 0x2029), (0xD800, 0xDFFF))
 
 
 class RotatorError(Exception):
@@ -203,12 +217,35 @@ class RotatorError(Exception):
         self.what, self.fix, self.code = what, fix, code
 
     def __str__(self):
-        return "error: %s (%s)" % (self.what, self.fix)
+        return ("error: %s (%s)" % (self.what, self.fix)).translate(ONE_LINE)
+
+
+# What an error line quotes (an argument, a value) is shown escaped where it
+# would break the line: an error is exactly one line.
+ONE_LINE = {code: "\\x%02x" % code for code in list(range(0x20)) + list(range(0x7F, 0xA0))}
+ONE_LINE.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
 
 
 def door_name(service):
     """The knockd section name for SERVICE: `_ROTATOR` is appended if missing."""
     return service if service.endswith(ROTATOR_SUFFIX) else service + ROTATOR_SUFFIX
+
+
+def door_name_refused(door):
+    """Whether DOOR breaks docs/SPEC.md's rule for door names: too long, or a
+    code point of DOOR_NAME_REFUSED."""
+    return (len(door.encode("utf-8", "surrogateescape")) > DOOR_NAME_MAX
+            or any(low <= ord(character) <= high for character in door
+                   for low, high in DOOR_NAME_REFUSED))
+
+
+def parse_number(text):
+    """TEXT as an int when it is a whole number of docs/SPEC.md's grammar: an
+    optional `-`, then 1 to NUMBER_DIGITS_MAX ASCII digits.  Else None."""
+    digits = text[1:] if text[:1] == "-" else text
+    if 0 < len(digits) <= NUMBER_DIGITS_MAX and digits.isascii() and digits.isdigit():
+        return int(text)
+    return None
 
 
 def period_start(now, period, offset=0):
@@ -225,15 +262,20 @@ def _is_monotonic(ports):
     return all(a < b for a, b in pairs) or all(a > b for a, b in pairs)
 
 
+def check_start(start):
+    """Every algorithm's period start is a signed 64-bit number (docs/SPEC.md, step 1)."""
+    if not INT64_MIN <= start <= INT64_MAX:
+        raise RotatorError("period start %d is out of range" % start,
+                           "use a smaller --offset", EXIT_USAGE)
+
+
 def generate_sequence(secret, door, start, length, port_modulo):
     """The knock sequence of DOOR for the period starting at START.
 
     SECRET is bytes; DOOR is the full section name (with `_ROTATOR`).
     Returns a list of (port, "tcp" | "udp").
     """
-    if not INT64_MIN <= start <= INT64_MAX:
-        raise RotatorError("period start %d is out of range" % start,
-                           "use a smaller --offset", EXIT_USAGE)
+    check_start(start)
     prefix = (_field(ALGORITHM_TAG)
               + _field(door.encode("utf-8", "surrogateescape"))
               + start.to_bytes(8, "big", signed=True))
@@ -271,6 +313,7 @@ def with_protocols(ports, port_modulo):
 def legacy_draws(secret, door, start, length, count):
     """Knock Rotator's draws, each 0..COUNT-1: the first 8 hex digits of a
     plain SHA-256 of the period start, door, secret and index, modulo COUNT."""
+    check_start(start)
     for index in range(1, length + 1):
         text = b"%d" % start + door.encode("utf-8", "surrogateescape") + secret + b"%d" % index
         yield int(hashlib.sha256(text).hexdigest()[:8], 16) % count
@@ -313,15 +356,16 @@ def legacy_v3_sequence(secret, door, start, length, port_modulo, ranges):
 
 def legacy_port_ranges(variable, text):
     """KNOCKD_ROTATOR_PORTS of legacy-v3: `LOW-HIGH` ranges and single ports,
-    comma-separated, none twice, at least 2 -> sorted [(low, high)]."""
+    comma-separated (spaces and tabs around each allowed), none twice, at
+    least 2 -> sorted [(low, high)]."""
     ranges = []
     for part in text.split(","):
-        low, dash, high = part.strip().partition("-")
-        high = high if dash else low
-        if not (low + high).isascii() or not low.isdigit() or not high.isdigit():
+        low, dash, high = part.strip(" \t").partition("-")
+        bounds = (parse_number(low), parse_number(high if dash else low))
+        if None in bounds:
             ranges = []           # the check below refuses it
             break
-        ranges.append((int(low), int(high)))
+        ranges.append(bounds)
     ranges.sort()
     if (not ranges or not all(1 <= low <= high <= MAX_PORT + 1 for low, high in ranges)
             or any(later[0] <= earlier[1] for earlier, later in zip(ranges, ranges[1:]))
@@ -433,13 +477,13 @@ def whole_number(environ, variable, low, high, default):
     if variable not in environ:
         return default
     text = environ[variable]
-    digits = text[1:] if text[:1] == "-" else text
-    if not (digits.isascii() and digits.isdigit()) or not low <= int(text) <= high:
+    number = parse_number(text)
+    if number is None or not low <= number <= high:
         raise RotatorError("%s must be a whole number from %d to %d, not %r"
                            % (variable, low, high, text[:40]),
                            "fix it in the environment or the environment file",
                            EXIT_ENVIRONMENT)
-    return int(text)
+    return number
 
 
 class DoorSettings:
@@ -452,6 +496,8 @@ class DoorSettings:
 def scan_odds(length):
     """N: one period in N opens a door of LENGTH distinct ports, in no scan
     order, to a port scan run twice upwards and twice downwards."""
+    if length < 3:
+        return 1                  # every order of 1 or 2 ports is a scan's
     orders = 1
     for count in range(2, length + 1):
         orders *= count
@@ -584,10 +630,17 @@ class Parser(argparse.ArgumentParser):
         raise RotatorError(message, "see %s --help" % self.prog, EXIT_USAGE)
 
 
+def bounded_number(text, low, high, what):
+    """TEXT, a command line's whole number from LOW to HIGH, for argparse."""
+    number = parse_number(text)
+    if number is None or not low <= number <= high:
+        raise argparse.ArgumentTypeError("%r is not %s from %d to %d"
+                                         % (text[:40], what, low, high))
+    return number
+
+
 def port_number(text):
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_PORT:
-        raise argparse.ArgumentTypeError("%r is not a port from 1 to %d" % (text, MAX_PORT))
-    return int(text)
+    return bounded_number(text, 1, MAX_PORT, "a port")
 
 
 def resolve_command(word, commands):
@@ -612,7 +665,6 @@ def resolve_command(word, commands):
 
 SPACE = b" \t\n\r\v\f"
 LINE_MAX = 4094          # fgets(PATH_MAX) splits longer lines in two
-DOOR_NAME_MAX = 127      # knockd cuts door names here
 OPTION_KEYS = {"LOGFILE", "PIDFILE", "INTERFACE"}
 DOOR_KEYS = {"TARGET", "SEQUENCE", "ONE_TIME_SEQUENCES", "SEQ_TIMEOUT", "TIMEOUT",
              "START_COMMAND", "COMMAND", "START_COMMAND_6", "STOP_COMMAND",
@@ -973,7 +1025,8 @@ def keep_one_time_sequences(lines):
         except OSError as exc:
             raise RotatorError("cannot add a keeper line to the one_time_sequences file %s "
                                "(line %d): %s" % (path, line.number, exc.strerror),
-                               "make it writable for root, or remove the door") from None
+                               "make it writable for root, or remove the door",
+                               EXIT_CONFIG) from None
         struck = struck or bool(supply.keepers)
         log("%s: %s a keeper line (knockd 0.8 stops when the lines are used up)"
             % (path, "moved" if supply.keepers else "added"))
@@ -1036,6 +1089,11 @@ def rotator_errors(lines):
         if line.kind == "section" and len(line.section) > DOOR_NAME_MAX:
             errors.append((line.number, "door name [%s...] is longer than %d bytes, which "
                            "knockd cuts" % (name[:20], DOOR_NAME_MAX), "shorten it"))
+        elif line.kind == "section" and door_name_refused(line.section.decode(
+                "utf-8", "surrogateescape")):
+            errors.append((line.number, "door name %r holds a control character, a bracket, "
+                           "a line separator or bytes that are not UTF-8, which no client "
+                           "takes (docs/SPEC.md)" % name, "rename the door"))
         if line.kind == "directive" and line.key == "ONE_TIME_SEQUENCES":
             errors.append((line.number, "rotator door [%s] has one_time_sequences" % name,
                            "remove it: a rotator door's sequence comes from the secret"))
@@ -2068,13 +2126,43 @@ def use_count(uses, settings, start):
 
 
 def read_uses(state_dir):
+    """STATE_DIR/uses, with what is damaged in it dropped (and said so): the
+    file is only ever rewritten whole, so a damaged one was edited or broken
+    on disk, and the next burn writes it anew.  Fields it does not know are
+    kept as they are."""
     import json
+    path = os.path.join(state_dir, USES)
     try:
-        with open(os.path.join(state_dir, USES), "rb") as handle:
+        with open(path, "rb") as handle:
             uses = json.loads(handle.read())
-        return uses if isinstance(uses, dict) else {}
-    except (OSError, ValueError):
+    except OSError:
         return {}
+    except (ValueError, RecursionError):
+        uses = None
+    valid = {door: valid_use_entry(entry) for door, entry in
+             (uses.items() if isinstance(uses, dict) else ())
+             if door.endswith(ROTATOR_SUFFIX) and isinstance(entry, dict)}
+    if valid != uses:
+        log("warning: %s is damaged; what is left of it counts (the next burn rewrites it)"
+            % path)
+    return valid
+
+
+def valid_use_entry(entry):
+    """ENTRY of the uses file without its malformed counts and burn times."""
+    def whole(value, high):
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= high
+
+    valid = dict(entry)
+    if "counts" in entry:
+        counts = entry["counts"] if isinstance(entry["counts"], dict) else {}
+        # A burn adds one to a count, which must stay within single use's u32.
+        valid["counts"] = {start: count for start, count in counts.items()
+                           if parse_number(start) is not None and whole(count, MAX_USE - 1)}
+    if "burns" in entry:
+        burns = entry["burns"] if isinstance(entry["burns"], list) else []
+        valid["burns"] = [moment for moment in burns if whole(moment, INT64_MAX)]
+    return valid
 
 
 def with_burn(uses, door, now, settings_of):
@@ -2319,7 +2407,7 @@ def as_planned(state_dir, data, environ, uses, now):
                  and record["file"] == hashlib.sha256(data).hexdigest()
                  and record["uses"] == uses_digest(uses)
                  and record["inputs"] == inputs_digest(environ, salt))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
     if not holds:
         return None
@@ -3504,12 +3592,27 @@ def record_fingerprints(state_dir, plan):
                json.dumps(record, sort_keys=True, indent=1).encode() + b"\n")
 
 
+def valid_fingerprint(known):
+    """Whether KNOWN is an entry of the fingerprints file as record_fingerprints writes it."""
+    def whole(value, low, high):
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    return (isinstance(known, dict) and whole(known.get("period"), 1, MAX_PERIOD)
+            and whole(known.get("grace"), 0, MAX_PERIOD) and whole(known.get("lead", 0), 0,
+                                                                  MAX_PERIOD)
+            and isinstance(known.get("mode"), str) and "start" in known
+            and (known["start"] is None or whole(known["start"], 0, AT_MAX))
+            and isinstance(known.get("fingerprint", 0), (str, type(None))))
+
+
 def recorded_status(old_data, settings, now):
     """door_status()'s doors and plan facts from the fingerprints, no secret needed."""
     import json
     try:
         with open(os.path.join(settings["STATE_DIR"], FINGERPRINTS), "rb") as handle:
             record = json.loads(handle.read())
+    except RecursionError:
+        record = {}
     except (OSError, ValueError) as exc:
         raise RotatorError("no secret to compute the sequences with, and no fingerprints "
                            "recorded by a rotation (%s)" % getattr(exc, "strerror", exc),
@@ -3518,8 +3621,9 @@ def recorded_status(old_data, settings, now):
     held = door_sequences(user_lines)
     doors = []
     for door in rotator_doors(user_lines):
-        known = record.get(door, {"period": 1, "grace": 0, "mode": "?", "start": None,
-                                  "fingerprint": None})
+        known = record.get(door) if isinstance(record, dict) else None
+        if not valid_fingerprint(known):      # damaged, or no rotation recorded it
+            known = {"period": 1, "grace": 0, "mode": "?", "start": None, "fingerprint": None}
         period, grace, lead = known["period"], known["grace"], known.get("lead", 0)
         start = period_start(now + lead, period)
         matches = fingerprint(door, known["start"] or 0, held.get(door) or b"") == \
@@ -3745,6 +3849,15 @@ COMMANDS = ("check", "status", "add-client", "remove-client", "list-clients", "b
 VALUE_OPTIONS = ("--config", "--at")
 
 
+# --at's latest moment: beyond any real boundary, and far enough below
+# datetime's year 9999 that utc() of a moment a period later stays within it.
+AT_MAX = 2 ** 37
+
+
+def boundary_moment(text):
+    return bounded_number(text, 0, AT_MAX, "a UNIX time")
+
+
 def build_parser():
     parser = Parser(prog=os.path.basename(sys.argv[0]), allow_abbrev=False,
                     description="Rotate the sequences of the [*_ROTATOR] doors of knockd.conf "
@@ -3763,7 +3876,7 @@ def build_parser():
                       help="also leave a boundary run for an event before the timer's next "
                            "run (knockd_rotator.service's own runs; by hand, rotate without it)")
     # A boundary run: sleep until this UNIX time, then rotate (see above).
-    mode.add_argument("--at", type=int, help=argparse.SUPPRESS)
+    mode.add_argument("--at", type=boundary_moment, help=argparse.SUPPRESS)
     parser.add_argument("--verbose", action="store_true", help="say more")
     commands = parser.add_subparsers(dest="command", metavar="[COMMAND]")
 
