@@ -1823,6 +1823,7 @@ def load_into_knockd(path, new_data, fallback, was_running, settings):
             opens.close()
         if ok and not hung:
             remember_good(state_dir, new_data)
+            remember_loaded(state_dir, new_data)
             return None
         if hung:
             # Alive, but deaf: knockd 0.8 can deadlock in its SIGHUP handler
@@ -1837,10 +1838,15 @@ def load_into_knockd(path, new_data, fallback, was_running, settings):
                                    "{0}; systemctl start {0}".format(settings["UNIT"]),
                                    EXIT_RECOVERY)
         elif knockd_runs(settings):
-            # knockd lives, with the old doors in memory: the file must match.
+            # knockd lives, with the old doors in memory: the file must match
+            # their shape.  Its sequences may be the current ones, which knockd
+            # has not loaded: the record of what it loaded makes the next run
+            # reload it.
             put_back(path, fallback(), detail, settings)
             raise RotatorError("knockd did not take the new %s (%s); the last file it ran "
-                               "with is back and knockd runs with it" % (path, detail),
+                               "with is back, at the current sequences, and knockd runs "
+                               "with the older one it had: the next run reloads it"
+                               % (path, detail),
                                "check KNOCKD_ROTATOR_RELOAD_COMMAND and _CHECK_COMMAND; "
                                "journalctl -u %s" % settings["UNIT"], EXIT_FAILED)
         why = ("knockd hung after the reload and was killed (%s)" if hung
@@ -1852,10 +1858,12 @@ def load_into_knockd(path, new_data, fallback, was_running, settings):
     ok, detail = start_knockd(path, settings)
     if ok:
         remember_good(state_dir, new_data)
+        remember_loaded(state_dir, new_data)
         return (("%s; it runs with the new file: knockd 0.8 can crash or hang while it reloads "
                  "under a flood of knocks, see journalctl -u %s" % (why, settings["UNIT"]))
                 if was_running else None)
-    put_back(path, fallback(), "%s and refused to start with the new file (%s)"
+    good = fallback()
+    put_back(path, good, "%s and refused to start with the new file (%s)"
              % (why, detail), settings)
     recovered, recover_detail = start_knockd(path, settings)
     if not recovered:
@@ -1864,6 +1872,7 @@ def load_into_knockd(path, new_data, fallback, was_running, settings):
                            % (why, path, detail, recover_detail),
                            "start knockd now: systemctl start {0}; journalctl -u {0}"
                            .format(settings["UNIT"]), EXIT_RECOVERY)
+    remember_loaded(state_dir, good)
     raise RotatorError("%s and refused to start with the new %s (%s); the last file it ran "
                        "with is back and knockd runs with it" % (why, path, detail),
                        "knockd_rotator_server.py check; journalctl -u %s" % settings["UNIT"],
@@ -1896,6 +1905,32 @@ def keep_state(path, data):
 
 def remember_good(state_dir, data):
     keep_state(os.path.join(state_dir, LAST_GOOD), data)
+
+
+# What knockd has in memory is not what the file holds when a reload failed
+# with knockd alive, or the run died between the write and the SIGHUP: the
+# file is current, yet knockd opens for the old sequences until something
+# changes.  So the SHA-256 of the bytes knockd was seen to (re)read is kept,
+# written only on that evidence, and a file ahead of it is loaded again.  It
+# holds no sequence, so `status` without the secret may read it.
+LOADED = "loaded"
+
+
+def file_digest(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def remember_loaded(state_dir, data):
+    keep_state(os.path.join(state_dir, LOADED), file_digest(data).encode() + b"\n")
+
+
+def loaded_digest(state_dir):
+    """The SHA-256 of the file knockd last re-read, or None when unknown."""
+    try:
+        with open(os.path.join(state_dir, LOADED), "rb") as handle:
+            return handle.read().decode("ascii", "replace").strip() or None
+    except OSError:
+        return None
 
 
 def last_good(state_dir):
@@ -2317,6 +2352,7 @@ def as_planned(state_dir, data, environ, uses, now):
         salt = bytes.fromhex(record["salt"])
         holds = (record["from"] <= now < record["until"]
                  and record["file"] == hashlib.sha256(data).hexdigest()
+                 and record["file"] == loaded_digest(state_dir)
                  and record["uses"] == uses_digest(uses)
                  and record["inputs"] == inputs_digest(environ, salt))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -2327,8 +2363,8 @@ def as_planned(state_dir, data, environ, uses, now):
     return Plan(doors=list(record["starts"]), starts=record["starts"], event=record["until"])
 
 
-def heal_knockd(config_path, settings):
-    """A current file does not prove knockd runs: start it if it does not."""
+def heal_knockd(config_path, settings, data):
+    """A current file (DATA) does not prove knockd runs: start it if it does not."""
     if knockd_runs(settings):
         return
     why = "knockd is not running, although %s is current" % config_path
@@ -2338,6 +2374,7 @@ def heal_knockd(config_path, settings):
         raise RotatorError("%s, and starting it failed (%s)" % (why, detail),
                            "start knockd now: systemctl start {0}; "
                            "journalctl -u {0}".format(settings["UNIT"]), EXIT_RECOVERY)
+    remember_loaded(settings["STATE_DIR"], data)
 
 
 def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None, burn=None,
@@ -2373,7 +2410,7 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
         recorded = (None if dry_run or verbose or change or burn else
                     as_planned(settings["STATE_DIR"], old_data, environ, uses, now))
         if recorded:
-            heal_knockd(config_path, settings)
+            heal_knockd(config_path, settings, old_data)
             return recorded
         plan = plan_rotation(config_path, old_data, now, settings_of,
                              change.edit if change else None, uses)
@@ -2400,14 +2437,18 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
             if new_data != old_data:
                 sys.stdout.writelines(unified_diff(plan.old_lines, plan.new_lines, config_path))
             return plan
-        if new_data == old_data and not struck:
+        loaded = loaded_digest(settings["STATE_DIR"]) == file_digest(new_data)
+        if new_data == old_data and not struck and loaded:
             if verbose:
                 log("%s is current" % config_path)
-            heal_knockd(config_path, settings)
+            heal_knockd(config_path, settings, new_data)
             remember_good(settings["STATE_DIR"], new_data)
             record_fingerprints(settings["STATE_DIR"], plan)
             record_planned(settings["STATE_DIR"], new_data, environ, uses, now, plan)
         else:
+            if new_data == old_data and not struck:
+                log("knockd was not seen to load the current %s (a reload failed, a run "
+                    "ended before it, or no record yet): reloading it" % config_path)
             try_on_knockd(config_path, plan.new_lines, settings)
             old_sequences = door_sequences(plan.user_lines)
             was_running = knockd_runs(settings)
@@ -3600,6 +3641,9 @@ def knockd_status(config_path, environ, settings, now):
         "knockd_active": knockd_runs(settings), "last_rotation": last, "doors": doors,
     }
     report["knockd_listening"], report["knockd_listening_why"] = knockd_listening(config_path)
+    loaded = loaded_digest(settings["STATE_DIR"])
+    report["knockd_loaded"] = None if loaded is None else loaded == file_digest(old_data)
+    report["file_written"] = int(os.stat(config_path).st_mtime)
     lines = parse_config(old_data)
     report["knockd"] = settings["UNIT"]
     report["door_count"], report["doors_in_grace"] = door_load(lines)
@@ -3627,6 +3671,18 @@ def knockd_state(report, prefix=""):
         critical.append("knockd is not active")
     elif report.get("knockd_listening") is False:
         critical.append(report["knockd_listening_why"])
+    # A file ahead of knockd hides behind a current file (one that is not
+    # current is reported as such, and the next run rewrites and reloads it).
+    hidden = report.get("file_current") is not False and all(door["current"]
+                                                             for door in report["doors"])
+    if report["knockd_active"] and report.get("knockd_loaded") is False and hidden:
+        # A rotation writes the file, then reloads: not yet is not never.
+        if report["now"] - report["file_written"] < STATUS_SLACK:
+            warning.append("knockd has not re-read %s yet" % report["config"])
+        else:
+            critical.append("knockd runs with an older file than %s (a reload failed or "
+                            "was cut short: the next run reloads it, or run knockd_rotator_server.py)"
+                            % report["config"])
     for door in report["doors"]:
         if door["current"]:
             continue

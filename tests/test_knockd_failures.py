@@ -400,3 +400,81 @@ def test_status_is_critical_when_knockd_runs_but_hears_nothing(netns, tmp_path, 
     finally:
         stand_in.kill()
         stand_in.wait()
+
+
+def stale_status(knockd, env):
+    """status (exit code, reasons) as a monitoring check sees it STATUS_SLACK
+    seconds after the file was written: past the time a rotation takes to reload."""
+    import json
+    need_root_and("faketime")
+    result = run_server("status", "--config", knockd.config, "--json", env=env,
+                        prefix=["faketime", "-f", "+11s"])
+    return result.returncode, json.loads(result.stdout)["reasons"]
+
+
+def test_a_reload_that_failed_with_knockd_alive_is_done_by_the_next_run(netns, tmp_path,
+                                                                       server_env,
+                                                                       daemon_knockd):
+    """The reload fails once while knockd lives on with the old sequences:
+    the file put back holds the current ones, so the file looks current.
+    status is CRITICAL until a run reloads knockd, which the next run does."""
+    knockd = daemon_knockd(["ssh_ROTATOR"])
+    settings = knockd.settings()
+    env = server_env(GRACE=0, LEAD=0, **settings)
+    assert run_server("--config", knockd.config, env=env).returncode == 0
+    wait_until(knockd.pid, 10, "knockd to start")
+    failed_once = tmp_path / "failed-once"
+    rotated = server_env(GRACE=0, LEAD=0, PERIOD_MODULO=31622399, **dict(
+        settings, RELOAD_COMMAND="if [ -e {0} ]; then {1}; else touch {0}; exit 1; fi".format(
+            failed_once, settings["RELOAD_COMMAND"])))
+    rereads = knockd.log_text().count("re-reading config file")
+    failed = run_server("--config", knockd.config, env=rotated)
+    assert failed.returncode == 1 and "knockd did not take the new" in failed.stderr, \
+        failed.stderr
+    assert run_server("--config", knockd.config, "--dry-run", env=rotated).stdout == "", \
+        "the file put back holds the current sequences"
+    code, reasons = stale_status(knockd, rotated)
+    assert code == 2 and reasons == [
+        "knockd runs with an older file than %s (a reload failed or was cut short: the next "
+        "run reloads it, or run knockd_rotator_server.py)" % knockd.config], reasons
+
+    again = run_server("--config", knockd.config, env=rotated)
+    assert again.returncode == 0, again.stderr
+    assert "knockd was not seen to load the current" in again.stderr
+    wait_until(lambda: knockd.log_text().count("re-reading config file") > rereads, 10,
+               "knockd to re-read its file")
+    assert run_client("knock", "127.0.0.1", "ssh", netns=netns.name,
+                      env=rotator_env(PERIOD_MODULO=31622399)).returncode == 0
+    wait_until(lambda: "ssh_ROTATOR: OPEN SESAME" in knockd.log_text(), 10,
+               "the current sequence to open")
+    assert stale_status(knockd, rotated)[0] == 0
+    rereads = knockd.log_text().count("re-reading config file")
+    assert run_server("--config", knockd.config, env=rotated).returncode == 0
+    assert knockd.log_text().count("re-reading config file") == rereads, \
+        "a file knockd has loaded is not loaded again"
+
+
+def test_a_run_killed_between_the_write_and_the_reload_is_finished_by_the_next(
+        netns, tmp_path, server_env, daemon_knockd):
+    """SIGKILL of the server when it would reload: the file is current and
+    knockd holds the old one.  status is CRITICAL until the next run reloads."""
+    knockd = daemon_knockd(["ssh_ROTATOR"])
+    settings = knockd.settings()
+    env = server_env(**settings)
+    assert run_server("--config", knockd.config, env=env).returncode == 0
+    wait_until(knockd.pid, 10, "knockd to start")
+    rereads = knockd.log_text().count("re-reading config file")
+    killed = run_server("--config", knockd.config, env=server_env(
+        PERIOD_MODULO=31622399, **dict(settings, RELOAD_COMMAND="kill -KILL $PPID")))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    rotated = server_env(PERIOD_MODULO=31622399, **settings)
+    assert run_server("--config", knockd.config, "--dry-run", env=rotated).stdout == ""
+    code, reasons = stale_status(knockd, rotated)
+    assert code == 2 and reasons[0].startswith("knockd runs with an older file than"), reasons
+    assert knockd.log_text().count("re-reading config file") == rereads
+
+    again = run_server("--config", knockd.config, env=rotated)
+    assert again.returncode == 0, again.stderr
+    wait_until(lambda: knockd.log_text().count("re-reading config file") > rereads, 10,
+               "knockd to re-read its file")
+    assert stale_status(knockd, rotated)[0] == 0
