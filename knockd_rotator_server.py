@@ -1478,12 +1478,15 @@ def knockd_config(entry):
     its -c, else /etc/knockd.conf."""
     with open("/proc/%s/cmdline" % entry, "rb") as handle:
         argv = handle.read().split(b"\0")
-    folder = os.readlink("/proc/%s/cwd" % entry)
     config = "/etc/knockd.conf"
     for index, word in enumerate(argv[:-1]):      # the last one given wins
         if word in (b"-c", b"--config"):
             config = os.fsdecode(argv[index + 1])
-    return os.path.realpath(os.path.join(folder, config))
+    if not os.path.isabs(config):
+        # Only root reads another user's cwd: a monitoring account finds
+        # the knockd of an absolute -c (as the units give) without it.
+        config = os.path.join(os.readlink("/proc/%s/cwd" % entry), config)
+    return os.path.realpath(config)
 
 
 def knockd_processes(config_path):
@@ -1542,6 +1545,7 @@ def knockd_listening(config_path, found=None):
     main = main_knockd(found)
     if not main:
         return None, "no knockd process reading %s is visible" % config_path
+    unseen = None
     for pid in main:
         if found[pid][1] in "TtZX":
             return False, "knockd (pid %d) is stopped" % pid
@@ -1551,9 +1555,13 @@ def knockd_listening(config_path, found=None):
             with open("/proc/%d/net/packet" % pid) as handle:
                 captures = {"socket:[%s]" % row.split()[-1] for row in handle.readlines()[1:]}
         except OSError:
+            unseen = pid           # gone meanwhile, or its descriptors are root's to see
             continue
         if not sockets & captures:
             return False, "knockd (pid %d) has no packet capture open: it hears no knock" % pid
+    if unseen is not None:
+        return None, ("knockd (pid %d) runs, but its descriptors are not to be seen here: "
+                      "status as root checks its packet capture" % unseen)
     return True, ""
 
 
@@ -2377,6 +2385,50 @@ def heal_knockd(config_path, settings, data):
     remember_loaded(settings["STATE_DIR"], data)
 
 
+# A stopped knockd (SIGSTOP, a job-control stop, a debugger) is `active` and
+# passes the check command, yet hears no knock; its children that wait to run
+# a stop_command run it only once they go on.  SIGCONT to each of them loses
+# nothing: knockd keeps its doors, the stop_commands run (late).  A knockd that
+# stays stopped (a debugger holds it) is hung: ended and started again with
+# the file on disk, which costs the pending stop_commands, as after a reload.
+RESUME_PATIENCE = 1
+
+
+def resume_stopped_knockd(config_path, settings, data):
+    """Let the stopped knockd processes reading CONFIG_PATH (which holds
+    DATA) go on: a warning to log, or None."""
+    found = knockd_processes(config_path)
+    stopped = [pid for pid, (_, state, _) in found.items() if state in "Tt"]
+    if not stopped:
+        return None
+    for pid in stopped:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    main = [pid for pid in main_knockd(found) if pid in stopped]
+    deadline = time.monotonic() + RESUME_PATIENCE
+    while True:
+        again = knockd_processes(config_path)
+        held = [pid for pid in main if again.get(pid, (0, "gone"))[1] in "Tt"]
+        if not held or time.monotonic() > deadline:
+            break
+        time.sleep(CHECK_POLL)
+    if not held:
+        return ("knockd (%s) was stopped, hearing no knock: sent it SIGCONT"
+                % ", ".join("pid %d" % pid for pid in stopped))
+    why = "knockd (pid %d) stays stopped after a SIGCONT (a debugger holds it?)" % held[0]
+    killed, detail = run_command(settings["KILL_COMMAND"])
+    if killed:
+        killed, detail = start_knockd(config_path, settings)
+    if not killed:
+        raise RotatorError("%s, and ending it and starting it again failed (%s)" % (why, detail),
+                           "kill knockd and start it now: systemctl kill --signal=KILL "
+                           "{0}; systemctl start {0}".format(settings["UNIT"]), EXIT_RECOVERY)
+    remember_loaded(settings["STATE_DIR"], data)
+    return why + ": ended it and started it again with %s" % config_path
+
+
 def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None, burn=None,
            whole_run=True):
     """Bring CONFIG_PATH (knockd.conf, or an instance's file) to the state of
@@ -2397,6 +2449,9 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
         if not dry_run:
             remove_stale_temporaries(config_path)
         old_data = read_config(config_path)
+        resumed = not dry_run and resume_stopped_knockd(config_path, settings, old_data)
+        if resumed:
+            log("warning: " + resumed)
         if change:
             change.prepare(config_path, old_data)
         environ = change.environ if change else with_env_file(environ, settings["ENV_FILE"])
@@ -3461,11 +3516,12 @@ def check_file(config_path, environ, settings, whole_run):
                       "go deaf" % (number, path), "give every line as many ports")
                      for number in supply.longer]
     with_sequence = door_sequences(user_lines)
-    warnings += [(line.number, "rotator door [%s] has no sequence yet: knockd refuses to start "
-                  "until a rotation writes one" % line.section.decode("utf-8", "replace"),
+    unrotated = [(line.number, "rotator door [%s] has no sequence yet: knockd refuses to "
+                  "start until a rotation writes one" % line.section.decode("utf-8", "replace"),
                   "run knockd_rotator_server.py once")
                  for line in user_lines if line.kind == "section" and is_rotator(line.section)
                  and line.section.decode("utf-8", "surrogateescape") not in with_sequence]
+    warnings += unrotated
     environ = with_env_file(environ, settings["ENV_FILE"])
     settings_of = settings_reader(environ)
     first_lines = {}
@@ -3484,6 +3540,14 @@ def check_file(config_path, environ, settings, whole_run):
     if refusal:
         print("error: knockd refuses %s: %s (fix what knockd names)" % (config_path, refusal),
               file=sys.stderr)
+    running, detail = run_command(settings["CHECK_COMMAND"])
+    listening, deaf = knockd_listening(config_path) if running else (
+        False, "knockd is not running (check command failed (%s))" % detail)
+    # Before the first rotation knockd cannot run yet: that one starts it.
+    first_start = not running and bool(unrotated)
+    if listening is False and not first_start:
+        print("error: %s (run knockd_rotator_server.py, which starts or resumes it; "
+              "journalctl -u %s)" % (deaf, settings["UNIT"]), file=sys.stderr)
     for number, what, fix in sorted(warnings):
         print("warning: " + finding(config_path, number, what, fix), file=sys.stderr)
     others = ["warning: %s (%s)" % weak for weak in weak_doors(door_settings)]
@@ -3492,6 +3556,7 @@ def check_file(config_path, environ, settings, whole_run):
     others += ["warning: " + crowded for crowded in [crowded_knockd(lines)] if crowded]
     others += ["warning: %s was not tried on knockd (%s)" % (config_path, untried)
                for untried in [untried] if untried]
+    others += ["warning: %s: the first rotation starts it" % deaf] if first_start else []
     others += [warning for warning in (whole_run and readable_by_others(settings["ENV_FILE"]),
                                        readable_by_others(config_path, "the live sequences"))
                if warning]
@@ -3501,12 +3566,14 @@ def check_file(config_path, environ, settings, whole_run):
         print("warning: %s has no door whose name ends with %s (nothing to rotate)"
               % (config_path, ROTATOR_SUFFIX), file=sys.stderr)
     print("%s: %d errors, %d warnings, %d rotator doors" % (
-        config_path, len(errors) + bool(refusal), len(warnings) + len(others) + (not doors),
-        len(doors)))
+        config_path, len(errors) + bool(refusal) + (listening is False and not first_start),
+        len(warnings) + len(others) + (not doors), len(doors)))
     print("%s: %s compiles %d doors, %d during a grace window (add-client gives it %d at "
           "most; past %d with grace windows, each reload leaves it deaf for 0.5 s or more)"
           % ((config_path, settings["UNIT"]) + door_load(lines)
              + (settings["DOORS_PER_KNOCKD"], CROWDED_DOORS)))
+    if listening is False and not first_start:
+        return EXIT_RECOVERY
     return EXIT_CONFIG if errors or refusal else EXIT_OK
 
 
