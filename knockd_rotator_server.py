@@ -2410,7 +2410,7 @@ def resume_stopped_knockd(config_path, settings, data):
     deadline = time.monotonic() + RESUME_PATIENCE
     while True:
         again = knockd_processes(config_path)
-        held = [pid for pid in main if again.get(pid, (0, "gone"))[1] in "Tt"]
+        held = [pid for pid in main if pid in again and again[pid][1] in "Tt"]
         if not held or time.monotonic() > deadline:
             break
         time.sleep(CHECK_POLL)
@@ -3748,8 +3748,8 @@ def knockd_state(report, prefix=""):
             warning.append("knockd has not re-read %s yet" % report["config"])
         else:
             critical.append("knockd runs with an older file than %s (a reload failed or "
-                            "was cut short: the next run reloads it, or run knockd_rotator_server.py)"
-                            % report["config"])
+                            "was cut short: the next run reloads it, or run "
+                            "knockd_rotator_server.py)" % report["config"])
     for door in report["doors"]:
         if door["current"]:
             continue

@@ -510,6 +510,54 @@ def test_a_run_between_events_resumes_a_stopped_knockd(netns, tmp_path, server_e
                "the door to open")
 
 
+# A debugger's hold: attach to knockd (argv 1) and never let it go on, until
+# it dies; argv 2 is made once knockd is held.
+HOLD = r"""
+import ctypes, os, sys
+PTRACE_ATTACH, WALL = 16, 0x40000000
+pid = int(sys.argv[1])
+if ctypes.CDLL(None, use_errno=True).ptrace(PTRACE_ATTACH, pid, None, None) != 0:
+    sys.exit("ptrace: errno %d" % ctypes.get_errno())
+os.waitpid(pid, WALL)
+open(sys.argv[2], "w").close()
+while True:
+    _, status = os.waitpid(pid, WALL)
+    if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+        break
+"""
+
+
+def test_a_knockd_that_stays_stopped_is_started_again(netns, tmp_path, server_env,
+                                                      daemon_knockd):
+    """A knockd held by a debugger stays stopped after SIGCONT: the run ends
+    it and starts it again, as a knockd that hangs at a reload."""
+    knockd = daemon_knockd(["ssh_ROTATOR"])
+    settings = dict(knockd.settings(), KILL_COMMAND="kill -KILL $(cat %s)" % knockd.pidfile)
+    env = server_env(GRACE=0, **settings)
+    assert run_server("--config", knockd.config, env=env).returncode == 0
+    pid = wait_until(knockd.pid, 10, "knockd to start")
+    held = tmp_path / "held"
+    debugger = subprocess.Popen([sys.executable, "-c", HOLD, str(pid), str(held)])
+    try:
+        wait_until(lambda: held.exists() or debugger.poll() is not None, 5, "the hold")
+        assert debugger.poll() is None, "ptrace refused (kernel.yama.ptrace_scope?)"
+        assert process_state(pid) == "t"
+        result = run_server("--config", knockd.config, env=env)
+        assert result.returncode == 0, result.stderr
+        assert "knockd (pid %d) stays stopped after a SIGCONT (a debugger holds it?): ended " \
+            "it and started it again" % pid in result.stderr
+        debugger.wait(10)
+    finally:
+        debugger.kill()
+        debugger.wait()
+    again = wait_until(knockd.pid, 10, "knockd to run again")
+    assert again != pid and process_state(again) in "SR"
+    assert run_client("knock", "127.0.0.1", "ssh", netns=netns.name,
+                      env=rotator_env(PERIOD_MODULO=31622400)).returncode == 0
+    wait_until(lambda: "ssh_ROTATOR: OPEN SESAME" in knockd.log_text(), 10,
+               "the door to open")
+
+
 def test_check_reports_a_knockd_that_is_down_or_stopped(netns, tmp_path, server_env,
                                                        daemon_knockd):
     """check exits 7 (knockd is down: act now) when knockd does not run or is
