@@ -1536,12 +1536,15 @@ def knockd_config(entry):
     its -c, else /etc/knockd.conf."""
     with open("/proc/%s/cmdline" % entry, "rb") as handle:
         argv = handle.read().split(b"\0")
-    folder = os.readlink("/proc/%s/cwd" % entry)
     config = "/etc/knockd.conf"
     for index, word in enumerate(argv[:-1]):      # the last one given wins
         if word in (b"-c", b"--config"):
             config = os.fsdecode(argv[index + 1])
-    return os.path.realpath(os.path.join(folder, config))
+    if not os.path.isabs(config):
+        # Only root reads another user's cwd: a monitoring account finds
+        # the knockd of an absolute -c (as the units give) without it.
+        config = os.path.join(os.readlink("/proc/%s/cwd" % entry), config)
+    return os.path.realpath(config)
 
 
 def knockd_processes(config_path):
@@ -1600,6 +1603,7 @@ def knockd_listening(config_path, found=None):
     main = main_knockd(found)
     if not main:
         return None, "no knockd process reading %s is visible" % config_path
+    unseen = None
     for pid in main:
         if found[pid][1] in "TtZX":
             return False, "knockd (pid %d) is stopped" % pid
@@ -1609,9 +1613,13 @@ def knockd_listening(config_path, found=None):
             with open("/proc/%d/net/packet" % pid) as handle:
                 captures = {"socket:[%s]" % row.split()[-1] for row in handle.readlines()[1:]}
         except OSError:
+            unseen = pid           # gone meanwhile, or its descriptors are root's to see
             continue
         if not sockets & captures:
             return False, "knockd (pid %d) has no packet capture open: it hears no knock" % pid
+    if unseen is not None:
+        return None, ("knockd (pid %d) runs, but its descriptors are not to be seen here: "
+                      "status as root checks its packet capture" % unseen)
     return True, ""
 
 
@@ -1881,6 +1889,7 @@ def load_into_knockd(path, new_data, fallback, was_running, settings):
             opens.close()
         if ok and not hung:
             remember_good(state_dir, new_data)
+            remember_loaded(state_dir, new_data)
             return None
         if hung:
             # Alive, but deaf: knockd 0.8 can deadlock in its SIGHUP handler
@@ -1895,10 +1904,15 @@ def load_into_knockd(path, new_data, fallback, was_running, settings):
                                    "{0}; systemctl start {0}".format(settings["UNIT"]),
                                    EXIT_RECOVERY)
         elif knockd_runs(settings):
-            # knockd lives, with the old doors in memory: the file must match.
+            # knockd lives, with the old doors in memory: the file must match
+            # their shape.  Its sequences may be the current ones, which knockd
+            # has not loaded: the record of what it loaded makes the next run
+            # reload it.
             put_back(path, fallback(), detail, settings)
             raise RotatorError("knockd did not take the new %s (%s); the last file it ran "
-                               "with is back and knockd runs with it" % (path, detail),
+                               "with is back, at the current sequences, and knockd runs "
+                               "with the older one it had: the next run reloads it"
+                               % (path, detail),
                                "check KNOCKD_ROTATOR_RELOAD_COMMAND and _CHECK_COMMAND; "
                                "journalctl -u %s" % settings["UNIT"], EXIT_FAILED)
         why = ("knockd hung after the reload and was killed (%s)" if hung
@@ -1910,10 +1924,12 @@ def load_into_knockd(path, new_data, fallback, was_running, settings):
     ok, detail = start_knockd(path, settings)
     if ok:
         remember_good(state_dir, new_data)
+        remember_loaded(state_dir, new_data)
         return (("%s; it runs with the new file: knockd 0.8 can crash or hang while it reloads "
                  "under a flood of knocks, see journalctl -u %s" % (why, settings["UNIT"]))
                 if was_running else None)
-    put_back(path, fallback(), "%s and refused to start with the new file (%s)"
+    good = fallback()
+    put_back(path, good, "%s and refused to start with the new file (%s)"
              % (why, detail), settings)
     recovered, recover_detail = start_knockd(path, settings)
     if not recovered:
@@ -1922,6 +1938,7 @@ def load_into_knockd(path, new_data, fallback, was_running, settings):
                            % (why, path, detail, recover_detail),
                            "start knockd now: systemctl start {0}; journalctl -u {0}"
                            .format(settings["UNIT"]), EXIT_RECOVERY)
+    remember_loaded(state_dir, good)
     raise RotatorError("%s and refused to start with the new %s (%s); the last file it ran "
                        "with is back and knockd runs with it" % (why, path, detail),
                        "knockd_rotator_server.py check; journalctl -u %s" % settings["UNIT"],
@@ -1954,6 +1971,32 @@ def keep_state(path, data):
 
 def remember_good(state_dir, data):
     keep_state(os.path.join(state_dir, LAST_GOOD), data)
+
+
+# What knockd has in memory is not what the file holds when a reload failed
+# with knockd alive, or the run died between the write and the SIGHUP: the
+# file is current, yet knockd opens for the old sequences until something
+# changes.  So the SHA-256 of the bytes knockd was seen to (re)read is kept,
+# written only on that evidence, and a file ahead of it is loaded again.  It
+# holds no sequence, so `status` without the secret may read it.
+LOADED = "loaded"
+
+
+def file_digest(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def remember_loaded(state_dir, data):
+    keep_state(os.path.join(state_dir, LOADED), file_digest(data).encode() + b"\n")
+
+
+def loaded_digest(state_dir):
+    """The SHA-256 of the file knockd last re-read, or None when unknown."""
+    try:
+        with open(os.path.join(state_dir, LOADED), "rb") as handle:
+            return handle.read().decode("ascii", "replace").strip() or None
+    except OSError:
+        return None
 
 
 def last_good(state_dir):
@@ -2405,6 +2448,7 @@ def as_planned(state_dir, data, environ, uses, now):
         salt = bytes.fromhex(record["salt"])
         holds = (record["from"] <= now < record["until"]
                  and record["file"] == hashlib.sha256(data).hexdigest()
+                 and record["file"] == loaded_digest(state_dir)
                  and record["uses"] == uses_digest(uses)
                  and record["inputs"] == inputs_digest(environ, salt))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
@@ -2415,8 +2459,8 @@ def as_planned(state_dir, data, environ, uses, now):
     return Plan(doors=list(record["starts"]), starts=record["starts"], event=record["until"])
 
 
-def heal_knockd(config_path, settings):
-    """A current file does not prove knockd runs: start it if it does not."""
+def heal_knockd(config_path, settings, data):
+    """A current file (DATA) does not prove knockd runs: start it if it does not."""
     if knockd_runs(settings):
         return
     why = "knockd is not running, although %s is current" % config_path
@@ -2426,6 +2470,51 @@ def heal_knockd(config_path, settings):
         raise RotatorError("%s, and starting it failed (%s)" % (why, detail),
                            "start knockd now: systemctl start {0}; "
                            "journalctl -u {0}".format(settings["UNIT"]), EXIT_RECOVERY)
+    remember_loaded(settings["STATE_DIR"], data)
+
+
+# A stopped knockd (SIGSTOP, a job-control stop, a debugger) is `active` and
+# passes the check command, yet hears no knock; its children that wait to run
+# a stop_command run it only once they go on.  SIGCONT to each of them loses
+# nothing: knockd keeps its doors, the stop_commands run (late).  A knockd that
+# stays stopped (a debugger holds it) is hung: ended and started again with
+# the file on disk, which costs the pending stop_commands, as after a reload.
+RESUME_PATIENCE = 1
+
+
+def resume_stopped_knockd(config_path, settings, data):
+    """Let the stopped knockd processes reading CONFIG_PATH (which holds
+    DATA) go on: a warning to log, or None."""
+    found = knockd_processes(config_path)
+    stopped = [pid for pid, (_, state, _) in found.items() if state in "Tt"]
+    if not stopped:
+        return None
+    for pid in stopped:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    main = [pid for pid in main_knockd(found) if pid in stopped]
+    deadline = time.monotonic() + RESUME_PATIENCE
+    while True:
+        again = knockd_processes(config_path)
+        held = [pid for pid in main if pid in again and again[pid][1] in "Tt"]
+        if not held or time.monotonic() > deadline:
+            break
+        time.sleep(CHECK_POLL)
+    if not held:
+        return ("knockd (%s) was stopped, hearing no knock: sent it SIGCONT"
+                % ", ".join("pid %d" % pid for pid in stopped))
+    why = "knockd (pid %d) stays stopped after a SIGCONT (a debugger holds it?)" % held[0]
+    killed, detail = run_command(settings["KILL_COMMAND"])
+    if killed:
+        killed, detail = start_knockd(config_path, settings)
+    if not killed:
+        raise RotatorError("%s, and ending it and starting it again failed (%s)" % (why, detail),
+                           "kill knockd and start it now: systemctl kill --signal=KILL "
+                           "{0}; systemctl start {0}".format(settings["UNIT"]), EXIT_RECOVERY)
+    remember_loaded(settings["STATE_DIR"], data)
+    return why + ": ended it and started it again with %s" % config_path
 
 
 def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None, burn=None,
@@ -2448,6 +2537,9 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
         if not dry_run:
             remove_stale_temporaries(config_path)
         old_data = read_config(config_path)
+        resumed = not dry_run and resume_stopped_knockd(config_path, settings, old_data)
+        if resumed:
+            log("warning: " + resumed)
         if change:
             change.prepare(config_path, old_data)
         environ = change.environ if change else with_env_file(environ, settings["ENV_FILE"])
@@ -2461,7 +2553,7 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
         recorded = (None if dry_run or verbose or change or burn else
                     as_planned(settings["STATE_DIR"], old_data, environ, uses, now))
         if recorded:
-            heal_knockd(config_path, settings)
+            heal_knockd(config_path, settings, old_data)
             return recorded
         plan = plan_rotation(config_path, old_data, now, settings_of,
                              change.edit if change else None, uses)
@@ -2488,14 +2580,18 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
             if new_data != old_data:
                 sys.stdout.writelines(unified_diff(plan.old_lines, plan.new_lines, config_path))
             return plan
-        if new_data == old_data and not struck:
+        loaded = loaded_digest(settings["STATE_DIR"]) == file_digest(new_data)
+        if new_data == old_data and not struck and loaded:
             if verbose:
                 log("%s is current" % config_path)
-            heal_knockd(config_path, settings)
+            heal_knockd(config_path, settings, new_data)
             remember_good(settings["STATE_DIR"], new_data)
             record_fingerprints(settings["STATE_DIR"], plan)
             record_planned(settings["STATE_DIR"], new_data, environ, uses, now, plan)
         else:
+            if new_data == old_data and not struck:
+                log("knockd was not seen to load the current %s (a reload failed, a run "
+                    "ended before it, or no record yet): reloading it" % config_path)
             try_on_knockd(config_path, plan.new_lines, settings)
             old_sequences = door_sequences(plan.user_lines)
             was_running = knockd_runs(settings)
@@ -3508,11 +3604,12 @@ def check_file(config_path, environ, settings, whole_run):
                       "go deaf" % (number, path), "give every line as many ports")
                      for number in supply.longer]
     with_sequence = door_sequences(user_lines)
-    warnings += [(line.number, "rotator door [%s] has no sequence yet: knockd refuses to start "
-                  "until a rotation writes one" % line.section.decode("utf-8", "replace"),
+    unrotated = [(line.number, "rotator door [%s] has no sequence yet: knockd refuses to "
+                  "start until a rotation writes one" % line.section.decode("utf-8", "replace"),
                   "run knockd_rotator_server.py once")
                  for line in user_lines if line.kind == "section" and is_rotator(line.section)
                  and line.section.decode("utf-8", "surrogateescape") not in with_sequence]
+    warnings += unrotated
     environ = with_env_file(environ, settings["ENV_FILE"])
     settings_of = settings_reader(environ)
     first_lines = {}
@@ -3531,6 +3628,14 @@ def check_file(config_path, environ, settings, whole_run):
     if refusal:
         print("error: knockd refuses %s: %s (fix what knockd names)" % (config_path, refusal),
               file=sys.stderr)
+    running, detail = run_command(settings["CHECK_COMMAND"])
+    listening, deaf = knockd_listening(config_path) if running else (
+        False, "knockd is not running (check command failed (%s))" % detail)
+    # Before the first rotation knockd cannot run yet: that one starts it.
+    first_start = not running and bool(unrotated)
+    if listening is False and not first_start:
+        print("error: %s (run knockd_rotator_server.py, which starts or resumes it; "
+              "journalctl -u %s)" % (deaf, settings["UNIT"]), file=sys.stderr)
     for number, what, fix in sorted(warnings):
         print("warning: " + finding(config_path, number, what, fix), file=sys.stderr)
     others = ["warning: %s (%s)" % weak for weak in weak_doors(door_settings)]
@@ -3539,6 +3644,7 @@ def check_file(config_path, environ, settings, whole_run):
     others += ["warning: " + crowded for crowded in [crowded_knockd(lines)] if crowded]
     others += ["warning: %s was not tried on knockd (%s)" % (config_path, untried)
                for untried in [untried] if untried]
+    others += ["warning: %s: the first rotation starts it" % deaf] if first_start else []
     others += [warning for warning in (whole_run and readable_by_others(settings["ENV_FILE"]),
                                        readable_by_others(config_path, "the live sequences"))
                if warning]
@@ -3548,12 +3654,14 @@ def check_file(config_path, environ, settings, whole_run):
         print("warning: %s has no door whose name ends with %s (nothing to rotate)"
               % (config_path, ROTATOR_SUFFIX), file=sys.stderr)
     print("%s: %d errors, %d warnings, %d rotator doors" % (
-        config_path, len(errors) + bool(refusal), len(warnings) + len(others) + (not doors),
-        len(doors)))
+        config_path, len(errors) + bool(refusal) + (listening is False and not first_start),
+        len(warnings) + len(others) + (not doors), len(doors)))
     print("%s: %s compiles %d doors, %d during a grace window (add-client gives it %d at "
           "most; past %d with grace windows, each reload leaves it deaf for 0.5 s or more)"
           % ((config_path, settings["UNIT"]) + door_load(lines)
              + (settings["DOORS_PER_KNOCKD"], CROWDED_DOORS)))
+    if listening is False and not first_start:
+        return EXIT_RECOVERY
     return EXIT_CONFIG if errors or refusal else EXIT_OK
 
 
@@ -3704,6 +3812,9 @@ def knockd_status(config_path, environ, settings, now):
         "knockd_active": knockd_runs(settings), "last_rotation": last, "doors": doors,
     }
     report["knockd_listening"], report["knockd_listening_why"] = knockd_listening(config_path)
+    loaded = loaded_digest(settings["STATE_DIR"])
+    report["knockd_loaded"] = None if loaded is None else loaded == file_digest(old_data)
+    report["file_written"] = int(os.stat(config_path).st_mtime)
     lines = parse_config(old_data)
     report["knockd"] = settings["UNIT"]
     report["door_count"], report["doors_in_grace"] = door_load(lines)
@@ -3731,6 +3842,18 @@ def knockd_state(report, prefix=""):
         critical.append("knockd is not active")
     elif report.get("knockd_listening") is False:
         critical.append(report["knockd_listening_why"])
+    # A file ahead of knockd hides behind a current file (one that is not
+    # current is reported as such, and the next run rewrites and reloads it).
+    hidden = report.get("file_current") is not False and all(door["current"]
+                                                             for door in report["doors"])
+    if report["knockd_active"] and report.get("knockd_loaded") is False and hidden:
+        # A rotation writes the file, then reloads: not yet is not never.
+        if report["now"] - report["file_written"] < STATUS_SLACK:
+            warning.append("knockd has not re-read %s yet" % report["config"])
+        else:
+            critical.append("knockd runs with an older file than %s (a reload failed or "
+                            "was cut short: the next run reloads it, or run "
+                            "knockd_rotator_server.py)" % report["config"])
     for door in report["doors"]:
         if door["current"]:
             continue
