@@ -1381,10 +1381,12 @@ def take_lock(state_dir, name="lock"):
 
 
 def without_secrets(environ):
-    """ENVIRON less every secret and PIN: the reload, check, recover and kill
-    commands, and a knockd one of them starts, need none."""
+    """ENVIRON less every secret and PIN, and every SALT (a legacy door's
+    secret): the reload, check, recover and kill commands, and a knockd one
+    of them starts, need none."""
     return {name: value for name, value in environ.items()
-            if not name.startswith(("KNOCKD_ROTATOR_SECRET", "KNOCKD_ROTATOR_PIN"))}
+            if not name.startswith(("KNOCKD_ROTATOR_SECRET", "KNOCKD_ROTATOR_PIN",
+                                    "KNOCKD_ROTATOR_SALT"))}
 
 
 def run_command(command):
@@ -2923,6 +2925,16 @@ def door_commands(firewall, program, port, seconds):
     return tuple(command.format(**fields) for command in FIREWALLS[firewall][1:])
 
 
+def one_line(what, text, fix, code):
+    """Refuse TEXT (named WHAT), bound for a line of knockd.conf: a line break
+    in it would start lines of its own there (a start_command of whoever set
+    it, which knockd runs at the next knock), and a character that is not
+    printable (a control character, a byte that is not UTF-8) has no place."""
+    if not text.isprintable():
+        raise RotatorError("%s holds a line break or another character that is not "
+                           "printable, and would go into knockd.conf" % what, fix, code)
+
+
 def check_name(kind, text):
     """TEXT, when it is a valid client or service name."""
     if (0 < len(text) <= NAME_MAX and text.isascii() and text[0].isalnum()
@@ -2943,6 +2955,8 @@ def firewall_commands(firewall, port, environ):
         raise RotatorError("%s is not installed (no %s in PATH)" % (firewall, program),
                            "install it: apt install %s; or choose another --firewall"
                            % FIREWALL_PACKAGES[program], EXIT_ENVIRONMENT)
+    one_line("the path of %s, %r," % (program, path), path,
+             "give PATH folders without one", EXIT_ENVIRONMENT)
     rules = "; ".join(firewall_rules(firewall, port, CLIENT_CMD_TIMEOUT))
     if firewall == "nftables":
         # A door whose set is missing, or has no timeouts, opens nothing.
@@ -3189,14 +3203,17 @@ def burn_command(config_path, door, environ):
     background, so that the port opens without waiting for the reload.
     knockd's child has no KNOCKD_ROTATOR_* variable: the ones this run has
     (its settings, and the environment file's path) go along, but never a
-    secret or a PIN, which the burn reads from the environment file."""
+    secret, a SALT or a PIN, which the burn reads from the environment file."""
     import shlex
-    assignments = ["%s=%s" % (name, shlex.quote(value))
-                   for name, value in sorted(without_secrets(environ).items())
-                   if name.startswith("KNOCKD_ROTATOR_")]
-    return " ".join(assignments + [shlex.quote(SCRIPT), "--config",
-                                   shlex.quote(os.path.realpath(config_path)), "burn", door,
-                                   "& "])
+    settings = sorted((name, value) for name, value in without_secrets(environ).items()
+                      if name.startswith("KNOCKD_ROTATOR_"))
+    for name, value in settings:
+        one_line(name, value, "unset it, or remove the character", EXIT_ENVIRONMENT)
+    path = os.path.realpath(config_path)
+    one_line("the path %r" % path, path, "give knockd.conf a path without one", EXIT_USAGE)
+    assignments = ["%s=%s" % (name, shlex.quote(value)) for name, value in settings]
+    return " ".join(assignments + [shlex.quote(SCRIPT), "--config", shlex.quote(path), "burn",
+                                   door, "& "])
 
 
 def add_client(config_path, environ, now, args):
@@ -3251,12 +3268,12 @@ def add_client(config_path, environ, now, args):
             if name.encode("utf-8", "surrogateescape") in data:
                 enrolled(split_grace_block(parse_config(data))[0])
         target, made = place_client(data_of, settings)
-        if args.single_use:
-            # An IPv6 knock burns the use as well.
-            burn = burn_command(target, door, environ)
-            commands = (burn + commands[0], commands[1], burn + commands[2], commands[3])
         change = EnvChange(env_path, environ, prepare, adds=True)
         try:
+            if args.single_use:
+                # An IPv6 knock burns the use as well.
+                burn = burn_command(target, door, environ)
+                commands = (burn + commands[0], commands[1], burn + commands[2], commands[3])
             plan = rotate(target, environ, now, change=change)
         except RotatorError:
             # A new knockd that never ran leaves nothing behind.
