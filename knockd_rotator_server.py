@@ -1942,18 +1942,32 @@ def warn_if_readable_by_others(config_path, env_file):
 # add-client) would leave an unsandboxed process in the admin's session that
 # nothing stops, holding the caller's terminal or pipe; it says what comes
 # next instead.  The child inherits the environment, so the secret never
-# travels on a command line.  STATE_DIR/pending holds its pid: at most one is
-# pending.  A failed scheduled run schedules a retry (RETRY_SECONDS).
+# travels on a command line.  STATE_DIR/pending holds its pid and start time:
+# at most one is pending.  A failed scheduled run schedules a retry
+# (RETRY_SECONDS).
+
+def process_start(pid):
+    """PID's start time (clock ticks after boot, field 22 of /proc/PID/stat),
+    or None when there is no such process.  With the pid it names one process
+    for good: a local user who cycles pids until one of his takes over a
+    recorded pid gets that pid with a later start."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            stat = handle.read()
+        # The command name (field 2) is in parentheses and may hold any byte.
+        return int(stat[stat.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
 
 def pending_boundary_pid(state_dir):
     """(pid, boundary) of the pending boundary run, or (None, None)."""
     try:
         with open(os.path.join(state_dir, "pending")) as handle:
-            pid = int(handle.read().strip())
-        with open("/proc/%d/cmdline" % pid, "rb") as handle:
-            arguments = handle.read().split(b"\0")
-        # The pid may have been reused by another process since.
-        if SCRIPT.encode() in arguments and b"--at" in arguments:
+            pid, start = (int(field) for field in handle.read().split())
+        if process_start(pid) == start:
+            with open("/proc/%d/cmdline" % pid, "rb") as handle:
+                arguments = handle.read().split(b"\0")
             return pid, int(arguments[arguments.index(b"--at") + 1])
     except (OSError, ValueError, IndexError):
         pass
@@ -1979,7 +1993,9 @@ def schedule_boundary_run(config_path, boundary, now, settings, verbose):
         command.append("--verbose")
     child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              start_new_session=True, close_fds=True)
-    replace_file(os.path.join(state_dir, "pending"), b"%d\n" % child.pid, create=True)
+    # Not waited for, the child keeps its /proc entry even if it has ended.
+    replace_file(os.path.join(state_dir, "pending"),
+                 b"%d %d\n" % (child.pid, process_start(child.pid)), create=True)
     log("next run at %s (boundary run, pid %d)" % (utc(boundary), child.pid))
 
 
