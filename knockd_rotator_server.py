@@ -1664,6 +1664,10 @@ DEFAULT_TRIAL_KNOCKD = "/usr/sbin/knockd"
 # knockd compiles its filter before it listens: 2 s for 500 doors of 3 ports,
 # 2.5 s for 200 of 10.  Longer, and every reload would leave knockd that long deaf.
 TRIAL_SECONDS = 30
+# The trial's folder in STATE_DIR: TRIAL_PREFIX, then the pid and start time
+# (process_start) of the run it belongs to, so that the next run can remove
+# it when that run was killed.
+TRIAL_PREFIX = "trial-"
 TRIAL_OPTIONS = {"LOGFILE": b"logfile", "PIDFILE": b"pidfile", "INTERFACE": None,
                  "USESYSLOG": None}
 
@@ -1705,7 +1709,16 @@ def knockd_trial(lines, settings):
     program = settings["TRIAL_KNOCKD"]
     if not program or not os.path.exists(program):
         return None, None
-    with tempfile.TemporaryDirectory(prefix="knockd_rotator-trial-") as folder:
+    try:
+        trust_state_dir(settings["STATE_DIR"])
+        folder = tempfile.mkdtemp(prefix="%s%d-%d-" % (TRIAL_PREFIX, os.getpid(),
+                                                         process_start(os.getpid())),
+                                  dir=settings["STATE_DIR"])
+    except RotatorError as exc:
+        return None, exc.what
+    except OSError as exc:
+        return None, "no folder for it in %s: %s" % (settings["STATE_DIR"], exc.strerror)
+    try:
         path = os.path.join(folder, "knockd.conf")
         with open(path, "wb") as handle:
             handle.write(trial_copy(lines, folder))
@@ -1741,6 +1754,23 @@ def knockd_trial(lines, settings):
         if "Operation not permitted" in last or "ermission denied" in last:
             return None, last
         return last, None
+    finally:
+        import shutil
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_stale_trials(state_dir):
+    """The trial folders of runs that were killed during a trial (called
+    under the lock), each with a file of the sequences that were new, and the
+    trial knockd that went on reading it."""
+    import shutil
+    for name in os.listdir(state_dir):
+        owner = re.match(re.escape(TRIAL_PREFIX) + r"([0-9]+)-([0-9]+)-", name)
+        if owner and process_start(int(owner.group(1))) != int(owner.group(2)):
+            folder = os.path.join(state_dir, name)
+            for pid in knockd_processes(os.path.join(folder, "knockd.conf")):
+                os.kill(pid, signal.SIGKILL)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 IN_OPEN = 0x20     # inotify(7): the watched file was opened
@@ -2377,6 +2407,7 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
     with contextlib.nullcontext() if dry_run else take_lock(settings["STATE_DIR"]):
         if not dry_run:
             remove_stale_temporaries(config_path)
+            remove_stale_trials(settings["STATE_DIR"])
         old_data = read_config(config_path)
         if change:
             change.prepare(config_path, old_data)
