@@ -1947,9 +1947,20 @@ def readable_by_others(path, what="the secret"):
     except OSError:
         return None
     if mode & 0o077:
-        return ("warning: %s is mode %04o: others can read %s (chmod 600 %s)"
-                % (path, mode & 0o7777, what, path))
+        return ("warning: %s is mode %04o: others can read %s (%s)"
+                % (path, mode & 0o7777, what, private_fix(path)))
     return None
+
+
+def private_fix(path):
+    """The command that leaves PATH to its owner.  With an ACL (a group mode
+    of r is then the ACL's mask, e.g. after `setfacl -m u:nagios:r`), chmod
+    alone would only mask its entries until the next chmod g+r."""
+    try:
+        acl = "system.posix_acl_access" in os.listxattr(path)
+    except OSError:
+        acl = False
+    return ("setfacl -b %s; " % path if acl else "") + "chmod 600 %s" % path
 
 
 def warn_if_readable_by_others(config_path, env_file):
@@ -3089,11 +3100,11 @@ class EnvChange:
         warning = readable_by_others(self.env_path)
         if warning:
             raise RotatorError("%s is readable by others, and would hold a client's secret"
-                               % self.env_path, "chmod 600 %s" % self.env_path,
+                               % self.env_path, private_fix(self.env_path),
                                EXIT_ENVIRONMENT)
         if self.adds and readable_by_others(config_path):
             raise RotatorError("%s is readable by others, and would hold the client's live "
-                               "sequences" % config_path, "chmod 600 %s" % config_path,
+                               "sequences" % config_path, private_fix(config_path),
                                EXIT_CONFIG)
         user_lines, _ = split_grace_block(parse_config(old_data))
         values = env_values(self.old_env)

@@ -453,6 +453,27 @@ def test_errors_change_nothing(enrol, tmp_path, case):
     assert enrol.files() == before
 
 
+def test_an_acl_on_knockd_conf_is_named_and_so_is_its_fix(enrol):
+    """The README's monitoring advice was `setfacl -m u:nagios:r` on
+    knockd.conf: every rotation then warned, and add-client refused, both
+    saying `chmod 600`, which only masks the entry.  The live sequences open
+    the doors: the advice is now a sudo rule for `status`, and the check
+    names the ACL's own fix, which it then accepts."""
+    need(shutil.which("setfacl"), "needs setfacl (run tests/run to install acl)")
+    subprocess.run(["setfacl", "-m", "u:nobody:r", str(enrol.config)], check=True)
+    fix = "setfacl -b %s; chmod 600 %s" % (enrol.config, enrol.config)
+    before = enrol.files()
+    refused = enrol.run("add-client", "erin", "--firewall", "iptables")
+    assert refused.returncode == server.EXIT_CONFIG, refused.stderr
+    assert "(%s)" % fix in refused.stderr and enrol.files() == before
+    rotated = enrol.run()
+    assert rotated.returncode == 0, rotated.stderr
+    assert "others can read the live sequences (%s)" % fix in rotated.stderr, rotated.stderr
+    subprocess.run(fix, shell=True, check=True)
+    added = enrol.run("add-client", "erin", "--firewall", "iptables")
+    assert added.returncode == 0 and "others can read" not in added.stderr, added.stderr
+
+
 # ---------------------------------------------------------------- with knockd
 
 def knockd_server_env(enrol, knockd):
