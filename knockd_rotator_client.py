@@ -490,14 +490,20 @@ def read_settings(environ, door, default_mode="secret"):
 
 
 def secret_bits(secret):
-    """What SECRET could hold at most: its length times the bits of a
-    character of the smallest usual alphabet (decimal, hex, base32, base64)
-    that has every character of it."""
+    """What SECRET could hold at most: the length of its shortest repeating
+    unit (written twice, it holds no more than once) times the bits of a
+    character of the smallest usual alphabet (decimal, hex, base32, lowercase
+    letters, base64) that has every character of it; nothing with fewer than
+    6 different characters.  A passphrase a person made up passes all the same."""
+    if len(set(secret)) < 6:
+        return 0
+    unit = (secret + secret).find(secret, 1)
     for alphabet, bits in (("0123456789", 3.32), ("0123456789abcdefABCDEF", 4),
-                           ("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567=", 5)):
+                           ("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567=", 5),
+                           ("abcdefghijklmnopqrstuvwxyz", 4.7)):
         if all(character in alphabet for character in secret):
-            return int(len(secret) * bits)
-    return 6 * len(secret)
+            return int(unit * bits)
+    return 6 * unit
 
 
 def secret_bytes(settings):

@@ -568,14 +568,20 @@ def read_settings(environ, door, default_mode="secret"):
 
 
 def secret_bits(secret):
-    """What SECRET could hold at most: its length times the bits of a
-    character of the smallest usual alphabet (decimal, hex, base32, base64)
-    that has every character of it."""
+    """What SECRET could hold at most: the length of its shortest repeating
+    unit (written twice, it holds no more than once) times the bits of a
+    character of the smallest usual alphabet (decimal, hex, base32, lowercase
+    letters, base64) that has every character of it; nothing with fewer than
+    6 different characters.  A passphrase a person made up passes all the same."""
+    if len(set(secret)) < 6:
+        return 0
+    unit = (secret + secret).find(secret, 1)
     for alphabet, bits in (("0123456789", 3.32), ("0123456789abcdefABCDEF", 4),
-                           ("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567=", 5)):
+                           ("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567=", 5),
+                           ("abcdefghijklmnopqrstuvwxyz", 4.7)):
         if all(character in alphabet for character in secret):
-            return int(len(secret) * bits)
-    return 6 * len(secret)
+            return int(unit * bits)
+    return 6 * unit
 
 
 def secret_bytes(settings):
@@ -1439,10 +1445,12 @@ def take_lock(state_dir, name="lock"):
 
 
 def without_secrets(environ):
-    """ENVIRON less every secret and PIN: the reload, check, recover and kill
-    commands, and a knockd one of them starts, need none."""
+    """ENVIRON less every secret and PIN, and every SALT (a legacy door's
+    secret): the reload, check, recover and kill commands, and a knockd one
+    of them starts, need none."""
     return {name: value for name, value in environ.items()
-            if not name.startswith(("KNOCKD_ROTATOR_SECRET", "KNOCKD_ROTATOR_PIN"))}
+            if not name.startswith(("KNOCKD_ROTATOR_SECRET", "KNOCKD_ROTATOR_PIN",
+                                    "KNOCKD_ROTATOR_SALT"))}
 
 
 def run_command(command):
@@ -1728,6 +1736,10 @@ DEFAULT_TRIAL_KNOCKD = "/usr/sbin/knockd"
 # knockd compiles its filter before it listens: 2 s for 500 doors of 3 ports,
 # 2.5 s for 200 of 10.  Longer, and every reload would leave knockd that long deaf.
 TRIAL_SECONDS = 30
+# The trial's folder in STATE_DIR: TRIAL_PREFIX, then the pid and start time
+# (process_start) of the run it belongs to, so that the next run can remove
+# it when that run was killed.
+TRIAL_PREFIX = "trial-"
 TRIAL_OPTIONS = {"LOGFILE": b"logfile", "PIDFILE": b"pidfile", "INTERFACE": None,
                  "USESYSLOG": None}
 
@@ -1769,7 +1781,16 @@ def knockd_trial(lines, settings):
     program = settings["TRIAL_KNOCKD"]
     if not program or not os.path.exists(program):
         return None, None
-    with tempfile.TemporaryDirectory(prefix="knockd_rotator-trial-") as folder:
+    try:
+        trust_state_dir(settings["STATE_DIR"])
+        folder = tempfile.mkdtemp(prefix="%s%d-%d-" % (TRIAL_PREFIX, os.getpid(),
+                                                         process_start(os.getpid())),
+                                  dir=settings["STATE_DIR"])
+    except RotatorError as exc:
+        return None, exc.what
+    except OSError as exc:
+        return None, "no folder for it in %s: %s" % (settings["STATE_DIR"], exc.strerror)
+    try:
         path = os.path.join(folder, "knockd.conf")
         with open(path, "wb") as handle:
             handle.write(trial_copy(lines, folder))
@@ -1805,6 +1826,23 @@ def knockd_trial(lines, settings):
         if "Operation not permitted" in last or "ermission denied" in last:
             return None, last
         return last, None
+    finally:
+        import shutil
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_stale_trials(state_dir):
+    """The trial folders of runs that were killed during a trial (called
+    under the lock), each with a file of the sequences that were new, and the
+    trial knockd that went on reading it."""
+    import shutil
+    for name in os.listdir(state_dir):
+        owner = re.match(re.escape(TRIAL_PREFIX) + r"([0-9]+)-([0-9]+)-", name)
+        if owner and process_start(int(owner.group(1))) != int(owner.group(2)):
+            folder = os.path.join(state_dir, name)
+            for pid in knockd_processes(os.path.join(folder, "knockd.conf")):
+                os.kill(pid, signal.SIGKILL)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 IN_OPEN = 0x20     # inotify(7): the watched file was opened
@@ -2016,9 +2054,20 @@ def readable_by_others(path, what="the secret"):
     except OSError:
         return None
     if mode & 0o077:
-        return ("warning: %s is mode %04o: others can read %s (chmod 600 %s)"
-                % (path, mode & 0o7777, what, path))
+        return ("warning: %s is mode %04o: others can read %s (%s)"
+                % (path, mode & 0o7777, what, private_fix(path)))
     return None
+
+
+def private_fix(path):
+    """The command that leaves PATH to its owner.  With an ACL (a group mode
+    of r is then the ACL's mask, e.g. after `setfacl -m u:nagios:r`), chmod
+    alone would only mask its entries until the next chmod g+r."""
+    try:
+        acl = "system.posix_acl_access" in os.listxattr(path)
+    except OSError:
+        acl = False
+    return ("setfacl -b %s; " % path if acl else "") + "chmod 600 %s" % path
 
 
 def warn_if_readable_by_others(config_path, env_file):
@@ -2041,18 +2090,32 @@ def warn_if_readable_by_others(config_path, env_file):
 # add-client) would leave an unsandboxed process in the admin's session that
 # nothing stops, holding the caller's terminal or pipe; it says what comes
 # next instead.  The child inherits the environment, so the secret never
-# travels on a command line.  STATE_DIR/pending holds its pid: at most one is
-# pending.  A failed scheduled run schedules a retry (RETRY_SECONDS).
+# travels on a command line.  STATE_DIR/pending holds its pid and start time:
+# at most one is pending.  A failed scheduled run schedules a retry
+# (RETRY_SECONDS).
+
+def process_start(pid):
+    """PID's start time (clock ticks after boot, field 22 of /proc/PID/stat),
+    or None when there is no such process.  With the pid it names one process
+    for good: a local user who cycles pids until one of his takes over a
+    recorded pid gets that pid with a later start."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            stat = handle.read()
+        # The command name (field 2) is in parentheses and may hold any byte.
+        return int(stat[stat.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
 
 def pending_boundary_pid(state_dir):
     """(pid, boundary) of the pending boundary run, or (None, None)."""
     try:
         with open(os.path.join(state_dir, "pending")) as handle:
-            pid = int(handle.read().strip())
-        with open("/proc/%d/cmdline" % pid, "rb") as handle:
-            arguments = handle.read().split(b"\0")
-        # The pid may have been reused by another process since.
-        if SCRIPT.encode() in arguments and b"--at" in arguments:
+            pid, start = (int(field) for field in handle.read().split())
+        if process_start(pid) == start:
+            with open("/proc/%d/cmdline" % pid, "rb") as handle:
+                arguments = handle.read().split(b"\0")
             return pid, int(arguments[arguments.index(b"--at") + 1])
     except (OSError, ValueError, IndexError):
         pass
@@ -2078,7 +2141,9 @@ def schedule_boundary_run(config_path, boundary, now, settings, verbose):
         command.append("--verbose")
     child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              start_new_session=True, close_fds=True)
-    replace_file(os.path.join(state_dir, "pending"), b"%d\n" % child.pid, create=True)
+    # Not waited for, the child keeps its /proc entry even if it has ended.
+    replace_file(os.path.join(state_dir, "pending"),
+                 b"%d %d\n" % (child.pid, process_start(child.pid)), create=True)
     log("next run at %s (boundary run, pid %d)" % (utc(boundary), child.pid))
 
 
@@ -2536,6 +2601,7 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
     with contextlib.nullcontext() if dry_run else take_lock(settings["STATE_DIR"]):
         if not dry_run:
             remove_stale_temporaries(config_path)
+            remove_stale_trials(settings["STATE_DIR"])
         old_data = read_config(config_path)
         resumed = not dry_run and resume_stopped_knockd(config_path, settings, old_data)
         if resumed:
@@ -3107,6 +3173,16 @@ def door_commands(firewall, program, port, seconds):
     return tuple(command.format(**fields) for command in FIREWALLS[firewall][1:])
 
 
+def one_line(what, text, fix, code):
+    """Refuse TEXT (named WHAT), bound for a line of knockd.conf: a line break
+    in it would start lines of its own there (a start_command of whoever set
+    it, which knockd runs at the next knock), and a character that is not
+    printable (a control character, a byte that is not UTF-8) has no place."""
+    if not text.isprintable():
+        raise RotatorError("%s holds a line break or another character that is not "
+                           "printable, and would go into knockd.conf" % what, fix, code)
+
+
 def check_name(kind, text):
     """TEXT, when it is a valid client or service name."""
     if (0 < len(text) <= NAME_MAX and text.isascii() and text[0].isalnum()
@@ -3127,6 +3203,8 @@ def firewall_commands(firewall, port, environ):
         raise RotatorError("%s is not installed (no %s in PATH)" % (firewall, program),
                            "install it: apt install %s; or choose another --firewall"
                            % FIREWALL_PACKAGES[program], EXIT_ENVIRONMENT)
+    one_line("the path of %s, %r," % (program, path), path,
+             "give PATH folders without one", EXIT_ENVIRONMENT)
     rules = "; ".join(firewall_rules(firewall, port, CLIENT_CMD_TIMEOUT))
     if firewall == "nftables":
         # A door whose set is missing, or has no timeouts, opens nothing.
@@ -3212,11 +3290,11 @@ class EnvChange:
         warning = readable_by_others(self.env_path)
         if warning:
             raise RotatorError("%s is readable by others, and would hold a client's secret"
-                               % self.env_path, "chmod 600 %s" % self.env_path,
+                               % self.env_path, private_fix(self.env_path),
                                EXIT_ENVIRONMENT)
         if self.adds and readable_by_others(config_path):
             raise RotatorError("%s is readable by others, and would hold the client's live "
-                               "sequences" % config_path, "chmod 600 %s" % config_path,
+                               "sequences" % config_path, private_fix(config_path),
                                EXIT_CONFIG)
         user_lines, _ = split_grace_block(parse_config(old_data))
         values = env_values(self.old_env)
@@ -3373,14 +3451,17 @@ def burn_command(config_path, door, environ):
     background, so that the port opens without waiting for the reload.
     knockd's child has no KNOCKD_ROTATOR_* variable: the ones this run has
     (its settings, and the environment file's path) go along, but never a
-    secret or a PIN, which the burn reads from the environment file."""
+    secret, a SALT or a PIN, which the burn reads from the environment file."""
     import shlex
-    assignments = ["%s=%s" % (name, shlex.quote(value))
-                   for name, value in sorted(without_secrets(environ).items())
-                   if name.startswith("KNOCKD_ROTATOR_")]
-    return " ".join(assignments + [shlex.quote(SCRIPT), "--config",
-                                   shlex.quote(os.path.realpath(config_path)), "burn", door,
-                                   "& "])
+    settings = sorted((name, value) for name, value in without_secrets(environ).items()
+                      if name.startswith("KNOCKD_ROTATOR_"))
+    for name, value in settings:
+        one_line(name, value, "unset it, or remove the character", EXIT_ENVIRONMENT)
+    path = os.path.realpath(config_path)
+    one_line("the path %r" % path, path, "give knockd.conf a path without one", EXIT_USAGE)
+    assignments = ["%s=%s" % (name, shlex.quote(value)) for name, value in settings]
+    return " ".join(assignments + [shlex.quote(SCRIPT), "--config", shlex.quote(path), "burn",
+                                   door, "& "])
 
 
 def add_client(config_path, environ, now, args):
@@ -3435,12 +3516,12 @@ def add_client(config_path, environ, now, args):
             if name.encode("utf-8", "surrogateescape") in data:
                 enrolled(split_grace_block(parse_config(data))[0])
         target, made = place_client(data_of, settings)
-        if args.single_use:
-            # An IPv6 knock burns the use as well.
-            burn = burn_command(target, door, environ)
-            commands = (burn + commands[0], commands[1], burn + commands[2], commands[3])
         change = EnvChange(env_path, environ, prepare, adds=True)
         try:
+            if args.single_use:
+                # An IPv6 knock burns the use as well.
+                burn = burn_command(target, door, environ)
+                commands = (burn + commands[0], commands[1], burn + commands[2], commands[3])
             plan = rotate(target, environ, now, change=change)
         except RotatorError:
             # A new knockd that never ran leaves nothing behind.

@@ -197,7 +197,7 @@ def test_boundary_run_happens_on_time_and_only_one_is_pending(tmp_path, server_e
     second = run_server("--schedule", "--config", config, env=env)
     assert second.returncode == 0, second.stderr
     assert len(pending_runs(tmp_path)) == 1, "a second run leaves the pending one alone"
-    pending = int((tmp_path / "state" / "pending").read_text())
+    pending = int((tmp_path / "state" / "pending").read_text().split()[0])
     assert pending_runs(tmp_path) == [pending]
 
     times = wait_until(lambda: reloads.exists() and len(reloads.read_text().split()) >= 2 and
