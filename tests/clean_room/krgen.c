@@ -42,6 +42,24 @@ static void fail(int code, const char *fmt, ...)
     exit(code);
 }
 
+/* TEXT for a message: printable ASCII as it is, any other byte as \xNN, so
+ * that the error stays one line. */
+static const char *shown(const char *text)
+{
+    static char out[4][1024];
+    static int slot;
+    char *o = out[slot++ % 4];
+    size_t j = 0;
+    for (const unsigned char *s = (const unsigned char *)text; *s && j < sizeof out[0] - 8; s++) {
+        if (*s >= 0x20 && *s < 0x7f)
+            o[j++] = (char)*s;
+        else
+            j += (size_t)sprintf(o + j, "\\x%02x", *s);
+    }
+    o[j] = 0;
+    return o;
+}
+
 /* ---- byte strings ---------------------------------------------------- */
 
 typedef struct {
@@ -434,13 +452,13 @@ int main(int argc, char **argv)
             fputs(USAGE, stdout);
             return 0;
         }
-        fail(EXIT_USAGE, "unknown command '%s' (only generate is implemented)", word);
+        fail(EXIT_USAGE, "unknown command '%s' (only generate is implemented)", shown(word));
     }
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
         if (positional_only || a[0] != '-' || !a[1]) {
             if (service)
-                fail(EXIT_USAGE, "one SERVICE only (got '%s' too)", a);
+                fail(EXIT_USAGE, "one SERVICE only (got '%s' too)", shown(a));
             service = a;
             continue;
         }
@@ -467,7 +485,7 @@ int main(int argc, char **argv)
                 *slot[k] = a + len + 1;
             } else if (!a[len]) {
                 if (i + 1 >= argc)
-                    fail(EXIT_USAGE, "%s needs a value", valued[k]);
+                    fail(EXIT_USAGE, "%s needs a value (see --help)", valued[k]);
                 *slot[k] = argv[++i];
             } else {
                 continue;
@@ -476,7 +494,7 @@ int main(int argc, char **argv)
             break;
         }
         if (!found)
-            fail(EXIT_USAGE, "unknown option '%s' (see --help)", a);
+            fail(EXIT_USAGE, "unknown option '%s' (see --help)", shown(a));
     }
     if (!service)
         fail(EXIT_USAGE, "no SERVICE given (e.g. krgen generate ssh)");
@@ -526,15 +544,6 @@ int main(int argc, char **argv)
 
     /* 3. the settings (exit 3) */
     const char *mode_text = setting("MODE");
-    int totp;
-    if (!mode_text || !*mode_text)
-        totp = code != NULL;
-    else if (!strcmp(mode_text, "secret"))
-        totp = 0;
-    else if (!strcmp(mode_text, "totp"))
-        totp = 1;
-    else
-        fail(EXIT_SETTING, "KNOCKD_ROTATOR_MODE must be secret or totp");
     const char *alg_text = setting("ALGORITHM");
     int alg; /* 0 knockd-rotator/1, 1 legacy-v1, 3 legacy-v3 */
     if (!alg_text || !*alg_text || !strcmp(alg_text, "knockd-rotator/1"))
@@ -544,6 +553,20 @@ int main(int argc, char **argv)
     else if (!strcmp(alg_text, "legacy-v3"))
         alg = 3;
     else
+        alg = -1;
+    int totp;
+    /* A code makes the default mode totp; legacy doors have no totp mode, so
+     * theirs stays secret and a code is step 4's "code for a door not in
+     * totp mode" (SPEC: only totp "in the environment" is exit 3). */
+    if (!mode_text || !*mode_text)
+        totp = code != NULL && alg <= 0;
+    else if (!strcmp(mode_text, "secret"))
+        totp = 0;
+    else if (!strcmp(mode_text, "totp"))
+        totp = 1;
+    else
+        fail(EXIT_SETTING, "KNOCKD_ROTATOR_MODE must be secret or totp");
+    if (alg < 0)
         fail(EXIT_SETTING,
              "KNOCKD_ROTATOR_ALGORITHM must be knockd-rotator/1, legacy-v1 or legacy-v3");
     int single_use = (int)number_setting("SINGLE_USE", setting("SINGLE_USE"), 0, 1, 0);
