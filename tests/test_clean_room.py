@@ -592,3 +592,51 @@ def test_random_inputs_agree(krgen, tmp_path):
     for question, entries in sorted(ambiguous.items()):
         print("%d disagree on: %s\n  first: %s" % (len(entries), question, entries[0]))
     assert not disagreements, "\n".join(disagreements[:40])
+
+
+# ---- 3. real processes: bytes that in-process calls cannot carry ------------
+
+# The SPEC's "Text" rule reads the environment and the command line as bytes;
+# it says nothing of bytes typed on standard input that are not UTF-8 (nor of
+# a NUL byte there). Both clients take such a PIN's bytes as they are, and
+# refuse such a code.
+PROCESS_CASES = [
+    (["generate", "ssh", "--pin"], {}, b"\xff\xfe1234\n"),
+    (["generate", "ssh", "--pin"], {}, b"1234\xff\r\n"),
+    (["generate", "ssh", "--pin"], {}, b"\xed\xa0\x80\n"),
+    (["generate", "ssh", "--pin"], {}, b"12\x0034\n"),
+    (["generate", "ssh", "--pin"], {}, b"\xc3\xa9\n"),
+    (["generate", "ssh", "--code", "-"], {"MODE": "totp"}, b"921300\xff\n"),
+    (["generate", "ssh", "--code", "-"], {"MODE": "totp"}, b"921\x00300\n"),
+    (["generate", "ssh", "--code", "-"], {"MODE": "totp"}, b"921300\n"),
+    (["generate", "a\udcffb"], {}, b""),
+    (["generate", "ssh"], {"SECRET": "\udcff" * 22}, b""),
+    (["generate", "ssh"], {"SECRET": "\udcff" * 21}, b""),
+    (["generate", "ssh"], {"PIN": "\udcff\udcfe"}, b""),
+    (["generate", "\u00e9t\u00e9"], {"SECRET_\u00c9T\u00c9": "x", "SECRET__T_": BASE_SECRET},
+     b""),
+]
+
+
+@pytest.mark.parametrize("argv, overrides, typed", PROCESS_CASES,
+                         ids=["%d" % i for i in range(len(PROCESS_CASES))])
+def test_real_processes_agree(krgen, tmp_path, argv, overrides, typed):
+    """Both as processes, krgen on the reference's clock (a period of a year,
+    run again if a boundary fell between the two)."""
+    env = {b"PATH": os.environb.get(b"PATH", b"/usr/bin:/bin"), b"LANG": b"C.UTF-8"}
+    env.update({to_bytes(k): to_bytes(v) for k, v in
+                row_environment(dict(overrides, PERIOD_MODULO="31622400"), tmp_path).items()})
+    for _ in range(3):
+        before = int(time.time()) // 31622400
+        reference_run = subprocess.run([sys.executable.encode(), str(ROOT).encode() +
+                                        b"/knockd_rotator_client.py"] + [to_bytes(a) for a in argv],
+                                       env=env, input=typed, capture_output=True, timeout=60)
+        now = int(time.time())
+        krgen_run = subprocess.run([krgen.encode()] + [to_bytes(a) for a in argv],
+                                   env=dict(env, KRGEN_NOW=str(now).encode()), input=typed,
+                                   capture_output=True, timeout=60)
+        if before == now // 31622400:
+            break
+    assert b"Traceback" not in reference_run.stderr
+    assert (krgen_run.returncode, krgen_run.stdout) == \
+        (reference_run.returncode, reference_run.stdout), krgen_run.stderr
