@@ -491,6 +491,16 @@ int main(int argc, char **argv)
                 continue;
             }
             found = 1;
+            /* Every value given is checked, not only the last one (an option
+             * given twice: the last one counts). */
+            i128 v;
+            if (k == 0 && !whole_number(offset_text, &v))
+                fail(EXIT_USAGE, "--offset is not a whole number (use -?[0-9]{1,20})");
+            if (k == 2 && (!whole_number(use_text, &v) || v < 0 || v > 4294967295LL))
+                fail(EXIT_USAGE, "--use must be a whole number from 0 to 4294967295");
+            if (k == 3 && strcmp(format, "knockd") && strcmp(format, "knock") &&
+                strcmp(format, "json"))
+                fail(EXIT_USAGE, "--format must be knockd, knock or json");
             break;
         }
         if (!found)
@@ -499,12 +509,10 @@ int main(int argc, char **argv)
     if (!service)
         fail(EXIT_USAGE, "no SERVICE given (e.g. krgen generate ssh)");
     i128 offset = 0, use = 0;
-    if (offset_text && !whole_number(offset_text, &offset))
-        fail(EXIT_USAGE, "--offset is not a whole number (use -?[0-9]{1,20})");
-    if (use_text && (!whole_number(use_text, &use) || use < 0 || use > 4294967295LL))
-        fail(EXIT_USAGE, "--use must be a whole number from 0 to 4294967295");
-    if (strcmp(format, "knockd") && strcmp(format, "knock") && strcmp(format, "json"))
-        fail(EXIT_USAGE, "--format must be knockd, knock or json");
+    if (offset_text)
+        whole_number(offset_text, &offset); /* checked as it was read */
+    if (use_text)
+        whole_number(use_text, &use);
 
     /* 2. the door name (exit 2) */
     if (!*service)
