@@ -1,0 +1,512 @@
+"""nftables engine: the kernel matches the knocks (issue 25).
+
+A pure renderer turns a plan of doors (plain data) into the text of one
+`nft -f` transaction for the table `inet knockd_rotator`; `apply` loads it,
+`spent_uses` reads back which single-use sequences the kernel burned.  Only
+callers read the clock: every pure function takes the moment as an argument.
+docs/NFTABLES.md explains the ruleset and what nft 1.0.6 can and cannot do.
+
+The ruleset in one paragraph.  All sequences valid at a moment form a trie
+whose nodes are 32-bit ids.  A per-source map (`st4`/`st6`: address -> node)
+holds where each source is, with the door's seq_timeout.  One map `trans`
+(`node . l4proto . port -> node`, a catch-all element giving 0) holds every
+edge of every trie, so a packet costs the same few hash lookups whatever the
+number of doors: the number of RULES depends only on the number of time
+segments in the window and of distinct door settings ("classes"), never on
+the number of doors.  The root of the trie valid now is chosen by a few
+`meta time` rules (integers, UNIX seconds), so the kernel switches sequences
+at a boundary with no reload.  A missing edge resets the source and the same
+packet is tried again from the root.  An accepting node maps to the guarded
+port(s); the source is added to `allow4`/`allow6` with the door's open time
+and the guard drops every other new connection to those ports.  A single-use
+accepting node deletes its final edge from `trans` in the packet path and
+records it in `spent` (read back with `nft -j list set`), so a replay finds
+nothing to follow and the next use's sequence, already loaded, opens.
+
+The packet mark is the scratch register (nft 1.0.6 cannot nest a map lookup
+in a concatenation or feed a lookup into a set element); each packet's own
+mark is saved in a per-source map at entry and restored before it leaves.
+"""
+
+import hashlib
+import json
+import subprocess
+from collections import namedtuple
+
+TABLE = "knockd_rotator"
+FAMILIES = ("ip", "ip6", "inet")
+PROTOCOLS = ("tcp", "udp")
+MAX_DOORS = 1 << 15          # door numbers 0 .. 32767 (15 bits of a node id)
+MAX_LENGTH = 32              # knockd's own limit (5 bits of a node id)
+MAX_PORTS = 4                # guarded ports per door
+MAX_CLASSES = 15             # 4 bits of a node id; class 0 marks the roots
+PERIOD_SLOTS = 4             # windows of a door: 4 periods x 32 uses (7 bits)
+USE_SLOTS = 32
+DYNAMIC_SIZE = 65536         # sources tracked at once, per family and map
+SCRATCH_TIMEOUT = 1          # s; the saved mark lives only while a packet is inside
+
+SHARED = 1 << 31
+CLASS_SHIFT = 27
+CLASS_MASK = 0xF << CLASS_SHIFT
+ID_MASK = (1 << CLASS_SHIFT) - 1
+
+Window = namedtuple("Window", "start valid_from valid_until sequence use")
+Window.__new__.__defaults__ = (None,)
+Window.__doc__ = """One sequence of a door.
+
+start        the period start it belongs to (UNIX seconds; with the door's
+             period it names the window's slot, so node ids stay the same
+             from one render to the next)
+valid_from   first second at which the FIRST knock may be sent (lead included)
+valid_until  first second at which it may no longer be sent (grace included);
+             the rest of the knock may follow within seq_timeout
+sequence     ((port, "tcp"|"udp"), ...), 1 to 32 distinct items
+use          the single-use counter, or None for a door without single use"""
+
+Door = namedtuple("Door", "name number ports open_seconds seq_timeout period family windows")
+Door.__new__.__defaults__ = ("inet", ())
+Door.__doc__ = """A door of the plan.
+
+name          text, for reading back
+number        0 .. 32767, stable for the door (node ids are built from it)
+ports         guarded TCP ports (1 to 4)
+open_seconds  how long a completed knock opens them for the source
+seq_timeout   seconds from the first knock within which the sequence must end
+period        the door's period (seconds): with a window's start, its slot
+family        "ip", "ip6" or "inet" (both)
+windows       Window tuples"""
+
+# What the kernel holds, as data: the result of `build`, and what `render`
+# diffs against for a top-up.
+Ruleset = namedtuple("Ruleset", "elements classes segments finals")
+
+
+def _class_key(door, window):
+    single = window.use is not None
+    # A spent record must outlive any use of the window: its whole validity
+    # (at most period + lead + grace <= 2 periods) plus the knock's own time.
+    spent_ttl = 2 * door.period + door.seq_timeout if single else 0
+    return (door.family, door.seq_timeout, door.open_seconds, len(door.ports), single, spent_ttl)
+
+
+def _slot(door, window):
+    return ((window.start // door.period) % PERIOD_SLOTS) * USE_SLOTS + (window.use or 0) % USE_SLOTS
+
+
+def _check(plan):
+    numbers = set()
+    for door in plan:
+        if not 0 <= door.number < MAX_DOORS or door.number in numbers:
+            raise ValueError("door %r: number %r is not unique in 0..%d"
+                             % (door.name, door.number, MAX_DOORS - 1))
+        numbers.add(door.number)
+        if door.family not in FAMILIES:
+            raise ValueError("door %r: family must be one of %s" % (door.name, FAMILIES))
+        if not 1 <= len(door.ports) <= MAX_PORTS or len(set(door.ports)) != len(door.ports) \
+                or not all(1 <= p <= 65535 for p in door.ports):
+            raise ValueError("door %r: 1 to %d distinct guarded ports" % (door.name, MAX_PORTS))
+        for value, what in ((door.open_seconds, "open_seconds"), (door.seq_timeout, "seq_timeout"),
+                            (door.period, "period")):
+            if int(value) != value or value < 1:
+                raise ValueError("door %r: %s must be a whole number >= 1" % (door.name, what))
+        slots = set()
+        for window in door.windows:
+            seq = tuple(window.sequence)
+            if not 1 <= len(seq) <= MAX_LENGTH or len(set(seq)) != len(seq):
+                raise ValueError("door %r: a sequence holds 1 to %d distinct items"
+                                 % (door.name, MAX_LENGTH))
+            for port, proto in seq:
+                if proto not in PROTOCOLS or not 1 <= port <= 65535:
+                    raise ValueError("door %r: bad knock %r" % (door.name, (port, proto)))
+            if not window.valid_from < window.valid_until:
+                raise ValueError("door %r: empty window" % door.name)
+            slot = _slot(door, window)
+            if slot in slots:
+                raise ValueError("door %r: two windows in slot %d (at most %d periods and %d "
+                                 "uses at once)" % (door.name, slot, PERIOD_SLOTS, USE_SLOTS))
+            slots.add(slot)
+
+
+class _Ids:
+    """Ids of shared nodes and roots: a hash of what they stand for, so that
+    the same node gets the same id in the next render; probed on collision."""
+
+    def __init__(self):
+        self.used = {}
+
+    def get(self, cls, what):
+        digest = hashlib.sha256(repr(what).encode()).digest()
+        value = int.from_bytes(digest[:4], "big") & ID_MASK
+        while True:
+            node = SHARED | (cls << CLASS_SHIFT) | value
+            owner = self.used.setdefault(node, what)
+            if owner == what and value:
+                return node
+            value = (value + 1) & ID_MASK
+
+
+def build(plan, now):
+    """The ruleset's data for PLAN (a list of Door) at NOW (UNIX seconds):
+    windows whose first knock can no longer come (valid_until <= now) are left
+    out.  Raises ValueError on a plan the ruleset cannot hold."""
+    plan = list(plan)
+    _check(plan)
+    classes = {}
+    entries = []     # (door, window, class index, window key)
+    keys = sorted({_class_key(d, w) for d in plan for w in d.windows if w.valid_until > now})
+    if len(keys) > MAX_CLASSES:
+        raise ValueError("%d classes of door settings (family, seq_timeout, open_seconds, "
+                         "ports, single use, period); at most %d" % (len(keys), MAX_CLASSES))
+    index = {key: i + 1 for i, key in enumerate(keys)}
+    for i, key in enumerate(keys):
+        classes[i + 1] = key
+    for door in sorted(plan, key=lambda d: d.number):
+        for window in sorted(door.windows, key=lambda w: (w.valid_from, w.use or 0)):
+            if window.valid_until > now:
+                cls = index[_class_key(door, window)]
+                entries.append((door, window, cls, (door.number, _slot(door, window))))
+
+    trans, first, su_acc = {}, set(), set()
+    acc = [dict() for _ in range(MAX_PORTS)]
+    finals = {}          # final edge key -> (door name, start, use) for single-use windows
+    guarded = {"ip": set(), "ip6": set()}
+    ids = _Ids()
+    seq_of = {}
+
+    def path(entry, depth):
+        door, window, cls, (number, slot) = entry
+        return (cls << CLASS_SHIFT) | (number << 12) | (slot << 5) | depth
+
+    def edge(node, item, child):
+        key = (node, item[1], item[0])
+        if trans.setdefault(key, child) != child:
+            raise ValueError("edge %r leads to two nodes" % (key,))
+        return key
+
+    def accepting(entry, node, key):
+        door, window, cls, _ = entry
+        for i, port in enumerate(door.ports):
+            if acc[i].setdefault(node, port) != port:
+                raise ValueError("doors with the same sequence at the same time (%s)" % door.name)
+        if window.use is not None:
+            su_acc.add(node)
+            finals[key] = (door.name, window.start, window.use)
+
+    def whole_path(entry, depth):
+        # Edges private to one window, from its node at DEPTH to its end.
+        seq = seq_of[entry[3]]
+        for k in range(depth, len(seq) - 1):
+            key = edge(path(entry, k), seq[k + 1], path(entry, k + 1))
+        if len(seq) - 1 == depth:
+            return
+        accepting(entry, path(entry, len(seq) - 1), key)
+
+    done_paths = set()
+
+    def grow(node, depth, group, prefix):
+        by_item = {}
+        for entry in group:
+            by_item.setdefault(seq_of[entry[3]][depth], []).append(entry)
+        for item in sorted(by_item, key=lambda i: (i[1], i[0])):
+            members = by_item[item]
+            if len(members) == 1:
+                entry = members[0]
+                child = path(entry, depth)
+                key = edge(node, item, child)
+                if depth == 0:
+                    first.add(child)
+                if len(seq_of[entry[3]]) == depth + 1:
+                    accepting(entry, child, key)
+                elif (entry[3], depth) not in done_paths:
+                    done_paths.add((entry[3], depth))
+                    whole_path(entry, depth)
+                continue
+            ending = [e for e in members if len(seq_of[e[3]]) == depth + 1]
+            going = [e for e in members if len(seq_of[e[3]]) > depth + 1]
+            if len(ending) > 1:
+                raise ValueError("doors %s end with the same sequence at the same time"
+                                 % ", ".join(sorted(e[0].name for e in ending)))
+            if ending:
+                cls = ending[0][2]
+            else:
+                cls = max(going, key=lambda e: (e[0].seq_timeout, -e[2]))[2]
+            child = ids.get(cls, ("node", prefix + (item,), tuple(sorted(e[3] for e in members))))
+            key = edge(node, item, child)
+            if depth == 0:
+                first.add(child)
+            if ending:
+                accepting(ending[0], child, key)
+            if going:
+                grow(child, depth + 1, going, prefix + (item,))
+
+    for entry in entries:
+        seq_of[entry[3]] = tuple((int(p), proto) for p, proto in entry[1].sequence)
+        families = ("ip", "ip6") if entry[0].family == "inet" else (entry[0].family,)
+        for family in families:
+            guarded[family].update(entry[0].ports)
+
+    # Time segments: between consecutive window edges, the windows valid.
+    edges_in_time = sorted({t for e in entries for t in (e[1].valid_from, e[1].valid_until)})
+    segments = []
+    roots = {}
+    for a, b in zip(edges_in_time, edges_in_time[1:]):
+        if b <= now:
+            continue
+        group = tuple(e for e in entries if e[1].valid_from <= a and e[1].valid_until >= b)
+        if not group:
+            continue
+        members = tuple(sorted(e[3] for e in group))
+        if members not in roots:
+            roots[members] = ids.get(0, ("root", members))
+            grow(roots[members], 0, list(group), ())
+        root = roots[members]
+        if segments and segments[-1][1] == a and segments[-1][2] == root:
+            segments[-1] = (segments[-1][0], b, root)
+        else:
+            segments.append((a, b, root))
+
+    elements = {
+        "trans": {k: v for k, v in trans.items()},
+        "first": {n: None for n in first},
+        "su_acc": {n: None for n in su_acc},
+        "guarded4": {p: None for p in guarded["ip"]},
+        "guarded6": {p: None for p in guarded["ip6"]},
+        "gport": {p: p for p in guarded["ip"] | guarded["ip6"]},
+    }
+    for i in range(MAX_PORTS):
+        elements["acc%d" % i] = acc[i]
+    return Ruleset(elements, classes, segments, finals)
+
+
+# ------------------------------------------------------------------ rendering
+
+DECLARATIONS = """\
+table inet %(t)s {
+	map trans { type mark . inet_proto . inet_service : mark; flags dynamic; }
+	set first { type mark; }
+	set su_acc { type mark; }
+	map acc0 { type mark : mark; }
+	map acc1 { type mark : mark; }
+	map acc2 { type mark : mark; }
+	map acc3 { type mark : mark; }
+	set guarded4 { type inet_service; }
+	set guarded6 { type inet_service; }
+	map gport { type inet_service : mark; }
+	set spent { type mark . inet_proto . inet_service; flags dynamic,timeout; size %(n)d; }
+	map save4 { type ipv4_addr : mark; flags dynamic,timeout; size %(n)d; }
+	map prev4 { type ipv4_addr : mark; flags dynamic,timeout; size %(n)d; }
+	map st4 { type ipv4_addr : mark; flags dynamic,timeout; size %(n)d; }
+	set started4 { type ipv4_addr; flags dynamic,timeout; size %(n)d; }
+	set allow4 { type ipv4_addr . mark; flags dynamic,timeout; size %(n)d; }
+	map save6 { type ipv6_addr : mark; flags dynamic,timeout; size %(n)d; }
+	map prev6 { type ipv6_addr : mark; flags dynamic,timeout; size %(n)d; }
+	map st6 { type ipv6_addr : mark; flags dynamic,timeout; size %(n)d; }
+	set started6 { type ipv6_addr; flags dynamic,timeout; size %(n)d; }
+	set allow6 { type ipv6_addr . mark; flags dynamic,timeout; size %(n)d; }
+	chain input { type filter hook input priority filter - 10; policy accept; }
+	chain root { }
+	chain knock4 { }
+	chain restart4 { }
+	chain guard4 { }
+	chain knock6 { }
+	chain restart6 { }
+	chain guard6 { }
+}
+"""
+
+CHAINS = ("input", "root", "knock4", "restart4", "guard4", "knock6", "restart6", "guard6")
+STATIC = ("trans", "first", "su_acc", "acc0", "acc1", "acc2", "acc3",
+          "guarded4", "guarded6", "gport")
+
+
+def _rules(ruleset):
+    """The rules, chain by chain: their number depends on the segments and
+    classes, not on the doors."""
+    out = {"input": [
+        "ct state established,related accept",
+        "meta nfproto ipv4 tcp flags & (fin|syn|rst|ack) == syn jump knock4",
+        "meta nfproto ipv4 meta l4proto udp ct state new jump knock4",
+        "meta nfproto ipv6 tcp flags & (fin|syn|rst|ack) == syn jump knock6",
+        "meta nfproto ipv6 meta l4proto udp ct state new jump knock6",
+        "meta nfproto ipv4 tcp dport @guarded4 jump guard4",
+        "meta nfproto ipv6 tcp dport @guarded6 jump guard6",
+    ]}
+    out["root"] = ["meta time >= %d meta time < %d meta mark set 0x%08x return" % seg
+                   for seg in ruleset.segments]
+    for v, saddr, fam in (("4", "ip saddr", ("ip", "inet")), ("6", "ip6 saddr", ("ip6", "inet"))):
+        knock = [
+            # Save the packet's own mark: it is our scratch register.
+            "delete @save%s { %s : 0 }" % (v, saddr),
+            "add @save%s { %s timeout %ds : meta mark }" % (v, saddr, SCRATCH_TIMEOUT),
+            "meta mark set 0",
+            "jump root",
+            "meta mark set %s map @st%s" % (saddr, v),
+            # A burned final edge (single use) counts as missing, even if a
+            # top-up racing with the burn loaded it again.
+            "meta mark . meta l4proto . th dport @spent meta mark set 0",
+            "delete @prev%s { %s : 0 }" % (v, saddr),
+            "add @prev%s { %s timeout %ds : meta mark }" % (v, saddr, SCRATCH_TIMEOUT),
+            "meta mark set meta mark . meta l4proto . th dport map @trans",
+            "meta mark 0 jump restart%s" % v,
+            "meta mark @first delete @started%s { %s }" % (v, saddr),
+        ]
+        for cls, key in sorted(ruleset.classes.items()):
+            knock.append("meta mark & 0x%08x == 0x%08x meta mark @first add @started%s "
+                         "{ %s timeout %ds }" % (CLASS_MASK, cls << CLASS_SHIFT, v, saddr, key[1]))
+        knock += [
+            # seq_timeout counts from the first knock, as knockd's does.
+            "meta mark != 0 %s != @started%s meta mark set 0" % (saddr, v),
+            "delete @st%s { %s : 0 }" % (v, saddr),
+        ]
+        for cls, key in sorted(ruleset.classes.items()):
+            knock.append("meta mark & 0x%08x == 0x%08x add @st%s { %s timeout %ds : meta mark }"
+                         % (CLASS_MASK, cls << CLASS_SHIFT, v, saddr, key[1]))
+        for cls, key in sorted(ruleset.classes.items()):
+            family, _, open_seconds, nports, single, ttl = key
+            if family not in fam:
+                continue
+            for i in range(nports):
+                knock.append("meta mark & 0x%08x == 0x%08x meta mark set meta mark map @acc%d "
+                             "add @allow%s { %s . meta mark timeout %ds }"
+                             % (CLASS_MASK, cls << CLASS_SHIFT, i, v, saddr, open_seconds))
+                knock.append("meta mark set %s map @st%s" % (saddr, v))
+        for cls, key in sorted(ruleset.classes.items()):
+            family, _, _, _, single, ttl = key
+            if single:
+                # Burn: the final edge goes, in the packet path, and is recorded.
+                knock.append("meta mark & 0x%08x == 0x%08x meta mark @su_acc "
+                             "meta mark set %s map @prev%s "
+                             "add @spent { meta mark . meta l4proto . th dport timeout %ds } "
+                             "delete @trans { meta mark . meta l4proto . th dport : 0 }"
+                             % (CLASS_MASK, cls << CLASS_SHIFT, saddr, v, ttl))
+        knock += ["meta mark set %s map @save%s" % (saddr, v),
+                  "delete @save%s { %s : 0 }" % (v, saddr)]
+        out["knock" + v] = knock
+        out["restart" + v] = [
+            "jump root",
+            "delete @prev%s { %s : 0 }" % (v, saddr),
+            "add @prev%s { %s timeout %ds : meta mark }" % (v, saddr, SCRATCH_TIMEOUT),
+            "meta mark set meta mark . meta l4proto . th dport map @trans",
+        ]
+        out["guard" + v] = [
+            "delete @save%s { %s : 0 }" % (v, saddr),
+            "add @save%s { %s timeout %ds : meta mark }" % (v, saddr, SCRATCH_TIMEOUT),
+            "meta mark set tcp dport map @gport",
+            "%s . meta mark @allow%s meta mark set %s map @save%s delete @save%s { %s : 0 } accept"
+            % (saddr, v, saddr, v, v, saddr),
+            "drop",
+        ]
+    return out
+
+
+def _element(name, key, value):
+    if name == "trans":
+        text = "0x%08x . %s . %d : 0x%08x" % (key[0], key[1], key[2], value)
+    elif name in ("first", "su_acc"):
+        text = "0x%08x" % key
+    elif name in ("guarded4", "guarded6"):
+        text = "%d" % key
+    elif name == "gport":
+        text = "%d : %d" % (key, value)
+    else:      # acc: node -> port as a mark
+        text = "0x%08x : %d" % (key, value)
+    return text
+
+
+def _element_lines(verb, name, items, chunk=2000):
+    items = sorted(items, key=repr)
+    for i in range(0, len(items), chunk):
+        yield "%s element inet %s %s { %s }" % (
+            verb, TABLE, name, ", ".join(_element(name, k, v) for k, v in items[i:i + chunk]))
+
+
+def render(plan, now, loaded=None):
+    """The `nft -f` text that makes the table hold PLAN at NOW.
+
+    LOADED None: a full load (creates the table, or replaces every static
+    map of an existing one; packet-path state, open doors and spent uses
+    stay).  LOADED a Ruleset (what `build` gave for the text applied last):
+    a top-up that adds and deletes only the elements that differ.  Either
+    way the rules are rewritten and it is one atomic transaction.  Returns
+    (text, ruleset): keep the ruleset for the next top-up."""
+    ruleset = build(plan, now)
+    lines = [DECLARATIONS % {"t": TABLE, "n": DYNAMIC_SIZE}]
+    for chain in CHAINS:
+        lines.append("flush chain inet %s %s" % (TABLE, chain))
+    if loaded is None:
+        for name in STATIC:
+            lines.append("flush set inet %s %s" % (TABLE, name) if name in
+                         ("first", "su_acc", "guarded4", "guarded6")
+                         else "flush map inet %s %s" % (TABLE, name))
+        lines.append("add element inet %s trans { * : 0 }" % TABLE)
+        for name in STATIC:
+            lines.extend(_element_lines("add", name, ruleset.elements[name].items()))
+    else:
+        for name in STATIC:
+            new, old = ruleset.elements[name], loaded.elements.get(name, {})
+            gone = [(k, v) for k, v in old.items() if k not in new or new[k] != v]
+            if gone:
+                # Deleting an element the packet path already deleted (a
+                # burned edge) would fail the whole transaction: add it first.
+                lines.extend(_element_lines("add", name, gone))
+                lines.extend(_element_lines("delete", name, gone))
+            added = [(k, v) for k, v in new.items() if k not in old or old[k] != v]
+            lines.extend(_element_lines("add", name, added))
+    rules = _rules(ruleset)
+    for chain in CHAINS:
+        for rule in rules[chain]:
+            lines.append("add rule inet %s %s %s" % (TABLE, chain, rule))
+    return "\n".join(lines) + "\n", ruleset
+
+
+def remove_text():
+    """The transaction that removes the table (uninstall)."""
+    return "table inet %s\ndelete table inet %s\n" % (TABLE, TABLE)
+
+
+# ------------------------------------------------------------------ I/O
+
+def nft_command(netns=None):
+    command = ["nft"]
+    return (["ip", "netns", "exec", netns] + command) if netns else command
+
+
+def apply(text, netns=None, check=False):
+    """Load TEXT with one `nft -f -` (in network namespace NETNS, if given);
+    CHECK: only `nft -c`.  Raises RuntimeError with nft's message on failure."""
+    command = nft_command(netns) + (["-c"] if check else []) + ["-f", "-"]
+    result = subprocess.run(command, input=text.encode(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    if result.returncode:
+        raise RuntimeError("nft -f failed: %s" % result.stderr.decode("utf-8", "replace")[:2000])
+
+
+def read_spent(netns=None):
+    """`nft -j list set inet knockd_rotator spent`: the text for spent_uses."""
+    result = subprocess.run(nft_command(netns) + ["-j", "list", "set", "inet", TABLE, "spent"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
+    return result.stdout.decode()
+
+
+def _number(value):
+    if isinstance(value, int):
+        return value
+    return int(value, 0) if isinstance(value, str) and value[:1].isdigit() else value
+
+
+def spent_uses(json_text, ruleset):
+    """The single-use windows the kernel burned: [(door name, start, use)],
+    from the JSON of `read_spent` and the Ruleset that was loaded."""
+    data = json.loads(json_text)
+    burned = []
+    for item in data.get("nftables", []):
+        for element in item.get("set", {}).get("elem", []):
+            value = element.get("elem", {}).get("val", element) if isinstance(element, dict) \
+                else element
+            parts = value.get("concat") if isinstance(value, dict) else None
+            if not parts or len(parts) != 3:
+                continue
+            key = (_number(parts[0]), parts[1], _number(parts[2]))
+            if key in ruleset.finals:
+                burned.append(ruleset.finals[key])
+    return sorted(burned)
