@@ -40,7 +40,8 @@ MAX_DOORS = 1 << 15          # door numbers 0 .. 32767 (15 bits of a node id)
 MAX_LENGTH = 32              # knockd's own limit (5 bits of a node id)
 MAX_PORTS = 4                # guarded ports per door
 MAX_CLASSES = 15             # 4 bits of a node id; class 0 marks the roots
-PERIOD_SLOTS = 4             # windows of a door: 4 periods x 32 uses (7 bits)
+PERIOD_SLOTS = 4             # windows of a door (7 bits): 128 periods, or with
+                             # single use 4 periods x 32 uses
 USE_SLOTS = 32
 DYNAMIC_SIZE = 65536         # sources tracked at once, per family and map
 SCRATCH_TIMEOUT = 1          # s; the saved mark lives only while a packet is inside
@@ -79,6 +80,7 @@ windows       Window tuples"""
 # What the kernel holds, as data: the result of `build`, and what `render`
 # diffs against for a top-up.
 Ruleset = namedtuple("Ruleset", "elements classes segments finals")
+TIMED = ("trans", "first", "su_acc", "acc0", "acc1", "acc2", "acc3")
 
 
 def _class_key(door, window):
@@ -90,7 +92,12 @@ def _class_key(door, window):
 
 
 def _slot(door, window):
-    return ((window.start // door.period) % PERIOD_SLOTS) * USE_SLOTS + (window.use or 0) % USE_SLOTS
+    """7 bits of the window's node ids: the period (mod 128) for a door
+    without single use; the period (mod 4) and the use (mod 32) for one with."""
+    index = window.start // door.period
+    if window.use is None:
+        return index % (PERIOD_SLOTS * USE_SLOTS)
+    return (index % PERIOD_SLOTS) * USE_SLOTS + window.use % USE_SLOTS
 
 
 def _check(plan):
@@ -166,57 +173,61 @@ def build(plan, now):
                 cls = index[_class_key(door, window)]
                 entries.append((door, window, cls, (door.number, _slot(door, window))))
 
-    trans, first, su_acc = {}, set(), set()
-    acc = [dict() for _ in range(MAX_PORTS)]
+    # name -> {key: (value, expires)}: each element lives until the last
+    # moment a knock may still need it, and the kernel then drops it itself.
+    elements = {name: {} for name in TIMED}
     finals = {}          # final edge key -> (door name, start, use) for single-use windows
     guarded = {"ip": set(), "ip6": set()}
     ids = _Ids()
     seq_of = {}
 
+    def put(name, key, value, expires):
+        table = elements[name]
+        old = table.get(key)
+        if old is None:
+            table[key] = (value, expires)
+        elif old[0] != value:
+            raise ValueError("%s: %r leads to two values (doors with the same sequence "
+                             "at the same time?)" % (name, key))
+        elif expires > old[1]:
+            table[key] = (value, expires)
+
     def path(entry, depth):
-        door, window, cls, (number, slot) = entry
-        return (cls << CLASS_SHIFT) | (number << 12) | (slot << 5) | depth
+        return entry[4] | depth
 
-    def edge(node, item, child):
-        key = (node, item[1], item[0])
-        if trans.setdefault(key, child) != child:
-            raise ValueError("edge %r leads to two nodes" % (key,))
-        return key
-
-    def accepting(entry, node, key):
-        door, window, cls, _ = entry
+    def accepting(entry, node, key, expires):
+        door, window = entry[0], entry[1]
         for i, port in enumerate(door.ports):
-            if acc[i].setdefault(node, port) != port:
-                raise ValueError("doors with the same sequence at the same time (%s)" % door.name)
+            put("acc%d" % i, node, port, expires)
         if window.use is not None:
-            su_acc.add(node)
+            put("su_acc", node, None, expires)
             finals[key] = (door.name, window.start, window.use)
 
     def whole_path(entry, depth):
         # Edges private to one window, from its node at DEPTH to its end.
-        seq = seq_of[entry[3]]
+        seq, expires, base = seq_of[entry[3]], entry[5], entry[4]
         for k in range(depth, len(seq) - 1):
-            key = edge(path(entry, k), seq[k + 1], path(entry, k + 1))
-        if len(seq) - 1 == depth:
-            return
-        accepting(entry, path(entry, len(seq) - 1), key)
+            item = seq[k + 1]
+            key = (base | k, item[1], item[0])
+            put("trans", key, base | (k + 1), expires)
+        accepting(entry, base | (len(seq) - 1), key, expires)
 
     done_paths = set()
 
-    def grow(node, depth, group, prefix):
+    def grow(node, depth, group, prefix, expires):
         by_item = {}
         for entry in group:
             by_item.setdefault(seq_of[entry[3]][depth], []).append(entry)
-        for item in sorted(by_item, key=lambda i: (i[1], i[0])):
-            members = by_item[item]
+        for item, members in by_item.items():
+            key = (node, item[1], item[0])
             if len(members) == 1:
                 entry = members[0]
                 child = path(entry, depth)
-                key = edge(node, item, child)
+                put("trans", key, child, expires)
                 if depth == 0:
-                    first.add(child)
+                    put("first", child, None, expires)
                 if len(seq_of[entry[3]]) == depth + 1:
-                    accepting(entry, child, key)
+                    accepting(entry, child, key, expires)
                 elif (entry[3], depth) not in done_paths:
                     done_paths.add((entry[3], depth))
                     whole_path(entry, depth)
@@ -231,50 +242,49 @@ def build(plan, now):
             else:
                 cls = max(going, key=lambda e: (e[0].seq_timeout, -e[2]))[2]
             child = ids.get(cls, ("node", prefix + (item,), tuple(sorted(e[3] for e in members))))
-            key = edge(node, item, child)
+            put("trans", key, child, expires)
             if depth == 0:
-                first.add(child)
+                put("first", child, None, expires)
             if ending:
-                accepting(ending[0], child, key)
+                accepting(ending[0], child, key, expires)
             if going:
-                grow(child, depth + 1, going, prefix + (item,))
+                grow(child, depth + 1, going, prefix + (item,), expires)
 
-    for entry in entries:
-        seq_of[entry[3]] = tuple((int(p), proto) for p, proto in entry[1].sequence)
-        families = ("ip", "ip6") if entry[0].family == "inet" else (entry[0].family,)
+    for i, entry in enumerate(entries):
+        door, window, cls, (number, slot) = entry
+        seq_of[entry[3]] = tuple((int(p), proto) for p, proto in window.sequence)
+        base = (cls << CLASS_SHIFT) | (number << 12) | (slot << 5)
+        entries[i] = entry + (base, window.valid_until + door.seq_timeout)
+        families = ("ip", "ip6") if door.family == "inet" else (door.family,)
         for family in families:
-            guarded[family].update(entry[0].ports)
+            guarded[family].update(door.ports)
 
     # Time segments: between consecutive window edges, the windows valid.
     edges_in_time = sorted({t for e in entries for t in (e[1].valid_from, e[1].valid_until)})
     segments = []
-    roots = {}
+    groups = {}          # window set -> (its entries, last moment it is needed)
     for a, b in zip(edges_in_time, edges_in_time[1:]):
         if b <= now:
             continue
-        group = tuple(e for e in entries if e[1].valid_from <= a and e[1].valid_until >= b)
+        group = [e for e in entries if e[1].valid_from <= a and e[1].valid_until >= b]
         if not group:
             continue
-        members = tuple(sorted(e[3] for e in group))
-        if members not in roots:
-            roots[members] = ids.get(0, ("root", members))
-            grow(roots[members], 0, list(group), ())
-        root = roots[members]
+        members = tuple(e[3] for e in group)
+        expires = b + max(e[0].seq_timeout for e in group)
+        if members in groups:
+            expires = max(expires, groups[members][1])
+        groups[members] = (group, expires)
+        root = ids.get(0, ("root", members))
         if segments and segments[-1][1] == a and segments[-1][2] == root:
             segments[-1] = (segments[-1][0], b, root)
         else:
             segments.append((a, b, root))
+    for members, (group, expires) in groups.items():
+        grow(ids.get(0, ("root", members)), 0, group, (), expires)
 
-    elements = {
-        "trans": {k: v for k, v in trans.items()},
-        "first": {n: None for n in first},
-        "su_acc": {n: None for n in su_acc},
-        "guarded4": {p: None for p in guarded["ip"]},
-        "guarded6": {p: None for p in guarded["ip6"]},
-        "gport": {p: p for p in guarded["ip"] | guarded["ip6"]},
-    }
-    for i in range(MAX_PORTS):
-        elements["acc%d" % i] = acc[i]
+    elements["guarded4"] = {p: (None, None) for p in guarded["ip"]}
+    elements["guarded6"] = {p: (None, None) for p in guarded["ip6"]}
+    elements["gport"] = {p: (p, None) for p in guarded["ip"] | guarded["ip6"]}
     return Ruleset(elements, classes, segments, finals)
 
 
@@ -282,13 +292,13 @@ def build(plan, now):
 
 DECLARATIONS = """\
 table inet %(t)s {
-	map trans { type mark . inet_proto . inet_service : mark; flags dynamic; }
-	set first { type mark; }
-	set su_acc { type mark; }
-	map acc0 { type mark : mark; }
-	map acc1 { type mark : mark; }
-	map acc2 { type mark : mark; }
-	map acc3 { type mark : mark; }
+	map trans { type mark . inet_proto . inet_service : mark; flags dynamic,timeout; }
+	set first { type mark; flags timeout; }
+	set su_acc { type mark; flags timeout; }
+	map acc0 { type mark : mark; flags timeout; }
+	map acc1 { type mark : mark; flags timeout; }
+	map acc2 { type mark : mark; flags timeout; }
+	map acc3 { type mark : mark; flags timeout; }
 	set guarded4 { type inet_service; }
 	set guarded6 { type inet_service; }
 	map gport { type inet_service : mark; }
@@ -315,8 +325,8 @@ table inet %(t)s {
 """
 
 CHAINS = ("input", "root", "knock4", "restart4", "guard4", "knock6", "restart6", "guard6")
-STATIC = ("trans", "first", "su_acc", "acc0", "acc1", "acc2", "acc3",
-          "guarded4", "guarded6", "gport")
+STATIC = TIMED + ("guarded4", "guarded6", "gport")
+MAPS = ("trans", "acc0", "acc1", "acc2", "acc3", "gport")
 
 
 def _rules(ruleset):
@@ -399,64 +409,85 @@ def _rules(ruleset):
     return out
 
 
-def _element(name, key, value):
+def _element(name, key, value, timeout):
+    t = "" if timeout is None else " timeout %ds" % timeout
     if name == "trans":
-        text = "0x%08x . %s . %d : 0x%08x" % (key[0], key[1], key[2], value)
-    elif name in ("first", "su_acc"):
-        text = "0x%08x" % key
-    elif name in ("guarded4", "guarded6"):
-        text = "%d" % key
-    elif name == "gport":
-        text = "%d : %d" % (key, value)
-    else:      # acc: node -> port as a mark
-        text = "0x%08x : %d" % (key, value)
-    return text
+        return "0x%08x . %s . %d%s : 0x%08x" % (key[0], key[1], key[2], t, value)
+    if name in ("first", "su_acc"):
+        return "0x%08x%s" % (key, t)
+    if name in ("guarded4", "guarded6"):
+        return "%d" % key
+    if name == "gport":
+        return "%d : %d" % (key, value)
+    return "0x%08x%s : %d" % (key, t, value)          # acc: node -> port, as a mark
 
 
-def _element_lines(verb, name, items, chunk=2000):
-    items = sorted(items, key=repr)
+def _element_lines(verb, name, items, now, chunk=2000):
+    items = sorted(items)
     for i in range(0, len(items), chunk):
-        yield "%s element inet %s %s { %s }" % (
-            verb, TABLE, name, ", ".join(_element(name, k, v) for k, v in items[i:i + chunk]))
+        yield "%s element inet %s %s { %s }" % (verb, TABLE, name, ", ".join(
+            _element(name, k, v, None if e is None else max(1, e - now))
+            for k, (v, e) in items[i:i + chunk]))
+
+
+# A top-up deletes no element that expires within this many seconds: the
+# kernel drops it itself, and `delete` of an element that has just expired
+# would fail the whole transaction.
+DELETE_MARGIN = 10
 
 
 def render(plan, now, loaded=None):
-    """The `nft -f` text that makes the table hold PLAN at NOW.
+    """The `nft -f` text that makes the table hold PLAN from NOW on.
 
     LOADED None: a full load (creates the table, or replaces every static
     map of an existing one; packet-path state, open doors and spent uses
-    stay).  LOADED a Ruleset (what `build` gave for the text applied last):
-    a top-up that adds and deletes only the elements that differ.  Either
-    way the rules are rewritten and it is one atomic transaction.  Returns
-    (text, ruleset): keep the ruleset for the next top-up."""
+    stay).  LOADED the Ruleset returned with the text applied last: a top-up
+    that only adds what is new and deletes what the plan dropped before its
+    time; elements of the past expire in the kernel by themselves.  Either
+    way the rules are rewritten, in one atomic transaction.  Returns (text,
+    ruleset): keep the ruleset for the next top-up."""
     ruleset = build(plan, now)
     lines = [DECLARATIONS % {"t": TABLE, "n": DYNAMIC_SIZE}]
     for chain in CHAINS:
         lines.append("flush chain inet %s %s" % (TABLE, chain))
+    state = {}
     if loaded is None:
         for name in STATIC:
-            lines.append("flush set inet %s %s" % (TABLE, name) if name in
-                         ("first", "su_acc", "guarded4", "guarded6")
-                         else "flush map inet %s %s" % (TABLE, name))
+            lines.append("flush %s inet %s %s" % ("map" if name in MAPS else "set", TABLE, name))
         lines.append("add element inet %s trans { * : 0 }" % TABLE)
         for name in STATIC:
-            lines.extend(_element_lines("add", name, ruleset.elements[name].items()))
+            lines.extend(_element_lines("add", name, ruleset.elements[name].items(), now))
+            state[name] = dict(ruleset.elements[name])
     else:
         for name in STATIC:
             new, old = ruleset.elements[name], loaded.elements.get(name, {})
-            gone = [(k, v) for k, v in old.items() if k not in new or new[k] != v]
+            kept = dict(new)
+            gone, added = [], []
+            for key, (value, expires) in old.items():
+                if key in new and new[key][0] == value:
+                    if expires is not None and new[key][1] > expires:
+                        gone.append((key, (value, expires)))        # to live longer
+                        added.append((key, new[key]))
+                    else:
+                        kept[key] = (value, expires)
+                elif expires is None or expires > now + DELETE_MARGIN:
+                    gone.append((key, (value, expires)))
+                    if key in new:
+                        added.append((key, new[key]))
+            added += [(key, item) for key, item in new.items() if key not in old]
             if gone:
-                # Deleting an element the packet path already deleted (a
-                # burned edge) would fail the whole transaction: add it first.
-                lines.extend(_element_lines("add", name, gone))
-                lines.extend(_element_lines("delete", name, gone))
-            added = [(k, v) for k, v in new.items() if k not in old or old[k] != v]
-            lines.extend(_element_lines("add", name, added))
+                # `delete` of an element the packet path already deleted (a
+                # burned edge) would fail the transaction: `add` it first.
+                lines.extend(_element_lines("add", name, gone, now))
+                lines.extend(_element_lines("delete", name, [(k, (v, None)) for k, (v, e)
+                                                             in gone], now))
+            lines.extend(_element_lines("add", name, added, now))
+            state[name] = kept
     rules = _rules(ruleset)
     for chain in CHAINS:
         for rule in rules[chain]:
             lines.append("add rule inet %s %s %s" % (TABLE, chain, rule))
-    return "\n".join(lines) + "\n", ruleset
+    return "\n".join(lines) + "\n", ruleset._replace(elements=state)
 
 
 def remove_text():
