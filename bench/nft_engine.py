@@ -83,6 +83,11 @@ def plan(doors, first_period, seed=1):
     return out
 
 
+def changes(text):
+    return sum(line.count(",") + 1 for line in text.splitlines()
+               if line.startswith(("add element", "delete element")))
+
+
 def kmem():
     for line in open("/proc/self/cgroup"):
         parts = line.strip().split(":")
@@ -159,7 +164,8 @@ def main():
             renders, applies = [], []
             for r in range(1, args.rounds + 1):
                 t0 = time.monotonic()
-                text, new = engine.render(plan(doors, k - 1 + r), now, loaded)
+                # A period later: the window of two periods ago has expired.
+                text, new = engine.render(plan(doors, k - 1 + r), now + r * PERIOD, loaded)
                 t1 = time.monotonic()
                 engine.apply(text, ns)
                 t2 = time.monotonic()
@@ -167,9 +173,9 @@ def main():
                 applies.append(t2 - t1)
                 loaded = new
             print("top-up (one period ahead, %d rounds): render median %.3f s, nft -f median "
-                  "%.3f s (max %.3f s); %d lines of text"
+                  "%.3f s (max %.3f s); %d element changes"
                   % (args.rounds, statistics.median(renders), statistics.median(applies),
-                     max(applies), text.count("\n")))
+                     max(applies), changes(text)))
             if args.flood and doors == max(int(d) for d in args.doors.split(",")):
                 floods["%d doors" % doors] = flood(ns, args.flood)
             kmem2 = kmem()
