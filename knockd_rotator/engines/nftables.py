@@ -36,20 +36,30 @@ from collections import namedtuple
 TABLE = "knockd_rotator"
 FAMILIES = ("ip", "ip6", "inet")
 PROTOCOLS = ("tcp", "udp")
-MAX_DOORS = 1 << 15          # door numbers 0 .. 32767 (15 bits of a node id)
+MAX_DOORS = 1 << 14          # door numbers 0 .. 16383 (14 bits of a node id)
 MAX_LENGTH = 32              # knockd's own limit (5 bits of a node id)
 MAX_PORTS = 4                # guarded ports per door
 MAX_CLASSES = 15             # 4 bits of a node id; class 0 marks the roots
 PERIOD_SLOTS = 4             # windows of a door (7 bits): 128 periods, or with
-                             # single use 4 periods x 32 uses
-USE_SLOTS = 32
+USE_SLOTS = 32               # single use 4 periods x 32 uses
 DYNAMIC_SIZE = 65536         # sources tracked at once, per family and map
 SCRATCH_TIMEOUT = 1          # s; the saved mark lives only while a packet is inside
 
+# Node ids (32 bits, the packet mark while a packet is in our chains):
+#   bit 31      1: a root or a node shared by several windows (a hash)
+#   bits 27-30  class (door settings) 1..15; 0 for a root
+#   bit 26      1: an accepting node; bits 0-15 are then the port group
+#   private node: bits 12-25 door number, 5-11 window slot, 0-4 depth
+#   shared node:  bits 5-25 hash, 0-4 depth
+# A first node (the state after a window's first knock) has depth 0.
 SHARED = 1 << 31
 CLASS_SHIFT = 27
 CLASS_MASK = 0xF << CLASS_SHIFT
-ID_MASK = (1 << CLASS_SHIFT) - 1
+ACCEPT = 1 << 26
+KIND_MASK = SHARED | CLASS_MASK          # roots: SHARED with class 0
+HASH_MASK = ((1 << 21) - 1) << 5
+DEPTH_MASK = 0x1F
+GROUP_MASK = 0xFFFF
 
 Window = namedtuple("Window", "start valid_from valid_until sequence use")
 Window.__new__.__defaults__ = (None,)
@@ -81,7 +91,7 @@ windows       Window tuples"""
 # diffs against for a top-up.
 Ruleset = namedtuple("Ruleset", "elements classes segments finals rules")
 Ruleset.__new__.__defaults__ = (None,)
-TIMED = ("trans", "first", "su_acc", "acc0", "acc1", "acc2", "acc3")
+TIMED = ("trans",)
 
 
 def _class_key(door, window):
@@ -136,21 +146,37 @@ def _check(plan):
 
 
 class _Ids:
-    """Ids of shared nodes and roots: a hash of what they stand for, so that
+    """Ids of roots and shared nodes: a hash of what they stand for, so that
     the same node gets the same id in the next render; probed on collision."""
 
     def __init__(self):
         self.used = {}
 
-    def get(self, cls, what):
+    def get(self, cls, depth, what):
         digest = hashlib.sha256(repr(what).encode()).digest()
-        value = int.from_bytes(digest[:4], "big") & ID_MASK
+        value = int.from_bytes(digest[:4], "big")
         while True:
-            node = SHARED | (cls << CLASS_SHIFT) | value
-            owner = self.used.setdefault(node, what)
-            if owner == what and value:
+            node = SHARED | (cls << CLASS_SHIFT) | (value << 5 & HASH_MASK) | depth
+            if value << 5 & HASH_MASK and self.used.setdefault(node, what) == what:
                 return node
-            value = (value + 1) & ID_MASK
+            value += 1
+
+
+def _groups(plan):
+    """Port group ids (16 bits of an accepting node): a single port is its own
+    group; a tuple of ports gets a free id from its hash."""
+    groups, used = {}, set()
+    for door in plan:
+        if len(door.ports) == 1:
+            groups[tuple(door.ports)] = door.ports[0]
+            used.add(door.ports[0])
+    for ports in sorted({tuple(d.ports) for d in plan if len(d.ports) > 1}):
+        value = int.from_bytes(hashlib.sha256(repr(ports).encode()).digest()[:2], "big")
+        while not value or value in used:
+            value = (value + 1) & GROUP_MASK
+        groups[ports] = value
+        used.add(value)
+    return groups
 
 
 def build(plan, now):
@@ -176,42 +202,38 @@ def build(plan, now):
 
     # name -> {key: (value, expires)}: each element lives until the last
     # moment a knock may still need it, and the kernel then drops it itself.
-    elements = {name: {} for name in TIMED}
+    elements = {"trans": {}}
     finals = {}          # final edge key -> (door name, start, use) for single-use windows
     guarded = {"ip": set(), "ip6": set()}
     ids = _Ids()
+    groups = _groups(plan)
     seq_of = {}
 
-    def put(name, key, value, expires):
-        table = elements[name]
+    def put(key, value, expires):
+        table = elements["trans"]
         old = table.get(key)
-        if old is None:
+        if old is None or (old[0] == value and expires > old[1]):
             table[key] = (value, expires)
         elif old[0] != value:
-            raise ValueError("%s: %r leads to two values (doors with the same sequence "
-                             "at the same time?)" % (name, key))
-        elif expires > old[1]:
-            table[key] = (value, expires)
+            raise ValueError("edge %r leads to two nodes (one sequence is a prefix of "
+                             "another valid at the same time?)" % (key,))
 
-    def path(entry, depth):
-        return entry[4] | depth
+    def accept(entry):
+        return (entry[2] << CLASS_SHIFT) | ACCEPT | groups[tuple(entry[0].ports)]
 
-    def accepting(entry, node, key, expires):
-        door, window = entry[0], entry[1]
-        for i, port in enumerate(door.ports):
-            put("acc%d" % i, node, port, expires)
+    def final(entry, key):
+        window = entry[1]
         if window.use is not None:
-            put("su_acc", node, None, expires)
-            finals[key] = (door.name, window.start, window.use)
+            finals[key] = (entry[0].name, window.start, window.use)
 
     def whole_path(entry, depth):
         # Edges private to one window, from its node at DEPTH to its end.
-        seq, expires, base = seq_of[entry[3]], entry[5], entry[4]
-        for k in range(depth, len(seq) - 1):
-            item = seq[k + 1]
-            key = (base | k, item[1], item[0])
-            put("trans", key, base | (k + 1), expires)
-        accepting(entry, base | (len(seq) - 1), key, expires)
+        seq, base, expires = seq_of[entry[3]], entry[4], entry[5]
+        last = len(seq) - 1
+        for k in range(depth, last):
+            key = (base | k, seq[k + 1][1], seq[k + 1][0])
+            put(key, base | (k + 1) if k + 1 < last else accept(entry), expires)
+        final(entry, key)
 
     done_paths = set()
 
@@ -221,35 +243,27 @@ def build(plan, now):
             by_item.setdefault(seq_of[entry[3]][depth], []).append(entry)
         for item, members in by_item.items():
             key = (node, item[1], item[0])
-            if len(members) == 1:
+            ending = [e for e in members if len(seq_of[e[3]]) == depth + 1]
+            if ending:
+                if len(ending) != len(members) or len({accept(e) for e in ending}) > 1:
+                    raise ValueError("doors %s: a sequence that is, or starts, another valid "
+                                     "at the same time" % ", ".join(sorted(
+                                         e[0].name for e in members)))
+                put(key, accept(ending[0]), expires)
+                for entry in ending:
+                    final(entry, key)
+            elif len(members) == 1:
                 entry = members[0]
-                child = path(entry, depth)
-                put("trans", key, child, expires)
-                if depth == 0:
-                    put("first", child, None, expires)
-                if len(seq_of[entry[3]]) == depth + 1:
-                    accepting(entry, child, key, expires)
-                elif (entry[3], depth) not in done_paths:
+                put(key, entry[4] | depth, expires)
+                if (entry[3], depth) not in done_paths:
                     done_paths.add((entry[3], depth))
                     whole_path(entry, depth)
-                continue
-            ending = [e for e in members if len(seq_of[e[3]]) == depth + 1]
-            going = [e for e in members if len(seq_of[e[3]]) > depth + 1]
-            if len(ending) > 1:
-                raise ValueError("doors %s end with the same sequence at the same time"
-                                 % ", ".join(sorted(e[0].name for e in ending)))
-            if ending:
-                cls = ending[0][2]
             else:
-                cls = max(going, key=lambda e: (e[0].seq_timeout, -e[2]))[2]
-            child = ids.get(cls, ("node", prefix + (item,), tuple(sorted(e[3] for e in members))))
-            put("trans", key, child, expires)
-            if depth == 0:
-                put("first", child, None, expires)
-            if ending:
-                accepting(ending[0], child, key, expires)
-            if going:
-                grow(child, depth + 1, going, prefix + (item,), expires)
+                cls = max(members, key=lambda e: (e[0].seq_timeout, -e[2]))[2]
+                child = ids.get(cls, depth, ("node", prefix + (item,),
+                                             tuple(sorted(e[3] for e in members))))
+                put(key, child, expires)
+                grow(child, depth + 1, members, prefix + (item,), expires)
 
     for i, entry in enumerate(entries):
         door, window, cls, (number, slot) = entry
@@ -263,7 +277,7 @@ def build(plan, now):
     # Time segments: between consecutive window edges, the windows valid.
     edges_in_time = sorted({t for e in entries for t in (e[1].valid_from, e[1].valid_until)})
     segments = []
-    groups = {}          # window set -> (its entries, last moment it is needed)
+    windows_of = {}      # window set -> (its entries, last moment it is needed)
     for a, b in zip(edges_in_time, edges_in_time[1:]):
         if b <= now:
             continue
@@ -272,20 +286,23 @@ def build(plan, now):
             continue
         members = tuple(e[3] for e in group)
         expires = b + max(e[0].seq_timeout for e in group)
-        if members in groups:
-            expires = max(expires, groups[members][1])
-        groups[members] = (group, expires)
-        root = ids.get(0, ("root", members))
+        if members in windows_of:
+            expires = max(expires, windows_of[members][1])
+        windows_of[members] = (group, expires)
+        root = ids.get(0, 0, ("root", members))
         if segments and segments[-1][1] == a and segments[-1][2] == root:
             segments[-1] = (segments[-1][0], b, root)
         else:
             segments.append((a, b, root))
-    for members, (group, expires) in groups.items():
-        grow(ids.get(0, ("root", members)), 0, group, (), expires)
+    for members, (group, expires) in windows_of.items():
+        grow(ids.get(0, 0, ("root", members)), 0, group, (), expires)
 
     elements["guarded4"] = {p: (None, None) for p in guarded["ip"]}
     elements["guarded6"] = {p: (None, None) for p in guarded["ip6"]}
     elements["gport"] = {p: (p, None) for p in guarded["ip"] | guarded["ip6"]}
+    for i in range(MAX_PORTS):
+        elements["gp%d" % i] = {group: (ports[i], None) for ports, group in groups.items()
+                                if len(ports) > i}
     return Ruleset(elements, classes, segments, finals)
 
 
@@ -294,12 +311,10 @@ def build(plan, now):
 DECLARATIONS = """\
 table inet %(t)s {
 	map trans { type mark . inet_proto . inet_service : mark; flags dynamic,timeout; }
-	set first { type mark; flags timeout; }
-	set su_acc { type mark; flags timeout; }
-	map acc0 { type mark : mark; flags timeout; }
-	map acc1 { type mark : mark; flags timeout; }
-	map acc2 { type mark : mark; flags timeout; }
-	map acc3 { type mark : mark; flags timeout; }
+	map gp0 { type mark : mark; }
+	map gp1 { type mark : mark; }
+	map gp2 { type mark : mark; }
+	map gp3 { type mark : mark; }
 	set guarded4 { type inet_service; }
 	set guarded6 { type inet_service; }
 	map gport { type inet_service : mark; }
@@ -326,8 +341,8 @@ table inet %(t)s {
 """
 
 CHAINS = ("input", "root", "knock4", "restart4", "guard4", "knock6", "restart6", "guard6")
-STATIC = TIMED + ("guarded4", "guarded6", "gport")
-MAPS = ("trans", "acc0", "acc1", "acc2", "acc3", "gport")
+STATIC = TIMED + ("gp0", "gp1", "gp2", "gp3", "guarded4", "guarded6", "gport")
+MAPS = ("trans", "gp0", "gp1", "gp2", "gp3", "gport")
 
 
 def _rules(ruleset):
@@ -345,6 +360,7 @@ def _rules(ruleset):
     out["root"] = ["meta time >= %d meta time < %d meta mark set 0x%08x return" % seg
                    for seg in ruleset.segments]
     for v, saddr, fam in (("4", "ip saddr", ("ip", "inet")), ("6", "ip6 saddr", ("ip6", "inet"))):
+        classes = sorted(ruleset.classes.items())
         knock = [
             # Save the packet's own mark: it is our scratch register.
             "delete @save%s { %s : 0 }" % (v, saddr),
@@ -352,44 +368,50 @@ def _rules(ruleset):
             "meta mark set 0",
             "jump root",
             "meta mark set %s map @st%s" % (saddr, v),
+            # Progress older than seq_timeout, counted from the first knock as
+            # knockd counts it, is void.
+            "meta mark & 0x%08x != 0x%08x %s != @started%s meta mark set 0"
+            % (KIND_MASK, SHARED, saddr, v),
             # A burned final edge (single use) counts as missing, even if a
             # top-up racing with the burn loaded it again.
             "meta mark . meta l4proto . th dport @spent meta mark set 0",
             "delete @prev%s { %s : 0 }" % (v, saddr),
             "add @prev%s { %s timeout %ds : meta mark }" % (v, saddr, SCRATCH_TIMEOUT),
             "meta mark set meta mark . meta l4proto . th dport map @trans",
+            # No edge: the same packet again from the root.
             "meta mark 0 jump restart%s" % v,
-            "meta mark @first delete @started%s { %s }" % (v, saddr),
+            # A first node starts the clock.
+            "meta mark != 0 meta mark & 0x%08x == 0 delete @started%s { %s }"
+            % (ACCEPT | DEPTH_MASK, v, saddr),
         ]
-        for cls, key in sorted(ruleset.classes.items()):
-            knock.append("meta mark & 0x%08x == 0x%08x meta mark @first add @started%s "
-                         "{ %s timeout %ds }" % (CLASS_MASK, cls << CLASS_SHIFT, v, saddr, key[1]))
-        knock += [
-            # seq_timeout counts from the first knock, as knockd's does.
-            "meta mark != 0 %s != @started%s meta mark set 0" % (saddr, v),
-            "delete @st%s { %s : 0 }" % (v, saddr),
-        ]
-        for cls, key in sorted(ruleset.classes.items()):
+        for cls, key in classes:
+            knock.append("meta mark & 0x%08x == 0x%08x add @started%s { %s timeout %ds }"
+                         % (CLASS_MASK | ACCEPT | DEPTH_MASK, cls << CLASS_SHIFT, v, saddr,
+                            key[1]))
+        knock.append("delete @st%s { %s : 0 }" % (v, saddr))
+        for cls, key in classes:
             knock.append("meta mark & 0x%08x == 0x%08x add @st%s { %s timeout %ds : meta mark }"
                          % (CLASS_MASK, cls << CLASS_SHIFT, v, saddr, key[1]))
-        for cls, key in sorted(ruleset.classes.items()):
+        for cls, key in classes:
             family, _, open_seconds, nports, single, ttl = key
             if family not in fam:
                 continue
             for i in range(nports):
-                knock.append("meta mark & 0x%08x == 0x%08x meta mark set meta mark map @acc%d "
+                # The accepting node holds the port group; gp<i> its ports.
+                knock.append("meta mark & 0x%08x == 0x%08x meta mark set meta mark & 0x%08x "
+                             "meta mark set meta mark map @gp%d "
                              "add @allow%s { %s . meta mark timeout %ds }"
-                             % (CLASS_MASK, cls << CLASS_SHIFT, i, v, saddr, open_seconds))
+                             % (CLASS_MASK | ACCEPT, cls << CLASS_SHIFT | ACCEPT, GROUP_MASK,
+                                i, v, saddr, open_seconds))
                 knock.append("meta mark set %s map @st%s" % (saddr, v))
-        for cls, key in sorted(ruleset.classes.items()):
-            family, _, _, _, single, ttl = key
-            if single:
-                # Burn: the final edge goes, in the packet path, and is recorded.
-                knock.append("meta mark & 0x%08x == 0x%08x meta mark @su_acc "
-                             "meta mark set %s map @prev%s "
+        for cls, key in classes:
+            if key[4]:
+                # Single use: the final edge goes, in the packet path, and is recorded.
+                knock.append("meta mark & 0x%08x == 0x%08x meta mark set %s map @prev%s "
                              "add @spent { meta mark . meta l4proto . th dport timeout %ds } "
                              "delete @trans { meta mark . meta l4proto . th dport : 0 }"
-                             % (CLASS_MASK, cls << CLASS_SHIFT, saddr, v, ttl))
+                             % (CLASS_MASK | ACCEPT, cls << CLASS_SHIFT | ACCEPT, saddr, v,
+                                key[5]))
         knock += ["meta mark set %s map @save%s" % (saddr, v),
                   "delete @save%s { %s : 0 }" % (v, saddr)]
         out["knock" + v] = knock
@@ -414,13 +436,9 @@ def _element(name, key, value, timeout):
     t = "" if timeout is None else " timeout %ds" % timeout
     if name == "trans":
         return "0x%08x . %s . %d%s : 0x%08x" % (key[0], key[1], key[2], t, value)
-    if name in ("first", "su_acc"):
-        return "0x%08x%s" % (key, t)
     if name in ("guarded4", "guarded6"):
         return "%d" % key
-    if name == "gport":
-        return "%d : %d" % (key, value)
-    return "0x%08x%s : %d" % (key, t, value)          # acc: node -> port, as a mark
+    return "%d : %d" % (key, value)        # gport: port -> port; gp<i>: group -> port
 
 
 def _element_lines(verb, name, items, now, chunk=2000):
