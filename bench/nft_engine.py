@@ -23,6 +23,7 @@ them.  Measured:
 
 import argparse
 import os
+import resource
 import random
 import re
 import statistics
@@ -161,21 +162,24 @@ def main():
                   % ((mem1 - mem0) / 1e6))
             listed = nft(ns, "list", "table", "inet", engine.TABLE)
             print("`nft list table`: %.1f MB of text" % (len(listed) / 1e6))
-            renders, applies = [], []
+            renders, applies, cpus = [], [], []
             for r in range(1, args.rounds + 1):
                 t0 = time.monotonic()
                 # A period later: the window of two periods ago has expired.
                 text, new = engine.render(plan(doors, k - 1 + r), now + r * PERIOD, loaded)
                 t1 = time.monotonic()
+                cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 engine.apply(text, ns)
+                cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 t2 = time.monotonic()
                 renders.append(t1 - t0)
                 applies.append(t2 - t1)
+                cpus.append(cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime)
                 loaded = new
             print("top-up (one period ahead, %d rounds): render median %.3f s, nft -f median "
-                  "%.3f s (max %.3f s); %d element changes"
+                  "%.3f s wall (max %.3f s), %.3f s CPU (user + system); %d element changes"
                   % (args.rounds, statistics.median(renders), statistics.median(applies),
-                     max(applies), changes(text)))
+                     max(applies), statistics.median(cpus), changes(text)))
             if args.flood and doors == max(int(d) for d in args.doors.split(",")):
                 floods["%d doors" % doors] = flood(ns, args.flood)
             kmem2 = kmem()

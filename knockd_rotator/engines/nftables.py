@@ -91,7 +91,7 @@ windows       Window tuples"""
 # diffs against for a top-up.
 Ruleset = namedtuple("Ruleset", "elements classes segments finals rules")
 Ruleset.__new__.__defaults__ = (None,)
-TIMED = ("trans",)
+TIMED = ("trans", "rtrans")
 
 
 def _class_key(door, window):
@@ -202,7 +202,7 @@ def build(plan, now):
 
     # name -> {key: (value, expires)}: each element lives until the last
     # moment a knock may still need it, and the kernel then drops it itself.
-    elements = {"trans": {}}
+    elements = {"trans": {}, "rtrans": {}}
     finals = {}          # final edge key -> (door name, start, use) for single-use windows
     guarded = {"ip": set(), "ip6": set()}
     ids = _Ids()
@@ -210,7 +210,7 @@ def build(plan, now):
     seq_of = {}
 
     def put(key, value, expires):
-        table = elements["trans"]
+        table = elements["rtrans" if key[0] & KIND_MASK == SHARED else "trans"]
         old = table.get(key)
         if old is None or (old[0] == value and expires > old[1]):
             table[key] = (value, expires)
@@ -274,28 +274,17 @@ def build(plan, now):
         for family in families:
             guarded[family].update(door.ports)
 
-    # Time segments: between consecutive window edges, the windows valid.
-    edges_in_time = sorted({t for e in entries for t in (e[1].valid_from, e[1].valid_until)})
+    # Cohorts: the windows valid over the same time (same valid_from and
+    # valid_until) share a root; a packet tries the roots of the cohorts
+    # valid at its `meta time`, so each window's first edge is loaded once.
+    cohorts = {}
+    for entry in entries:
+        cohorts.setdefault((entry[1].valid_from, entry[1].valid_until), []).append(entry)
     segments = []
-    windows_of = {}      # window set -> (its entries, last moment it is needed)
-    for a, b in zip(edges_in_time, edges_in_time[1:]):
-        if b <= now:
-            continue
-        group = [e for e in entries if e[1].valid_from <= a and e[1].valid_until >= b]
-        if not group:
-            continue
-        members = tuple(e[3] for e in group)
-        expires = b + max(e[0].seq_timeout for e in group)
-        if members in windows_of:
-            expires = max(expires, windows_of[members][1])
-        windows_of[members] = (group, expires)
-        root = ids.get(0, 0, ("root", members))
-        if segments and segments[-1][1] == a and segments[-1][2] == root:
-            segments[-1] = (segments[-1][0], b, root)
-        else:
-            segments.append((a, b, root))
-    for members, (group, expires) in windows_of.items():
-        grow(ids.get(0, 0, ("root", members)), 0, group, (), expires)
+    for (valid_from, valid_until), group in sorted(cohorts.items()):
+        root = ids.get(0, 0, ("root", valid_from, valid_until))
+        segments.append((valid_from, valid_until, root))
+        grow(root, 0, group, (), valid_until + max(e[0].seq_timeout for e in group))
 
     elements["guarded4"] = {p: (None, None) for p in guarded["ip"]}
     elements["guarded6"] = {p: (None, None) for p in guarded["ip6"]}
@@ -311,6 +300,7 @@ def build(plan, now):
 DECLARATIONS = """\
 table inet %(t)s {
 	map trans { type mark . inet_proto . inet_service : mark; flags dynamic,timeout; }
+	map rtrans { type mark . inet_proto . inet_service : mark; flags dynamic,timeout; }
 	map gp0 { type mark : mark; }
 	map gp1 { type mark : mark; }
 	map gp2 { type mark : mark; }
@@ -330,19 +320,18 @@ table inet %(t)s {
 	set started6 { type ipv6_addr; flags dynamic,timeout; size %(n)d; }
 	set allow6 { type ipv6_addr . mark; flags dynamic,timeout; size %(n)d; }
 	chain input { type filter hook input priority filter - 10; policy accept; }
-	chain root { }
+	chain root4 { }
 	chain knock4 { }
-	chain restart4 { }
 	chain guard4 { }
+	chain root6 { }
 	chain knock6 { }
-	chain restart6 { }
 	chain guard6 { }
 }
 """
 
-CHAINS = ("input", "root", "knock4", "restart4", "guard4", "knock6", "restart6", "guard6")
+CHAINS = ("input", "root4", "knock4", "guard4", "root6", "knock6", "guard6")
 STATIC = TIMED + ("gp0", "gp1", "gp2", "gp3", "guarded4", "guarded6", "gport")
-MAPS = ("trans", "gp0", "gp1", "gp2", "gp3", "gport")
+MAPS = ("trans", "rtrans", "gp0", "gp1", "gp2", "gp3", "gport")
 
 
 def _rules(ruleset):
@@ -357,29 +346,38 @@ def _rules(ruleset):
         "meta nfproto ipv4 tcp dport @guarded4 jump guard4",
         "meta nfproto ipv6 tcp dport @guarded6 jump guard6",
     ]}
-    out["root"] = ["meta time >= %d meta time < %d meta mark set 0x%08x return" % seg
-                   for seg in ruleset.segments]
     for v, saddr, fam in (("4", "ip saddr", ("ip", "inet")), ("6", "ip6 saddr", ("ip6", "inet"))):
         classes = sorted(ruleset.classes.items())
+        prev = ("delete @prev%s { %s : 0 } add @prev%s { %s timeout %ds : meta mark }"
+                % (v, saddr, v, saddr, SCRATCH_TIMEOUT))
+        # The roots of the cohorts valid now, tried in turn while the packet
+        # has not moved (its mark is still a root: SHARED with class 0).
+        out["root" + v] = [
+            "meta time >= %d meta time < %d meta mark & 0x%08x == 0x%08x meta mark set 0x%08x "
+            "meta mark . meta l4proto . th dport != @spent %s "
+            "meta mark set meta mark . meta l4proto . th dport map @rtrans"
+            % (valid_from, valid_until, KIND_MASK, SHARED, root, prev)
+            for valid_from, valid_until, root in ruleset.segments]
         knock = [
             # Save the packet's own mark: it is our scratch register.
             "delete @save%s { %s : 0 }" % (v, saddr),
             "add @save%s { %s timeout %ds : meta mark }" % (v, saddr, SCRATCH_TIMEOUT),
-            "meta mark set 0",
-            "jump root",
+            "meta mark set 0x%08x" % SHARED,
             "meta mark set %s map @st%s" % (saddr, v),
             # Progress older than seq_timeout, counted from the first knock as
             # knockd counts it, is void.
-            "meta mark & 0x%08x != 0x%08x %s != @started%s meta mark set 0"
-            % (KIND_MASK, SHARED, saddr, v),
+            "meta mark & 0x%08x != 0x%08x %s != @started%s meta mark set 0x%08x"
+            % (KIND_MASK, SHARED, saddr, v, SHARED),
             # A burned final edge (single use) counts as missing, even if a
             # top-up racing with the burn loaded it again.
-            "meta mark . meta l4proto . th dport @spent meta mark set 0",
-            "delete @prev%s { %s : 0 }" % (v, saddr),
-            "add @prev%s { %s timeout %ds : meta mark }" % (v, saddr, SCRATCH_TIMEOUT),
-            "meta mark set meta mark . meta l4proto . th dport map @trans",
-            # No edge: the same packet again from the root.
-            "meta mark 0 jump restart%s" % v,
+            "meta mark . meta l4proto . th dport @spent meta mark set 0x%08x" % SHARED,
+            prev,
+            "meta mark & 0x%08x != 0x%08x meta mark set meta mark . meta l4proto . th dport "
+            "map @trans" % (KIND_MASK, SHARED),
+            # No edge (the catch-all gives 0): the same packet from the roots.
+            "meta mark 0 meta mark set 0x%08x" % SHARED,
+            "meta mark & 0x%08x == 0x%08x jump root%s" % (KIND_MASK, SHARED, v),
+            "meta mark & 0x%08x == 0x%08x meta mark set 0" % (KIND_MASK, SHARED),
             # A first node starts the clock.
             "meta mark != 0 meta mark & 0x%08x == 0 delete @started%s { %s }"
             % (ACCEPT | DEPTH_MASK, v, saddr),
@@ -409,18 +407,13 @@ def _rules(ruleset):
                 # Single use: the final edge goes, in the packet path, and is recorded.
                 knock.append("meta mark & 0x%08x == 0x%08x meta mark set %s map @prev%s "
                              "add @spent { meta mark . meta l4proto . th dport timeout %ds } "
-                             "delete @trans { meta mark . meta l4proto . th dport : 0 }"
+                             "delete @trans { meta mark . meta l4proto . th dport : 0 } "
+                             "delete @rtrans { meta mark . meta l4proto . th dport : 0 }"
                              % (CLASS_MASK | ACCEPT, cls << CLASS_SHIFT | ACCEPT, saddr, v,
                                 key[5]))
         knock += ["meta mark set %s map @save%s" % (saddr, v),
                   "delete @save%s { %s : 0 }" % (v, saddr)]
         out["knock" + v] = knock
-        out["restart" + v] = [
-            "jump root",
-            "delete @prev%s { %s : 0 }" % (v, saddr),
-            "add @prev%s { %s timeout %ds : meta mark }" % (v, saddr, SCRATCH_TIMEOUT),
-            "meta mark set meta mark . meta l4proto . th dport map @trans",
-        ]
         out["guard" + v] = [
             "delete @save%s { %s : 0 }" % (v, saddr),
             "add @save%s { %s timeout %ds : meta mark }" % (v, saddr, SCRATCH_TIMEOUT),
@@ -434,7 +427,7 @@ def _rules(ruleset):
 
 def _element(name, key, value, timeout):
     t = "" if timeout is None else " timeout %ds" % timeout
-    if name == "trans":
+    if name in ("trans", "rtrans"):
         return "0x%08x . %s . %d%s : 0x%08x" % (key[0], key[1], key[2], t, value)
     if name in ("guarded4", "guarded6"):
         return "%d" % key
