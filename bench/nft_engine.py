@@ -51,7 +51,7 @@ packets = []
 for i in range(256):
     tcp = struct.pack("!HHIIBBHHH", 40000 + i, 1000 + (i * 7) % 900, 0, 0, 5 << 4, 0x02, 1024, 0, 0)
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, socket.IPPROTO_TCP, 0,
-                     bytes([127, 0, 1 + i % 50, 1 + i]), bytes([127, 0, 0, 1]))
+                     bytes([127, 0, 1 + i % 50, 1 + i % 250]), bytes([127, 0, 0, 1]))
     packets.append(ip + tcp)
 sent = 0
 while sent < count and time.monotonic() < deadline:

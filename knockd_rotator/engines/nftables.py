@@ -91,7 +91,7 @@ windows       Window tuples"""
 # diffs against for a top-up.
 Ruleset = namedtuple("Ruleset", "elements classes segments finals rules")
 Ruleset.__new__.__defaults__ = (None,)
-TIMED = ("trans", "rtrans")
+TIMED = ("trans", "rtrans", "firsts")
 
 
 def _class_key(door, window):
@@ -202,7 +202,7 @@ def build(plan, now):
 
     # name -> {key: (value, expires)}: each element lives until the last
     # moment a knock may still need it, and the kernel then drops it itself.
-    elements = {"trans": {}, "rtrans": {}}
+    elements = {"trans": {}, "rtrans": {}, "firsts": {}}
     finals = {}          # final edge key -> (door name, start, use) for single-use windows
     guarded = {"ip": set(), "ip6": set()}
     ids = _Ids()
@@ -210,7 +210,15 @@ def build(plan, now):
     seq_of = {}
 
     def put(key, value, expires):
-        table = elements["rtrans" if key[0] & KIND_MASK == SHARED else "trans"]
+        if key[0] & KIND_MASK == SHARED:
+            table = elements["rtrans"]
+            # The first knocks of all: packets of sources that have made no
+            # progress go no further unless they are to one of these.
+            first = elements["firsts"].get(key[1:])
+            if first is None or expires > first[1]:
+                elements["firsts"][key[1:]] = (None, expires)
+        else:
+            table = elements["trans"]
         old = table.get(key)
         if old is None or (old[0] == value and expires > old[1]):
             table[key] = (value, expires)
@@ -301,6 +309,7 @@ DECLARATIONS = """\
 table inet %(t)s {
 	map trans { type mark . inet_proto . inet_service : mark; flags dynamic,timeout; }
 	map rtrans { type mark . inet_proto . inet_service : mark; flags dynamic,timeout; }
+	set firsts { type inet_proto . inet_service; flags timeout; }
 	map gp0 { type mark : mark; }
 	map gp1 { type mark : mark; }
 	map gp2 { type mark : mark; }
@@ -359,6 +368,8 @@ def _rules(ruleset):
             % (valid_from, valid_until, KIND_MASK, SHARED, root, prev)
             for valid_from, valid_until, root in ruleset.segments]
         knock = [
+            # The fast way out: no progress, and no door starts with this port.
+            "%s != @st%s meta l4proto . th dport != @firsts return" % (saddr, v),
             # Save the packet's own mark: it is our scratch register.
             "delete @save%s { %s : 0 }" % (v, saddr),
             "add @save%s { %s timeout %ds : meta mark }" % (v, saddr, SCRATCH_TIMEOUT),
@@ -431,6 +442,8 @@ def _element(name, key, value, timeout):
         return "0x%08x . %s . %d%s : 0x%08x" % (key[0], key[1], key[2], t, value)
     if name in ("guarded4", "guarded6"):
         return "%d" % key
+    if name == "firsts":
+        return "%s . %d%s" % (key[0], key[1], t)
     return "%d : %d" % (key, value)        # gport: port -> port; gp<i>: group -> port
 
 
