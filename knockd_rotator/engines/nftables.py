@@ -6,22 +6,25 @@ A pure renderer turns a plan of doors (plain data) into the text of one
 callers read the clock: every pure function takes the moment as an argument.
 docs/NFTABLES.md explains the ruleset and what nft 1.0.6 can and cannot do.
 
-The ruleset in one paragraph.  All sequences valid at a moment form a trie
-whose nodes are 32-bit ids.  A per-source map (`st4`/`st6`: address -> node)
-holds where each source is, with the door's seq_timeout.  One map `trans`
-(`node . l4proto . port -> node`, a catch-all element giving 0) holds every
-edge of every trie, so a packet costs the same few hash lookups whatever the
-number of doors: the number of RULES depends only on the number of time
-segments in the window and of distinct door settings ("classes"), never on
-the number of doors.  The root of the trie valid now is chosen by a few
-`meta time` rules (integers, UNIX seconds), so the kernel switches sequences
-at a boundary with no reload.  A missing edge resets the source and the same
-packet is tried again from the root.  An accepting node maps to the guarded
-port(s); the source is added to `allow4`/`allow6` with the door's open time
-and the guard drops every other new connection to those ports.  A single-use
-accepting node deletes its final edge from `trans` in the packet path and
-records it in `spent` (read back with `nft -j list set`), so a replay finds
-nothing to follow and the next use's sequence, already loaded, opens.
+The ruleset in one paragraph.  The sequences of each cohort (windows valid
+over the same time) form a trie whose nodes are 32-bit ids.  A per-source
+map (`st4`/`st6`: address -> node, timeout seq_timeout) holds where each
+source is.  Two maps hold every edge of every trie, `rtrans` from a cohort's
+root and `trans` from any other node (`node . l4proto . port -> node`,
+`trans` with a catch-all giving 0), so a packet costs the same few hash
+lookups whatever the number of doors: the number of RULES depends only on
+the cohorts in the window and the distinct door settings ("classes"), never
+on the number of doors, which are ELEMENTS (one per knock).  The cohorts'
+roots are tried by `meta time` rules (integers, UNIX seconds), so the
+kernel switches sequences at a boundary with no reload.  A missing edge
+resets the source and the same packet is tried again from the roots.  An
+accepting node holds its port group; the source is added to `allow4`/
+`allow6` with the door's open time and the guard drops every other new
+connection to the guarded ports.  A single-use accepting node deletes its
+final edge in the packet path and records it in `spent` (read back with
+`nft -j list set`), so a replay finds nothing to follow and the next use's
+sequence, already loaded, opens.  Elements carry timeouts, so a top-up only
+adds what is new.
 
 The packet mark is the scratch register (nft 1.0.6 cannot nest a map lookup
 in a concatenation or feed a lookup into a set element); each packet's own
@@ -414,7 +417,7 @@ def _rules(ruleset):
                                 i, v, saddr, open_seconds))
                 knock.append("meta mark set %s map @st%s" % (saddr, v))
         for cls, key in classes:
-            if key[4]:
+            if key[4] and key[0] in fam:
                 # Single use: the final edge goes, in the packet path, and is recorded.
                 knock.append("meta mark & 0x%08x == 0x%08x meta mark set %s map @prev%s "
                              "add @spent { meta mark . meta l4proto . th dport timeout %ds } "
