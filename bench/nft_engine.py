@@ -18,7 +18,8 @@ them.  Measured:
     runs in the sender's context), with no table, 10 doors and the largest
     plan.
 
-    nice python3 bench/nft_engine.py [--doors 500,10000] [--rounds 3] [--flood 200000]
+    nice python3 bench/nft_engine.py [--doors 500,10000] [--rounds 3] [--flood 100000]
+                                     [--split 2]
 """
 
 import argparse
@@ -125,6 +126,8 @@ def main():
     parser.add_argument("--doors", default="500,10000")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--flood", type=int, default=0, metavar="N")
+    parser.add_argument("--split", type=int, default=1, metavar="K",
+                        help="also time the top-up as K transactions of doors/K doors")
     args = parser.parse_args()
     if os.geteuid():
         sys.exit("needs root (network namespaces)")
@@ -176,6 +179,27 @@ def main():
                 applies.append(t2 - t1)
                 cpus.append(cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime)
                 loaded = new
+            if args.split > 1:
+                # The same move in SPLIT transactions, a slice of the doors each.
+                base = k - 1 + args.rounds
+                moved = plan(doors, base + 1)
+                current = plan(doors, base)
+                times, cpus_split = [], []
+                size = -(-doors // args.split)
+                for part in range(args.split):
+                    step = moved[:size * (part + 1)] + current[size * (part + 1):]
+                    t0 = time.monotonic()
+                    text_part, new = engine.render(step, now + (args.rounds + 1) * PERIOD, loaded)
+                    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    t1 = time.monotonic()
+                    engine.apply(text_part, ns)
+                    times.append(time.monotonic() - t1)
+                    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    cpus_split.append(cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime)
+                    loaded = new
+                print("top-up in %d transactions of %d doors: nft -f %s s wall, %s s CPU"
+                      % (args.split, size, " ".join("%.3f" % t for t in times),
+                         " ".join("%.3f" % c for c in cpus_split)))
             print("top-up (one period ahead, %d rounds): render median %.3f s, nft -f median "
                   "%.3f s wall (max %.3f s), %.3f s CPU (user + system); %d element changes"
                   % (args.rounds, statistics.median(renders), statistics.median(applies),

@@ -512,9 +512,13 @@ def render(plan, now, loaded=None):
                         added.append((key, new[key]))
             added += [(key, item) for key, item in new.items() if key not in old]
             if gone:
-                # `delete` of an element the packet path already deleted (a
-                # burned edge) would fail the transaction: `add` it first.
-                lines.extend(_element_lines("add", name, gone, now))
+                # `delete` of an absent element would fail the transaction:
+                # `add` first what the packet path may have deleted (a burned
+                # edge) or what may just have expired.
+                lines.extend(_element_lines("add", name, [
+                    (k, (v, e)) for k, (v, e) in gone
+                    if name in ("trans", "rtrans") or (e is not None and e <= now + DELETE_MARGIN)
+                ], now))
                 lines.extend(_element_lines("delete", name, [(k, (v, None)) for k, (v, e)
                                                              in gone], now))
             lines.extend(_element_lines("add", name, added, now))
