@@ -18,7 +18,6 @@ from conftest import ROOT, need_root_and, rotator_env, run_client, wait_until
 sys.path.insert(0, str(ROOT))
 from knockd_rotator.engines import nftables as engine  # noqa: E402
 
-pytestmark = pytest.mark.knockd      # namespaces: not in the fast tier
 GUARDED = 2222
 PERIOD = 21600
 
@@ -381,15 +380,20 @@ def test_single_use_with_the_client(kernel, netns, tmp_path):
 def test_ipv6(kernel, netns):
     v6 = ((7105, "tcp"), (7103, "udp"), (7108, "tcp"), (31100, "tcp"))
     v4 = SEQ
+    start = int(time.time()) // PERIOD * PERIOD
     kernel.load([door([now_window(v6)], number=1, name="six", family="ip6"),
-                 door([now_window(v4)], number=2, name="four", family="ip")])
+                 door([now_window(v4, use=0, start=start)], number=2, name="four",
+                      family="ip")])
     assert not netns.tcp_open(GUARDED, host="::1")
-    # The IPv4 door's sequence over ::1 opens nothing.
+    # The IPv4 (single-use) door's sequence over ::1 opens nothing, and
+    # does not burn it.
     assert not kernel.knock(v4, host="::1")
     assert not kernel.knock(v6)                        # the IPv6 door over IPv4
     assert kernel.knock(v6, host="::1")
     assert not kernel.opens(source())                  # IPv4 still shut
     assert "::1" in kernel.nft("list", "set", "inet", engine.TABLE, "allow6")
+    assert engine.spent_uses(engine.read_spent(netns.name), kernel.loaded) == []
+    assert kernel.knock(v4)
 
 
 def test_packet_mark_is_restored(kernel, netns):
