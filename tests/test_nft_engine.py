@@ -468,3 +468,20 @@ def test_rule_count_does_not_grow_with_doors():
                    if line.startswith("add rule"))
     assert rules(10) == rules(2000)
     assert "trans" in engine.render(plan(3), now)[0]
+
+
+def test_topup_keeps_a_knock_in_progress(kernel):
+    """Node ids are the same from one render to the next: a knock half done
+    before a top-up (new doors, a new period's cohort) ends after it."""
+    base = int(time.time()) // PERIOD * PERIOD
+    plan = [door([now_window(SEQ, start=base)])]
+    kernel.load(plan)
+    src = source()
+    kernel.knock(SEQ[:2], src, check=None)
+    later = window(((7105, "tcp"), (7103, "tcp"), (7108, "tcp")), base + PERIOD - 10,
+                   base + 2 * PERIOD + 30, start=base + PERIOD)
+    others = [door([now_window(((8000 + i, "tcp"), (SEQ[0][0], "tcp"), (9000 + i, "udp")),
+                               start=base)], number=2 + i, name="d%d" % i) for i in range(50)]
+    kernel.load([door([now_window(SEQ, start=base), later])] + others, topup=True)
+    kernel.knock(SEQ[2:], src, check=None)
+    assert kernel.opens(src)

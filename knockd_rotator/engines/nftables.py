@@ -92,7 +92,7 @@ windows       Window tuples"""
 
 # What the kernel holds, as data: the result of `build`, and what `render`
 # diffs against for a top-up.
-Ruleset = namedtuple("Ruleset", "elements classes segments finals rules")
+Ruleset = namedtuple("Ruleset", "elements classes cohorts finals rules")
 Ruleset.__new__.__defaults__ = (None,)
 TIMED = ("trans", "rtrans", "firsts")
 
@@ -291,10 +291,10 @@ def build(plan, now):
     cohorts = {}
     for entry in entries:
         cohorts.setdefault((entry[1].valid_from, entry[1].valid_until), []).append(entry)
-    segments = []
+    cohort_roots = []
     for (valid_from, valid_until), group in sorted(cohorts.items()):
         root = ids.get(0, 0, ("root", valid_from, valid_until))
-        segments.append((valid_from, valid_until, root))
+        cohort_roots.append((valid_from, valid_until, root))
         grow(root, 0, group, (), valid_until + max(e[0].seq_timeout for e in group))
 
     elements["guarded4"] = {p: (None, None) for p in guarded["ip"]}
@@ -303,7 +303,7 @@ def build(plan, now):
     for i in range(MAX_PORTS):
         elements["gp%d" % i] = {group: (ports[i], None) for ports, group in groups.items()
                                 if len(ports) > i}
-    return Ruleset(elements, classes, segments, finals)
+    return Ruleset(elements, classes, cohort_roots, finals)
 
 
 # ------------------------------------------------------------------ rendering
@@ -347,7 +347,7 @@ MAPS = ("trans", "rtrans", "gp0", "gp1", "gp2", "gp3", "gport")
 
 
 def _rules(ruleset):
-    """The rules, chain by chain: their number depends on the segments and
+    """The rules, chain by chain: their number depends on the cohorts and
     classes, not on the doors."""
     out = {"input": [
         "ct state established,related accept",
@@ -369,7 +369,7 @@ def _rules(ruleset):
             "meta mark . meta l4proto . th dport != @spent %s "
             "meta mark set meta mark . meta l4proto . th dport map @rtrans"
             % (valid_from, valid_until, KIND_MASK, SHARED, root, prev)
-            for valid_from, valid_until, root in ruleset.segments]
+            for valid_from, valid_until, root in ruleset.cohorts]
         knock = [
             # The fast way out: no progress, and no door starts with this port.
             "%s != @st%s meta l4proto . th dport != @firsts return" % (saddr, v),
