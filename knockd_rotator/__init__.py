@@ -1,0 +1,1 @@
+"""knockd-rotator as a package: engines that enforce the doors."""

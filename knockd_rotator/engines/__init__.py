@@ -1,0 +1,1 @@
+"""Engines: how the doors are enforced (nftables: the kernel matches the knocks)."""

@@ -1,0 +1,579 @@
+"""nftables engine: the kernel matches the knocks (issue 25).
+
+A pure renderer turns a plan of doors (plain data) into the text of one
+`nft -f` transaction for the table `inet knockd_rotator`; `apply` loads it,
+`spent_uses` reads back which single-use sequences the kernel burned.  Only
+callers read the clock: every pure function takes the moment as an argument.
+docs/NFTABLES.md explains the ruleset and what nft 1.0.6 can and cannot do.
+
+The ruleset in one paragraph.  The sequences of each cohort (windows valid
+over the same time) form a trie whose nodes are 32-bit ids.  A per-source
+map (`st4`/`st6`: address -> node, timeout seq_timeout) holds where each
+source is.  Two maps hold every edge of every trie, `rtrans` from a cohort's
+root and `trans` from any other node (`node . l4proto . port -> node`,
+`trans` with a catch-all giving 0), so a packet costs the same few hash
+lookups whatever the number of doors: the number of RULES depends only on
+the cohorts in the window and the distinct door settings ("classes"), never
+on the number of doors, which are ELEMENTS (one per knock).  The cohorts'
+roots are tried by `meta time` rules (integers, UNIX seconds), so the
+kernel switches sequences at a boundary with no reload.  A missing edge
+resets the source and the same packet is tried again from the roots.  An
+accepting node holds its port group; the source is added to `allow4`/
+`allow6` with the door's open time and the guard drops every other new
+connection to the guarded ports.  A single-use accepting node deletes its
+final edge in the packet path and records it in `spent` (read back with
+`nft -j list set`), so a replay finds nothing to follow and the next use's
+sequence, already loaded, opens.  Elements carry timeouts, so a top-up only
+adds what is new.
+
+The packet mark is the scratch register (nft 1.0.6 cannot nest a map lookup
+in a concatenation or feed a lookup into a set element); each packet's own
+mark is saved in a per-source map at entry and restored before it leaves.
+"""
+
+import hashlib
+import json
+import subprocess
+from collections import namedtuple
+
+TABLE = "knockd_rotator"
+FAMILIES = ("ip", "ip6", "inet")
+PROTOCOLS = ("tcp", "udp")
+MAX_DOORS = 1 << 14          # door numbers 0 .. 16383 (14 bits of a node id)
+MAX_LENGTH = 32              # knockd's own limit (5 bits of a node id)
+MAX_PORTS = 4                # guarded ports per door
+MAX_CLASSES = 15             # 4 bits of a node id; class 0 marks the roots
+PERIOD_SLOTS = 4             # windows of a door (7 bits): 128 periods, or with
+USE_SLOTS = 32               # single use 4 periods x 32 uses
+DYNAMIC_SIZE = 65536         # sources tracked at once, per family and map
+SCRATCH_TIMEOUT = 1          # s; the saved mark lives only while a packet is inside
+
+# Node ids (32 bits, the packet mark while a packet is in our chains):
+#   bit 31      1: a root or a node shared by several windows (a hash)
+#   bits 27-30  class (door settings) 1..15; 0 for a root
+#   bit 26      1: an accepting node; bits 0-15 are then the port group
+#   private node: bits 12-25 door number, 5-11 window slot, 0-4 depth
+#   shared node:  bits 5-25 hash, 0-4 depth
+# A first node (the state after a window's first knock) has depth 0.
+SHARED = 1 << 31
+CLASS_SHIFT = 27
+CLASS_MASK = 0xF << CLASS_SHIFT
+ACCEPT = 1 << 26
+KIND_MASK = SHARED | CLASS_MASK          # roots: SHARED with class 0
+HASH_MASK = ((1 << 21) - 1) << 5
+DEPTH_MASK = 0x1F
+GROUP_MASK = 0xFFFF
+
+Window = namedtuple("Window", "start valid_from valid_until sequence use")
+Window.__new__.__defaults__ = (None,)
+Window.__doc__ = """One sequence of a door.
+
+start        the period start it belongs to (UNIX seconds; with the door's
+             period it names the window's slot, so node ids stay the same
+             from one render to the next)
+valid_from   first second at which the FIRST knock may be sent (lead included)
+valid_until  first second at which it may no longer be sent (grace included);
+             the rest of the knock may follow within seq_timeout
+sequence     ((port, "tcp"|"udp"), ...), 1 to 32 distinct items
+use          the single-use counter, or None for a door without single use"""
+
+Door = namedtuple("Door", "name number ports open_seconds seq_timeout period family windows")
+Door.__new__.__defaults__ = ("inet", ())
+Door.__doc__ = """A door of the plan.
+
+name          text, for reading back
+number        0 .. 32767, stable for the door (node ids are built from it)
+ports         guarded TCP ports (1 to 4)
+open_seconds  how long a completed knock opens them for the source
+seq_timeout   seconds from the first knock within which the sequence must end
+period        the door's period (seconds): with a window's start, its slot
+family        "ip", "ip6" or "inet" (both)
+windows       Window tuples"""
+
+# What the kernel holds, as data: the result of `build`, and what `render`
+# diffs against for a top-up.
+Ruleset = namedtuple("Ruleset", "elements classes cohorts finals rules")
+Ruleset.__new__.__defaults__ = (None,)
+TIMED = ("trans", "rtrans", "firsts")
+
+
+def _class_key(door, window):
+    single = window.use is not None
+    # A spent record must outlive any use of the window: its whole validity
+    # (at most period + lead + grace <= 2 periods) plus the knock's own time.
+    spent_ttl = 2 * door.period + door.seq_timeout if single else 0
+    return (door.family, door.seq_timeout, door.open_seconds, len(door.ports), single, spent_ttl)
+
+
+def _slot(door, window):
+    """7 bits of the window's node ids: the period (mod 128) for a door
+    without single use; the period (mod 4) and the use (mod 32) for one with."""
+    index = window.start // door.period
+    if window.use is None:
+        return index % (PERIOD_SLOTS * USE_SLOTS)
+    return (index % PERIOD_SLOTS) * USE_SLOTS + window.use % USE_SLOTS
+
+
+def _check(plan):
+    numbers = set()
+    for door in plan:
+        if not 0 <= door.number < MAX_DOORS or door.number in numbers:
+            raise ValueError("door %r: number %r is not unique in 0..%d"
+                             % (door.name, door.number, MAX_DOORS - 1))
+        numbers.add(door.number)
+        if door.family not in FAMILIES:
+            raise ValueError("door %r: family must be one of %s" % (door.name, FAMILIES))
+        if not 1 <= len(door.ports) <= MAX_PORTS or len(set(door.ports)) != len(door.ports) \
+                or not all(1 <= p <= 65535 for p in door.ports):
+            raise ValueError("door %r: 1 to %d distinct guarded ports" % (door.name, MAX_PORTS))
+        for value, what in ((door.open_seconds, "open_seconds"), (door.seq_timeout, "seq_timeout"),
+                            (door.period, "period")):
+            if int(value) != value or value < 1:
+                raise ValueError("door %r: %s must be a whole number >= 1" % (door.name, what))
+        slots = set()
+        for window in door.windows:
+            seq = tuple(window.sequence)
+            if not 1 <= len(seq) <= MAX_LENGTH or len(set(seq)) != len(seq):
+                raise ValueError("door %r: a sequence holds 1 to %d distinct items"
+                                 % (door.name, MAX_LENGTH))
+            for port, proto in seq:
+                if proto not in PROTOCOLS or not 1 <= port <= 65535:
+                    raise ValueError("door %r: bad knock %r" % (door.name, (port, proto)))
+            if not window.valid_from < window.valid_until:
+                raise ValueError("door %r: empty window" % door.name)
+            slot = _slot(door, window)
+            if slot in slots:
+                raise ValueError("door %r: two windows in slot %d (at most %d periods and %d "
+                                 "uses at once)" % (door.name, slot, PERIOD_SLOTS, USE_SLOTS))
+            slots.add(slot)
+
+
+class _Ids:
+    """Ids of roots and shared nodes: a hash of what they stand for, so that
+    the same node gets the same id in the next render; probed on collision."""
+
+    def __init__(self):
+        self.used = {}
+
+    def get(self, cls, depth, what):
+        digest = hashlib.sha256(repr(what).encode()).digest()
+        value = int.from_bytes(digest[:4], "big")
+        while True:
+            node = SHARED | (cls << CLASS_SHIFT) | (value << 5 & HASH_MASK) | depth
+            if value << 5 & HASH_MASK and self.used.setdefault(node, what) == what:
+                return node
+            value += 1
+
+
+def _groups(plan):
+    """Port group ids (16 bits of an accepting node): a single port is its own
+    group; a tuple of ports gets a free id from its hash."""
+    groups, used = {}, set()
+    for door in plan:
+        if len(door.ports) == 1:
+            groups[tuple(door.ports)] = door.ports[0]
+            used.add(door.ports[0])
+    for ports in sorted({tuple(d.ports) for d in plan if len(d.ports) > 1}):
+        value = int.from_bytes(hashlib.sha256(repr(ports).encode()).digest()[:2], "big")
+        while not value or value in used:
+            value = (value + 1) & GROUP_MASK
+        groups[ports] = value
+        used.add(value)
+    return groups
+
+
+def build(plan, now):
+    """The ruleset's data for PLAN (a list of Door) at NOW (UNIX seconds):
+    windows whose first knock can no longer come (valid_until <= now) are left
+    out.  Raises ValueError on a plan the ruleset cannot hold."""
+    plan = list(plan)
+    _check(plan)
+    classes = {}
+    entries = []     # (door, window, class index, window key)
+    keys = sorted({_class_key(d, w) for d in plan for w in d.windows if w.valid_until > now})
+    if len(keys) > MAX_CLASSES:
+        raise ValueError("%d classes of door settings (family, seq_timeout, open_seconds, "
+                         "ports, single use, period); at most %d" % (len(keys), MAX_CLASSES))
+    index = {key: i + 1 for i, key in enumerate(keys)}
+    for i, key in enumerate(keys):
+        classes[i + 1] = key
+    for door in sorted(plan, key=lambda d: d.number):
+        for window in sorted(door.windows, key=lambda w: (w.valid_from, w.use or 0)):
+            if window.valid_until > now:
+                cls = index[_class_key(door, window)]
+                entries.append((door, window, cls, (door.number, _slot(door, window))))
+
+    # name -> {key: (value, expires)}: each element lives until the last
+    # moment a knock may still need it, and the kernel then drops it itself.
+    elements = {"trans": {}, "rtrans": {}, "firsts": {}}
+    finals = {}          # final edge key -> (door name, start, use) for single-use windows
+    guarded = {"ip": set(), "ip6": set()}
+    ids = _Ids()
+    groups = _groups(plan)
+    seq_of = {}
+
+    def put(key, value, expires):
+        if key[0] & KIND_MASK == SHARED:
+            table = elements["rtrans"]
+            # The first knocks of all: packets of sources that have made no
+            # progress go no further unless they are to one of these.
+            first = elements["firsts"].get(key[1:])
+            if first is None or expires > first[1]:
+                elements["firsts"][key[1:]] = (None, expires)
+        else:
+            table = elements["trans"]
+        old = table.get(key)
+        if old is None or (old[0] == value and expires > old[1]):
+            table[key] = (value, expires)
+        elif old[0] != value:
+            raise ValueError("edge %r leads to two nodes (one sequence is a prefix of "
+                             "another valid at the same time?)" % (key,))
+
+    def accept(entry):
+        return (entry[2] << CLASS_SHIFT) | ACCEPT | groups[tuple(entry[0].ports)]
+
+    def final(entry, key):
+        window = entry[1]
+        if window.use is not None:
+            finals[key] = (entry[0].name, window.start, window.use)
+
+    def whole_path(entry, depth):
+        # Edges private to one window, from its node at DEPTH to its end.
+        seq, base, expires = seq_of[entry[3]], entry[4], entry[5]
+        last = len(seq) - 1
+        for k in range(depth, last):
+            key = (base | k, seq[k + 1][1], seq[k + 1][0])
+            put(key, base | (k + 1) if k + 1 < last else accept(entry), expires)
+        final(entry, key)
+
+    done_paths = set()
+
+    def grow(node, depth, group, prefix, expires):
+        by_item = {}
+        for entry in group:
+            by_item.setdefault(seq_of[entry[3]][depth], []).append(entry)
+        for item, members in by_item.items():
+            key = (node, item[1], item[0])
+            ending = [e for e in members if len(seq_of[e[3]]) == depth + 1]
+            if ending:
+                if len(ending) != len(members) or len({accept(e) for e in ending}) > 1:
+                    raise ValueError("doors %s: a sequence that is, or starts, another valid "
+                                     "at the same time" % ", ".join(sorted(
+                                         e[0].name for e in members)))
+                put(key, accept(ending[0]), expires)
+                for entry in ending:
+                    final(entry, key)
+            elif len(members) == 1:
+                entry = members[0]
+                put(key, entry[4] | depth, expires)
+                if (entry[3], depth) not in done_paths:
+                    done_paths.add((entry[3], depth))
+                    whole_path(entry, depth)
+            else:
+                cls = max(members, key=lambda e: (e[0].seq_timeout, -e[2]))[2]
+                child = ids.get(cls, depth, ("node", prefix + (item,),
+                                             tuple(sorted(e[3] for e in members))))
+                put(key, child, expires)
+                grow(child, depth + 1, members, prefix + (item,), expires)
+
+    for i, entry in enumerate(entries):
+        door, window, cls, (number, slot) = entry
+        seq_of[entry[3]] = tuple((int(p), proto) for p, proto in window.sequence)
+        base = (cls << CLASS_SHIFT) | (number << 12) | (slot << 5)
+        entries[i] = entry + (base, window.valid_until + door.seq_timeout)
+        families = ("ip", "ip6") if door.family == "inet" else (door.family,)
+        for family in families:
+            guarded[family].update(door.ports)
+
+    # Cohorts: the windows valid over the same time (same valid_from and
+    # valid_until) share a root; a packet tries the roots of the cohorts
+    # valid at its `meta time`, so each window's first edge is loaded once.
+    cohorts = {}
+    for entry in entries:
+        cohorts.setdefault((entry[1].valid_from, entry[1].valid_until), []).append(entry)
+    cohort_roots = []
+    for (valid_from, valid_until), group in sorted(cohorts.items()):
+        root = ids.get(0, 0, ("root", valid_from, valid_until))
+        cohort_roots.append((valid_from, valid_until, root))
+        grow(root, 0, group, (), valid_until + max(e[0].seq_timeout for e in group))
+
+    elements["guarded4"] = {p: (None, None) for p in guarded["ip"]}
+    elements["guarded6"] = {p: (None, None) for p in guarded["ip6"]}
+    elements["gport"] = {p: (p, None) for p in guarded["ip"] | guarded["ip6"]}
+    for i in range(MAX_PORTS):
+        elements["gp%d" % i] = {group: (ports[i], None) for ports, group in groups.items()
+                                if len(ports) > i}
+    return Ruleset(elements, classes, cohort_roots, finals)
+
+
+# ------------------------------------------------------------------ rendering
+
+DECLARATIONS = """\
+table inet %(t)s {
+	map trans { type mark . inet_proto . inet_service : mark; flags dynamic,timeout; }
+	map rtrans { type mark . inet_proto . inet_service : mark; flags dynamic,timeout; }
+	set firsts { type inet_proto . inet_service; flags timeout; }
+	map gp0 { type mark : mark; }
+	map gp1 { type mark : mark; }
+	map gp2 { type mark : mark; }
+	map gp3 { type mark : mark; }
+	set guarded4 { type inet_service; }
+	set guarded6 { type inet_service; }
+	map gport { type inet_service : mark; }
+	set spent { type mark . inet_proto . inet_service; flags dynamic,timeout; size %(n)d; }
+	map save4 { type ipv4_addr : mark; flags dynamic,timeout; size %(n)d; }
+	map prev4 { type ipv4_addr : mark; flags dynamic,timeout; size %(n)d; }
+	map st4 { type ipv4_addr : mark; flags dynamic,timeout; size %(n)d; }
+	set started4 { type ipv4_addr; flags dynamic,timeout; size %(n)d; }
+	set allow4 { type ipv4_addr . mark; flags dynamic,timeout; size %(n)d; }
+	map save6 { type ipv6_addr : mark; flags dynamic,timeout; size %(n)d; }
+	map prev6 { type ipv6_addr : mark; flags dynamic,timeout; size %(n)d; }
+	map st6 { type ipv6_addr : mark; flags dynamic,timeout; size %(n)d; }
+	set started6 { type ipv6_addr; flags dynamic,timeout; size %(n)d; }
+	set allow6 { type ipv6_addr . mark; flags dynamic,timeout; size %(n)d; }
+	chain input { type filter hook input priority filter - 10; policy accept; }
+	chain root4 { }
+	chain knock4 { }
+	chain guard4 { }
+	chain root6 { }
+	chain knock6 { }
+	chain guard6 { }
+}
+"""
+
+CHAINS = ("input", "root4", "knock4", "guard4", "root6", "knock6", "guard6")
+STATIC = TIMED + ("gp0", "gp1", "gp2", "gp3", "guarded4", "guarded6", "gport")
+MAPS = ("trans", "rtrans", "gp0", "gp1", "gp2", "gp3", "gport")
+
+
+def _rules(ruleset):
+    """The rules, chain by chain: their number depends on the cohorts and
+    classes, not on the doors."""
+    out = {"input": [
+        "ct state established,related accept",
+        "meta nfproto ipv4 tcp flags & (fin|syn|rst|ack) == syn jump knock4",
+        "meta nfproto ipv4 meta l4proto udp ct state new jump knock4",
+        "meta nfproto ipv6 tcp flags & (fin|syn|rst|ack) == syn jump knock6",
+        "meta nfproto ipv6 meta l4proto udp ct state new jump knock6",
+        "meta nfproto ipv4 tcp dport @guarded4 jump guard4",
+        "meta nfproto ipv6 tcp dport @guarded6 jump guard6",
+    ]}
+    for v, saddr, fam in (("4", "ip saddr", ("ip", "inet")), ("6", "ip6 saddr", ("ip6", "inet"))):
+        classes = sorted(ruleset.classes.items())
+        prev = ("delete @prev%s { %s : 0 } add @prev%s { %s timeout %ds : meta mark }"
+                % (v, saddr, v, saddr, SCRATCH_TIMEOUT))
+        # The roots of the cohorts valid now, tried in turn while the packet
+        # has not moved (its mark is still a root: SHARED with class 0).
+        out["root" + v] = [
+            "meta time >= %d meta time < %d meta mark & 0x%08x == 0x%08x meta mark set 0x%08x "
+            "meta mark . meta l4proto . th dport != @spent %s "
+            "meta mark set meta mark . meta l4proto . th dport map @rtrans"
+            % (valid_from, valid_until, KIND_MASK, SHARED, root, prev)
+            for valid_from, valid_until, root in ruleset.cohorts]
+        knock = [
+            # The fast way out: no progress, and no door starts with this port.
+            "%s != @st%s meta l4proto . th dport != @firsts return" % (saddr, v),
+            # Save the packet's own mark: it is our scratch register.
+            "delete @save%s { %s : 0 }" % (v, saddr),
+            "add @save%s { %s timeout %ds : meta mark }" % (v, saddr, SCRATCH_TIMEOUT),
+            "meta mark set 0x%08x" % SHARED,
+            "meta mark set %s map @st%s" % (saddr, v),
+            # Progress older than seq_timeout, counted from the first knock as
+            # knockd counts it, is void.
+            "meta mark & 0x%08x != 0x%08x %s != @started%s meta mark set 0x%08x"
+            % (KIND_MASK, SHARED, saddr, v, SHARED),
+            # A burned final edge (single use) counts as missing, even if a
+            # top-up racing with the burn loaded it again.
+            "meta mark . meta l4proto . th dport @spent meta mark set 0x%08x" % SHARED,
+            prev,
+            "meta mark & 0x%08x != 0x%08x meta mark set meta mark . meta l4proto . th dport "
+            "map @trans" % (KIND_MASK, SHARED),
+            # No edge (the catch-all gives 0): the same packet from the roots.
+            "meta mark 0 meta mark set 0x%08x" % SHARED,
+            "meta mark & 0x%08x == 0x%08x jump root%s" % (KIND_MASK, SHARED, v),
+            "meta mark & 0x%08x == 0x%08x meta mark set 0" % (KIND_MASK, SHARED),
+            # A first node starts the clock.
+            "meta mark != 0 meta mark & 0x%08x == 0 delete @started%s { %s }"
+            % (ACCEPT | DEPTH_MASK, v, saddr),
+        ]
+        for cls, key in classes:
+            knock.append("meta mark & 0x%08x == 0x%08x add @started%s { %s timeout %ds }"
+                         % (CLASS_MASK | ACCEPT | DEPTH_MASK, cls << CLASS_SHIFT, v, saddr,
+                            key[1]))
+        knock.append("delete @st%s { %s : 0 }" % (v, saddr))
+        for cls, key in classes:
+            knock.append("meta mark & 0x%08x == 0x%08x add @st%s { %s timeout %ds : meta mark }"
+                         % (CLASS_MASK, cls << CLASS_SHIFT, v, saddr, key[1]))
+        for cls, key in classes:
+            family, _, open_seconds, nports, single, ttl = key
+            if family not in fam:
+                continue
+            for i in range(nports):
+                # The accepting node holds the port group; gp<i> its ports.
+                knock.append("meta mark & 0x%08x == 0x%08x meta mark set meta mark & 0x%08x "
+                             "meta mark set meta mark map @gp%d "
+                             "add @allow%s { %s . meta mark timeout %ds }"
+                             % (CLASS_MASK | ACCEPT, cls << CLASS_SHIFT | ACCEPT, GROUP_MASK,
+                                i, v, saddr, open_seconds))
+                knock.append("meta mark set %s map @st%s" % (saddr, v))
+        for cls, key in classes:
+            if key[4] and key[0] in fam:
+                # Single use: the final edge goes, in the packet path, and is recorded.
+                knock.append("meta mark & 0x%08x == 0x%08x meta mark set %s map @prev%s "
+                             "add @spent { meta mark . meta l4proto . th dport timeout %ds } "
+                             "delete @trans { meta mark . meta l4proto . th dport : 0 } "
+                             "delete @rtrans { meta mark . meta l4proto . th dport : 0 }"
+                             % (CLASS_MASK | ACCEPT, cls << CLASS_SHIFT | ACCEPT, saddr, v,
+                                key[5]))
+        knock += ["meta mark set %s map @save%s" % (saddr, v),
+                  "delete @save%s { %s : 0 }" % (v, saddr)]
+        out["knock" + v] = knock
+        out["guard" + v] = [
+            "delete @save%s { %s : 0 }" % (v, saddr),
+            "add @save%s { %s timeout %ds : meta mark }" % (v, saddr, SCRATCH_TIMEOUT),
+            "meta mark set tcp dport map @gport",
+            "%s . meta mark @allow%s meta mark set %s map @save%s delete @save%s { %s : 0 } accept"
+            % (saddr, v, saddr, v, v, saddr),
+            "drop",
+        ]
+    return out
+
+
+def _element(name, key, value, timeout):
+    t = "" if timeout is None else " timeout %ds" % timeout
+    if name in ("trans", "rtrans"):
+        return "0x%08x . %s . %d%s : 0x%08x" % (key[0], key[1], key[2], t, value)
+    if name in ("guarded4", "guarded6"):
+        return "%d" % key
+    if name == "firsts":
+        return "%s . %d%s" % (key[0], key[1], t)
+    return "%d : %d" % (key, value)        # gport: port -> port; gp<i>: group -> port
+
+
+def _element_lines(verb, name, items, now, chunk=2000):
+    items = sorted(items)
+    for i in range(0, len(items), chunk):
+        yield "%s element inet %s %s { %s }" % (verb, TABLE, name, ", ".join(
+            _element(name, k, v, None if e is None else max(1, e - now))
+            for k, (v, e) in items[i:i + chunk]))
+
+
+# A top-up deletes no element that expires within this many seconds: the
+# kernel drops it itself, and `delete` of an element that has just expired
+# would fail the whole transaction.
+DELETE_MARGIN = 10
+
+
+def render(plan, now, loaded=None):
+    """The `nft -f` text that makes the table hold PLAN from NOW on.
+
+    LOADED None: a full load (creates the table, or replaces every static
+    map of an existing one; packet-path state, open doors and spent uses
+    stay).  LOADED the Ruleset returned with the text applied last: a top-up
+    that only adds what is new and deletes what the plan dropped before its
+    time; elements of the past expire in the kernel by themselves.  Either
+    way the rules are rewritten, in one atomic transaction.  Returns (text,
+    ruleset): keep the ruleset for the next top-up."""
+    ruleset = build(plan, now)
+    lines = [DECLARATIONS % {"t": TABLE, "n": DYNAMIC_SIZE}]
+    if loaded is None:
+        for name in STATIC:
+            lines.append("flush %s inet %s %s" % ("map" if name in MAPS else "set", TABLE, name))
+    rules = _rules(ruleset)
+    # Only the chains whose rules changed are rewritten: binding a rule's
+    # lookup to `trans` makes the kernel walk all its elements (a loop check,
+    # nf_tables_bind_set), 80 ms a chain at 10,000 doors.  In a full load
+    # the rules come before the elements, so the walk meets empty maps.
+    for chain in CHAINS:
+        if loaded is None or not loaded.rules or loaded.rules.get(chain) != rules[chain]:
+            lines.append("flush chain inet %s %s" % (TABLE, chain))
+            lines.extend("add rule inet %s %s %s" % (TABLE, chain, rule) for rule in rules[chain])
+    state = {}
+    if loaded is None:
+        lines.append("add element inet %s trans { * : 0 }" % TABLE)
+        for name in STATIC:
+            lines.extend(_element_lines("add", name, ruleset.elements[name].items(), now))
+            state[name] = dict(ruleset.elements[name])
+    else:
+        for name in STATIC:
+            new, old = ruleset.elements[name], loaded.elements.get(name, {})
+            kept = dict(new)
+            gone, added = [], []
+            for key, (value, expires) in old.items():
+                if key in new and new[key][0] == value:
+                    if expires is not None and new[key][1] > expires:
+                        gone.append((key, (value, expires)))        # to live longer
+                        added.append((key, new[key]))
+                    else:
+                        kept[key] = (value, expires)
+                elif expires is None or expires > now + DELETE_MARGIN:
+                    gone.append((key, (value, expires)))
+                    if key in new:
+                        added.append((key, new[key]))
+            added += [(key, item) for key, item in new.items() if key not in old]
+            if gone:
+                # `delete` of an absent element would fail the transaction:
+                # `add` first what the packet path may have deleted (a burned
+                # edge) or what may just have expired.
+                lines.extend(_element_lines("add", name, [
+                    (k, (v, e)) for k, (v, e) in gone
+                    if name in ("trans", "rtrans") or (e is not None and e <= now + DELETE_MARGIN)
+                ], now))
+                lines.extend(_element_lines("delete", name, [(k, (v, None)) for k, (v, e)
+                                                             in gone], now))
+            lines.extend(_element_lines("add", name, added, now))
+            state[name] = kept
+    return "\n".join(lines) + "\n", ruleset._replace(elements=state, rules=rules)
+
+
+def remove_text():
+    """The transaction that removes the table (uninstall)."""
+    return "table inet %s\ndelete table inet %s\n" % (TABLE, TABLE)
+
+
+# ------------------------------------------------------------------ I/O
+
+def nft_command(netns=None):
+    command = ["nft"]
+    return (["ip", "netns", "exec", netns] + command) if netns else command
+
+
+def apply(text, netns=None, check=False):
+    """Load TEXT with one `nft -f -` (in network namespace NETNS, if given);
+    CHECK: only `nft -c`.  Raises RuntimeError with nft's message on failure."""
+    command = nft_command(netns) + (["-c"] if check else []) + ["-f", "-"]
+    result = subprocess.run(command, input=text.encode(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    if result.returncode:
+        raise RuntimeError("nft -f failed: %s" % result.stderr.decode("utf-8", "replace")[:2000])
+
+
+def read_spent(netns=None):
+    """`nft -j list set inet knockd_rotator spent`: the text for spent_uses."""
+    result = subprocess.run(nft_command(netns) + ["-j", "list", "set", "inet", TABLE, "spent"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
+    return result.stdout.decode()
+
+
+def _number(value):
+    if isinstance(value, int):
+        return value
+    return int(value, 0) if isinstance(value, str) and value[:1].isdigit() else value
+
+
+def spent_uses(json_text, ruleset):
+    """The single-use windows the kernel burned: [(door name, start, use)],
+    from the JSON of `read_spent` and the Ruleset that was loaded."""
+    data = json.loads(json_text)
+    burned = []
+    for item in data.get("nftables", []):
+        for element in item.get("set", {}).get("elem", []):
+            value = element.get("elem", {}).get("val", element) if isinstance(element, dict) \
+                else element
+            parts = value.get("concat") if isinstance(value, dict) else None
+            if not parts or len(parts) != 3:
+                continue
+            key = (_number(parts[0]), parts[1], _number(parts[2]))
+            if key in ruleset.finals:
+                burned.append(ruleset.finals[key])
+    return sorted(burned)
