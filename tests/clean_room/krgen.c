@@ -1,9 +1,17 @@
 /*
  * krgen: a clean-room `generate` command of a knockd-rotator client, written
- * from docs/SPEC.md alone (the reference scripts were not read).
+ * from docs/SPEC.md alone (the reference scripts were not read; where the
+ * SPEC was later made precise, the reference was read only to make the
+ * SPEC's text say what it does, and krgen follows that text).
  *
  *   krgen generate [--offset N] [--pin] [--code CODE] [--use N]
  *                  [--format knockd|knock|json] SERVICE
+ *
+ * The command word may be a prefix of `generate`; options are `--name value`
+ * or `--name=value` (SPEC "Command line").  Outside the SPEC's contract
+ * krgen has its own reading: the word after a valued option is its value
+ * whatever it is, `--` ends the options, and any other word that begins with
+ * `-` (but `-` itself) is an option.
  *
  * Settings come from the KNOCKD_ROTATOR_* environment; the clock is
  * time(NULL), or KRGEN_NOW (a whole number of seconds) for tests.  A client
@@ -127,33 +135,96 @@ static int utf8_seq(const unsigned char *s, size_t n, uint32_t *cp)
     return len;
 }
 
-/* Characters of a secret: code points, an invalid byte counting as one. */
-typedef struct {
-    size_t count;
-    int all_decimal, all_hex, all_base32;
-} charinfo;
-
-static charinfo characters(const unsigned char *s, size_t n)
+/* The characters of a secret (SPEC "Text"), read from the first byte on: a
+ * well-formed sequence is its code point; a byte where none starts is a
+ * character of its own, 0x110000 + the byte: unlike every code point, and
+ * like only the same byte.  *count gets their number. */
+static uint32_t *characters(const unsigned char *s, size_t n, size_t *count)
 {
-    charinfo ci = {0, 1, 1, 1};
-    size_t i = 0;
+    uint32_t *chars = malloc((n + 1) * sizeof *chars);
+    if (!chars)
+        abort();
+    size_t i = 0, k = 0;
     while (i < n) {
         uint32_t cp;
         int len = utf8_seq(s + i, n - i, &cp);
         if (len == 0) {
             len = 1;
-            cp = 0xFFFFFFFF; /* a byte of its own: in no alphabet */
+            cp = 0x110000u + s[i];
         }
-        i += len;
-        ci.count++;
-        int dec = cp >= '0' && cp <= '9';
-        int hex = dec || (cp >= 'a' && cp <= 'f') || (cp >= 'A' && cp <= 'F');
-        int b32 = (cp >= 'A' && cp <= 'Z') || (cp >= '2' && cp <= '7') || cp == '=';
-        ci.all_decimal &= dec;
-        ci.all_hex &= hex;
-        ci.all_base32 &= b32;
+        chars[k++] = cp;
+        i += (size_t)len;
     }
-    return ci;
+    *count = k;
+    return chars;
+}
+
+static int cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Every character of C (N of them) in the ASCII set SET? */
+static int all_in(const uint32_t *c, size_t n, const char *set)
+{
+    for (size_t i = 0; i < n; i++)
+        if (c[i] > 0x7F || !c[i] || !strchr(set, (int)c[i]))
+            return 0;
+    return 1;
+}
+
+/* SPEC "Secret strength": bits(secret), counted on its characters. */
+static unsigned long long secret_bits(const unsigned char *s, size_t n)
+{
+    size_t count;
+    uint32_t *c = characters(s, n, &count);
+    /* 1. fewer than 6 different characters: 0 */
+    uint32_t *sorted = malloc((count + 1) * sizeof *sorted);
+    if (!sorted)
+        abort();
+    memcpy(sorted, c, count * sizeof *c);
+    qsort(sorted, count, sizeof *sorted, cmp_u32);
+    size_t different = 0;
+    for (size_t i = 0; i < count; i++)
+        different += i == 0 || sorted[i] != sorted[i - 1];
+    free(sorted);
+    if (different < 6) {
+        free(c);
+        return 0;
+    }
+    /* 2. the shortest prefix of which the secret is a whole number of copies */
+    size_t unit = count;
+    for (size_t d = 1; d < count; d++) {
+        if (count % d)
+            continue;
+        size_t i = d;
+        while (i < count && c[i] == c[i - d])
+            i++;
+        if (i == count) {
+            unit = d;
+            break;
+        }
+    }
+    /* 3. times the bits of the first alphabet that holds every character,
+     * exact decimals rounded down */
+    static const char DECIMAL[] = "0123456789";
+    static const char HEX[] = "0123456789abcdefABCDEF";
+    static const char LOWER[] = "abcdefghijklmnopqrstuvwxyz";
+    static const char BASE32[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567=";
+    unsigned long long u = unit, bits;
+    if (all_in(c, count, DECIMAL))
+        bits = u * 332 / 100;
+    else if (all_in(c, count, HEX))
+        bits = u * 4;
+    else if (all_in(c, count, LOWER))
+        bits = u * 47 / 10;
+    else if (all_in(c, count, BASE32))
+        bits = u * 5;
+    else
+        bits = u * 6;
+    free(c);
+    return bits;
 }
 
 /* ---- whole numbers (SPEC "Whole numbers") ------------------------------ */
@@ -563,11 +634,10 @@ int main(int argc, char **argv)
     else
         alg = -1;
     int totp;
-    /* A code makes the default mode totp; legacy doors have no totp mode, so
-     * theirs stays secret and a code is step 4's "code for a door not in
-     * totp mode" (SPEC: only totp "in the environment" is exit 3). */
+    /* A code given at all makes the mode of a door whose MODE is unset or
+     * empty totp, legacy doors too (which then refuse it below, exit 3). */
     if (!mode_text || !*mode_text)
-        totp = code != NULL && alg <= 0;
+        totp = code != NULL;
     else if (!strcmp(mode_text, "secret"))
         totp = 0;
     else if (!strcmp(mode_text, "totp"))
@@ -583,8 +653,9 @@ int main(int argc, char **argv)
     if (alg) {
         if (env_pin)
             fail(EXIT_SETTING, "legacy doors have no PIN (unset KNOCKD_ROTATOR_PIN)");
-        if (mode_text && !strcmp(mode_text, "totp"))
-            fail(EXIT_SETTING, "legacy doors have no totp mode (unset KNOCKD_ROTATOR_MODE)");
+        if (totp)
+            fail(EXIT_SETTING, "legacy doors have no totp mode (unset KNOCKD_ROTATOR_MODE, "
+                               "and drop --code)");
         if (single_use)
             fail(EXIT_SETTING, "legacy doors have no single use (unset KNOCKD_ROTATOR_SINGLE_USE)");
     }
@@ -672,16 +743,13 @@ int main(int argc, char **argv)
             fail(EXIT_SETTING, "KNOCKD_ROTATOR_%s is empty (set the server's secret)", name);
         secret = (const unsigned char *)s;
         secretlen = strlen(s);
-        charinfo ci = characters(secret, secretlen);
         if (alg) {
-            if (ci.count < 10)
+            size_t count;
+            free(characters(secret, secretlen, &count));
+            if (count < 10)
                 fail(EXIT_SETTING, "KNOCKD_ROTATOR_%s shorter than 10 characters", name);
         } else {
-            unsigned long long bits =
-                ci.all_decimal ? ci.count * 332ULL / 100
-                : ci.all_hex   ? ci.count * 4ULL
-                : ci.all_base32 ? ci.count * 5ULL
-                                : ci.count * 6ULL;
+            unsigned long long bits = secret_bits(secret, secretlen);
             if (bits < 128)
                 fail(EXIT_SETTING, "KNOCKD_ROTATOR_SECRET holds %llu bits, fewer than 128 "
                                    "(use e.g. 32 random bytes in base64)", bits);
