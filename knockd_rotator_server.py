@@ -1192,9 +1192,39 @@ def split_grace_block(lines):
     return numbered_lines(numbered), block
 
 
-def grace_block(lines, previous, until):
+def with_burn_named(raw, door, burner, use):
+    """RAW, a start_command line of DOOR, whose `burn DOOR` burns as BURNER
+    (DOOR or its sibling) and, given USE (period start, counter), names that
+    use, as does the opening record the shell gate keeps (burn_command).
+    (Functions, not templates: a door name may hold a backslash.)"""
+    burn = re.compile(rb"(\bburn\s+)" + re.escape(door) + rb"(\s+--use\s+\d+:\d+)?(?=$|[\s;&|)])")
+    if use is None:
+        return burn.sub(lambda match: match.group(1) + burner + (match.group(2) or b""), raw)
+    tag = b"%d:%d" % use
+    raw = burn.sub(lambda match: match.group(1) + burner + b" --use " + tag, raw)
+    record = re.compile(rb"(/" + BURNING.encode() + rb"/" + re.escape(door) + rb")\.\d+\.\d+")
+    return record.sub(lambda match: match.group(1) + b".%d.%d" % use, raw)
+
+
+def with_burns_named(lines, uses):
+    """LINES whose single-use doors' burns name the use (period start,
+    counter) that USES gives each door: the one whose sequence it holds."""
+    out = []
+    for line in lines:
+        door = (line.section or b"").decode("utf-8", "surrogateescape")
+        raw = line.raw
+        if door in uses and line.kind == "directive" \
+                and line.key in ("START_COMMAND", "START_COMMAND_6"):
+            raw = with_burn_named(raw, line.section, line.section, uses[door])
+        out.append((line.number, raw))
+    return numbered_lines(out)
+
+
+def grace_block(lines, previous, until, previous_uses=None):
     """Raw bytes of the block giving each rotator section of LINES that is in
-    PREVIOUS (door name -> bytes) a sibling with that sequence, until UNTIL."""
+    PREVIOUS (door name -> bytes) a sibling with that sequence, until UNTIL.
+    PREVIOUS_USES: (period start, counter) of each single-use door's sequence
+    in PREVIOUS, which its sibling's burn names."""
     newline = b"\r\n" if lines and lines[0].raw.endswith(b"\r\n") else b"\n"
     out = [GRACE_BEGIN + b": generated, do not edit; removed at %d (%s)"
            % (until, utc(until).encode()) + newline]
@@ -1206,10 +1236,9 @@ def grace_block(lines, previous, until):
             continue        # a door with another period, not in its grace now
         out.append(b"[" + line.section + GRACE_SUFFIX.encode() + b"]" + newline)
         # A single-use sibling burns the previous period's counter, not the door's.
-        # (A function, not a template: a door name may hold a backslash.)
-        burn = re.compile(rb"(\bburn\s+)" + re.escape(line.section) + rb"(?=$|[\s;&|)])")
         sibling = line.section + GRACE_SUFFIX.encode()
-        directives = [burn.sub(lambda match: match.group(1) + sibling, l.raw)
+        use = (previous_uses or {}).get(name)
+        directives = [with_burn_named(l.raw, line.section, sibling, use)
                       if l.key in ("START_COMMAND", "START_COMMAND_6") else l.raw
                       for l in section_body(lines, index)
                       if l.kind == "directive" and not l.is_sequence]
@@ -1222,9 +1251,9 @@ def grace_block(lines, previous, until):
     return out
 
 
-def with_grace_block(lines, previous, until):
+def with_grace_block(lines, previous, until, previous_uses=None):
     """The Lines of the user's LINES followed by a grace block (see above)."""
-    block = grace_block(lines, previous, until)
+    block = grace_block(lines, previous, until, previous_uses)
     if not lines[-1].raw.endswith(b"\n"):
         block[0] = block[0].rstrip(b"\r\n") + ADDED_NEWLINE + b"\n"
     return with_lines_appended(lines, block)
@@ -2052,12 +2081,25 @@ def sleep_until(moment):
 # with the sequence of the next use and reloads knockd.  A sequence seen on
 # the wire is then worth nothing.  A grace sibling (`burn DOOR_GRACE`, which
 # the grace block writes for it) burns the previous period's counter.
-# STATE_DIR/uses holds, per door, the counter of each period still in use and
-# the times of its latest burns, for `status`.
+# STATE_DIR/uses holds, per door, the counter of each period still in use,
+# the times of its latest burns and the openings of each use, for `status`.
+#
+# knockd opens for whoever completes a sequence it still holds, so replays
+# sent within the ~0.2 s before the reload open the door too, each running
+# the start_command.  A burn therefore names the use it burns (`--use
+# START:N`, which every rotation keeps current in the door's start_command,
+# like its sequence): however many openings of one use there are, the
+# counter moves once and knockd reloads once.  add-client's doors also gate
+# the burn in the shell (burn_command): each opening appends a line to
+# STATE_DIR/burning/DOOR.START.N, and only the opening whose `mkdir` of
+# DOOR.START.N.burn succeeds starts Python, so a flood of replays costs a
+# shell each, not a Python process and a lock wait each.
 
 USES = "uses"
 BURNS_KEPT = 20           # latest burn times kept per door
 BURST_BURNS, BURST_SECONDS = 5, 60    # this many burns this fast: `status` warns
+BURNING = "burning"       # STATE_DIR/BURNING holds the openings of each use (see above)
+BURN_USE = re.compile(r"(\d+):(\d+)")
 
 
 def use_count(uses, settings, start):
@@ -2077,8 +2119,12 @@ def read_uses(state_dir):
         return {}
 
 
-def with_burn(uses, door, now, settings_of):
-    """USES after one opening of DOOR (a rotator door, or its grace sibling) at NOW."""
+def with_burn(uses, door, now, settings_of, use=None):
+    """USES after one opening of DOOR (a rotator door, or its grace sibling) at
+    NOW; USES itself when USE, the (period start, counter) that the opening
+    matched, is burnt already or its period's sequences are no longer held.
+    Without USE (a start_command written before burns named their use) the
+    opening counts as a new use, as it did then."""
     base, back = (door[:-len(GRACE_SUFFIX)], 1) if door.endswith(GRACE_SUFFIX) else (door, 0)
     if not is_rotator(base.encode("utf-8", "surrogateescape")):
         raise RotatorError("%s is not a rotator door" % door,
@@ -2089,13 +2135,90 @@ def with_burn(uses, door, now, settings_of):
                            "set %s=1, or take `burn` out of its start_command"
                            % own_variable("SINGLE_USE", base), EXIT_ENVIRONMENT)
     current = door_start(now, settings)
-    start = current - back * settings.period
     entry = uses.get(base, {})
     counts = {key: value for key, value in entry.get("counts", {}).items()
               if int(key) >= current - settings.period}
-    counts[str(start)] = counts.get(str(start), 0) + 1
+    if use is None:
+        start = current - back * settings.period
+        counts[str(start)] = counts.get(str(start), 0) + 1
+    else:
+        start, number = use
+        if start not in (current, current - settings.period) \
+                or counts.get(str(start), 0) > number:
+            return uses
+        counts[str(start)] = number + 1
     burns = (entry.get("burns", []) + [int(now)])[-BURNS_KEPT:]
-    return dict(uses, **{base: {"counts": counts, "burns": burns}})
+    openings = {key: value for key, value in entry.get("openings", {}).items()
+                if int(key.split(":")[0]) >= current - settings.period}
+    return dict(uses, **{base: {"counts": counts, "burns": burns, "openings": openings}})
+
+
+def parse_use(text):
+    """burn's --use START:N, as (START, N)."""
+    match = BURN_USE.fullmatch(text)
+    if not match:
+        raise RotatorError("--use %r is not START:N" % text,
+                           "let the rotation write the door's start_command", EXIT_USAGE)
+    return int(match.group(1)), int(match.group(2))
+
+
+def use_markers(state_dir, door):
+    """{(start, counter): path} of DOOR's opening records in STATE_DIR/BURNING."""
+    folder = os.path.join(state_dir, BURNING)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return {}
+    found = {}
+    for name in names:
+        parts = name.rsplit(".", 2)
+        if len(parts) == 3 and parts[0] == door and parts[1].isdigit() and parts[2].isdigit():
+            found[(int(parts[1]), int(parts[2]))] = os.path.join(folder, name)
+    return found
+
+
+def openings_of(path):
+    """How many openings the shell recorded in PATH (one line each)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read().count(b"\n")
+    except OSError:
+        return 0
+
+
+def with_openings_kept(state_dir, uses, door, burning, oldest):
+    """USES with the openings recorded for DOOR's burnt uses moved into it,
+    their records removed (those of periods before OLDEST only removed).
+    BURNING, the use being burnt now, stays: replays of it may still come
+    until knockd has re-read the file."""
+    entry = uses.get(door)
+    if entry is None:
+        return uses
+    openings = dict(entry.get("openings", {}))
+    for (start, number), path in use_markers(state_dir, door).items():
+        burnt = entry["counts"].get(str(start), 0) > number
+        if (start, number) == burning or not (burnt or start < oldest):
+            continue
+        if start >= oldest:
+            key = "%d:%d" % (start, number)
+            openings[key] = openings.get(key, 0) + openings_of(path)
+        for remove, gone in ((os.unlink, path), (os.rmdir, path + ".burn")):
+            try:
+                remove(gone)
+            except OSError:
+                pass
+    return dict(uses, **{door: dict(entry, openings=openings)})
+
+
+def door_openings(state_dir, uses, door, start):
+    """{counter: openings} of DOOR's uses in the period from START, kept and recorded."""
+    found = {int(key.split(":")[1]): value
+             for key, value in uses.get(door, {}).get("openings", {}).items()
+             if int(key.split(":")[0]) == start}
+    for (marked, number), path in use_markers(state_dir, door).items():
+        if marked == start:
+            found[number] = found.get(number, 0) + openings_of(path)
+    return found
 
 
 def write_uses(state_dir, uses):
@@ -2231,19 +2354,20 @@ def plan_rotation(config_path, old_data, now, settings_of, edit=None, uses=None)
     doors = rotator_doors(user_lines)
     settings = {door: settings_of(door) for door in doors}
     starts = {door: door_start(now, settings[door]) for door in doors}
-    current = {door: settings[door].sequence_at(
-        starts[door], use_count(uses, settings[door], starts[door])) for door in doors}
-    new_lines = rewrite_config(user_lines, current)
+    counters = {door: use_count(uses, settings[door], starts[door]) for door in doors}
+    current = {door: settings[door].sequence_at(starts[door], counters[door]) for door in doors}
+    new_lines = with_burns_named(rewrite_config(user_lines, current), {
+        door: (starts[door], counters[door]) for door in doors if settings[door].single_use})
     errors = config_errors(new_lines) + rotator_errors(new_lines) + trap_errors(new_lines)
     warnings = trap_warnings(new_lines)
     graced = [door for door in doors if now < starts[door] + settings[door].grace]
     if graced and not errors:
-        previous = {door: settings[door].sequence_at(
-            starts[door] - settings[door].period,
-            use_count(uses, settings[door], starts[door] - settings[door].period))
-            for door in graced}
+        previous_uses = {door: (starts[door] - settings[door].period, use_count(
+            uses, settings[door], starts[door] - settings[door].period)) for door in graced}
+        previous = {door: settings[door].sequence_at(*previous_uses[door]) for door in graced}
         until = max(starts[door] + settings[door].grace for door in graced)
-        new_lines = with_grace_block(new_lines, previous, until)
+        new_lines = with_grace_block(new_lines, previous, until, {
+            door: use for door, use in previous_uses.items() if settings[door].single_use})
         errors = config_errors(new_lines)
     # None: no door, nothing to plan for.
     event = min((next_event(now, s.period, s.grace, s.lead) for s in settings.values()),
@@ -2341,7 +2465,7 @@ def heal_knockd(config_path, settings):
 
 
 def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None, burn=None,
-           whole_run=True):
+           whole_run=True, burn_use=None):
     """Bring CONFIG_PATH (knockd.conf, or an instance's file) to the state of
     the moment NOW: every rotator door holds the sequence of its period
     holding NOW (of the next period from LEAD seconds before its start), and
@@ -2349,7 +2473,9 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
     holds its previous one.  Returns the Plan.  CHANGE (an EnvChange)
     also edits the doors and swaps the environment file with the config, or
     neither when anything fails.  BURN names a single-use door (or grace
-    sibling) that has just opened.  WHOLE_RUN: also warn about what concerns
+    sibling) that has just opened, BURN_USE the use (period start, counter)
+    it opened with: a use burnt already makes the run an ordinary one, which
+    finds the file current.  WHOLE_RUN: also warn about what concerns
     every file (the environment file's mode, variables nothing reads);
     rotate_all asks it of the first file only."""
     config_path = os.path.realpath(config_path)
@@ -2366,10 +2492,19 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
         settings_of = settings_reader(environ)
         uses = read_uses(settings["STATE_DIR"])
         if burn:
-            # Counted before anything else may fail: a used sequence never
-            # comes back, even if this reload does not happen.
-            uses = with_burn(uses, burn, now, settings_of)
-            write_uses(settings["STATE_DIR"], uses)
+            burnt = with_burn(uses, burn, now, settings_of, burn_use)
+            if burnt is uses:
+                log("%s: use %d:%d is burnt already (a replay, or a second opening of it): "
+                    "nothing to burn" % ((burn,) + burn_use))
+                burn = None
+            else:
+                base = burn[:-len(GRACE_SUFFIX)] if burn.endswith(GRACE_SUFFIX) else burn
+                door = settings_of(base)
+                uses = with_openings_kept(settings["STATE_DIR"], burnt, base, burn_use,
+                                          door_start(now, door) - door.period)
+                # Counted before anything else may fail: a used sequence never
+                # comes back, even if this reload does not happen.
+                write_uses(settings["STATE_DIR"], uses)
         recorded = (None if dry_run or verbose or change or burn else
                     as_planned(settings["STATE_DIR"], old_data, environ, uses, now))
         if recorded:
@@ -2379,6 +2514,10 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
                              change.edit if change else None, uses)
         refuse_errors(config_path, plan.errors + file_errors(plan.new_lines))
         new_data = b"".join(line.raw for line in plan.new_lines)
+        if not dry_run and any(found.single_use for found in plan.settings.values()):
+            # Where burn_command's gate records openings; without it every
+            # opening starts a burn.
+            os.makedirs(os.path.join(settings["STATE_DIR"], BURNING), mode=0o700, exist_ok=True)
         # Before knockd.conf: a file that knockd re-reads must already be kept.
         struck = not dry_run and keep_one_time_sequences(plan.new_lines)
         if not plan.doors:
@@ -3189,14 +3328,23 @@ def burn_command(config_path, door, environ):
     background, so that the port opens without waiting for the reload.
     knockd's child has no KNOCKD_ROTATOR_* variable: the ones this run has
     (its settings, and the environment file's path) go along, but never a
-    secret or a PIN, which the burn reads from the environment file."""
+    secret or a PIN, which the burn reads from the environment file.
+    A shell gate in front records each opening and starts the burn for the
+    first opening of a use only (see single use); the rotation writes the
+    use (0:0 here) as it writes the sequence.  Without the state folder's
+    BURNING folder every opening burns, as before the gate."""
     import shlex
+    folder = os.path.join(settings_for(config_path, server_settings(environ))["STATE_DIR"],
+                          BURNING)
+    record = os.path.join(folder, door + ".0.0")
     assignments = ["%s=%s" % (name, shlex.quote(value))
                    for name, value in sorted(without_secrets(environ).items())
                    if name.startswith("KNOCKD_ROTATOR_")]
-    return " ".join(assignments + [shlex.quote(SCRIPT), "--config",
-                                   shlex.quote(os.path.realpath(config_path)), "burn", door,
-                                   "& "])
+    gate = "{ echo 2>/dev/null >>%s; mkdir %s 2>/dev/null || [ ! -d %s ]; } &&" % (
+        shlex.quote(record), shlex.quote(record + ".burn"), shlex.quote(folder))
+    return " ".join([gate] + assignments + [shlex.quote(SCRIPT), "--config",
+                                            shlex.quote(os.path.realpath(config_path)),
+                                            "burn", door, "--use", "0:0", "& "])
 
 
 def add_client(config_path, environ, now, args):
@@ -3557,6 +3705,11 @@ def planned_status(config_path, old_data, environ, settings, now):
             burns = uses.get(door, {}).get("burns", [])
             entry["uses"] = use_count(uses, door_settings, start)
             entry["burns_last_minute"] = sum(1 for t in burns if now - t < BURST_SECONDS)
+            # Recorded by burn_command's gate: one opening per use is a knock,
+            # more are replays (or a client's retries) within the burn's window.
+            openings = door_openings(settings["STATE_DIR"], uses, door, start)
+            entry["openings"] = sum(openings.values())
+            entry["uses_opened"] = len(openings)
         doors.append(entry)
     return doors, plan.old_block, b"".join(line.raw for line in plan.new_lines) == old_data
 
@@ -3639,6 +3792,10 @@ def knockd_state(report, prefix=""):
         if door.get("burns_last_minute", 0) >= BURST_BURNS:
             warning.append("%s opened %d times in %d s (a client in a loop, or a replay?)"
                            % (door["door"], door["burns_last_minute"], BURST_SECONDS))
+        if door.get("openings", 0) > door.get("uses_opened", 0):
+            warning.append("%s: %d openings of %d uses this period (a replay within a burn's "
+                           "window, or a client that knocked twice)"
+                           % (door["door"], door["openings"], door["uses_opened"]))
     if report.get("crowded"):
         warning.append(report["crowded"])
     for supply in report.get("one_time_sequences", []):
@@ -3705,7 +3862,10 @@ def status(config_path, environ, now, as_json, show_sequences):
         for door in each["doors"]:
             print("%s: %s%s%s" % (door["door"], "current" if door["current"] else
                                   "previous period's" if door["previous"] else "NOT current",
-                                  "; single use, used %d times this period" % door["uses"]
+                                  "; single use, used %d times this period%s" % (
+                                      door["uses"], ", %d openings of %d uses" % (
+                                          door["openings"], door["uses_opened"])
+                                      if door["openings"] > door["uses_opened"] else "")
                                   if "uses" in door else "",
                                   " " + door["sequence"] if show_sequences else ""))
     return STATUS_CODES[state]
@@ -3831,6 +3991,10 @@ def build_parser():
                    "The door needs KNOCKD_ROTATOR_SINGLE_USE=1 (or _SINGLE_USE_<NAME>=1); its\n"
                    "grace sibling burns itself as DOOR_GRACE.")
     burn.add_argument("door", metavar="DOOR", help="the [*_ROTATOR] door that opened")
+    burn.add_argument("--use", metavar="START:N",
+                      help="the use that opened it, which the rotation writes into the "
+                           "start_command (period start, counter): only its first opening "
+                           "burns; without it every opening burns one more use")
     return parser
 
 
@@ -3870,7 +4034,8 @@ def run(argv, environ):
     if args.command == "burn":
         # The door's start_command names its own file with --config.
         now = time.time()
-        plan = rotate(args.config, environ, now, burn=args.door)
+        plan = rotate(args.config, environ, now, burn=args.door,
+                      burn_use=args.use and parse_use(args.use))
         tell_next_event(args.config, plan.event, now, server_settings(environ))
         return EXIT_OK
     if args.watch:

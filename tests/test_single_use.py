@@ -121,7 +121,8 @@ def test_a_replay_within_the_grace_opens_nothing(guarded, tmp_path):
     wait_until(lambda: time.time() % 10 < 0.5, 11, "a period boundary")
     door.rotate()           # the boundary's rotation: the grace sibling appears
     assert b"[ssh_ROTATOR_GRACE]" in door.config.read_bytes()
-    assert b"burn ssh_ROTATOR_GRACE >>" in door.config.read_bytes()
+    start = server.period_start(time.time(), 10)
+    assert b"burn ssh_ROTATOR_GRACE --use %d:0 >>" % (start - 10) in door.config.read_bytes()
     previous = door.sequence(0, periods_back=1)
     door.knock("127.0.0.2", 0, periods_back=1)       # a client a little behind
     for host in range(10):
