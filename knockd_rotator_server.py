@@ -1206,15 +1206,32 @@ def with_burn_named(raw, door, burner, use):
     return record.sub(lambda match: match.group(1) + b".%d.%d" % use, raw)
 
 
-def with_burns_named(lines, uses):
+def ungated_burn(door):
+    """A start_command value that begins with DOOR's burn as add-client wrote
+    it before the gate (burn_command): KNOCKD_ROTATOR_* assignments, the
+    script, --config FILE, burn DOOR, ` & `."""
+    word = rb"(?:'[^']*'|[^\s'\"`$\\;&|<>(){}]+)"
+    return re.compile(rb"(?:KNOCKD_ROTATOR_[A-Z0-9_]+=" + word + rb" )*" + word + rb" --config "
+                      + word + rb" burn " + re.escape(door) + rb"(?: --use \d+:\d+)? & ")
+
+
+def with_burns_named(lines, uses, burning=None):
     """LINES whose single-use doors' burns name the use (period start,
-    counter) that USES gives each door: the one whose sequence it holds."""
+    counter) that USES gives each door: the one whose sequence it holds.
+    Given BURNING (STATE_DIR/BURNING), a burn that add-client wrote without
+    the gate gets it: one Python process per opening is what a replay flood
+    costs without it."""
     out = []
     for line in lines:
         door = (line.section or b"").decode("utf-8", "surrogateescape")
         raw = line.raw
         if door in uses and line.kind == "directive" \
                 and line.key in ("START_COMMAND", "START_COMMAND_6"):
+            start = line.span[0]
+            if burning and b"/%s/%s." % (BURNING.encode(), line.section) not in raw \
+                    and ungated_burn(line.section).match(raw, start):
+                raw = raw[:start] + burn_gate(burning, door).encode(
+                    "utf-8", "surrogateescape") + b" " + raw[start:]
             raw = with_burn_named(raw, line.section, line.section, uses[door])
         out.append((line.number, raw))
     return numbered_lines(out)
@@ -2337,13 +2354,14 @@ def next_event(now, period, grace, lead):
     return start + grace if now < start + grace else start + period - lead
 
 
-def plan_rotation(config_path, old_data, now, settings_of, edit=None, uses=None):
+def plan_rotation(config_path, old_data, now, settings_of, edit=None, uses=None, burning=None):
     """The rotation of CONFIG_PATH's OLD_DATA for the moment NOW (pure: no I/O).
 
     SETTINGS_OF(door) gives a door's settings: .period, .grace and
     .sequence_at(period start, use).  EDIT, if given, changes the user's Lines
     first (add-client, remove-client).  USES (see use_count) gives a single-use
-    door's use counter of a period.  The result's errors (line, what, fix)
+    door's use counter of a period; BURNING (its STATE_DIR/BURNING) gates the
+    burns that add-client wrote ungated (with_burns_named).  The result's errors (line, what, fix)
     are those of the new file: knockd's grammar, the rotator's rules and the
     silent traps; a rotation refuses any of them.
     """
@@ -2357,7 +2375,8 @@ def plan_rotation(config_path, old_data, now, settings_of, edit=None, uses=None)
     counters = {door: use_count(uses, settings[door], starts[door]) for door in doors}
     current = {door: settings[door].sequence_at(starts[door], counters[door]) for door in doors}
     new_lines = with_burns_named(rewrite_config(user_lines, current), {
-        door: (starts[door], counters[door]) for door in doors if settings[door].single_use})
+        door: (starts[door], counters[door]) for door in doors if settings[door].single_use},
+        burning)
     errors = config_errors(new_lines) + rotator_errors(new_lines) + trap_errors(new_lines)
     warnings = trap_warnings(new_lines)
     graced = [door for door in doors if now < starts[door] + settings[door].grace]
@@ -2511,7 +2530,8 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
             heal_knockd(config_path, settings)
             return recorded
         plan = plan_rotation(config_path, old_data, now, settings_of,
-                             change.edit if change else None, uses)
+                             change.edit if change else None, uses,
+                             os.path.join(settings["STATE_DIR"], BURNING))
         refuse_errors(config_path, plan.errors + file_errors(plan.new_lines))
         new_data = b"".join(line.raw for line in plan.new_lines)
         if not dry_run and any(found.single_use for found in plan.settings.values()):
@@ -2563,7 +2583,8 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
                     # The environment before any change: a removed client's
                     # door that comes back must keep its own secret.
                     replan = plan_rotation(config_path, good, now, settings_reader(
-                        with_env_file(original_environ, settings["ENV_FILE"])), uses=uses)
+                        with_env_file(original_environ, settings["ENV_FILE"])), uses=uses,
+                        burning=os.path.join(settings["STATE_DIR"], BURNING))
                 except RotatorError:
                     return good
                 return good if replan.errors else b"".join(l.raw for l in replan.new_lines)
@@ -3323,6 +3344,16 @@ def otpauth_uri(door, host, secret):
                quote("knockd-rotator"), TOTP_DIGITS, TOTP_PERIOD))
 
 
+def burn_gate(folder, door):
+    """The shell in front of DOOR's burn: it records the opening in FOLDER
+    (STATE_DIR/BURNING) and lets only the first opening of a use through;
+    the rotation names the use (0:0 here)."""
+    import shlex
+    record = os.path.join(folder, door + ".0.0")
+    return "{ echo 2>/dev/null >>%s; mkdir %s 2>/dev/null || [ ! -d %s ]; } &&" % (
+        shlex.quote(record), shlex.quote(record + ".burn"), shlex.quote(folder))
+
+
 def burn_command(config_path, door, environ):
     """The start of a single-use door's start_command: `burn DOOR` in the
     background, so that the port opens without waiting for the reload.
@@ -3336,13 +3367,10 @@ def burn_command(config_path, door, environ):
     import shlex
     folder = os.path.join(settings_for(config_path, server_settings(environ))["STATE_DIR"],
                           BURNING)
-    record = os.path.join(folder, door + ".0.0")
     assignments = ["%s=%s" % (name, shlex.quote(value))
                    for name, value in sorted(without_secrets(environ).items())
                    if name.startswith("KNOCKD_ROTATOR_")]
-    gate = "{ echo 2>/dev/null >>%s; mkdir %s 2>/dev/null || [ ! -d %s ]; } &&" % (
-        shlex.quote(record), shlex.quote(record + ".burn"), shlex.quote(folder))
-    return " ".join([gate] + assignments + [shlex.quote(SCRIPT), "--config",
+    return " ".join([burn_gate(folder, door)] + assignments + [shlex.quote(SCRIPT), "--config",
                                             shlex.quote(os.path.realpath(config_path)),
                                             "burn", door, "--use", "0:0", "& "])
 
@@ -3687,7 +3715,7 @@ def planned_status(config_path, old_data, environ, settings, now):
     uses = read_uses(settings["STATE_DIR"])
     plan = plan_rotation(config_path, old_data, now,
                          settings_reader(with_env_file(environ, settings["ENV_FILE"])),
-                         uses=uses)
+                         uses=uses, burning=os.path.join(settings["STATE_DIR"], BURNING))
     held = door_sequences(plan.user_lines)
     doors = []
     for door in plan.doors:

@@ -311,3 +311,30 @@ def test_a_burn_that_names_no_use_counts_each_opening_until_the_rotation_names_i
         assert burnt.returncode == 0, burnt.stderr
     assert server.read_uses(str(tmp_path / "state"))["ssh_ROTATOR"]["counts"] == {str(start): 2}
     assert "burn ssh_ROTATOR --use %d:2 & true\n" % start in config.read_text()
+
+
+def test_the_rotation_gates_a_burn_that_add_client_wrote_ungated(tmp_path, server_env):
+    """A door from an add-client before the gate: each opening would start a
+    burn process.  The rotation puts the gate in front of the burn, and only
+    there: a hand-written command line is left as it is."""
+    config = tmp_path / "knockd.conf"
+    old_burn = "KNOCKD_ROTATOR_ENV_FILE='%s' %s --config %s burn alice_ssh_ROTATOR & " % (
+        tmp_path / "rotator env", SERVER, config)
+    config.write_text("[alice_ssh_ROTATOR]\n\tsequence = 1\n\tstart_command = %strue\n"
+                      "\tstart_command_6 = %strue\n[bob_ROTATOR]\n\tsequence = 1\n"
+                      "\tstart_command = true; %s burn bob_ROTATOR & true\n"
+                      % (old_burn, old_burn, SERVER))
+    config.chmod(0o600)
+    rotated = run_server("--config", config, env=server_env(SECRET=SECRET, SINGLE_USE=1))
+    assert rotated.returncode == 0, rotated.stderr
+    start = server.period_start(time.time(), 31622400)
+    record = tmp_path / "state" / "burning" / ("alice_ssh_ROTATOR.%d.0" % start)
+    gated = ("{ echo 2>/dev/null >>%s; mkdir %s.burn 2>/dev/null || [ ! -d %s ]; } && %s"
+             % (record, record, record.parent,
+                old_burn.replace(" & ", " --use %d:0 & " % start)))
+    text = config.read_text()
+    assert text.count("start_command = %strue\n" % gated) == 1, text
+    assert text.count("_command_6 = %strue\n" % gated) == 1, text
+    assert "\tstart_command = true; %s burn bob_ROTATOR --use %d:0 & true\n" % (SERVER, start) \
+        in text
+    assert record.parent.is_dir()
