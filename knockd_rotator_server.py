@@ -2116,7 +2116,7 @@ USES = "uses"
 BURNS_KEPT = 20           # latest burn times kept per door
 BURST_BURNS, BURST_SECONDS = 5, 60    # this many burns this fast: `status` warns
 BURNING = "burning"       # STATE_DIR/BURNING holds the openings of each use (see above)
-BURN_USE = re.compile(r"(\d+):(\d+)")
+BURN_USE = re.compile(r"([0-9]+):([0-9]+)")
 
 
 def use_count(uses, settings, start):
@@ -2165,9 +2165,21 @@ def with_burn(uses, door, now, settings_of, use=None):
             return uses
         counts[str(start)] = number + 1
     burns = (entry.get("burns", []) + [int(now)])[-BURNS_KEPT:]
-    openings = {key: value for key, value in entry.get("openings", {}).items()
-                if int(key.split(":")[0]) >= current - settings.period}
+    openings = {"%d:%d" % use: count for use, count in recorded_openings(entry).items()
+                if use[0] >= current - settings.period}
     return dict(uses, **{base: {"counts": counts, "burns": burns, "openings": openings}})
+
+
+def recorded_openings(entry):
+    """The openings per use, {(period start, counter): openings}, of ENTRY
+    (a door's in the uses file); what is malformed in it is left out."""
+    openings = entry.get("openings")
+    found = {}
+    for key, count in openings.items() if isinstance(openings, dict) else ():
+        match = BURN_USE.fullmatch(key)
+        if match and isinstance(count, int) and not isinstance(count, bool) and count > 0:
+            found[(int(match.group(1)), int(match.group(2)))] = count
+    return found
 
 
 def parse_use(text):
@@ -2188,9 +2200,10 @@ def use_markers(state_dir, door):
         return {}
     found = {}
     for name in names:
-        parts = name.rsplit(".", 2)
-        if len(parts) == 3 and parts[0] == door and parts[1].isdigit() and parts[2].isdigit():
-            found[(int(parts[1]), int(parts[2]))] = os.path.join(folder, name)
+        record = name[:-len(".burn")] if name.endswith(".burn") else name
+        match = re.fullmatch(r"([0-9]+)\.([0-9]+)", record[len(door) + 1:])
+        if record.startswith(door + ".") and match:
+            found[(int(match.group(1)), int(match.group(2)))] = os.path.join(folder, record)
     return found
 
 
@@ -2211,7 +2224,7 @@ def with_openings_kept(state_dir, uses, door, burning, oldest):
     entry = uses.get(door)
     if entry is None:
         return uses
-    openings = dict(entry.get("openings", {}))
+    openings = {"%d:%d" % use: count for use, count in recorded_openings(entry).items()}
     for (start, number), path in use_markers(state_dir, door).items():
         burnt = entry["counts"].get(str(start), 0) > number
         if (start, number) == burning or not (burnt or start < oldest):
@@ -2229,9 +2242,8 @@ def with_openings_kept(state_dir, uses, door, burning, oldest):
 
 def door_openings(state_dir, uses, door, start):
     """{counter: openings} of DOOR's uses in the period from START, kept and recorded."""
-    found = {int(key.split(":")[1]): value
-             for key, value in uses.get(door, {}).get("openings", {}).items()
-             if int(key.split(":")[0]) == start}
+    found = {number: count for (recorded, number), count
+             in recorded_openings(uses.get(door, {})).items() if recorded == start}
     for (marked, number), path in use_markers(state_dir, door).items():
         if marked == start:
             found[number] = found.get(number, 0) + openings_of(path)
@@ -2361,9 +2373,9 @@ def plan_rotation(config_path, old_data, now, settings_of, edit=None, uses=None,
     .sequence_at(period start, use).  EDIT, if given, changes the user's Lines
     first (add-client, remove-client).  USES (see use_count) gives a single-use
     door's use counter of a period; BURNING (its STATE_DIR/BURNING) gates the
-    burns that add-client wrote ungated (with_burns_named).  The result's errors (line, what, fix)
-    are those of the new file: knockd's grammar, the rotator's rules and the
-    silent traps; a rotation refuses any of them.
+    burns that add-client wrote ungated (with_burns_named).  The result's
+    errors (line, what, fix) are those of the new file: knockd's grammar, the
+    rotator's rules and the silent traps; a rotation refuses any of them.
     """
     old_lines = parse_config(old_data)
     user_lines, old_block = split_grace_block(old_lines)
@@ -2513,8 +2525,8 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
         if burn:
             burnt = with_burn(uses, burn, now, settings_of, burn_use)
             if burnt is uses:
-                log("%s: use %d:%d is burnt already (a replay, or a second opening of it): "
-                    "nothing to burn" % ((burn,) + burn_use))
+                log("%s: use %d:%d is burnt already, or its period is over (a replay, or a "
+                    "second opening of it): nothing to burn" % ((burn,) + burn_use))
                 burn = None
             else:
                 base = burn[:-len(GRACE_SUFFIX)] if burn.endswith(GRACE_SUFFIX) else burn

@@ -338,3 +338,21 @@ def test_the_rotation_gates_a_burn_that_add_client_wrote_ungated(tmp_path, serve
     assert "\tstart_command = true; %s burn bob_ROTATOR --use %d:0 & true\n" % (SERVER, start) \
         in text
     assert record.parent.is_dir()
+
+
+def test_a_burn_moves_the_counter_past_the_use_it_names_and_only_then():
+    """Pure: with_burn with the use an opening matched."""
+    settings_of = server.settings_reader({"KNOCKD_ROTATOR_SECRET": SECRET,
+                                          "KNOCKD_ROTATOR_SINGLE_USE": "1",
+                                          "KNOCKD_ROTATOR_PERIOD_MODULO": "3600"})
+    start = 1800000000 // 3600 * 3600
+    now = start + 60
+    uses = server.with_burn({}, "ssh_ROTATOR", now, settings_of, (start, 0))
+    assert uses["ssh_ROTATOR"]["counts"] == {str(start): 1}
+    for burnt in [(start, 0), (start - 7200, 5), (start + 3600, 0)]:
+        assert server.with_burn(uses, "ssh_ROTATOR", now, settings_of, burnt) is uses, burnt
+    # The door held use 3 (the counters were lost, say): its burn moves past it.
+    uses = server.with_burn(uses, "ssh_ROTATOR", now, settings_of, (start, 3))
+    assert uses["ssh_ROTATOR"]["counts"] == {str(start): 4}
+    uses = server.with_burn(uses, "ssh_ROTATOR_GRACE", now, settings_of, (start - 3600, 0))
+    assert uses["ssh_ROTATOR"]["counts"] == {str(start): 4, str(start - 3600): 1}
