@@ -2240,6 +2240,19 @@ def with_openings_kept(state_dir, uses, door, burning, oldest):
     return dict(uses, **{door: dict(entry, openings=openings)})
 
 
+def reopen_gate(config_path, environ, door, use):
+    """After a burn of USE that failed: let the next opening of it start a
+    burn again.  The gate lets only the first opening through, and a use
+    that was never counted would open the door for the rest of its period."""
+    base = door[:-len(GRACE_SUFFIX)] if door.endswith(GRACE_SUFFIX) else door
+    try:
+        folder = os.path.join(settings_for(config_path, server_settings(environ))["STATE_DIR"],
+                              BURNING)
+        os.rmdir(os.path.join(folder, "%s.%d.%d.burn" % ((base,) + use)))
+    except (RotatorError, OSError):
+        pass       # no gate to reopen
+
+
 def door_openings(state_dir, uses, door, start):
     """{counter: openings} of DOOR's uses in the period from START, kept and recorded."""
     found = {number: count for (recorded, number), count
@@ -4074,8 +4087,13 @@ def run(argv, environ):
     if args.command == "burn":
         # The door's start_command names its own file with --config.
         now = time.time()
-        plan = rotate(args.config, environ, now, burn=args.door,
-                      burn_use=args.use and parse_use(args.use))
+        use = args.use and parse_use(args.use)
+        try:
+            plan = rotate(args.config, environ, now, burn=args.door, burn_use=use)
+        except RotatorError:
+            if use:
+                reopen_gate(args.config, environ, args.door, use)
+            raise
         tell_next_event(args.config, plan.event, now, server_settings(environ))
         return EXIT_OK
     if args.watch:

@@ -356,3 +356,19 @@ def test_a_burn_moves_the_counter_past_the_use_it_names_and_only_then():
     assert uses["ssh_ROTATOR"]["counts"] == {str(start): 4}
     uses = server.with_burn(uses, "ssh_ROTATOR_GRACE", now, settings_of, (start - 3600, 0))
     assert uses["ssh_ROTATOR"]["counts"] == {str(start): 4, str(start - 3600): 1}
+
+
+def test_a_burn_that_fails_lets_the_next_opening_of_its_use_burn(tmp_path, server_env):
+    """The gate lets one opening of a use through; if its burn fails, the
+    next opening must try again, or the use would stay open all period."""
+    config = tmp_path / "knockd.conf"
+    config.write_text("[ssh_ROTATOR]\n\tsequence = 1\n\tstart_command = %s burn ssh_ROTATOR "
+                      "& true\n" % SERVER)
+    start = server.period_start(time.time(), 31622400)
+    gate = tmp_path / "state" / "burning" / ("ssh_ROTATOR.%d.0.burn" % start)
+    gate.mkdir(parents=True)
+    # The door is not single-use: the burn fails.
+    failed = run_server("--config", config, "burn", "ssh_ROTATOR", "--use", "%d:0" % start,
+                        env=server_env(SECRET=SECRET))
+    assert failed.returncode != 0 and "is not single-use" in failed.stderr
+    assert not gate.exists()
