@@ -79,8 +79,6 @@ CHECK_MAX_PENDING = 64
 RETRY_AFTER = 1.0
 RETRIES = 12
 
-DOOR_NAME_MAX = 127    # knockd cuts section names here
-
 # Single-use doors: how many counters past the remembered one --check tries
 # (another device, or a lost state file, may have used some).
 LOOK_AHEAD = 10
@@ -117,6 +115,20 @@ MAX_PERIOD = 366 * 86400   # a longer period is a static sequence in practice
 # as the period turns.  At most half the period, so a short period shrinks it.
 DEFAULT_GRACE = 30
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+MAX_USE = 2 ** 32 - 1      # single use's counter goes into the key as u32be(use)
+# Every whole number read (settings, options) is an optional `-` and at most
+# this many ASCII digits (docs/SPEC.md, "Whole numbers"): any 64-bit value
+# fits, and no text is long enough to make a conversion costly or fail.
+NUMBER_DIGITS_MAX = 20
+DOOR_NAME_MAX = 127        # bytes of UTF-8: knockd cuts section names here
+# Code points no door name holds (docs/SPEC.md, "Door names"): a fixed list,
+# not a Unicode database's categories, so every implementation and version
+# decides alike.  C0 and C1 controls and DEL (knockd would not read such a
+# line), the brackets of knockd's section headers, the line and paragraph
+# separators (an editor breaks the header there), and the surrogates that
+# stand for bytes that are not UTF-8.
+DOOR_NAME_REFUSED = ((0x00, 0x1F), (0x5B, 0x5B), (0x5D, 0x5D), (0x7F, 0x9F),
+                     (0x2028, 0x2029), (0xD800, 0xDFFF))
 
 
 class RotatorError(Exception):
@@ -127,12 +139,35 @@ class RotatorError(Exception):
         self.what, self.fix, self.code = what, fix, code
 
     def __str__(self):
-        return "error: %s (%s)" % (self.what, self.fix)
+        return ("error: %s (%s)" % (self.what, self.fix)).translate(ONE_LINE)
+
+
+# What an error line quotes (an argument, a value) is shown escaped where it
+# would break the line: an error is exactly one line.
+ONE_LINE = {code: "\\x%02x" % code for code in list(range(0x20)) + list(range(0x7F, 0xA0))}
+ONE_LINE.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
 
 
 def door_name(service):
     """The knockd section name for SERVICE: `_ROTATOR` is appended if missing."""
     return service if service.endswith(ROTATOR_SUFFIX) else service + ROTATOR_SUFFIX
+
+
+def door_name_refused(door):
+    """Whether DOOR breaks docs/SPEC.md's rule for door names: too long, or a
+    code point of DOOR_NAME_REFUSED."""
+    return (len(door.encode("utf-8", "surrogateescape")) > DOOR_NAME_MAX
+            or any(low <= ord(character) <= high for character in door
+                   for low, high in DOOR_NAME_REFUSED))
+
+
+def parse_number(text):
+    """TEXT as an int when it is a whole number of docs/SPEC.md's grammar: an
+    optional `-`, then 1 to NUMBER_DIGITS_MAX ASCII digits.  Else None."""
+    digits = text[1:] if text[:1] == "-" else text
+    if 0 < len(digits) <= NUMBER_DIGITS_MAX and digits.isascii() and digits.isdigit():
+        return int(text)
+    return None
 
 
 def period_start(now, period, offset=0):
@@ -149,15 +184,20 @@ def _is_monotonic(ports):
     return all(a < b for a, b in pairs) or all(a > b for a, b in pairs)
 
 
+def check_start(start):
+    """Every algorithm's period start is a signed 64-bit number (docs/SPEC.md, step 1)."""
+    if not INT64_MIN <= start <= INT64_MAX:
+        raise RotatorError("period start %d is out of range" % start,
+                           "use a smaller --offset", EXIT_USAGE)
+
+
 def generate_sequence(secret, door, start, length, port_modulo):
     """The knock sequence of DOOR for the period starting at START.
 
     SECRET is bytes; DOOR is the full section name (with `_ROTATOR`).
     Returns a list of (port, "tcp" | "udp").
     """
-    if not INT64_MIN <= start <= INT64_MAX:
-        raise RotatorError("period start %d is out of range" % start,
-                           "use a smaller --offset", EXIT_USAGE)
+    check_start(start)
     prefix = (_field(ALGORITHM_TAG)
               + _field(door.encode("utf-8", "surrogateescape"))
               + start.to_bytes(8, "big", signed=True))
@@ -195,6 +235,7 @@ def with_protocols(ports, port_modulo):
 def legacy_draws(secret, door, start, length, count):
     """Knock Rotator's draws, each 0..COUNT-1: the first 8 hex digits of a
     plain SHA-256 of the period start, door, secret and index, modulo COUNT."""
+    check_start(start)
     for index in range(1, length + 1):
         text = b"%d" % start + door.encode("utf-8", "surrogateescape") + secret + b"%d" % index
         yield int(hashlib.sha256(text).hexdigest()[:8], 16) % count
@@ -237,15 +278,16 @@ def legacy_v3_sequence(secret, door, start, length, port_modulo, ranges):
 
 def legacy_port_ranges(variable, text):
     """KNOCKD_ROTATOR_PORTS of legacy-v3: `LOW-HIGH` ranges and single ports,
-    comma-separated, none twice, at least 2 -> sorted [(low, high)]."""
+    comma-separated (spaces and tabs around each allowed), none twice, at
+    least 2 -> sorted [(low, high)]."""
     ranges = []
     for part in text.split(","):
-        low, dash, high = part.strip().partition("-")
-        high = high if dash else low
-        if not (low + high).isascii() or not low.isdigit() or not high.isdigit():
+        low, dash, high = part.strip(" \t").partition("-")
+        bounds = (parse_number(low), parse_number(high if dash else low))
+        if None in bounds:
             ranges = []           # the check below refuses it
             break
-        ranges.append((int(low), int(high)))
+        ranges.append(bounds)
     ranges.sort()
     if (not ranges or not all(1 <= low <= high <= MAX_PORT + 1 for low, high in ranges)
             or any(later[0] <= earlier[1] for earlier, later in zip(ranges, ranges[1:]))
@@ -357,13 +399,13 @@ def whole_number(environ, variable, low, high, default):
     if variable not in environ:
         return default
     text = environ[variable]
-    digits = text[1:] if text[:1] == "-" else text
-    if not (digits.isascii() and digits.isdigit()) or not low <= int(text) <= high:
+    number = parse_number(text)
+    if number is None or not low <= number <= high:
         raise RotatorError("%s must be a whole number from %d to %d, not %r"
                            % (variable, low, high, text[:40]),
                            "fix it in the environment or the environment file",
                            EXIT_ENVIRONMENT)
-    return int(text)
+    return number
 
 
 class DoorSettings:
@@ -376,6 +418,8 @@ class DoorSettings:
 def scan_odds(length):
     """N: one period in N opens a door of LENGTH distinct ports, in no scan
     order, to a port scan run twice upwards and twice downwards."""
+    if length < 3:
+        return 1                  # every order of 1 or 2 ports is a scan's
     orders = 1
     for count in range(2, length + 1):
         orders *= count
@@ -446,14 +490,20 @@ def read_settings(environ, door, default_mode="secret"):
 
 
 def secret_bits(secret):
-    """What SECRET could hold at most: its length times the bits of a
-    character of the smallest usual alphabet (decimal, hex, base32, base64)
-    that has every character of it."""
+    """What SECRET could hold at most: the length of its shortest repeating
+    unit (written twice, it holds no more than once) times the bits of a
+    character of the smallest usual alphabet (decimal, hex, base32, lowercase
+    letters, base64) that has every character of it; nothing with fewer than
+    6 different characters.  A passphrase a person made up passes all the same."""
+    if len(set(secret)) < 6:
+        return 0
+    unit = (secret + secret).find(secret, 1)
     for alphabet, bits in (("0123456789", 3.32), ("0123456789abcdefABCDEF", 4),
-                           ("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567=", 5)):
+                           ("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567=", 5),
+                           ("abcdefghijklmnopqrstuvwxyz", 4.7)):
         if all(character in alphabet for character in secret):
-            return int(len(secret) * bits)
-    return 6 * len(secret)
+            return int(unit * bits)
+    return 6 * unit
 
 
 def secret_bytes(settings):
@@ -508,10 +558,17 @@ class Parser(argparse.ArgumentParser):
         raise RotatorError(message, "see %s --help" % self.prog, EXIT_USAGE)
 
 
+def bounded_number(text, low, high, what):
+    """TEXT, a command line's whole number from LOW to HIGH, for argparse."""
+    number = parse_number(text)
+    if number is None or not low <= number <= high:
+        raise argparse.ArgumentTypeError("%r is not %s from %d to %d"
+                                         % (text[:40], what, low, high))
+    return number
+
+
 def port_number(text):
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_PORT:
-        raise argparse.ArgumentTypeError("%r is not a port from 1 to %d" % (text, MAX_PORT))
-    return int(text)
+    return bounded_number(text, 1, MAX_PORT, "a port")
 
 
 def resolve_command(word, commands):
@@ -646,8 +703,10 @@ def retry_plan(now, period, grace, use, single_use):
         plan.insert(0, (-1, 0))
     if single_use:
         plan += [(0, 0)] * (use > 0)
-        plan += [(0, use + ahead) for ahead in range(1, LOOK_AHEAD + 1)]
-        plan += [(0, below) for below in range(1, use)]
+        plan += [(0, use + ahead) for ahead in range(1, LOOK_AHEAD + 1)
+                 if use + ahead <= MAX_USE]
+        # Only the first RETRIES can be tried: a huge counter must not make a huge list.
+        plan += [(0, below) for below in range(1, min(use, RETRIES + 1))]
     return plan[:RETRIES]
 
 
@@ -667,13 +726,18 @@ def uses_file(environ):
 
 
 def remembered_use(path, door, start):
+    """The use counter to knock DOOR's period from START with: what PATH
+    remembers, or 0.  A damaged file is worth no error (docs/SPEC.md): the
+    counters are not secret, and the look-ahead finds the server's."""
     import json
     try:
-        with open(path) as handle:
-            entry = json.load(handle).get(door, {})
-        return int(entry["next"]) if entry.get("start") == start else 0
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        with open(path, "rb") as handle:
+            entry = json.loads(handle.read()).get(door, {})
+        remembered = entry["next"] if entry.get("start") == start else 0
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return 0
+    whole = isinstance(remembered, int) and not isinstance(remembered, bool)
+    return remembered if whole and 0 <= remembered <= MAX_USE else 0
 
 
 def remember_use(path, door, start, next_use):
@@ -684,7 +748,7 @@ def remember_use(path, door, start, next_use):
             uses = json.load(handle)
         if not isinstance(uses, dict):
             uses = {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         uses = {}
     uses[door] = {"start": start, "next": next_use}
     folder = os.path.dirname(path) or "."
@@ -703,32 +767,32 @@ def remember_use(path, door, start, next_use):
 # ---------------------------------------------------------------- CLI
 
 def offset_number(text):
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a whole number" % text) from None
+    number = parse_number(text)
+    if number is None:
+        raise argparse.ArgumentTypeError("%r is not a whole number" % text[:40])
+    return number
 
 
 def positive_seconds(text):
-    try:
+    """Decimal seconds as docs/SPEC.md writes them: digits, then `.` and digits
+    if need be; nothing float() takes besides (`1e3`, `inf`, `+5`, ` 5`)."""
+    whole, point, fraction = text.partition(".")
+    value = 0.0
+    if parse_number(whole) is not None and whole[:1] != "-" and (
+            not point or (parse_number(fraction) is not None and fraction[:1] != "-")):
         value = float(text)
-    except ValueError:
-        value = -1.0
     if not 0 < value <= 86400:
-        raise argparse.ArgumentTypeError("%r is not a number of seconds from 0 to 86400" % text)
+        raise argparse.ArgumentTypeError("%r is not a number of seconds from 0 to 86400"
+                                         % text[:40])
     return value
 
 
 def use_number(text):
-    if not (text.isascii() and text.isdigit()) or int(text) > 1000000:
-        raise argparse.ArgumentTypeError("%r is not a use counter from 0 to 1000000" % text)
-    return int(text)
+    return bounded_number(text, 0, MAX_USE, "a use counter")
 
 
 def delay_ms(text):
-    if not (text.isascii() and text.isdigit()) or int(text) > 60000:
-        raise argparse.ArgumentTypeError("%r is not milliseconds from 0 to 60000" % text)
-    return int(text)
+    return bounded_number(text, 0, 60000, "milliseconds")
 
 
 COMMANDS = ("generate", "knock")
@@ -861,8 +925,15 @@ def read_hidden(prompt):
     """A line typed without echo on the terminal, or read from a piped stdin."""
     if sys.stdin.isatty():
         import getpass
-        return getpass.getpass(prompt)
-    return sys.stdin.readline().rstrip("\r\n")
+        return without_line_end(getpass.getpass(prompt))    # its LF is gone, not a CR
+    return without_line_end(sys.stdin.readline())
+
+
+def without_line_end(line):
+    """LINE without one trailing LF, then one trailing CR (docs/SPEC.md): what
+    precedes them is typed, a PIN may end in a CR of its own."""
+    line = line[:-1] if line.endswith("\n") else line
+    return line[:-1] if line.endswith("\r") else line
 
 
 def totp_code(text):
@@ -877,18 +948,18 @@ def totp_code(text):
 def door_settings(args, environ):
     """The door's settings, with the PIN prompted for and the code checked."""
     door = door_name(args.service)
-    if (not args.service or len(door.encode("utf-8", "surrogateescape")) > DOOR_NAME_MAX
-            or any(character in "[]" or not character.isprintable() for character in door)):
+    if not args.service or door_name_refused(door):
         raise RotatorError("%r is no knockd door name" % door[:40],
                            "give the service as in knockd.conf's [SERVICE_ROTATOR]: at most "
-                           "%d bytes, no brackets, no control characters" % DOOR_NAME_MAX,
-                           EXIT_USAGE)
-    settings = read_settings(environ, door, "totp" if args.code else "secret")
-    if args.code and settings.mode != "totp":
+                           "%d bytes, no brackets, no control characters or line separators"
+                           % DOOR_NAME_MAX, EXIT_USAGE)
+    coded = args.code is not None
+    settings = read_settings(environ, door, "totp" if coded else "secret")
+    if coded and settings.mode != "totp":
         raise RotatorError("--code is for doors in totp mode, and %s is %r"
                            % (door_variable(environ, "MODE", door)[0], settings.mode),
                            "leave out --code, or set it to totp", EXIT_USAGE)
-    if settings.mode == "totp" and not args.code:
+    if settings.mode == "totp" and not coded:
         raise RotatorError("door %s is in totp mode" % door,
                            "give the code of your authenticator app: --code 123456, "
                            "or --code - to type it", EXIT_USAGE)

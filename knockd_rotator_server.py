@@ -193,6 +193,20 @@ MAX_PERIOD = 366 * 86400   # a longer period is a static sequence in practice
 # as the period turns.  At most half the period, so a short period shrinks it.
 DEFAULT_GRACE = 30
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+MAX_USE = 2 ** 32 - 1      # single use's counter goes into the key as u32be(use)
+# Every whole number read (settings, options) is an optional `-` and at most
+# this many ASCII digits (docs/SPEC.md, "Whole numbers"): any 64-bit value
+# fits, and no text is long enough to make a conversion costly or fail.
+NUMBER_DIGITS_MAX = 20
+DOOR_NAME_MAX = 127        # bytes of UTF-8: knockd cuts section names here
+# Code points no door name holds (docs/SPEC.md, "Door names"): a fixed list,
+# not a Unicode database's categories, so every implementation and version
+# decides alike.  C0 and C1 controls and DEL (knockd would not read such a
+# line), the brackets of knockd's section headers, the line and paragraph
+# separators (an editor breaks the header there), and the surrogates that
+# stand for bytes that are not UTF-8.
+DOOR_NAME_REFUSED = ((0x00, 0x1F), (0x5B, 0x5B), (0x5D, 0x5D), (0x7F, 0x9F),
+                     (0x2028, 0x2029), (0xD800, 0xDFFF))
 
 
 class RotatorError(Exception):
@@ -203,12 +217,35 @@ class RotatorError(Exception):
         self.what, self.fix, self.code = what, fix, code
 
     def __str__(self):
-        return "error: %s (%s)" % (self.what, self.fix)
+        return ("error: %s (%s)" % (self.what, self.fix)).translate(ONE_LINE)
+
+
+# What an error line quotes (an argument, a value) is shown escaped where it
+# would break the line: an error is exactly one line.
+ONE_LINE = {code: "\\x%02x" % code for code in list(range(0x20)) + list(range(0x7F, 0xA0))}
+ONE_LINE.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
 
 
 def door_name(service):
     """The knockd section name for SERVICE: `_ROTATOR` is appended if missing."""
     return service if service.endswith(ROTATOR_SUFFIX) else service + ROTATOR_SUFFIX
+
+
+def door_name_refused(door):
+    """Whether DOOR breaks docs/SPEC.md's rule for door names: too long, or a
+    code point of DOOR_NAME_REFUSED."""
+    return (len(door.encode("utf-8", "surrogateescape")) > DOOR_NAME_MAX
+            or any(low <= ord(character) <= high for character in door
+                   for low, high in DOOR_NAME_REFUSED))
+
+
+def parse_number(text):
+    """TEXT as an int when it is a whole number of docs/SPEC.md's grammar: an
+    optional `-`, then 1 to NUMBER_DIGITS_MAX ASCII digits.  Else None."""
+    digits = text[1:] if text[:1] == "-" else text
+    if 0 < len(digits) <= NUMBER_DIGITS_MAX and digits.isascii() and digits.isdigit():
+        return int(text)
+    return None
 
 
 def period_start(now, period, offset=0):
@@ -225,15 +262,20 @@ def _is_monotonic(ports):
     return all(a < b for a, b in pairs) or all(a > b for a, b in pairs)
 
 
+def check_start(start):
+    """Every algorithm's period start is a signed 64-bit number (docs/SPEC.md, step 1)."""
+    if not INT64_MIN <= start <= INT64_MAX:
+        raise RotatorError("period start %d is out of range" % start,
+                           "use a smaller --offset", EXIT_USAGE)
+
+
 def generate_sequence(secret, door, start, length, port_modulo):
     """The knock sequence of DOOR for the period starting at START.
 
     SECRET is bytes; DOOR is the full section name (with `_ROTATOR`).
     Returns a list of (port, "tcp" | "udp").
     """
-    if not INT64_MIN <= start <= INT64_MAX:
-        raise RotatorError("period start %d is out of range" % start,
-                           "use a smaller --offset", EXIT_USAGE)
+    check_start(start)
     prefix = (_field(ALGORITHM_TAG)
               + _field(door.encode("utf-8", "surrogateescape"))
               + start.to_bytes(8, "big", signed=True))
@@ -271,6 +313,7 @@ def with_protocols(ports, port_modulo):
 def legacy_draws(secret, door, start, length, count):
     """Knock Rotator's draws, each 0..COUNT-1: the first 8 hex digits of a
     plain SHA-256 of the period start, door, secret and index, modulo COUNT."""
+    check_start(start)
     for index in range(1, length + 1):
         text = b"%d" % start + door.encode("utf-8", "surrogateescape") + secret + b"%d" % index
         yield int(hashlib.sha256(text).hexdigest()[:8], 16) % count
@@ -313,15 +356,16 @@ def legacy_v3_sequence(secret, door, start, length, port_modulo, ranges):
 
 def legacy_port_ranges(variable, text):
     """KNOCKD_ROTATOR_PORTS of legacy-v3: `LOW-HIGH` ranges and single ports,
-    comma-separated, none twice, at least 2 -> sorted [(low, high)]."""
+    comma-separated (spaces and tabs around each allowed), none twice, at
+    least 2 -> sorted [(low, high)]."""
     ranges = []
     for part in text.split(","):
-        low, dash, high = part.strip().partition("-")
-        high = high if dash else low
-        if not (low + high).isascii() or not low.isdigit() or not high.isdigit():
+        low, dash, high = part.strip(" \t").partition("-")
+        bounds = (parse_number(low), parse_number(high if dash else low))
+        if None in bounds:
             ranges = []           # the check below refuses it
             break
-        ranges.append((int(low), int(high)))
+        ranges.append(bounds)
     ranges.sort()
     if (not ranges or not all(1 <= low <= high <= MAX_PORT + 1 for low, high in ranges)
             or any(later[0] <= earlier[1] for earlier, later in zip(ranges, ranges[1:]))
@@ -433,13 +477,13 @@ def whole_number(environ, variable, low, high, default):
     if variable not in environ:
         return default
     text = environ[variable]
-    digits = text[1:] if text[:1] == "-" else text
-    if not (digits.isascii() and digits.isdigit()) or not low <= int(text) <= high:
+    number = parse_number(text)
+    if number is None or not low <= number <= high:
         raise RotatorError("%s must be a whole number from %d to %d, not %r"
                            % (variable, low, high, text[:40]),
                            "fix it in the environment or the environment file",
                            EXIT_ENVIRONMENT)
-    return int(text)
+    return number
 
 
 class DoorSettings:
@@ -452,6 +496,8 @@ class DoorSettings:
 def scan_odds(length):
     """N: one period in N opens a door of LENGTH distinct ports, in no scan
     order, to a port scan run twice upwards and twice downwards."""
+    if length < 3:
+        return 1                  # every order of 1 or 2 ports is a scan's
     orders = 1
     for count in range(2, length + 1):
         orders *= count
@@ -522,14 +568,20 @@ def read_settings(environ, door, default_mode="secret"):
 
 
 def secret_bits(secret):
-    """What SECRET could hold at most: its length times the bits of a
-    character of the smallest usual alphabet (decimal, hex, base32, base64)
-    that has every character of it."""
+    """What SECRET could hold at most: the length of its shortest repeating
+    unit (written twice, it holds no more than once) times the bits of a
+    character of the smallest usual alphabet (decimal, hex, base32, lowercase
+    letters, base64) that has every character of it; nothing with fewer than
+    6 different characters.  A passphrase a person made up passes all the same."""
+    if len(set(secret)) < 6:
+        return 0
+    unit = (secret + secret).find(secret, 1)
     for alphabet, bits in (("0123456789", 3.32), ("0123456789abcdefABCDEF", 4),
-                           ("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567=", 5)):
+                           ("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567=", 5),
+                           ("abcdefghijklmnopqrstuvwxyz", 4.7)):
         if all(character in alphabet for character in secret):
-            return int(len(secret) * bits)
-    return 6 * len(secret)
+            return int(unit * bits)
+    return 6 * unit
 
 
 def secret_bytes(settings):
@@ -584,10 +636,17 @@ class Parser(argparse.ArgumentParser):
         raise RotatorError(message, "see %s --help" % self.prog, EXIT_USAGE)
 
 
+def bounded_number(text, low, high, what):
+    """TEXT, a command line's whole number from LOW to HIGH, for argparse."""
+    number = parse_number(text)
+    if number is None or not low <= number <= high:
+        raise argparse.ArgumentTypeError("%r is not %s from %d to %d"
+                                         % (text[:40], what, low, high))
+    return number
+
+
 def port_number(text):
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_PORT:
-        raise argparse.ArgumentTypeError("%r is not a port from 1 to %d" % (text, MAX_PORT))
-    return int(text)
+    return bounded_number(text, 1, MAX_PORT, "a port")
 
 
 def resolve_command(word, commands):
@@ -612,7 +671,6 @@ def resolve_command(word, commands):
 
 SPACE = b" \t\n\r\v\f"
 LINE_MAX = 4094          # fgets(PATH_MAX) splits longer lines in two
-DOOR_NAME_MAX = 127      # knockd cuts door names here
 OPTION_KEYS = {"LOGFILE", "PIDFILE", "INTERFACE"}
 DOOR_KEYS = {"TARGET", "SEQUENCE", "ONE_TIME_SEQUENCES", "SEQ_TIMEOUT", "TIMEOUT",
              "START_COMMAND", "COMMAND", "START_COMMAND_6", "STOP_COMMAND",
@@ -973,7 +1031,8 @@ def keep_one_time_sequences(lines):
         except OSError as exc:
             raise RotatorError("cannot add a keeper line to the one_time_sequences file %s "
                                "(line %d): %s" % (path, line.number, exc.strerror),
-                               "make it writable for root, or remove the door") from None
+                               "make it writable for root, or remove the door",
+                               EXIT_CONFIG) from None
         struck = struck or bool(supply.keepers)
         log("%s: %s a keeper line (knockd 0.8 stops when the lines are used up)"
             % (path, "moved" if supply.keepers else "added"))
@@ -1036,6 +1095,11 @@ def rotator_errors(lines):
         if line.kind == "section" and len(line.section) > DOOR_NAME_MAX:
             errors.append((line.number, "door name [%s...] is longer than %d bytes, which "
                            "knockd cuts" % (name[:20], DOOR_NAME_MAX), "shorten it"))
+        elif line.kind == "section" and door_name_refused(line.section.decode(
+                "utf-8", "surrogateescape")):
+            errors.append((line.number, "door name %r holds a control character, a bracket, "
+                           "a line separator or bytes that are not UTF-8, which no client "
+                           "takes (docs/SPEC.md)" % name, "rename the door"))
         if line.kind == "directive" and line.key == "ONE_TIME_SEQUENCES":
             errors.append((line.number, "rotator door [%s] has one_time_sequences" % name,
                            "remove it: a rotator door's sequence comes from the secret"))
@@ -1427,10 +1491,12 @@ def take_lock(state_dir, name="lock"):
 
 
 def without_secrets(environ):
-    """ENVIRON less every secret and PIN: the reload, check, recover and kill
-    commands, and a knockd one of them starts, need none."""
+    """ENVIRON less every secret and PIN, and every SALT (a legacy door's
+    secret): the reload, check, recover and kill commands, and a knockd one
+    of them starts, need none."""
     return {name: value for name, value in environ.items()
-            if not name.startswith(("KNOCKD_ROTATOR_SECRET", "KNOCKD_ROTATOR_PIN"))}
+            if not name.startswith(("KNOCKD_ROTATOR_SECRET", "KNOCKD_ROTATOR_PIN",
+                                    "KNOCKD_ROTATOR_SALT"))}
 
 
 def run_command(command):
@@ -1524,12 +1590,15 @@ def knockd_config(entry):
     its -c, else /etc/knockd.conf."""
     with open("/proc/%s/cmdline" % entry, "rb") as handle:
         argv = handle.read().split(b"\0")
-    folder = os.readlink("/proc/%s/cwd" % entry)
     config = "/etc/knockd.conf"
     for index, word in enumerate(argv[:-1]):      # the last one given wins
         if word in (b"-c", b"--config"):
             config = os.fsdecode(argv[index + 1])
-    return os.path.realpath(os.path.join(folder, config))
+    if not os.path.isabs(config):
+        # Only root reads another user's cwd: a monitoring account finds
+        # the knockd of an absolute -c (as the units give) without it.
+        config = os.path.join(os.readlink("/proc/%s/cwd" % entry), config)
+    return os.path.realpath(config)
 
 
 def knockd_processes(config_path):
@@ -1588,6 +1657,7 @@ def knockd_listening(config_path, found=None):
     main = main_knockd(found)
     if not main:
         return None, "no knockd process reading %s is visible" % config_path
+    unseen = None
     for pid in main:
         if found[pid][1] in "TtZX":
             return False, "knockd (pid %d) is stopped" % pid
@@ -1597,9 +1667,13 @@ def knockd_listening(config_path, found=None):
             with open("/proc/%d/net/packet" % pid) as handle:
                 captures = {"socket:[%s]" % row.split()[-1] for row in handle.readlines()[1:]}
         except OSError:
+            unseen = pid           # gone meanwhile, or its descriptors are root's to see
             continue
         if not sockets & captures:
             return False, "knockd (pid %d) has no packet capture open: it hears no knock" % pid
+    if unseen is not None:
+        return None, ("knockd (pid %d) runs, but its descriptors are not to be seen here: "
+                      "status as root checks its packet capture" % unseen)
     return True, ""
 
 
@@ -1708,6 +1782,10 @@ DEFAULT_TRIAL_KNOCKD = "/usr/sbin/knockd"
 # knockd compiles its filter before it listens: 2 s for 500 doors of 3 ports,
 # 2.5 s for 200 of 10.  Longer, and every reload would leave knockd that long deaf.
 TRIAL_SECONDS = 30
+# The trial's folder in STATE_DIR: TRIAL_PREFIX, then the pid and start time
+# (process_start) of the run it belongs to, so that the next run can remove
+# it when that run was killed.
+TRIAL_PREFIX = "trial-"
 TRIAL_OPTIONS = {"LOGFILE": b"logfile", "PIDFILE": b"pidfile", "INTERFACE": None,
                  "USESYSLOG": None}
 
@@ -1749,7 +1827,16 @@ def knockd_trial(lines, settings):
     program = settings["TRIAL_KNOCKD"]
     if not program or not os.path.exists(program):
         return None, None
-    with tempfile.TemporaryDirectory(prefix="knockd_rotator-trial-") as folder:
+    try:
+        trust_state_dir(settings["STATE_DIR"])
+        folder = tempfile.mkdtemp(prefix="%s%d-%d-" % (TRIAL_PREFIX, os.getpid(),
+                                                         process_start(os.getpid())),
+                                  dir=settings["STATE_DIR"])
+    except RotatorError as exc:
+        return None, exc.what
+    except OSError as exc:
+        return None, "no folder for it in %s: %s" % (settings["STATE_DIR"], exc.strerror)
+    try:
         path = os.path.join(folder, "knockd.conf")
         with open(path, "wb") as handle:
             handle.write(trial_copy(lines, folder))
@@ -1785,6 +1872,23 @@ def knockd_trial(lines, settings):
         if "Operation not permitted" in last or "ermission denied" in last:
             return None, last
         return last, None
+    finally:
+        import shutil
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_stale_trials(state_dir):
+    """The trial folders of runs that were killed during a trial (called
+    under the lock), each with a file of the sequences that were new, and the
+    trial knockd that went on reading it."""
+    import shutil
+    for name in os.listdir(state_dir):
+        owner = re.match(re.escape(TRIAL_PREFIX) + r"([0-9]+)-([0-9]+)-", name)
+        if owner and process_start(int(owner.group(1))) != int(owner.group(2)):
+            folder = os.path.join(state_dir, name)
+            for pid in knockd_processes(os.path.join(folder, "knockd.conf")):
+                os.kill(pid, signal.SIGKILL)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 IN_OPEN = 0x20     # inotify(7): the watched file was opened
@@ -1869,6 +1973,7 @@ def load_into_knockd(path, new_data, fallback, was_running, settings):
             opens.close()
         if ok and not hung:
             remember_good(state_dir, new_data)
+            remember_loaded(state_dir, new_data)
             return None
         if hung:
             # Alive, but deaf: knockd 0.8 can deadlock in its SIGHUP handler
@@ -1883,10 +1988,15 @@ def load_into_knockd(path, new_data, fallback, was_running, settings):
                                    "{0}; systemctl start {0}".format(settings["UNIT"]),
                                    EXIT_RECOVERY)
         elif knockd_runs(settings):
-            # knockd lives, with the old doors in memory: the file must match.
+            # knockd lives, with the old doors in memory: the file must match
+            # their shape.  Its sequences may be the current ones, which knockd
+            # has not loaded: the record of what it loaded makes the next run
+            # reload it.
             put_back(path, fallback(), detail, settings)
             raise RotatorError("knockd did not take the new %s (%s); the last file it ran "
-                               "with is back and knockd runs with it" % (path, detail),
+                               "with is back, at the current sequences, and knockd runs "
+                               "with the older one it had: the next run reloads it"
+                               % (path, detail),
                                "check KNOCKD_ROTATOR_RELOAD_COMMAND and _CHECK_COMMAND; "
                                "journalctl -u %s" % settings["UNIT"], EXIT_FAILED)
         why = ("knockd hung after the reload and was killed (%s)" if hung
@@ -1898,10 +2008,12 @@ def load_into_knockd(path, new_data, fallback, was_running, settings):
     ok, detail = start_knockd(path, settings)
     if ok:
         remember_good(state_dir, new_data)
+        remember_loaded(state_dir, new_data)
         return (("%s; it runs with the new file: knockd 0.8 can crash or hang while it reloads "
                  "under a flood of knocks, see journalctl -u %s" % (why, settings["UNIT"]))
                 if was_running else None)
-    put_back(path, fallback(), "%s and refused to start with the new file (%s)"
+    good = fallback()
+    put_back(path, good, "%s and refused to start with the new file (%s)"
              % (why, detail), settings)
     recovered, recover_detail = start_knockd(path, settings)
     if not recovered:
@@ -1910,6 +2022,7 @@ def load_into_knockd(path, new_data, fallback, was_running, settings):
                            % (why, path, detail, recover_detail),
                            "start knockd now: systemctl start {0}; journalctl -u {0}"
                            .format(settings["UNIT"]), EXIT_RECOVERY)
+    remember_loaded(state_dir, good)
     raise RotatorError("%s and refused to start with the new %s (%s); the last file it ran "
                        "with is back and knockd runs with it" % (why, path, detail),
                        "knockd_rotator_server.py check; journalctl -u %s" % settings["UNIT"],
@@ -1944,6 +2057,32 @@ def remember_good(state_dir, data):
     keep_state(os.path.join(state_dir, LAST_GOOD), data)
 
 
+# What knockd has in memory is not what the file holds when a reload failed
+# with knockd alive, or the run died between the write and the SIGHUP: the
+# file is current, yet knockd opens for the old sequences until something
+# changes.  So the SHA-256 of the bytes knockd was seen to (re)read is kept,
+# written only on that evidence, and a file ahead of it is loaded again.  It
+# holds no sequence, so `status` without the secret may read it.
+LOADED = "loaded"
+
+
+def file_digest(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def remember_loaded(state_dir, data):
+    keep_state(os.path.join(state_dir, LOADED), file_digest(data).encode() + b"\n")
+
+
+def loaded_digest(state_dir):
+    """The SHA-256 of the file knockd last re-read, or None when unknown."""
+    try:
+        with open(os.path.join(state_dir, LOADED), "rb") as handle:
+            return handle.read().decode("ascii", "replace").strip() or None
+    except OSError:
+        return None
+
+
 def last_good(state_dir):
     try:
         with open(os.path.join(state_dir, LAST_GOOD), "rb") as handle:
@@ -1961,9 +2100,20 @@ def readable_by_others(path, what="the secret"):
     except OSError:
         return None
     if mode & 0o077:
-        return ("warning: %s is mode %04o: others can read %s (chmod 600 %s)"
-                % (path, mode & 0o7777, what, path))
+        return ("warning: %s is mode %04o: others can read %s (%s)"
+                % (path, mode & 0o7777, what, private_fix(path)))
     return None
+
+
+def private_fix(path):
+    """The command that leaves PATH to its owner.  With an ACL (a group mode
+    of r is then the ACL's mask, e.g. after `setfacl -m u:nagios:r`), chmod
+    alone would only mask its entries until the next chmod g+r."""
+    try:
+        acl = "system.posix_acl_access" in os.listxattr(path)
+    except OSError:
+        acl = False
+    return ("setfacl -b %s; " % path if acl else "") + "chmod 600 %s" % path
 
 
 def warn_if_readable_by_others(config_path, env_file):
@@ -1986,18 +2136,32 @@ def warn_if_readable_by_others(config_path, env_file):
 # add-client) would leave an unsandboxed process in the admin's session that
 # nothing stops, holding the caller's terminal or pipe; it says what comes
 # next instead.  The child inherits the environment, so the secret never
-# travels on a command line.  STATE_DIR/pending holds its pid: at most one is
-# pending.  A failed scheduled run schedules a retry (RETRY_SECONDS).
+# travels on a command line.  STATE_DIR/pending holds its pid and start time:
+# at most one is pending.  A failed scheduled run schedules a retry
+# (RETRY_SECONDS).
+
+def process_start(pid):
+    """PID's start time (clock ticks after boot, field 22 of /proc/PID/stat),
+    or None when there is no such process.  With the pid it names one process
+    for good: a local user who cycles pids until one of his takes over a
+    recorded pid gets that pid with a later start."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            stat = handle.read()
+        # The command name (field 2) is in parentheses and may hold any byte.
+        return int(stat[stat.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
 
 def pending_boundary_pid(state_dir):
     """(pid, boundary) of the pending boundary run, or (None, None)."""
     try:
         with open(os.path.join(state_dir, "pending")) as handle:
-            pid = int(handle.read().strip())
-        with open("/proc/%d/cmdline" % pid, "rb") as handle:
-            arguments = handle.read().split(b"\0")
-        # The pid may have been reused by another process since.
-        if SCRIPT.encode() in arguments and b"--at" in arguments:
+            pid, start = (int(field) for field in handle.read().split())
+        if process_start(pid) == start:
+            with open("/proc/%d/cmdline" % pid, "rb") as handle:
+                arguments = handle.read().split(b"\0")
             return pid, int(arguments[arguments.index(b"--at") + 1])
     except (OSError, ValueError, IndexError):
         pass
@@ -2023,7 +2187,9 @@ def schedule_boundary_run(config_path, boundary, now, settings, verbose):
         command.append("--verbose")
     child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              start_new_session=True, close_fds=True)
-    replace_file(os.path.join(state_dir, "pending"), b"%d\n" % child.pid, create=True)
+    # Not waited for, the child keeps its /proc entry even if it has ended.
+    replace_file(os.path.join(state_dir, "pending"),
+                 b"%d %d\n" % (child.pid, process_start(child.pid)), create=True)
     log("next run at %s (boundary run, pid %d)" % (utc(boundary), child.pid))
 
 
@@ -2116,7 +2282,7 @@ USES = "uses"
 BURNS_KEPT = 20           # latest burn times kept per door
 BURST_BURNS, BURST_SECONDS = 5, 60    # this many burns this fast: `status` warns
 BURNING = "burning"       # STATE_DIR/BURNING holds the openings of each use (see above)
-BURN_USE = re.compile(r"([0-9]+):([0-9]+)")
+BURN_USE = re.compile(r"([0-9]{1,%d}):([0-9]{1,10})" % NUMBER_DIGITS_MAX)
 
 
 def use_count(uses, settings, start):
@@ -2127,13 +2293,43 @@ def use_count(uses, settings, start):
 
 
 def read_uses(state_dir):
+    """STATE_DIR/uses, with what is damaged in it dropped (and said so): the
+    file is only ever rewritten whole, so a damaged one was edited or broken
+    on disk, and the next burn writes it anew.  Fields it does not know are
+    kept as they are."""
     import json
+    path = os.path.join(state_dir, USES)
     try:
-        with open(os.path.join(state_dir, USES), "rb") as handle:
+        with open(path, "rb") as handle:
             uses = json.loads(handle.read())
-        return uses if isinstance(uses, dict) else {}
-    except (OSError, ValueError):
+    except OSError:
         return {}
+    except (ValueError, RecursionError):
+        uses = None
+    valid = {door: valid_use_entry(entry) for door, entry in
+             (uses.items() if isinstance(uses, dict) else ())
+             if door.endswith(ROTATOR_SUFFIX) and isinstance(entry, dict)}
+    if valid != uses:
+        log("warning: %s is damaged; what is left of it counts (the next burn rewrites it)"
+            % path)
+    return valid
+
+
+def valid_use_entry(entry):
+    """ENTRY of the uses file without its malformed counts and burn times."""
+    def whole(value, high):
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= high
+
+    valid = dict(entry)
+    if "counts" in entry:
+        counts = entry["counts"] if isinstance(entry["counts"], dict) else {}
+        # A burn adds one to a count, which must stay within single use's u32.
+        valid["counts"] = {start: count for start, count in counts.items()
+                           if parse_number(start) is not None and whole(count, MAX_USE - 1)}
+    if "burns" in entry:
+        burns = entry["burns"] if isinstance(entry["burns"], list) else []
+        valid["burns"] = [moment for moment in burns if whole(moment, INT64_MAX)]
+    return valid
 
 
 def with_burn(uses, door, now, settings_of, use=None):
@@ -2185,8 +2381,9 @@ def recorded_openings(entry):
 def parse_use(text):
     """burn's --use START:N, as (START, N)."""
     match = BURN_USE.fullmatch(text)
-    if not match:
-        raise RotatorError("--use %r is not START:N" % text,
+    # The counter moves to N + 1, which must stay a use (u32).
+    if not match or int(match.group(2)) >= MAX_USE - 1:
+        raise RotatorError("--use %r is not START:N (N below %d)" % (text[:40], MAX_USE - 1),
                            "let the rotation write the door's start_command", EXIT_USAGE)
     return int(match.group(1)), int(match.group(2))
 
@@ -2485,9 +2682,10 @@ def as_planned(state_dir, data, environ, uses, now):
         salt = bytes.fromhex(record["salt"])
         holds = (record["from"] <= now < record["until"]
                  and record["file"] == hashlib.sha256(data).hexdigest()
+                 and record["file"] == loaded_digest(state_dir)
                  and record["uses"] == uses_digest(uses)
                  and record["inputs"] == inputs_digest(environ, salt))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
     if not holds:
         return None
@@ -2495,8 +2693,8 @@ def as_planned(state_dir, data, environ, uses, now):
     return Plan(doors=list(record["starts"]), starts=record["starts"], event=record["until"])
 
 
-def heal_knockd(config_path, settings):
-    """A current file does not prove knockd runs: start it if it does not."""
+def heal_knockd(config_path, settings, data):
+    """A current file (DATA) does not prove knockd runs: start it if it does not."""
     if knockd_runs(settings):
         return
     why = "knockd is not running, although %s is current" % config_path
@@ -2506,6 +2704,51 @@ def heal_knockd(config_path, settings):
         raise RotatorError("%s, and starting it failed (%s)" % (why, detail),
                            "start knockd now: systemctl start {0}; "
                            "journalctl -u {0}".format(settings["UNIT"]), EXIT_RECOVERY)
+    remember_loaded(settings["STATE_DIR"], data)
+
+
+# A stopped knockd (SIGSTOP, a job-control stop, a debugger) is `active` and
+# passes the check command, yet hears no knock; its children that wait to run
+# a stop_command run it only once they go on.  SIGCONT to each of them loses
+# nothing: knockd keeps its doors, the stop_commands run (late).  A knockd that
+# stays stopped (a debugger holds it) is hung: ended and started again with
+# the file on disk, which costs the pending stop_commands, as after a reload.
+RESUME_PATIENCE = 1
+
+
+def resume_stopped_knockd(config_path, settings, data):
+    """Let the stopped knockd processes reading CONFIG_PATH (which holds
+    DATA) go on: a warning to log, or None."""
+    found = knockd_processes(config_path)
+    stopped = [pid for pid, (_, state, _) in found.items() if state in "Tt"]
+    if not stopped:
+        return None
+    for pid in stopped:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    main = [pid for pid in main_knockd(found) if pid in stopped]
+    deadline = time.monotonic() + RESUME_PATIENCE
+    while True:
+        again = knockd_processes(config_path)
+        held = [pid for pid in main if pid in again and again[pid][1] in "Tt"]
+        if not held or time.monotonic() > deadline:
+            break
+        time.sleep(CHECK_POLL)
+    if not held:
+        return ("knockd (%s) was stopped, hearing no knock: sent it SIGCONT"
+                % ", ".join("pid %d" % pid for pid in stopped))
+    why = "knockd (pid %d) stays stopped after a SIGCONT (a debugger holds it?)" % held[0]
+    killed, detail = run_command(settings["KILL_COMMAND"])
+    if killed:
+        killed, detail = start_knockd(config_path, settings)
+    if not killed:
+        raise RotatorError("%s, and ending it and starting it again failed (%s)" % (why, detail),
+                           "kill knockd and start it now: systemctl kill --signal=KILL "
+                           "{0}; systemctl start {0}".format(settings["UNIT"]), EXIT_RECOVERY)
+    remember_loaded(settings["STATE_DIR"], data)
+    return why + ": ended it and started it again with %s" % config_path
 
 
 def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None, burn=None,
@@ -2529,7 +2772,11 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
     with contextlib.nullcontext() if dry_run else take_lock(settings["STATE_DIR"]):
         if not dry_run:
             remove_stale_temporaries(config_path)
+            remove_stale_trials(settings["STATE_DIR"])
         old_data = read_config(config_path)
+        resumed = not dry_run and resume_stopped_knockd(config_path, settings, old_data)
+        if resumed:
+            log("warning: " + resumed)
         if change:
             change.prepare(config_path, old_data)
         environ = change.environ if change else with_env_file(environ, settings["ENV_FILE"])
@@ -2552,7 +2799,7 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
         recorded = (None if dry_run or verbose or change or burn else
                     as_planned(settings["STATE_DIR"], old_data, environ, uses, now))
         if recorded:
-            heal_knockd(config_path, settings)
+            heal_knockd(config_path, settings, old_data)
             return recorded
         plan = plan_rotation(config_path, old_data, now, settings_of,
                              change.edit if change else None, uses,
@@ -2584,14 +2831,18 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
             if new_data != old_data:
                 sys.stdout.writelines(unified_diff(plan.old_lines, plan.new_lines, config_path))
             return plan
-        if new_data == old_data and not struck:
+        loaded = loaded_digest(settings["STATE_DIR"]) == file_digest(new_data)
+        if new_data == old_data and not struck and loaded:
             if verbose:
                 log("%s is current" % config_path)
-            heal_knockd(config_path, settings)
+            heal_knockd(config_path, settings, new_data)
             remember_good(settings["STATE_DIR"], new_data)
             record_fingerprints(settings["STATE_DIR"], plan)
             record_planned(settings["STATE_DIR"], new_data, environ, uses, now, plan)
         else:
+            if new_data == old_data and not struck:
+                log("knockd was not seen to load the current %s (a reload failed, a run "
+                    "ended before it, or no record yet): reloading it" % config_path)
             try_on_knockd(config_path, plan.new_lines, settings)
             old_sequences = door_sequences(plan.user_lines)
             was_running = knockd_runs(settings)
@@ -3108,6 +3359,16 @@ def door_commands(firewall, program, port, seconds):
     return tuple(command.format(**fields) for command in FIREWALLS[firewall][1:])
 
 
+def one_line(what, text, fix, code):
+    """Refuse TEXT (named WHAT), bound for a line of knockd.conf: a line break
+    in it would start lines of its own there (a start_command of whoever set
+    it, which knockd runs at the next knock), and a character that is not
+    printable (a control character, a byte that is not UTF-8) has no place."""
+    if not text.isprintable():
+        raise RotatorError("%s holds a line break or another character that is not "
+                           "printable, and would go into knockd.conf" % what, fix, code)
+
+
 def check_name(kind, text):
     """TEXT, when it is a valid client or service name."""
     if (0 < len(text) <= NAME_MAX and text.isascii() and text[0].isalnum()
@@ -3128,6 +3389,8 @@ def firewall_commands(firewall, port, environ):
         raise RotatorError("%s is not installed (no %s in PATH)" % (firewall, program),
                            "install it: apt install %s; or choose another --firewall"
                            % FIREWALL_PACKAGES[program], EXIT_ENVIRONMENT)
+    one_line("the path of %s, %r," % (program, path), path,
+             "give PATH folders without one", EXIT_ENVIRONMENT)
     rules = "; ".join(firewall_rules(firewall, port, CLIENT_CMD_TIMEOUT))
     if firewall == "nftables":
         # A door whose set is missing, or has no timeouts, opens nothing.
@@ -3213,11 +3476,11 @@ class EnvChange:
         warning = readable_by_others(self.env_path)
         if warning:
             raise RotatorError("%s is readable by others, and would hold a client's secret"
-                               % self.env_path, "chmod 600 %s" % self.env_path,
+                               % self.env_path, private_fix(self.env_path),
                                EXIT_ENVIRONMENT)
         if self.adds and readable_by_others(config_path):
             raise RotatorError("%s is readable by others, and would hold the client's live "
-                               "sequences" % config_path, "chmod 600 %s" % config_path,
+                               "sequences" % config_path, private_fix(config_path),
                                EXIT_CONFIG)
         user_lines, _ = split_grace_block(parse_config(old_data))
         values = env_values(self.old_env)
@@ -3384,20 +3647,24 @@ def burn_command(config_path, door, environ):
     background, so that the port opens without waiting for the reload.
     knockd's child has no KNOCKD_ROTATOR_* variable: the ones this run has
     (its settings, and the environment file's path) go along, but never a
-    secret or a PIN, which the burn reads from the environment file.
+    secret, a SALT or a PIN, which the burn reads from the environment file.
     A shell gate in front records each opening and starts the burn for the
     first opening of a use only (see single use); the rotation writes the
     use (0:0 here) as it writes the sequence.  Without the state folder's
     BURNING folder every opening burns, as before the gate."""
     import shlex
-    folder = os.path.join(settings_for(config_path, server_settings(environ))["STATE_DIR"],
-                          BURNING)
-    assignments = ["%s=%s" % (name, shlex.quote(value))
-                   for name, value in sorted(without_secrets(environ).items())
-                   if name.startswith("KNOCKD_ROTATOR_")]
-    return " ".join([burn_gate(folder, door)] + assignments + [shlex.quote(SCRIPT), "--config",
-                                            shlex.quote(os.path.realpath(config_path)),
-                                            "burn", door, "--use", "0:0", "& "])
+    settings = sorted((name, value) for name, value in without_secrets(environ).items()
+                      if name.startswith("KNOCKD_ROTATOR_"))
+    for name, value in settings:
+        one_line(name, value, "unset it, or remove the character", EXIT_ENVIRONMENT)
+    path = os.path.realpath(config_path)
+    one_line("the path %r" % path, path, "give knockd.conf a path without one", EXIT_USAGE)
+    folder = os.path.join(settings_for(path, server_settings(environ))["STATE_DIR"], BURNING)
+    one_line("the state folder %r" % folder, folder,
+             "set KNOCKD_ROTATOR_STATE_DIR to a path without one", EXIT_ENVIRONMENT)
+    assignments = ["%s=%s" % (name, shlex.quote(value)) for name, value in settings]
+    return " ".join([burn_gate(folder, door)] + assignments + [
+        shlex.quote(SCRIPT), "--config", shlex.quote(path), "burn", door, "--use", "0:0", "& "])
 
 
 def add_client(config_path, environ, now, args):
@@ -3452,12 +3719,12 @@ def add_client(config_path, environ, now, args):
             if name.encode("utf-8", "surrogateescape") in data:
                 enrolled(split_grace_block(parse_config(data))[0])
         target, made = place_client(data_of, settings)
-        if args.single_use:
-            # An IPv6 knock burns the use as well.
-            burn = burn_command(target, door, environ)
-            commands = (burn + commands[0], commands[1], burn + commands[2], commands[3])
         change = EnvChange(env_path, environ, prepare, adds=True)
         try:
+            if args.single_use:
+                # An IPv6 knock burns the use as well.
+                burn = burn_command(target, door, environ)
+                commands = (burn + commands[0], commands[1], burn + commands[2], commands[3])
             plan = rotate(target, environ, now, change=change)
         except RotatorError:
             # A new knockd that never ran leaves nothing behind.
@@ -3621,11 +3888,12 @@ def check_file(config_path, environ, settings, whole_run):
                       "go deaf" % (number, path), "give every line as many ports")
                      for number in supply.longer]
     with_sequence = door_sequences(user_lines)
-    warnings += [(line.number, "rotator door [%s] has no sequence yet: knockd refuses to start "
-                  "until a rotation writes one" % line.section.decode("utf-8", "replace"),
+    unrotated = [(line.number, "rotator door [%s] has no sequence yet: knockd refuses to "
+                  "start until a rotation writes one" % line.section.decode("utf-8", "replace"),
                   "run knockd_rotator_server.py once")
                  for line in user_lines if line.kind == "section" and is_rotator(line.section)
                  and line.section.decode("utf-8", "surrogateescape") not in with_sequence]
+    warnings += unrotated
     environ = with_env_file(environ, settings["ENV_FILE"])
     settings_of = settings_reader(environ)
     first_lines = {}
@@ -3644,6 +3912,14 @@ def check_file(config_path, environ, settings, whole_run):
     if refusal:
         print("error: knockd refuses %s: %s (fix what knockd names)" % (config_path, refusal),
               file=sys.stderr)
+    running, detail = run_command(settings["CHECK_COMMAND"])
+    listening, deaf = knockd_listening(config_path) if running else (
+        False, "knockd is not running (check command failed (%s))" % detail)
+    # Before the first rotation knockd cannot run yet: that one starts it.
+    first_start = not running and bool(unrotated)
+    if listening is False and not first_start:
+        print("error: %s (run knockd_rotator_server.py, which starts or resumes it; "
+              "journalctl -u %s)" % (deaf, settings["UNIT"]), file=sys.stderr)
     for number, what, fix in sorted(warnings):
         print("warning: " + finding(config_path, number, what, fix), file=sys.stderr)
     others = ["warning: %s (%s)" % weak for weak in weak_doors(door_settings)]
@@ -3652,6 +3928,7 @@ def check_file(config_path, environ, settings, whole_run):
     others += ["warning: " + crowded for crowded in [crowded_knockd(lines)] if crowded]
     others += ["warning: %s was not tried on knockd (%s)" % (config_path, untried)
                for untried in [untried] if untried]
+    others += ["warning: %s: the first rotation starts it" % deaf] if first_start else []
     others += [warning for warning in (whole_run and readable_by_others(settings["ENV_FILE"]),
                                        readable_by_others(config_path, "the live sequences"))
                if warning]
@@ -3661,12 +3938,14 @@ def check_file(config_path, environ, settings, whole_run):
         print("warning: %s has no door whose name ends with %s (nothing to rotate)"
               % (config_path, ROTATOR_SUFFIX), file=sys.stderr)
     print("%s: %d errors, %d warnings, %d rotator doors" % (
-        config_path, len(errors) + bool(refusal), len(warnings) + len(others) + (not doors),
-        len(doors)))
+        config_path, len(errors) + bool(refusal) + (listening is False and not first_start),
+        len(warnings) + len(others) + (not doors), len(doors)))
     print("%s: %s compiles %d doors, %d during a grace window (add-client gives it %d at "
           "most; past %d with grace windows, each reload leaves it deaf for 0.5 s or more)"
           % ((config_path, settings["UNIT"]) + door_load(lines)
              + (settings["DOORS_PER_KNOCKD"], CROWDED_DOORS)))
+    if listening is False and not first_start:
+        return EXIT_RECOVERY
     return EXIT_CONFIG if errors or refusal else EXIT_OK
 
 
@@ -3705,12 +3984,27 @@ def record_fingerprints(state_dir, plan):
                json.dumps(record, sort_keys=True, indent=1).encode() + b"\n")
 
 
+def valid_fingerprint(known):
+    """Whether KNOWN is an entry of the fingerprints file as record_fingerprints writes it."""
+    def whole(value, low, high):
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    return (isinstance(known, dict) and whole(known.get("period"), 1, MAX_PERIOD)
+            and whole(known.get("grace"), 0, MAX_PERIOD) and whole(known.get("lead", 0), 0,
+                                                                  MAX_PERIOD)
+            and isinstance(known.get("mode"), str) and "start" in known
+            and (known["start"] is None or whole(known["start"], 0, AT_MAX))
+            and isinstance(known.get("fingerprint", 0), (str, type(None))))
+
+
 def recorded_status(old_data, settings, now):
     """door_status()'s doors and plan facts from the fingerprints, no secret needed."""
     import json
     try:
         with open(os.path.join(settings["STATE_DIR"], FINGERPRINTS), "rb") as handle:
             record = json.loads(handle.read())
+    except RecursionError:
+        record = {}
     except (OSError, ValueError) as exc:
         raise RotatorError("no secret to compute the sequences with, and no fingerprints "
                            "recorded by a rotation (%s)" % getattr(exc, "strerror", exc),
@@ -3719,8 +4013,9 @@ def recorded_status(old_data, settings, now):
     held = door_sequences(user_lines)
     doors = []
     for door in rotator_doors(user_lines):
-        known = record.get(door, {"period": 1, "grace": 0, "mode": "?", "start": None,
-                                  "fingerprint": None})
+        known = record.get(door) if isinstance(record, dict) else None
+        if not valid_fingerprint(known):      # damaged, or no rotation recorded it
+            known = {"period": 1, "grace": 0, "mode": "?", "start": None, "fingerprint": None}
         period, grace, lead = known["period"], known["grace"], known.get("lead", 0)
         start = period_start(now + lead, period)
         matches = fingerprint(door, known["start"] or 0, held.get(door) or b"") == \
@@ -3806,6 +4101,9 @@ def knockd_status(config_path, environ, settings, now):
         "knockd_active": knockd_runs(settings), "last_rotation": last, "doors": doors,
     }
     report["knockd_listening"], report["knockd_listening_why"] = knockd_listening(config_path)
+    loaded = loaded_digest(settings["STATE_DIR"])
+    report["knockd_loaded"] = None if loaded is None else loaded == file_digest(old_data)
+    report["file_written"] = int(os.stat(config_path).st_mtime)
     lines = parse_config(old_data)
     report["knockd"] = settings["UNIT"]
     report["door_count"], report["doors_in_grace"] = door_load(lines)
@@ -3833,6 +4131,18 @@ def knockd_state(report, prefix=""):
         critical.append("knockd is not active")
     elif report.get("knockd_listening") is False:
         critical.append(report["knockd_listening_why"])
+    # A file ahead of knockd hides behind a current file (one that is not
+    # current is reported as such, and the next run rewrites and reloads it).
+    hidden = report.get("file_current") is not False and all(door["current"]
+                                                             for door in report["doors"])
+    if report["knockd_active"] and report.get("knockd_loaded") is False and hidden:
+        # A rotation writes the file, then reloads: not yet is not never.
+        if report["now"] - report["file_written"] < STATUS_SLACK:
+            warning.append("knockd has not re-read %s yet" % report["config"])
+        else:
+            critical.append("knockd runs with an older file than %s (a reload failed or "
+                            "was cut short: the next run reloads it, or run "
+                            "knockd_rotator_server.py)" % report["config"])
     for door in report["doors"]:
         if door["current"]:
             continue
@@ -3958,6 +4268,15 @@ COMMANDS = ("check", "status", "add-client", "remove-client", "list-clients", "b
 VALUE_OPTIONS = ("--config", "--at")
 
 
+# --at's latest moment: beyond any real boundary, and far enough below
+# datetime's year 9999 that utc() of a moment a period later stays within it.
+AT_MAX = 2 ** 37
+
+
+def boundary_moment(text):
+    return bounded_number(text, 0, AT_MAX, "a UNIX time")
+
+
 def build_parser():
     parser = Parser(prog=os.path.basename(sys.argv[0]), allow_abbrev=False,
                     description="Rotate the sequences of the [*_ROTATOR] doors of knockd.conf "
@@ -3976,7 +4295,7 @@ def build_parser():
                       help="also leave a boundary run for an event before the timer's next "
                            "run (knockd_rotator.service's own runs; by hand, rotate without it)")
     # A boundary run: sleep until this UNIX time, then rotate (see above).
-    mode.add_argument("--at", type=int, help=argparse.SUPPRESS)
+    mode.add_argument("--at", type=boundary_moment, help=argparse.SUPPRESS)
     parser.add_argument("--verbose", action="store_true", help="say more")
     commands = parser.add_subparsers(dest="command", metavar="[COMMAND]")
 

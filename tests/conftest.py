@@ -39,9 +39,53 @@ def need(condition, reason):
     pytest.skip(reason)
 
 
+# The fast tier (`tests/run --fast`) leaves out the tests that run knockd,
+# make network namespaces or boot a container; CI runs every test.  A test
+# that needs one of these programs without being marked fails in the fast
+# tier, so that the tier cannot quietly grow slow or skip.
+SLOW_PROGRAMS = {"knockd": "knockd", "systemd-nspawn": "container", "mmdebstrap": "container"}
+SLOW_FIXTURES = {"netns": "knockd", "knockd_program": "knockd", "knockd_verdicts": "knockd",
+                 "rootfs": "container"}
+FAST_TIER = [False]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fast", action="store_true",
+                     help="only the tests that need no knockd, namespace or container")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "knockd: runs real knockd or makes a network namespace")
+    config.addinivalue_line("markers", "container: boots the units under systemd in a container")
+    FAST_TIER[0] = config.getoption("--fast")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, marker in SLOW_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)
+    if not FAST_TIER[0]:
+        return
+    slow = [item for item in items
+            if item.get_closest_marker("knockd") or item.get_closest_marker("container")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if item not in slow]
+
+
+def in_fast_tier(full, fast):
+    """FULL, or FAST in the fast tier: fewer rounds of a long randomised test,
+    which CI runs in full."""
+    return fast if FAST_TIER[0] else full
+
+
 def need_root_and(*programs):
     need(os.geteuid() == 0, "needs root (network namespaces, iptables)")
     for program in programs:
+        if FAST_TIER[0] and program in SLOW_PROGRAMS:
+            pytest.fail("this test needs %s: mark it @pytest.mark.%s so that the fast "
+                        "tier leaves it out" % (program, SLOW_PROGRAMS[program]))
         need(shutil.which(program), "needs %s (run tests/run to install it)" % program)
 
 

@@ -383,7 +383,8 @@ def test_add_client_in_totp_mode_prints_the_otpauth_uri(enrol):
                                   "env readable", "short pin", "totp without a pin",
                                   "reload fails",
                                   "remove, reload fails", "variable taken",
-                                  "remove unknown", "config readable"])
+                                  "remove unknown", "config readable", "line break in a setting",
+                                  "line break in PATH"])
 def test_errors_change_nothing(enrol, tmp_path, case):
     if case.startswith("twice") or case == "remove, reload fails":
         assert enrol.run("add-client", "alice", "--firewall", "iptables").returncode == 0
@@ -419,9 +420,20 @@ def test_errors_change_nothing(enrol, tmp_path, case):
         env["PATH"] = str(tmp_path)
     if "reload fails" in case:
         env.update(KNOCKD_ROTATOR_RELOAD_COMMAND="false")
+    # Each would add a start_command of its own to the new door, which knockd
+    # runs (as root) at the client's knock, instead of the burn.
+    injected = "\n    start_command = touch %s" % (tmp_path / "injected")
+    if case == "line break in a setting":
+        env["KNOCKD_ROTATOR_CHECK_COMMAND"] = "true" + injected
+    if case == "line break in PATH":
+        folder = tmp_path / ("bin" + injected.replace("/", "_"))
+        folder.mkdir()
+        os.symlink(shutil.which("iptables") or "/bin/true", folder / "iptables")
+        env["PATH"] = "%s:%s" % (folder, env["PATH"])
     result = enrol.run(*args, env=env, input=b"12\n")
     expected = {"reload fails": 1, "remove, reload fails": 1, "missing firewall": 3,
-                "no nft set": 3, "env readable": 3, "config readable": 4}.get(case, 2)
+                "no nft set": 3, "env readable": 3, "config readable": 4,
+                "line break in a setting": 3, "line break in PATH": 3}.get(case, 2)
     assert result.returncode == expected, (result.returncode, result.stderr)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].endswith(")"), result.stderr
@@ -441,9 +453,33 @@ def test_errors_change_nothing(enrol, tmp_path, case):
              "variable taken": "sets KNOCKD_ROTATOR_PIN_ERIN_SSH already",
              "remove unknown": "no client zoe in",
              "config readable": "is readable by others, and would hold the client's live "
-                                "sequences"}[case]
+                                "sequences",
+             "line break in a setting": "KNOCKD_ROTATOR_CHECK_COMMAND holds a line break",
+             "line break in PATH": "holds a line break or another character that is not "
+                                   "printable, and would go into knockd.conf"}[case]
     assert words in errors[0], errors[0]
     assert enrol.files() == before
+
+
+def test_an_acl_on_knockd_conf_is_named_and_so_is_its_fix(enrol):
+    """The README's monitoring advice was `setfacl -m u:nagios:r` on
+    knockd.conf: every rotation then warned, and add-client refused, both
+    saying `chmod 600`, which only masks the entry.  The live sequences open
+    the doors: the advice is now a sudo rule for `status`, and the check
+    names the ACL's own fix, which it then accepts."""
+    need(shutil.which("setfacl"), "needs setfacl (run tests/run to install acl)")
+    subprocess.run(["setfacl", "-m", "u:nobody:r", str(enrol.config)], check=True)
+    fix = "setfacl -b %s; chmod 600 %s" % (enrol.config, enrol.config)
+    before = enrol.files()
+    refused = enrol.run("add-client", "erin", "--firewall", "iptables")
+    assert refused.returncode == server.EXIT_CONFIG, refused.stderr
+    assert "(%s)" % fix in refused.stderr and enrol.files() == before
+    rotated = enrol.run()
+    assert rotated.returncode == 0, rotated.stderr
+    assert "others can read the live sequences (%s)" % fix in rotated.stderr, rotated.stderr
+    subprocess.run(fix, shell=True, check=True)
+    added = enrol.run("add-client", "erin", "--firewall", "iptables")
+    assert added.returncode == 0 and "others can read" not in added.stderr, added.stderr
 
 
 # ---------------------------------------------------------------- with knockd

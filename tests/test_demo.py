@@ -4,6 +4,8 @@ import os
 import re
 import subprocess
 
+import pytest
+
 from conftest import ROOT, need_root_and
 
 
@@ -11,6 +13,7 @@ def namespaces():
     return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 
 
+@pytest.mark.knockd
 def test_demo_runs_end_to_end(tmp_path):
     """As a fresh root shell runs it: umask 022, and a home the demo must
     leave alone (the client's counters stay in the demo's own folder)."""

@@ -15,7 +15,7 @@ For each text, a rotation at a moment out of the grace and one inside it:
 import pytest
 
 import knockd_rotator_server as server
-from conftest import need
+from conftest import in_fast_tier, need
 
 try:
     from hypothesis import HealthCheck, given, settings
@@ -23,7 +23,7 @@ try:
 except ImportError:          # tests/run installs python3-hypothesis
     given = None
 
-EXAMPLES = 10000
+EXAMPLES = in_fast_tier(10000, 1000)
 PERIOD, GRACE = 3600, 30
 AFTER_GRACE = 1767225600 + 100     # a period start + 100 s
 IN_GRACE = AFTER_GRACE + PERIOD - 100 + 10

@@ -119,8 +119,8 @@ def settings_tuple(environ, door="ssh_ROTATOR"):
 
 
 def test_settings_defaults_and_ranges():
-    env = {"KNOCKD_ROTATOR_SECRET": "0123456789abcdef0123456789abcdef"}
-    assert settings_tuple(env) == (b"0123456789abcdef0123456789abcdef", 10, 0, 21600)
+    env = {"KNOCKD_ROTATOR_SECRET": "0123456789abcdeffedcba9876543210"}
+    assert settings_tuple(env) == (b"0123456789abcdeffedcba9876543210", 10, 0, 21600)
     for name, good, bad in [("LENGTH", ["10", "32"],
                              ["0", "9", "33", "", "x", "1.5", "-1", "9" * 40]),
                             ("PORT_MODULO", ["0", "65535"], ["-1", "65536", " 3", "0x10"]),

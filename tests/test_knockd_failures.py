@@ -400,3 +400,249 @@ def test_status_is_critical_when_knockd_runs_but_hears_nothing(netns, tmp_path, 
     finally:
         stand_in.kill()
         stand_in.wait()
+
+
+def stale_status(knockd, env):
+    """status (exit code, reasons) as a monitoring check sees it STATUS_SLACK
+    seconds after the file was written: past the time a rotation takes to reload."""
+    import json
+    need_root_and("faketime")
+    result = run_server("status", "--config", knockd.config, "--json", env=env,
+                        prefix=["faketime", "-f", "+11s"])
+    return result.returncode, json.loads(result.stdout)["reasons"]
+
+
+def test_a_reload_that_failed_with_knockd_alive_is_done_by_the_next_run(netns, tmp_path,
+                                                                       server_env,
+                                                                       daemon_knockd):
+    """The reload fails once while knockd lives on with the old sequences:
+    the file put back holds the current ones, so the file looks current.
+    status is CRITICAL until a run reloads knockd, which the next run does."""
+    knockd = daemon_knockd(["ssh_ROTATOR"])
+    settings = knockd.settings()
+    env = server_env(GRACE=0, LEAD=0, **settings)
+    assert run_server("--config", knockd.config, env=env).returncode == 0
+    wait_until(knockd.pid, 10, "knockd to start")
+    failed_once = tmp_path / "failed-once"
+    rotated = server_env(GRACE=0, LEAD=0, PERIOD_MODULO=31622399, **dict(
+        settings, RELOAD_COMMAND="if [ -e {0} ]; then {1}; else touch {0}; exit 1; fi".format(
+            failed_once, settings["RELOAD_COMMAND"])))
+    rereads = knockd.log_text().count("re-reading config file")
+    failed = run_server("--config", knockd.config, env=rotated)
+    assert failed.returncode == 1 and "knockd did not take the new" in failed.stderr, \
+        failed.stderr
+    assert run_server("--config", knockd.config, "--dry-run", env=rotated).stdout == "", \
+        "the file put back holds the current sequences"
+    code, reasons = stale_status(knockd, rotated)
+    assert code == 2 and reasons == [
+        "knockd runs with an older file than %s (a reload failed or was cut short: the next "
+        "run reloads it, or run knockd_rotator_server.py)" % knockd.config], reasons
+
+    again = run_server("--config", knockd.config, env=rotated)
+    assert again.returncode == 0, again.stderr
+    assert "knockd was not seen to load the current" in again.stderr
+    wait_until(lambda: knockd.log_text().count("re-reading config file") > rereads, 10,
+               "knockd to re-read its file")
+    assert run_client("knock", "127.0.0.1", "ssh", netns=netns.name,
+                      env=rotator_env(PERIOD_MODULO=31622399)).returncode == 0
+    wait_until(lambda: "ssh_ROTATOR: OPEN SESAME" in knockd.log_text(), 10,
+               "the current sequence to open")
+    assert stale_status(knockd, rotated)[0] == 0
+    rereads = knockd.log_text().count("re-reading config file")
+    assert run_server("--config", knockd.config, env=rotated).returncode == 0
+    assert knockd.log_text().count("re-reading config file") == rereads, \
+        "a file knockd has loaded is not loaded again"
+
+
+def test_a_run_killed_between_the_write_and_the_reload_is_finished_by_the_next(
+        netns, tmp_path, server_env, daemon_knockd):
+    """SIGKILL of the server when it would reload: the file is current and
+    knockd holds the old one.  status is CRITICAL until the next run reloads."""
+    knockd = daemon_knockd(["ssh_ROTATOR"])
+    settings = knockd.settings()
+    env = server_env(**settings)
+    assert run_server("--config", knockd.config, env=env).returncode == 0
+    wait_until(knockd.pid, 10, "knockd to start")
+    rereads = knockd.log_text().count("re-reading config file")
+    killed = run_server("--config", knockd.config, env=server_env(
+        PERIOD_MODULO=31622399, **dict(settings, RELOAD_COMMAND="kill -KILL $PPID")))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    rotated = server_env(PERIOD_MODULO=31622399, **settings)
+    assert run_server("--config", knockd.config, "--dry-run", env=rotated).stdout == ""
+    code, reasons = stale_status(knockd, rotated)
+    assert code == 2 and reasons[0].startswith("knockd runs with an older file than"), reasons
+    assert knockd.log_text().count("re-reading config file") == rereads
+
+    again = run_server("--config", knockd.config, env=rotated)
+    assert again.returncode == 0, again.stderr
+    wait_until(lambda: knockd.log_text().count("re-reading config file") > rereads, 10,
+               "knockd to re-read its file")
+    assert stale_status(knockd, rotated)[0] == 0
+
+
+def process_state(pid):
+    with open("/proc/%d/stat" % pid) as handle:
+        return handle.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_run_between_events_resumes_a_stopped_knockd(netns, tmp_path, server_env,
+                                                      daemon_knockd):
+    """A stopped knockd passes its check command and hears no knock.  A run
+    that finds the file current sends it SIGCONT: the same knockd, with its
+    doors and pending stop_commands, hears knocks again."""
+    knockd = daemon_knockd(["ssh_ROTATOR"])
+    env = server_env(GRACE=0, **knockd.settings())
+    assert run_server("--config", knockd.config, env=env).returncode == 0
+    pid = wait_until(knockd.pid, 10, "knockd to start")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: process_state(pid) == "T", 5, "knockd to stop")
+        result = run_server("--config", knockd.config, env=env)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert result.returncode == 0, result.stderr
+    assert "knockd (pid %d) was stopped, hearing no knock: sent it SIGCONT" % pid \
+        in result.stderr
+    assert knockd.pid() == pid
+    assert run_client("knock", "127.0.0.1", "ssh", netns=netns.name,
+                      env=rotator_env(PERIOD_MODULO=31622400)).returncode == 0
+    wait_until(lambda: "ssh_ROTATOR: OPEN SESAME" in knockd.log_text(), 10,
+               "the door to open")
+
+
+# A debugger's hold: attach to knockd (argv 1) and never let it go on, until
+# it dies; argv 2 is made once knockd is held.
+HOLD = r"""
+import ctypes, os, sys
+PTRACE_ATTACH, WALL = 16, 0x40000000
+pid = int(sys.argv[1])
+if ctypes.CDLL(None, use_errno=True).ptrace(PTRACE_ATTACH, pid, None, None) != 0:
+    sys.exit("ptrace: errno %d" % ctypes.get_errno())
+os.waitpid(pid, WALL)
+open(sys.argv[2], "w").close()
+while True:
+    _, status = os.waitpid(pid, WALL)
+    if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+        break
+"""
+
+
+def test_a_knockd_that_stays_stopped_is_started_again(netns, tmp_path, server_env,
+                                                      daemon_knockd):
+    """A knockd held by a debugger stays stopped after SIGCONT: the run ends
+    it and starts it again, as a knockd that hangs at a reload."""
+    knockd = daemon_knockd(["ssh_ROTATOR"])
+    settings = dict(knockd.settings(), KILL_COMMAND="kill -KILL $(cat %s)" % knockd.pidfile)
+    env = server_env(GRACE=0, **settings)
+    assert run_server("--config", knockd.config, env=env).returncode == 0
+    pid = wait_until(knockd.pid, 10, "knockd to start")
+    held = tmp_path / "held"
+    debugger = subprocess.Popen([sys.executable, "-c", HOLD, str(pid), str(held)])
+    try:
+        wait_until(lambda: held.exists() or debugger.poll() is not None, 5, "the hold")
+        assert debugger.poll() is None, "ptrace refused (kernel.yama.ptrace_scope?)"
+        assert process_state(pid) == "t"
+        result = run_server("--config", knockd.config, env=env)
+        assert result.returncode == 0, result.stderr
+        assert "knockd (pid %d) stays stopped after a SIGCONT (a debugger holds it?): ended " \
+            "it and started it again" % pid in result.stderr
+        debugger.wait(10)
+    finally:
+        debugger.kill()
+        debugger.wait()
+    again = wait_until(knockd.pid, 10, "knockd to run again")
+    assert again != pid and process_state(again) in "SR"
+    assert run_client("knock", "127.0.0.1", "ssh", netns=netns.name,
+                      env=rotator_env(PERIOD_MODULO=31622400)).returncode == 0
+    wait_until(lambda: "ssh_ROTATOR: OPEN SESAME" in knockd.log_text(), 10,
+               "the door to open")
+
+
+def test_check_reports_a_knockd_that_is_down_or_stopped(netns, tmp_path, server_env,
+                                                       daemon_knockd):
+    """check exits 7 (knockd is down: act now) when knockd does not run or is
+    stopped; with a door that has no sequence yet (knockd would refuse to
+    start), it only warns: the first rotation starts knockd."""
+    knockd = daemon_knockd(["ssh_ROTATOR"])
+    env = server_env(GRACE=0, **knockd.settings())
+    assert run_server("--config", knockd.config, env=env).returncode == 0
+    pid = wait_until(knockd.pid, 10, "knockd to start")
+    assert run_server("check", "--config", knockd.config, env=env).returncode == 0
+
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: process_state(pid) == "T", 5, "knockd to stop")
+        stopped = run_server("check", "--config", knockd.config, env=env)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert stopped.returncode == 7, stopped.stderr
+    assert "error: knockd (pid %d) is stopped (run knockd_rotator_server.py, which starts " \
+        "or resumes it" % pid in stopped.stderr
+    assert "1 errors" in stopped.stdout
+
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: knockd.pid() is None, 5, "knockd to end")
+    down = run_server("check", "--config", knockd.config, env=env)
+    assert down.returncode == 7, down.stderr
+    assert "error: knockd is not running (check command failed (exit 1" in down.stderr
+    with open(knockd.config, "a") as handle:
+        handle.write(DOOR.format(name="web_ROTATOR", start="true", stop="true"))
+    first = run_server("check", "--config", knockd.config, env=env)
+    assert first.returncode == 0, first.stderr
+    assert re.search(r"warning: knockd is not running \(check command failed \(exit 1.*\)\): "
+                     r"the first rotation starts it", first.stderr), first.stderr
+
+
+def test_the_monitoring_account_sees_a_stopped_knockd_and_a_stale_one(netns, server_env):
+    """status as a user without the secret, given read access to the file,
+    the fingerprints and the loaded record (README, Check and monitor):
+    CRITICAL for a stopped knockd, and for one that runs an older file."""
+    import json
+    import shutil
+    import tempfile
+    need_root_and("knockd", "setpriv", "faketime")
+    # pytest's tmp_path lies under a folder only root may enter.
+    folder = tempfile.mkdtemp(prefix="krtest-monitor-")
+    try:
+        os.chmod(folder, 0o755)
+        from pathlib import Path
+        knockd = DaemonKnockd(netns, Path(folder), ["ssh_ROTATOR"])
+        state = Path(folder) / "state"
+        env = server_env(GRACE=0, STATE_DIR=state, **knockd.settings())
+        assert run_server("--config", knockd.config, env=env).returncode == 0
+        pid = wait_until(knockd.pid, 10, "knockd to start")
+        knockd.config.chmod(0o644)
+        state.chmod(0o711)
+        (state / "fingerprints").chmod(0o644)
+        monitoring = server_env(GRACE=0, SECRET=None, STATE_DIR=state,
+                                CHECK_COMMAND=alive_command(pid))
+
+        def status(*clock):
+            result = run_server("status", "--config", knockd.config, "--json",
+                                env=monitoring, cwd="/", prefix=[
+                                    "setpriv", "--reuid=nobody", "--regid=nogroup",
+                                    "--clear-groups"] + list(clock))
+            report = json.loads(result.stdout)
+            return result.returncode, report["reasons"], report["report"]
+        code, reasons, report = status()
+        assert (code, reasons) == (0, []), reasons
+        assert report["checked_with"] == "fingerprints"
+
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: process_state(pid) == "T", 5, "knockd to stop")
+            code, reasons, _ = status()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert (code, reasons) == (2, ["knockd (pid %d) is stopped" % pid]), reasons
+
+        (state / "loaded").chmod(0o644)
+        code, reasons, report = status()
+        assert (code, reasons) == (0, []), reasons
+        assert report["knockd_loaded"] is True
+        assert report["knockd_listening"] is None, "its descriptors are root's to see"
+        (state / "loaded").write_text("%s\n" % ("0" * 64))   # knockd holds another file
+        code, reasons, _ = status("faketime", "-f", "+11s")
+        assert code == 2 and reasons[0].startswith("knockd runs with an older file"), reasons
+    finally:
+        shutil.rmtree(folder)

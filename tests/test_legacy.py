@@ -55,6 +55,26 @@ def test_server_writes_legacy_sequences(tmp_path, server_env):
         "legacy-secret-1", "ssh_ROTATOR", start, 10))
 
 
+def test_a_salt_is_a_secret_for_add_client_and_its_commands(tmp_path, server_env):
+    """SALT, a legacy door's secret, stays out of knockd.conf (a burn command
+    passes on the run's settings, and knockd logs the commands it runs) and
+    out of the environment of the commands the server runs."""
+    config, env_file, dump = tmp_path / "knockd.conf", tmp_path / "rotator.env", tmp_path / "env"
+    config.write_bytes(b"[ssh_ROTATOR]\n\tsequence = 1\n\tstop_command = true\n")
+    env_file.write_text("KNOCKD_ROTATOR_ALGORITHM_SSH=legacy-v1\n"
+                        "KNOCKD_ROTATOR_SALT_SSH=legacy-salt-of-ssh\n")
+    env = server_env(SECRET=None, ENV_FILE=env_file, SALT="legacy-salt-general",
+                     SALT_SSH="legacy-salt-of-ssh", RELOAD_COMMAND="env > %s" % dump)
+    added = run_server("--config", config, "add-client", "alice", "--firewall", "iptables",
+                       env=env)
+    assert added.returncode == 0, added.stderr
+    assert "burn alice_ssh_ROTATOR" in config.read_text(), "a single-use door"
+    for leaked in ("legacy-salt-general", "legacy-salt-of-ssh"):
+        assert leaked not in config.read_text()
+        assert leaked not in dump.read_text()
+        assert leaked not in added.stdout + added.stderr
+
+
 def test_unknown_algorithm_is_an_error(capsys):
     env = {"KNOCKD_ROTATOR_SECRET": "0123456789", "KNOCKD_ROTATOR_ALGORITHM": "legacy-v2"}
     with pytest.raises(client.RotatorError) as caught:

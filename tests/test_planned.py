@@ -100,6 +100,23 @@ def test_whatever_would_change_the_file_makes_the_run_plan_again(setup, tmp_path
     changes_planned(HOUR + 300, "the single-use counters changed")
 
 
+def test_a_current_file_that_knockd_has_not_loaded_is_not_as_planned(setup):
+    """The record of what knockd loaded differs (a reload failed, or a run
+    died before it): the run plans, reloads, and records the file as loaded."""
+    config, env, derived, run = setup
+    run(HOUR + 100)
+    written = config.read_bytes()
+    loaded = os.path.join(env["KNOCKD_ROTATOR_STATE_DIR"], "loaded")
+    with open(loaded, "w") as handle:
+        handle.write("%s\n" % hashlib.sha256(b"the file before").hexdigest())
+    run(HOUR + 200)
+    assert len(derived) > 1, "planned again"
+    assert config.read_bytes() == written
+    assert open(loaded).read() == "%s\n" % hashlib.sha256(written).hexdigest()
+    run(HOUR + 300)
+    assert len(derived) == 1, "then as planned again"
+
+
 def test_a_door_with_one_time_sequences_always_plans(setup, tmp_path):
     """knockd uses their lines up: a rotation tends their keeper every time."""
     config, env, derived, run = setup

@@ -246,3 +246,36 @@ def test_a_state_folder_others_could_prepare_is_refused(tmp_path, server_env, ca
     assert result.returncode == 3, result.stderr
     assert result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1
     assert not target.exists() and config.read_bytes() == DOOR
+
+
+def test_a_pid_taken_over_by_another_process_is_not_the_pending_run(tmp_path, server_env):
+    """A local user cycled pids until a process of his had the pending run's
+    pid, with a command line naming the script and `--at`: once that run had
+    died, every scheduling run took his process for it and scheduled none.
+    The record holds the run's start time too, which no pid cycle gives."""
+    need(os.geteuid() == 0, "needs root to start a process as another user")
+    config = tmp_path / "knockd.conf"
+    config.write_bytes(DOOR)
+    env = server_env(PERIOD_MODULO=120, GRACE=0, SERVER_INTERVAL=60)
+    assert run_server("--schedule", "--config", config, env=env).returncode == 0
+    [run] = boundary_runs(tmp_path)
+    arguments = open("/proc/%d/cmdline" % run, "rb").read().split(b"\0")
+    boundary = arguments[arguments.index(b"--at") + 1].decode()
+    os.kill(run, signal.SIGKILL)
+    wait_until(lambda: run not in boundary_runs(tmp_path), 5, "the boundary run to end")
+    impostor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                 str(SERVER), "--config", str(config), "--at", boundary],
+                                user=65534, group=65534, cwd="/")
+    try:
+        # What the pid cycle leaves: the record, naming the impostor's pid.
+        pending = tmp_path / "state" / "pending"
+        fields = pending.read_text().split()
+        pending.write_text(" ".join([str(impostor.pid)] + fields[1:]) + "\n")
+        again = run_server("--schedule", "--config", config, env=env)
+        assert again.returncode == 0, again.stderr
+        assert "next run at" in again.stderr, again.stderr
+        assert len(set(boundary_runs(tmp_path)) - {impostor.pid}) == 1
+        assert impostor.poll() is None, "a process that is not the run is left alone"
+    finally:
+        impostor.kill()
+        impostor.wait()

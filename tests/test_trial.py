@@ -4,11 +4,15 @@ re-reads it (issue 12): knockd 0.8 exits on a reload of a file it refuses.
 The trial knockd is Debian's, in a network namespace of its own."""
 
 import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import knockd_rotator_server as server
-from conftest import SECRET, need_root_and, run_server
+from conftest import SECRET, SERVER, alive_command, need_root_and, run_server, wait_until
 
 OPEN = "\tstart_command = true\n\tcmd_timeout = 5\n\tstop_command = true\n"
 
@@ -20,9 +24,9 @@ def doors(count, ports):
         for n in range(count))
 
 
-def settings(**overrides):
+def settings(tmp_path, **overrides):
     return dict(server.server_settings({"KNOCKD_ROTATOR_ENV_FILE": "/nonexistent"}),
-                **overrides)
+                STATE_DIR=str(tmp_path / "state"), **overrides)
 
 
 @pytest.fixture
@@ -35,7 +39,7 @@ def test_a_file_knockd_takes_passes_and_leaves_nothing(tmp_path, knockd_program)
     log = tmp_path / "knockd.log"
     lines = server.parse_config(("[options]\n\tlogfile = %s\n\tinterface = eth9\n\tUseSyslog\n"
                                  % log + doors(3, 3)).encode())
-    assert server.knockd_trial(lines, settings()) == (None, None)
+    assert server.knockd_trial(lines, settings(tmp_path)) == (None, None)
     assert not log.exists(), "the trial writes its own log, not the file's"
 
 
@@ -43,7 +47,7 @@ def test_a_file_knockd_refuses_is_refused_with_its_words(tmp_path, knockd_progra
     missing = tmp_path / "missing"
     lines = server.parse_config(("[otp]\n\tone_time_sequences = %s\n%s" % (missing, OPEN))
                                 .encode())
-    refusal, untried = server.knockd_trial(lines, settings())
+    refusal, untried = server.knockd_trial(lines, settings(tmp_path))
     assert untried is None
     assert refusal == "%s: No such file or directory" % missing, refusal
 
@@ -56,7 +60,7 @@ def test_one_time_sequences_are_tried_on_copies_as_a_rotation_leaves_them(tmp_pa
     sequences.write_bytes(b"#7000,8000,9000\n")
     lines = server.parse_config(("[otp]\n\tone_time_sequences = %s\n%s" % (sequences, OPEN))
                                 .encode())
-    assert server.knockd_trial(lines, settings()) == (None, None)
+    assert server.knockd_trial(lines, settings(tmp_path)) == (None, None)
     assert sequences.read_bytes() == b"#7000,8000,9000\n"
 
 
@@ -67,7 +71,7 @@ def test_a_knockd_too_slow_to_listen_is_refused(tmp_path, knockd_program, monkey
     trial from listening within TRIAL_SECONDS is refused."""
     lines = server.parse_config(doors(200, 10).encode())
     monkeypatch.setattr(server, "TRIAL_SECONDS", 0.2)
-    refusal, untried = server.knockd_trial(lines, settings())
+    refusal, untried = server.knockd_trial(lines, settings(tmp_path))
     assert untried is None and refusal.startswith("it did not listen within 0.2 s"), refusal
 
 
@@ -103,6 +107,7 @@ def test_a_rotation_tries_only_a_new_shape_and_refuses_before_writing(
     assert config.read_bytes() == before and not reloaded.exists()
 
 
+@pytest.mark.knockd
 def test_without_the_capability_the_file_is_not_tried_and_it_says_so(tmp_path, server_env):
     need_root_and("knockd", "setpriv")
     config = tmp_path / "knockd.conf"
@@ -124,3 +129,51 @@ def test_check_says_what_knockd_says(tmp_path, server_env, knockd_program, monke
     said = capsys.readouterr().err.splitlines()
     assert [line for line in said if line.startswith(
         "error: knockd refuses %s: it did not listen within 0.2 s" % config)], said
+
+
+def test_the_next_run_removes_what_a_run_killed_during_a_trial_left(tmp_path, server_env,
+                                                                    knockd_program):
+    """A run SIGKILLed during a trial left its 0700 folder behind (in /tmp),
+    with the new sequences in its copy of knockd.conf, and the trial knockd
+    running on it.  The folder is in the state folder, named for its run: the
+    next run ends that knockd and removes the folder once the run is gone,
+    and leaves alone the folders of runs that are not."""
+    config = tmp_path / "knockd.conf"
+    # A knockd compiles this (200 doors of 10 consecutive ports) for over 30 s.
+    marker = "killed_%s" % tmp_path.name
+    config.write_text("[ssh_ROTATOR]\n%s[%s]\n\tsequence = 1999\n%s%s"
+                      % (OPEN, marker, OPEN, doors(200, 10)))
+    run = subprocess.Popen([sys.executable, str(SERVER), "--config", str(config)],
+                           env=server_env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+
+    def trial_knockd():
+        for pid in subprocess.run(["pgrep", "-x", "knockd"], capture_output=True,
+                                  text=True).stdout.split():
+            try:
+                argv = open("/proc/%s/cmdline" % pid, "rb").read().decode().split("\0")
+                path = Path(argv[argv.index("-c") + 1])
+                if marker in path.read_text():
+                    return int(pid), path.parent
+            except (OSError, ValueError):
+                pass
+    def runs(pid):
+        return subprocess.run(alive_command(pid), shell=True).returncode == 0
+    try:
+        knockd, folder = wait_until(trial_knockd, 20, "the trial knockd")
+    finally:
+        run.kill()
+        run.wait()
+    assert b"sequence = " in (folder / "knockd.conf").read_bytes(), "the new sequences"
+    alive = tmp_path / "state" / ("%s%d-%d-x" % (server.TRIAL_PREFIX, os.getpid(),
+                                                 server.process_start(os.getpid())))
+    try:
+        alive.mkdir()
+        result = run_server("--config", config, env=server_env(TRIAL_KNOCKD=""))
+        assert result.returncode == 0, result.stderr
+        assert not folder.exists()
+        wait_until(lambda: not runs(knockd), 5, "the trial knockd to end")
+        assert alive.is_dir(), "the folder of a run that is still there"
+    finally:
+        if runs(knockd):
+            os.kill(knockd, signal.SIGKILL)
