@@ -1256,9 +1256,56 @@ def split_grace_block(lines):
     return numbered_lines(numbered), block
 
 
-def grace_block(lines, previous, until):
+def with_burn_named(raw, door, burner, use):
+    """RAW, a start_command line of DOOR, whose `burn DOOR` burns as BURNER
+    (DOOR or its sibling) and, given USE (period start, counter), names that
+    use, as does the opening record the shell gate keeps (burn_command).
+    (Functions, not templates: a door name may hold a backslash.)"""
+    burn = re.compile(rb"(\bburn\s+)" + re.escape(door) + rb"(\s+--use\s+\d+:\d+)?(?=$|[\s;&|)])")
+    if use is None:
+        return burn.sub(lambda match: match.group(1) + burner + (match.group(2) or b""), raw)
+    tag = b"%d:%d" % use
+    raw = burn.sub(lambda match: match.group(1) + burner + b" --use " + tag, raw)
+    record = re.compile(rb"(/" + BURNING.encode() + rb"/" + re.escape(door) + rb")\.\d+\.\d+")
+    return record.sub(lambda match: match.group(1) + b".%d.%d" % use, raw)
+
+
+def ungated_burn(door):
+    """A start_command value that begins with DOOR's burn as add-client wrote
+    it before the gate (burn_command): KNOCKD_ROTATOR_* assignments, the
+    script, --config FILE, burn DOOR, ` & `."""
+    word = rb"(?:'[^']*'|[^\s'\"`$\\;&|<>(){}]+)"
+    return re.compile(rb"(?:KNOCKD_ROTATOR_[A-Z0-9_]+=" + word + rb" )*" + word + rb" --config "
+                      + word + rb" burn " + re.escape(door) + rb"(?: --use \d+:\d+)? & ")
+
+
+def with_burns_named(lines, uses, burning=None):
+    """LINES whose single-use doors' burns name the use (period start,
+    counter) that USES gives each door: the one whose sequence it holds.
+    Given BURNING (STATE_DIR/BURNING), a burn that add-client wrote without
+    the gate gets it: one Python process per opening is what a replay flood
+    costs without it."""
+    out = []
+    for line in lines:
+        door = (line.section or b"").decode("utf-8", "surrogateescape")
+        raw = line.raw
+        if door in uses and line.kind == "directive" \
+                and line.key in ("START_COMMAND", "START_COMMAND_6"):
+            start = line.span[0]
+            if burning and b"/%s/%s." % (BURNING.encode(), line.section) not in raw \
+                    and ungated_burn(line.section).match(raw, start):
+                raw = raw[:start] + burn_gate(burning, door).encode(
+                    "utf-8", "surrogateescape") + b" " + raw[start:]
+            raw = with_burn_named(raw, line.section, line.section, uses[door])
+        out.append((line.number, raw))
+    return numbered_lines(out)
+
+
+def grace_block(lines, previous, until, previous_uses=None):
     """Raw bytes of the block giving each rotator section of LINES that is in
-    PREVIOUS (door name -> bytes) a sibling with that sequence, until UNTIL."""
+    PREVIOUS (door name -> bytes) a sibling with that sequence, until UNTIL.
+    PREVIOUS_USES: (period start, counter) of each single-use door's sequence
+    in PREVIOUS, which its sibling's burn names."""
     newline = b"\r\n" if lines and lines[0].raw.endswith(b"\r\n") else b"\n"
     out = [GRACE_BEGIN + b": generated, do not edit; removed at %d (%s)"
            % (until, utc(until).encode()) + newline]
@@ -1270,10 +1317,9 @@ def grace_block(lines, previous, until):
             continue        # a door with another period, not in its grace now
         out.append(b"[" + line.section + GRACE_SUFFIX.encode() + b"]" + newline)
         # A single-use sibling burns the previous period's counter, not the door's.
-        # (A function, not a template: a door name may hold a backslash.)
-        burn = re.compile(rb"(\bburn\s+)" + re.escape(line.section) + rb"(?=$|[\s;&|)])")
         sibling = line.section + GRACE_SUFFIX.encode()
-        directives = [burn.sub(lambda match: match.group(1) + sibling, l.raw)
+        use = (previous_uses or {}).get(name)
+        directives = [with_burn_named(l.raw, line.section, sibling, use)
                       if l.key in ("START_COMMAND", "START_COMMAND_6") else l.raw
                       for l in section_body(lines, index)
                       if l.kind == "directive" and not l.is_sequence]
@@ -1286,9 +1332,9 @@ def grace_block(lines, previous, until):
     return out
 
 
-def with_grace_block(lines, previous, until):
+def with_grace_block(lines, previous, until, previous_uses=None):
     """The Lines of the user's LINES followed by a grace block (see above)."""
-    block = grace_block(lines, previous, until)
+    block = grace_block(lines, previous, until, previous_uses)
     if not lines[-1].raw.endswith(b"\n"):
         block[0] = block[0].rstrip(b"\r\n") + ADDED_NEWLINE + b"\n"
     return with_lines_appended(lines, block)
@@ -2218,12 +2264,25 @@ def sleep_until(moment):
 # with the sequence of the next use and reloads knockd.  A sequence seen on
 # the wire is then worth nothing.  A grace sibling (`burn DOOR_GRACE`, which
 # the grace block writes for it) burns the previous period's counter.
-# STATE_DIR/uses holds, per door, the counter of each period still in use and
-# the times of its latest burns, for `status`.
+# STATE_DIR/uses holds, per door, the counter of each period still in use,
+# the times of its latest burns and the openings of each use, for `status`.
+#
+# knockd opens for whoever completes a sequence it still holds, so replays
+# sent within the ~0.2 s before the reload open the door too, each running
+# the start_command.  A burn therefore names the use it burns (`--use
+# START:N`, which every rotation keeps current in the door's start_command,
+# like its sequence): however many openings of one use there are, the
+# counter moves once and knockd reloads once.  add-client's doors also gate
+# the burn in the shell (burn_command): each opening appends a line to
+# STATE_DIR/burning/DOOR.START.N, and only the opening whose `mkdir` of
+# DOOR.START.N.burn succeeds starts Python, so a flood of replays costs a
+# shell each, not a Python process and a lock wait each.
 
 USES = "uses"
 BURNS_KEPT = 20           # latest burn times kept per door
 BURST_BURNS, BURST_SECONDS = 5, 60    # this many burns this fast: `status` warns
+BURNING = "burning"       # STATE_DIR/BURNING holds the openings of each use (see above)
+BURN_USE = re.compile(r"([0-9]{1,%d}):([0-9]{1,10})" % NUMBER_DIGITS_MAX)
 
 
 def use_count(uses, settings, start):
@@ -2273,8 +2332,12 @@ def valid_use_entry(entry):
     return valid
 
 
-def with_burn(uses, door, now, settings_of):
-    """USES after one opening of DOOR (a rotator door, or its grace sibling) at NOW."""
+def with_burn(uses, door, now, settings_of, use=None):
+    """USES after one opening of DOOR (a rotator door, or its grace sibling) at
+    NOW; USES itself when USE, the (period start, counter) that the opening
+    matched, is burnt already or its period's sequences are no longer held.
+    Without USE (a start_command written before burns named their use) the
+    opening counts as a new use, as it did then."""
     base, back = (door[:-len(GRACE_SUFFIX)], 1) if door.endswith(GRACE_SUFFIX) else (door, 0)
     if not is_rotator(base.encode("utf-8", "surrogateescape")):
         raise RotatorError("%s is not a rotator door" % door,
@@ -2285,13 +2348,116 @@ def with_burn(uses, door, now, settings_of):
                            "set %s=1, or take `burn` out of its start_command"
                            % own_variable("SINGLE_USE", base), EXIT_ENVIRONMENT)
     current = door_start(now, settings)
-    start = current - back * settings.period
     entry = uses.get(base, {})
     counts = {key: value for key, value in entry.get("counts", {}).items()
               if int(key) >= current - settings.period}
-    counts[str(start)] = counts.get(str(start), 0) + 1
+    if use is None:
+        start = current - back * settings.period
+        counts[str(start)] = counts.get(str(start), 0) + 1
+    else:
+        start, number = use
+        if start not in (current, current - settings.period) \
+                or counts.get(str(start), 0) > number:
+            return uses
+        counts[str(start)] = number + 1
     burns = (entry.get("burns", []) + [int(now)])[-BURNS_KEPT:]
-    return dict(uses, **{base: {"counts": counts, "burns": burns}})
+    openings = {"%d:%d" % use: count for use, count in recorded_openings(entry).items()
+                if use[0] >= current - settings.period}
+    return dict(uses, **{base: {"counts": counts, "burns": burns, "openings": openings}})
+
+
+def recorded_openings(entry):
+    """The openings per use, {(period start, counter): openings}, of ENTRY
+    (a door's in the uses file); what is malformed in it is left out."""
+    openings = entry.get("openings")
+    found = {}
+    for key, count in openings.items() if isinstance(openings, dict) else ():
+        match = BURN_USE.fullmatch(key)
+        if match and isinstance(count, int) and not isinstance(count, bool) and count > 0:
+            found[(int(match.group(1)), int(match.group(2)))] = count
+    return found
+
+
+def parse_use(text):
+    """burn's --use START:N, as (START, N)."""
+    match = BURN_USE.fullmatch(text)
+    # The counter moves to N + 1, which must stay a use (u32).
+    if not match or int(match.group(2)) >= MAX_USE - 1:
+        raise RotatorError("--use %r is not START:N (N below %d)" % (text[:40], MAX_USE - 1),
+                           "let the rotation write the door's start_command", EXIT_USAGE)
+    return int(match.group(1)), int(match.group(2))
+
+
+def use_markers(state_dir, door):
+    """{(start, counter): path} of DOOR's opening records in STATE_DIR/BURNING."""
+    folder = os.path.join(state_dir, BURNING)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return {}
+    found = {}
+    for name in names:
+        record = name[:-len(".burn")] if name.endswith(".burn") else name
+        match = re.fullmatch(r"([0-9]+)\.([0-9]+)", record[len(door) + 1:])
+        if record.startswith(door + ".") and match:
+            found[(int(match.group(1)), int(match.group(2)))] = os.path.join(folder, record)
+    return found
+
+
+def openings_of(path):
+    """How many openings the shell recorded in PATH (one line each)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read().count(b"\n")
+    except OSError:
+        return 0
+
+
+def with_openings_kept(state_dir, uses, door, burning, oldest):
+    """USES with the openings recorded for DOOR's burnt uses moved into it,
+    their records removed (those of periods before OLDEST only removed).
+    BURNING, the use being burnt now, stays: replays of it may still come
+    until knockd has re-read the file."""
+    entry = uses.get(door)
+    if entry is None:
+        return uses
+    openings = {"%d:%d" % use: count for use, count in recorded_openings(entry).items()}
+    for (start, number), path in use_markers(state_dir, door).items():
+        burnt = entry["counts"].get(str(start), 0) > number
+        if (start, number) == burning or not (burnt or start < oldest):
+            continue
+        if start >= oldest:
+            key = "%d:%d" % (start, number)
+            openings[key] = openings.get(key, 0) + openings_of(path)
+        for remove, gone in ((os.unlink, path), (os.rmdir, path + ".burn")):
+            try:
+                remove(gone)
+            except OSError:
+                pass
+    return dict(uses, **{door: dict(entry, openings=openings)})
+
+
+def reopen_gate(config_path, environ, door, use):
+    """After a burn of USE that failed: let the next opening of it start a
+    burn again.  The gate lets only the first opening through, and a use
+    that was never counted would open the door for the rest of its period."""
+    base = door[:-len(GRACE_SUFFIX)] if door.endswith(GRACE_SUFFIX) else door
+    try:
+        folder = os.path.join(settings_for(config_path, server_settings(environ))["STATE_DIR"],
+                              BURNING)
+        os.rmdir(os.path.join(folder, "%s.%d.%d.burn" % ((base,) + use)))
+    except (RotatorError, OSError):
+        pass       # no gate to reopen
+
+
+def door_openings(state_dir, uses, door, start):
+    """{counter: openings} of DOOR's uses in the period from START, kept and recorded."""
+    found = {number: count for (recorded, number), count
+             in recorded_openings(uses.get(door, {})).items() if recorded == start}
+    for (marked, number), path in use_markers(state_dir, door).items():
+        if marked == start:
+            found[number] = found.get(number, 0) + openings_of(path)
+    return found
 
 
 def write_uses(state_dir, uses):
@@ -2410,15 +2576,16 @@ def next_event(now, period, grace, lead):
     return start + grace if now < start + grace else start + period - lead
 
 
-def plan_rotation(config_path, old_data, now, settings_of, edit=None, uses=None):
+def plan_rotation(config_path, old_data, now, settings_of, edit=None, uses=None, burning=None):
     """The rotation of CONFIG_PATH's OLD_DATA for the moment NOW (pure: no I/O).
 
     SETTINGS_OF(door) gives a door's settings: .period, .grace and
     .sequence_at(period start, use).  EDIT, if given, changes the user's Lines
     first (add-client, remove-client).  USES (see use_count) gives a single-use
-    door's use counter of a period.  The result's errors (line, what, fix)
-    are those of the new file: knockd's grammar, the rotator's rules and the
-    silent traps; a rotation refuses any of them.
+    door's use counter of a period; BURNING (its STATE_DIR/BURNING) gates the
+    burns that add-client wrote ungated (with_burns_named).  The result's
+    errors (line, what, fix) are those of the new file: knockd's grammar, the
+    rotator's rules and the silent traps; a rotation refuses any of them.
     """
     old_lines = parse_config(old_data)
     user_lines, old_block = split_grace_block(old_lines)
@@ -2427,19 +2594,21 @@ def plan_rotation(config_path, old_data, now, settings_of, edit=None, uses=None)
     doors = rotator_doors(user_lines)
     settings = {door: settings_of(door) for door in doors}
     starts = {door: door_start(now, settings[door]) for door in doors}
-    current = {door: settings[door].sequence_at(
-        starts[door], use_count(uses, settings[door], starts[door])) for door in doors}
-    new_lines = rewrite_config(user_lines, current)
+    counters = {door: use_count(uses, settings[door], starts[door]) for door in doors}
+    current = {door: settings[door].sequence_at(starts[door], counters[door]) for door in doors}
+    new_lines = with_burns_named(rewrite_config(user_lines, current), {
+        door: (starts[door], counters[door]) for door in doors if settings[door].single_use},
+        burning)
     errors = config_errors(new_lines) + rotator_errors(new_lines) + trap_errors(new_lines)
     warnings = trap_warnings(new_lines)
     graced = [door for door in doors if now < starts[door] + settings[door].grace]
     if graced and not errors:
-        previous = {door: settings[door].sequence_at(
-            starts[door] - settings[door].period,
-            use_count(uses, settings[door], starts[door] - settings[door].period))
-            for door in graced}
+        previous_uses = {door: (starts[door] - settings[door].period, use_count(
+            uses, settings[door], starts[door] - settings[door].period)) for door in graced}
+        previous = {door: settings[door].sequence_at(*previous_uses[door]) for door in graced}
         until = max(starts[door] + settings[door].grace for door in graced)
-        new_lines = with_grace_block(new_lines, previous, until)
+        new_lines = with_grace_block(new_lines, previous, until, {
+            door: use for door, use in previous_uses.items() if settings[door].single_use})
         errors = config_errors(new_lines)
     # None: no door, nothing to plan for.
     event = min((next_event(now, s.period, s.grace, s.lead) for s in settings.values()),
@@ -2583,7 +2752,7 @@ def resume_stopped_knockd(config_path, settings, data):
 
 
 def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None, burn=None,
-           whole_run=True):
+           whole_run=True, burn_use=None):
     """Bring CONFIG_PATH (knockd.conf, or an instance's file) to the state of
     the moment NOW: every rotator door holds the sequence of its period
     holding NOW (of the next period from LEAD seconds before its start), and
@@ -2591,7 +2760,9 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
     holds its previous one.  Returns the Plan.  CHANGE (an EnvChange)
     also edits the doors and swaps the environment file with the config, or
     neither when anything fails.  BURN names a single-use door (or grace
-    sibling) that has just opened.  WHOLE_RUN: also warn about what concerns
+    sibling) that has just opened, BURN_USE the use (period start, counter)
+    it opened with: a use burnt already makes the run an ordinary one, which
+    finds the file current.  WHOLE_RUN: also warn about what concerns
     every file (the environment file's mode, variables nothing reads);
     rotate_all asks it of the first file only."""
     config_path = os.path.realpath(config_path)
@@ -2612,19 +2783,33 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
         settings_of = settings_reader(environ)
         uses = read_uses(settings["STATE_DIR"])
         if burn:
-            # Counted before anything else may fail: a used sequence never
-            # comes back, even if this reload does not happen.
-            uses = with_burn(uses, burn, now, settings_of)
-            write_uses(settings["STATE_DIR"], uses)
+            burnt = with_burn(uses, burn, now, settings_of, burn_use)
+            if burnt is uses:
+                log("%s: use %d:%d is burnt already, or its period is over (a replay, or a "
+                    "second opening of it): nothing to burn" % ((burn,) + burn_use))
+                burn = None
+            else:
+                base = burn[:-len(GRACE_SUFFIX)] if burn.endswith(GRACE_SUFFIX) else burn
+                door = settings_of(base)
+                uses = with_openings_kept(settings["STATE_DIR"], burnt, base, burn_use,
+                                          door_start(now, door) - door.period)
+                # Counted before anything else may fail: a used sequence never
+                # comes back, even if this reload does not happen.
+                write_uses(settings["STATE_DIR"], uses)
         recorded = (None if dry_run or verbose or change or burn else
                     as_planned(settings["STATE_DIR"], old_data, environ, uses, now))
         if recorded:
             heal_knockd(config_path, settings, old_data)
             return recorded
         plan = plan_rotation(config_path, old_data, now, settings_of,
-                             change.edit if change else None, uses)
+                             change.edit if change else None, uses,
+                             os.path.join(settings["STATE_DIR"], BURNING))
         refuse_errors(config_path, plan.errors + file_errors(plan.new_lines))
         new_data = b"".join(line.raw for line in plan.new_lines)
+        if not dry_run and any(found.single_use for found in plan.settings.values()):
+            # Where burn_command's gate records openings; without it every
+            # opening starts a burn.
+            os.makedirs(os.path.join(settings["STATE_DIR"], BURNING), mode=0o700, exist_ok=True)
         # Before knockd.conf: a file that knockd re-reads must already be kept.
         struck = not dry_run and keep_one_time_sequences(plan.new_lines)
         if not plan.doors:
@@ -2674,7 +2859,8 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
                     # The environment before any change: a removed client's
                     # door that comes back must keep its own secret.
                     replan = plan_rotation(config_path, good, now, settings_reader(
-                        with_env_file(original_environ, settings["ENV_FILE"])), uses=uses)
+                        with_env_file(original_environ, settings["ENV_FILE"])), uses=uses,
+                        burning=os.path.join(settings["STATE_DIR"], BURNING))
                 except RotatorError:
                     return good
                 return good if replan.errors else b"".join(l.raw for l in replan.new_lines)
@@ -3446,12 +3632,26 @@ def otpauth_uri(door, host, secret):
                quote("knockd-rotator"), TOTP_DIGITS, TOTP_PERIOD))
 
 
+def burn_gate(folder, door):
+    """The shell in front of DOOR's burn: it records the opening in FOLDER
+    (STATE_DIR/BURNING) and lets only the first opening of a use through;
+    the rotation names the use (0:0 here)."""
+    import shlex
+    record = os.path.join(folder, door + ".0.0")
+    return "{ echo 2>/dev/null >>%s; mkdir %s 2>/dev/null || [ ! -d %s ]; } &&" % (
+        shlex.quote(record), shlex.quote(record + ".burn"), shlex.quote(folder))
+
+
 def burn_command(config_path, door, environ):
     """The start of a single-use door's start_command: `burn DOOR` in the
     background, so that the port opens without waiting for the reload.
     knockd's child has no KNOCKD_ROTATOR_* variable: the ones this run has
     (its settings, and the environment file's path) go along, but never a
-    secret, a SALT or a PIN, which the burn reads from the environment file."""
+    secret, a SALT or a PIN, which the burn reads from the environment file.
+    A shell gate in front records each opening and starts the burn for the
+    first opening of a use only (see single use); the rotation writes the
+    use (0:0 here) as it writes the sequence.  Without the state folder's
+    BURNING folder every opening burns, as before the gate."""
     import shlex
     settings = sorted((name, value) for name, value in without_secrets(environ).items()
                       if name.startswith("KNOCKD_ROTATOR_"))
@@ -3459,9 +3659,12 @@ def burn_command(config_path, door, environ):
         one_line(name, value, "unset it, or remove the character", EXIT_ENVIRONMENT)
     path = os.path.realpath(config_path)
     one_line("the path %r" % path, path, "give knockd.conf a path without one", EXIT_USAGE)
+    folder = os.path.join(settings_for(path, server_settings(environ))["STATE_DIR"], BURNING)
+    one_line("the state folder %r" % folder, folder,
+             "set KNOCKD_ROTATOR_STATE_DIR to a path without one", EXIT_ENVIRONMENT)
     assignments = ["%s=%s" % (name, shlex.quote(value)) for name, value in settings]
-    return " ".join(assignments + [shlex.quote(SCRIPT), "--config", shlex.quote(path), "burn",
-                                   door, "& "])
+    return " ".join([burn_gate(folder, door)] + assignments + [
+        shlex.quote(SCRIPT), "--config", shlex.quote(path), "burn", door, "--use", "0:0", "& "])
 
 
 def add_client(config_path, environ, now, args):
@@ -3832,7 +4035,7 @@ def planned_status(config_path, old_data, environ, settings, now):
     uses = read_uses(settings["STATE_DIR"])
     plan = plan_rotation(config_path, old_data, now,
                          settings_reader(with_env_file(environ, settings["ENV_FILE"])),
-                         uses=uses)
+                         uses=uses, burning=os.path.join(settings["STATE_DIR"], BURNING))
     held = door_sequences(plan.user_lines)
     doors = []
     for door in plan.doors:
@@ -3850,6 +4053,11 @@ def planned_status(config_path, old_data, environ, settings, now):
             burns = uses.get(door, {}).get("burns", [])
             entry["uses"] = use_count(uses, door_settings, start)
             entry["burns_last_minute"] = sum(1 for t in burns if now - t < BURST_SECONDS)
+            # Recorded by burn_command's gate: one opening per use is a knock,
+            # more are replays (or a client's retries) within the burn's window.
+            openings = door_openings(settings["STATE_DIR"], uses, door, start)
+            entry["openings"] = sum(openings.values())
+            entry["uses_opened"] = len(openings)
         doors.append(entry)
     return doors, plan.old_block, b"".join(line.raw for line in plan.new_lines) == old_data
 
@@ -3947,6 +4155,10 @@ def knockd_state(report, prefix=""):
         if door.get("burns_last_minute", 0) >= BURST_BURNS:
             warning.append("%s opened %d times in %d s (a client in a loop, or a replay?)"
                            % (door["door"], door["burns_last_minute"], BURST_SECONDS))
+        if door.get("openings", 0) > door.get("uses_opened", 0):
+            warning.append("%s: %d openings of %d uses this period (a replay within a burn's "
+                           "window, or a client that knocked twice)"
+                           % (door["door"], door["openings"], door["uses_opened"]))
     if report.get("crowded"):
         warning.append(report["crowded"])
     for supply in report.get("one_time_sequences", []):
@@ -4013,7 +4225,10 @@ def status(config_path, environ, now, as_json, show_sequences):
         for door in each["doors"]:
             print("%s: %s%s%s" % (door["door"], "current" if door["current"] else
                                   "previous period's" if door["previous"] else "NOT current",
-                                  "; single use, used %d times this period" % door["uses"]
+                                  "; single use, used %d times this period%s" % (
+                                      door["uses"], ", %d openings of %d uses" % (
+                                          door["openings"], door["uses_opened"])
+                                      if door["openings"] > door["uses_opened"] else "")
                                   if "uses" in door else "",
                                   " " + door["sequence"] if show_sequences else ""))
     return STATUS_CODES[state]
@@ -4148,6 +4363,10 @@ def build_parser():
                    "The door needs KNOCKD_ROTATOR_SINGLE_USE=1 (or _SINGLE_USE_<NAME>=1); its\n"
                    "grace sibling burns itself as DOOR_GRACE.")
     burn.add_argument("door", metavar="DOOR", help="the [*_ROTATOR] door that opened")
+    burn.add_argument("--use", metavar="START:N",
+                      help="the use that opened it, which the rotation writes into the "
+                           "start_command (period start, counter): only its first opening "
+                           "burns; without it every opening burns one more use")
     return parser
 
 
@@ -4187,7 +4406,13 @@ def run(argv, environ):
     if args.command == "burn":
         # The door's start_command names its own file with --config.
         now = time.time()
-        plan = rotate(args.config, environ, now, burn=args.door)
+        use = args.use and parse_use(args.use)
+        try:
+            plan = rotate(args.config, environ, now, burn=args.door, burn_use=use)
+        except RotatorError:
+            if use:
+                reopen_gate(args.config, environ, args.door, use)
+            raise
         tell_next_event(args.config, plan.event, now, server_settings(environ))
         return EXIT_OK
     if args.watch:

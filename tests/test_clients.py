@@ -287,18 +287,26 @@ def test_add_client_then_remove_client(enrol):
         server.parse_config(enrol.config.read_bytes()))["ssh_ROTATOR"].decode()))
     iptables = shutil.which("iptables")
     door = text[text.index("# knockd_rotator client alice:"):]
+    # The burn is gated (its first opening of a use only) and names the use
+    # whose sequence the door holds: the period's first.
+    record = "%s/burning/alice_ssh_ROTATOR.%d.0" % (
+        enrol.config.parent / "state", server.period_start(time.time(), 31622400))
+    gate = "{ echo 2>/dev/null >>%s; mkdir %s.burn 2>/dev/null || [ ! -d %s/burning ]; } &&" % (
+        record, record, enrol.config.parent / "state")
     assert re.fullmatch(
         r"# knockd_rotator client alice: .*\n\[alice_ssh_ROTATOR\]\n    sequence = [0-9:tcp,]+\n"
         r"    seq_timeout     = 15\n    tcpflags        = syn\n"
-        r"    start_command   = {1} {2} --config {3} burn alice_ssh_ROTATOR & {0}\n"
-        r"    start_command_6 = {1} {2} --config {3} burn alice_ssh_ROTATOR & {0}\n"
+        r"    start_command   = {5} {1} {2} --config {3} burn alice_ssh_ROTATOR --use {6} & {0}\n"
+        r"    start_command_6 = {5} {1} {2} --config {3} burn alice_ssh_ROTATOR --use {6} & {0}\n"
         r"    cmd_timeout     = 30\n"
         r"    stop_command    = {4}\n"
         r"    stop_command_6  = {4}\n"
         .format(re.escape("echo +%IP% > /proc/net/xt_recent/knockd_rotator_22"),
                 "KNOCKD_ROTATOR_[A-Z_]+=('[^']*'|[^ ]+)( KNOCKD_ROTATOR_[A-Z_]+=('[^']*'|[^ ]+))*",
                 re.escape(str(SERVER)), re.escape(str(enrol.config)),
-                re.escape("echo -%IP% > /proc/net/xt_recent/knockd_rotator_22")), door), door
+                re.escape("echo -%IP% > /proc/net/xt_recent/knockd_rotator_22"),
+                re.escape(gate), "%d:0" % server.period_start(time.time(), 31622400)),
+        door), door
     # The printed lines make the client compute the door's sequence.
     held = server.door_sequences(server.parse_config(enrol.config.read_bytes()))
     generated = run_client("gen", "alice_ssh", env=client_env(lines))

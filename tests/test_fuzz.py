@@ -31,9 +31,10 @@ SECRET = b"fuzz-secret-0123"
 
 
 def settings_of(door):
-    """Every door with the same period and grace, no lead, sequences from SECRET."""
+    """Every door with the same period and grace, no lead, no single use,
+    sequences from SECRET."""
     return server.DoorSettings(
-        period=PERIOD, grace=GRACE, lead=0, sequence_at=lambda start, use=0: (
+        period=PERIOD, grace=GRACE, lead=0, single_use=False, sequence_at=lambda start, use=0: (
             server.format_sequence(server.generate_sequence(SECRET, door, start, 4, 3)).encode()))
 
 
