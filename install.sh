@@ -22,7 +22,7 @@ env_file=$root/etc/knockd_rotator.env
 state=$root/var/lib/knockd_rotator
 scripts="knockd_rotator_server.py knockd_rotator_client.py"
 unit_files="knockd_rotator.service knockd_rotator.timer knockd_rotator-watch.service knockd_rotator-knockd@.service"
-# The files of the further knockd that add-client starts (README, How many doors).
+# The files of the further knockd that add-client starts (docs/SCALE.md).
 instances=$root/etc/knockd_rotator.d
 # Debian's knockd.service gets a drop-in that restarts a knockd that died.
 dropin_dir=$units/knockd.service.d
@@ -75,7 +75,7 @@ LAUNCHER
 import os, secrets, sys
 descriptor = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 with os.fdopen(descriptor, "w") as handle:
-    handle.write("# knockd-rotator settings (see README); keep this file mode 0600\n"
+    handle.write("# knockd-rotator settings (see docs/SETTINGS.md); keep this file mode 0600\n"
                  "KNOCKD_ROTATOR_SECRET=%s\n" % secrets.token_urlsafe(32))
 PYTHON
         echo "created $env_file (mode 0600) with a new secret"
@@ -91,7 +91,7 @@ installed: $sbin/knockd_rotator_server.py, $sbin/knockd_rotator_client.py,
            $units/{$(echo $unit_files | tr ' ' ',')},
            $dropin_dir/$dropin (restarts knockd when it dies)
 next steps:
-  1. add a door such as [ssh_ROTATOR] to /etc/knockd.conf (README, "Doors"), then
+  1. add a door such as [ssh_ROTATOR] to /etc/knockd.conf (README, "The first door"; every firewall: docs/DOORS.md), then
      knockd_rotator_server.py check && knockd_rotator_server.py --dry-run
   2. systemctl enable --now knockd_rotator.timer && systemctl start knockd_rotator.service
      (or, for periods under an hour: systemctl enable --now knockd_rotator-watch.service)

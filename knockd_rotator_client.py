@@ -57,7 +57,7 @@ import time
 
 VERSION = "0.1.0"
 
-# Exit codes, listed in the README.
+# Exit codes, listed in docs/OPERATIONS.md (Exit codes) and docs/SPEC.md.
 EXIT_OK = 0
 EXIT_FAILED = 1       # the job ran but did not succeed (the door did not open)
 EXIT_USAGE = 2        # bad command line

@@ -91,7 +91,7 @@ import time
 
 VERSION = "0.1.0"
 
-# Exit codes, listed in the README.
+# Exit codes, listed in docs/OPERATIONS.md (Exit codes).
 EXIT_OK = 0
 EXIT_FAILED = 1         # knockd did not take the new file; the old one is back
 EXIT_USAGE = 2          # bad command line
@@ -126,7 +126,7 @@ DEFAULT_INSTANCE_COMMANDS = {
 # while a rotation of 500 doors reloaded them two at a time on 2 CPUs, 10
 # doors of 10 ports and their siblings kept each knockd deaf for 151 ms at
 # most; 12 doors for up to 216 ms, 15 for 248 ms (bench/knockd_instances.py,
-# README).
+# docs/BENCHMARKS.md).
 DEFAULT_DOORS_PER_KNOCKD = 10
 # Seconds before a boundary at which the server already writes the next
 # period's sequence, keeping the current one as the grace sibling (at most
@@ -904,7 +904,7 @@ def ipv6_warnings(lines):
             warnings.append((line.number, "rotator door [%s] has no start_command_6: an IPv6 "
                              "knock runs start_command with an IPv6 %%IP%%, which an IPv4 "
                              "firewall command refuses" % line.section.decode("utf-8", "replace"),
-                             "add start_command_6 and stop_command_6 (README, Doors), and close "
+                             "add start_command_6 and stop_command_6 (docs/DOORS.md), and close "
                              "the service on IPv6: ip6tables -A INPUT -p tcp --dport PORT -j "
                              "DROP, or tcp dport PORT drop in an inet table"))
     return warnings
@@ -934,7 +934,7 @@ def crowded_knockd(lines):
         return None
     return ("knockd holds %d doors, %d during a grace window: it hears nothing for about "
             "0.5 s (100 doors) to 2 s (200) at each reload, and exits at about 1000 (move "
-            "clients to knockd of their own: README, How many doors)" % (doors, peak))
+            "clients to knockd of their own: docs/SCALE.md)" % (doors, peak))
 
 
 # knockd 0.8 disables a door when it has used the last line of its
@@ -1712,7 +1712,7 @@ def rereads_while_busy(config_path, opens):
 # and costs nothing but the knocks in progress while no child waits to run a
 # stop_command.  So, past LEAK_BOUND of growth since the rotator first saw
 # this knockd, a rotation restarts it at such a moment (knockd -4 does not
-# leak: README, How many doors).
+# leak: docs/SCALE.md).
 LEAK_BOUND = 64 * 2**20
 KNOCKD_SIZE = "knockd-size"      # state: "PID RSS" of knockd when first seen
 IDLE_LOOK = 0.1          # seconds knockd must use no CPU to be at rest
@@ -2940,8 +2940,7 @@ def refuse_errors(config_path, errors):
 # ---------------------------------------------------------------- several knockd
 #
 # knockd compiles one capture filter for all its doors, at a cost that grows
-# with the square of their number, and hears no knock meanwhile (README, How
-# many doors).  So add-client gives knockd.conf at most DOORS_PER_KNOCKD doors,
+# with the square of their number, and hears no knock meanwhile (docs/SCALE.md).  So add-client gives knockd.conf at most DOORS_PER_KNOCKD doors,
 # and puts further clients into files of their own, knockd_rotator.d/N.conf
 # beside knockd.conf, each read by a knockd of its own (the instance N of
 # knockd_rotator-knockd@.service) and given as many doors at most.  These
@@ -3508,7 +3507,7 @@ class EnvChange:
 # Characters a PIN may have: safe unquoted in ENV_FILE, for systemd and a shell.
 PIN_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.,:@+%/")
 # A stolen secret (or, in totp mode, the public set of 10^6 codes) plus a
-# sprayed PIN: README, "A PIN", has the arithmetic behind this minimum.
+# sprayed PIN: docs/CLIENTS.md, "A PIN", has the arithmetic behind this minimum.
 PIN_MIN_CHARS = 10
 
 
@@ -3525,7 +3524,7 @@ def read_new_pin(door):
     if len(pin) < PIN_MIN_CHARS or not set(pin) <= PIN_CHARACTERS:
         raise RotatorError("the PIN must have at least %d characters, each a letter, a digit "
                            "or one of -_.,:@+%%/" % PIN_MIN_CHARS,
-                           "choose another; longer is stronger (see the README)", EXIT_USAGE)
+                           "choose another; longer is stronger (see docs/CLIENTS.md, A PIN)", EXIT_USAGE)
     if sys.stdin.isatty() and read_hidden("the same PIN again: ") != pin:
         raise RotatorError("the two PINs differ", "type the same PIN twice", EXIT_USAGE)
     return pin
@@ -3855,7 +3854,7 @@ def weak_doors(settings):
             found.append(("%s door [%s] has %s" % (door_settings.algorithm, door,
                                                     " and ".join(weak)),
                           "move its clients to knockd-rotator/1 with a new secret "
-                          "(README: Migrating from Knock Rotator)"))
+                          "(docs/MIGRATION.md)"))
     return found
 
 
@@ -4063,7 +4062,7 @@ def planned_status(config_path, old_data, environ, settings, now):
 
 
 def door_status(config_path, environ, now):
-    """The state of every rotator door at NOW, as a dict (see the README):
+    """The state of every rotator door at NOW, as a dict (see docs/OPERATIONS.md, Check and monitor):
     knockd.conf's report, with those of the instances' files in "instances"."""
     settings = server_settings(environ)
     reports = [knockd_status(path, environ, settings_for(path, settings), now)

@@ -146,7 +146,7 @@ def test_a_code_on_the_command_line_warns_and_one_typed_does_not():
     assert given.stderr == ("warning: a code on the command line is visible to every local "
                             "user (ps) for its 30 s; --code - asks for it\n")
     assert typed.stderr == ""
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text() + (ROOT / "docs" / "CLIENTS.md").read_text()
     assert "--code 1" not in readme.replace("`--code 123456` works too", "")
 
 

@@ -1,8 +1,9 @@
-"""The README's doors, which add-client writes, with real knockd in a network
+"""docs/DOORS.md's doors, which add-client writes, with real knockd in a network
 namespace: IPv4 and IPv6 knocks, and holes that close by themselves.
 
-The door texts and the iptables rules come from README.md itself (port and
-timeouts changed), so that the README cannot drift from what is tested."""
+The door texts and the iptables rules come from docs/DOORS.md itself (port and
+timeouts changed), so that the docs cannot drift from what is tested. The
+README's first door is the iptables one, copied from there."""
 
 import os
 import re
@@ -24,12 +25,10 @@ PROGRAMS = {"iptables": "iptables", "nftables": "nft", "ufw": "ufw"}
 
 
 def readme_blocks(firewall):
-    """(blocks before the door, the door) of FIREWALL in README's Doors: the
+    """(blocks before the door, the door) of FIREWALL in docs/DOORS.md: the
     indented blocks of the paragraph that starts with 'FIREWALL:', without
     their 4-space indent."""
-    readme = (ROOT / "README.md").read_text()
-    doors = readme[readme.index("\n### Doors\n"):]
-    doors = doors[:doors.index("\n### ", 1)]
+    doors = (ROOT / "docs" / "DOORS.md").read_text()
     text = doors[doors.index("\n%s: " % firewall):]
     blocks, current = [], None
     for line in text.splitlines():
@@ -41,7 +40,7 @@ def readme_blocks(firewall):
             current = None
             if blocks[-1].startswith("[ssh_ROTATOR]"):
                 return blocks[:-1], blocks[-1]
-    raise AssertionError("no door for %s in README's Doors" % firewall)
+    raise AssertionError("no door for %s in docs/DOORS.md" % firewall)
 
 
 def localized(text):
@@ -68,6 +67,15 @@ def test_readme_iptables_rules_are_the_ones_add_client_prints():
     assert len(rules) == 1
     assert [" ".join(line.split()) for line in rules[0].splitlines()] == \
         server.firewall_rules("iptables", 22, 30)
+
+
+def test_readme_first_door_is_the_tested_iptables_door():
+    """The README's first door is docs/DOORS.md's iptables rules and door, as
+    they stand (the README copies them; these tests run docs/DOORS.md's)."""
+    readme = (ROOT / "README.md").read_text()
+    rules, door = readme_blocks("iptables")
+    for block in rules + [door]:
+        assert "".join("    %s\n" % line for line in block.splitlines()) in readme, block
 
 
 def listen_both(netns, port):

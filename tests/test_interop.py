@@ -3,7 +3,7 @@ knockd in a test namespace:
 
 - the codes of oathtool and pyotp, the authenticator apps' algorithm as
   others implement it, open a totp door through the client's `--code -`;
-- knockd's own C `knock` client, over IPv6, opens the README's iptables door
+- knockd's own C `knock` client, over IPv6, opens docs/DOORS.md's iptables door
   with the sequence of `generate --format knock`."""
 
 import base64
@@ -123,7 +123,7 @@ def test_knockd_s_c_knock_opens_the_readme_door_over_ipv6(netns, start_knockd, s
             for line in localized(block).splitlines():
                 netns.run(*shlex.split(line))
         # A new door has no sequence, and knockd refuses it: the first rotation
-        # writes one, then knockd starts (README, Installation).
+        # writes one, then knockd starts (README, Install on a server).
         fresh = tmp_path / "fresh.conf"
         fresh.write_text(localized(door))
         env = server_env()

@@ -71,13 +71,13 @@ def test_door_opened_before_a_rotation_still_closes(guarded, start_knockd, serve
 
 
 def readme_door(firewall):
-    """The example door for FIREWALL from the README, on the guarded port."""
+    """The example door for FIREWALL from docs/DOORS.md, on the guarded port."""
     from test_doors import readme_blocks
     return re.sub(r"(?<![0-9])22(?![0-9])", str(GUARDED_PORT), readme_blocks(firewall)[1])
 
 
 def test_first_install_with_the_readme_nftables_door(netns, tmp_path, server_env):
-    """knockd is not running and the README's door has no sequence yet (knockd
+    """knockd is not running and docs/DOORS.md's door has no sequence yet (knockd
     refuses to start so): the first rotation writes it and starts knockd."""
     need_root_and("nft", "knockd")
     listener = netns.listen(GUARDED_PORT)
@@ -112,8 +112,8 @@ def test_first_install_with_the_readme_nftables_door(netns, tmp_path, server_env
 
 
 def test_readme_iptables_door_is_the_tested_one():
-    """The README's doors are run by tests/test_doors.py, which reads them
-    from the README; here: the iptables one is the recent-list door."""
+    """docs/DOORS.md's doors are run by tests/test_doors.py, which reads them
+    from there; here: the iptables one is the recent-list door."""
     door = readme_door("iptables")
     assert "start_command   = echo +%IP% > /proc/net/xt_recent/knockd_rotator_2222" in door
     assert "start_command_6 = echo +%IP% > /proc/net/xt_recent/knockd_rotator_2222" in door

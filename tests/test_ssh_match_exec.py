@@ -1,4 +1,4 @@
-"""The README's ssh_config `Match host ... exec` form knocks before ssh connects.
+"""docs/CLIENTS.md's ssh_config `Match host ... exec` form knocks before ssh connects.
 
 `ssh -G` evaluates the configuration as a connection would, running the
 Match exec command, without connecting: the door opens, and the settings
@@ -13,10 +13,10 @@ from test_server_knockd import DOOR, knockd_env
 
 
 def readme_match_line(check_options):
-    """The README's Match exec line, for 127.0.0.1 and the test's client and port."""
-    readme = (ROOT / "README.md").read_text()
+    """docs/CLIENTS.md's Match exec line, for 127.0.0.1 and the test's client and port."""
+    readme = (ROOT / "docs" / "CLIENTS.md").read_text()
     match = re.search(r"\n    (Match host myserver exec \"[^\n]+\")\n", readme)
-    assert match, "the README shows the Match exec line"
+    assert match, "docs/CLIENTS.md shows the Match exec line"
     line = match.group(1)
     assert "knockd_rotator_client.py knock %h ssh --check 22\"" in line
     return (line.replace("myserver", "127.0.0.1")

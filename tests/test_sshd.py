@@ -1,4 +1,4 @@
-"""The README's ssh `Match exec` line against a real sshd (issue 17).
+"""docs/CLIENTS.md's ssh `Match exec` line against a real sshd (issue 17).
 
 Debian's sshd runs in the test's network namespace with a configuration of
 its own (host key, pid file and authorized keys in tmp_path) and, in a

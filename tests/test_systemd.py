@@ -491,7 +491,8 @@ def settings(box, **values):
 
 
 def readme_iptables(cmd_timeout, port=PORT):
-    """README's iptables rules (shell lines) and door, on PORT with CMD_TIMEOUT."""
+    """docs/DOORS.md's iptables rules (shell lines) and door, the README's first
+    door, on PORT with CMD_TIMEOUT."""
     def localized(text):
         text = re.sub(r"(?<![0-9])22(?![0-9])", str(port), text)
         return re.sub(r"(?<![0-9])30(?![0-9])", str(cmd_timeout), text)
@@ -612,7 +613,7 @@ def mtime(box, inside="/etc/knockd.conf"):
 
 
 def readme_number(pattern):
-    return re.search(pattern, (ROOT / "README.md").read_text(), re.S)
+    return re.search(pattern, (ROOT / "docs" / "SECURITY.md").read_text(), re.S)
 
 
 def assert_reloaded_at(box, moment):
@@ -814,7 +815,7 @@ def run_piped(box, shell, timeout=60):
 
 
 def switch_to_watch(box):
-    """README: from the timer to the watch mode, exactly as it says
+    """docs/OPERATIONS.md: from the timer to the watch mode, exactly as it says
     (./install.sh has installed the unit)."""
     box.sh("systemctl disable --now knockd_rotator.timer")
     box.sh("systemctl enable --now knockd_rotator-watch.service")
@@ -883,7 +884,7 @@ def timer_installed(box, **values):
 
 
 def test_watch_mode(container):
-    """README's switch to the watch: it leaves no timer run behind, rotates at
+    """docs/OPERATIONS.md's switch to the watch: it leaves no timer run behind, rotates at
     every lead's start and grace end, stops cleanly, restarts, and shows a failing
     rotation in the unit's state."""
     box = container
@@ -1006,7 +1007,7 @@ def test_uninstall_leaves_nothing_running(container):
 
 
 def test_security_exposure_as_published(container):
-    """systemd-analyze security, in the container, gives the README's number."""
+    """systemd-analyze security, in the container, gives docs/SECURITY.md's number."""
     box = container
     install(box)
     result = box.sh("systemd-analyze security --no-pager knockd_rotator.service "
@@ -1015,7 +1016,7 @@ def test_security_exposure_as_published(container):
                              result.stdout))
     print("exposure:", scores)
     published = readme_number(r"exposure\s+\*\*(\d+\.\d+ \w+)\*\*")
-    assert published, "README publishes no exposure level"
+    assert published, "docs/SECURITY.md publishes no exposure level"
     assert scores == {"knockd_rotator.service": published.group(1),
                       "knockd_rotator-watch.service": published.group(1)}, result.stdout
 
@@ -1028,7 +1029,7 @@ BOB_PORT = PORT + 1                       # bob's door guards a port of its own
 
 
 def enrol(box, name, port):
-    """README "One door per client": add-client NAME, and the lines it
+    """docs/CLIENTS.md "One door per client": add-client NAME, and the lines it
     printed into /root/NAME.env, the client's file.  Returns its output."""
     output = box.sh("knockd_rotator_server.py add-client %s --firewall iptables --port %d"
                     % (name, port)).stdout
