@@ -96,7 +96,10 @@ if given:
             "counts": st.dictionaries(
                 st.one_of(st.sampled_from(["1672531200", "0", "-5", "a", "9" * 30]), env_text),
                 counters, max_size=3),
-            "burns": st.lists(counters, max_size=3)})}).map(lambda d: json.dumps(d).encode()),
+            "burns": st.lists(counters, max_size=3),
+            "openings": st.one_of(counters, st.dictionaries(
+                st.one_of(st.sampled_from(["1672531200:0", "0:0", "a", "1:x"]), env_text),
+                counters, max_size=3))})}).map(lambda d: json.dumps(d).encode()),
         st.binary(max_size=20))
 
     def option(name, values):
@@ -260,7 +263,10 @@ if given:
         st.just(["list-clients"]),
         st.tuples(st.just("burn"), st.one_of(st.sampled_from(
             ["ssh_ROTATOR", "ssh_ROTATOR_GRACE", "alice_ssh_ROTATOR", "nothing", ""]),
-            env_text)).map(list),
+            env_text), st.one_of(st.just([]), option("--use", st.one_of(st.sampled_from(
+                ["0:0", "1672531200:1", "1672531200:4294967295", "1672531200:-1", ":", "1:",
+                 ":1", "1:2:3", "9" * 30 + ":1", "x:y"]), env_text)))).map(
+            lambda p: [p[0], p[1]] + p[2]),
         st.tuples(st.just("remove-client"), names).map(list),
         st.tuples(st.just("add-client"), names, st.lists(st.one_of(
             st.just(["--firewall", "iptables"]), st.just(["--firewall", "iptables"]),
