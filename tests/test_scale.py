@@ -148,7 +148,7 @@ def test_a_grown_knockd_is_restarted_when_no_stop_command_waits(netns, tmp_path,
     subprocess.run(start, shell=True, check=True)
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
-    settings = trial_settings(STATE_DIR=str(state), RECOVER_COMMAND=start, CHECK_SECONDS=1,
+    settings = trial_settings(tmp_path, RECOVER_COMMAND=start, CHECK_SECONDS=1,
                               KILL_COMMAND="kill -KILL $(cat %s)" % pidfile,
                               CHECK_COMMAND=alive_command("$(cat %s)" % pidfile))
     monkeypatch.setattr(server, "LEAK_BOUND", 100 * 1024)

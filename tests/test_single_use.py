@@ -95,11 +95,14 @@ class SingleUseDoor:
 
     def knock(self, source, use, periods_back=0):
         """Knock with the USE-th sequence from SOURCE; wait until it opened
-        and knockd holds the next sequence (the burn's reload)."""
+        and knockd holds the next sequence (the burn's reload, which its
+        burn saw knockd finish: a knock sent while knockd still compiles
+        its filter would be lost)."""
         opened, reloads = self.opened(source), self.reloads()
         self.send(source, self.sequence(use, periods_back))
         wait_until(lambda: self.opened(source) > opened, 10, "%s to open" % source)
         wait_until(lambda: self.reloads() > reloads, 10, "the burn's reload")
+        wait_until(lambda: not self.burns_running(), 10, "the burn to end")
 
 
 @pytest.fixture
