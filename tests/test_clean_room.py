@@ -38,6 +38,8 @@ import pytest
 
 import knockd_rotator_client as client
 from conftest import ROOT, in_fast_tier, need
+from test_validation_vectors import ROWS as VECTOR_ROWS
+from test_validation_vectors import environment
 
 NOW = 1700000000
 BASE_SECRET = "example-secret-0123-abcdefghij"
@@ -124,39 +126,10 @@ def comparable(argv, output):
 
 
 # ---- 1. the SPEC's validation vectors --------------------------------------
+# The rows as tests/test_validation_vectors.py reads them from docs/SPEC.md,
+# with the client's result only (krgen is a client).
 
-ROW = re.compile(r"^\| (\d+) \| ([^|]*) \| `([^`]*)` \| `([^`]*)` \| (?:`([^`]*)`|-) \| "
-                 r"`([^`]*)` \| ([^|]*) \|$")
-
-
-def spec_rows():
-    text = (ROOT / "docs" / "SPEC.md").read_text(encoding="utf-8")
-    table = text.split("\n## Validation vectors\n", 1)[1].split("\n## ", 1)[0]
-    rows = []
-    for line in table.splitlines():
-        if not line.startswith("| ") or line.startswith(("| # ", "|---")):
-            continue
-        match = ROW.match(line)
-        assert match, line
-        number, rule, argv, env, typed, result, _ = match.groups()
-        rows.append(pytest.param(json.loads(argv), json.loads(env),
-                                 None if typed is None else json.loads(typed), result,
-                                 id="%s %s" % (number, rule.strip())))
-    return rows
-
-
-def row_environment(overrides, folder):
-    env = {"KNOCKD_ROTATOR_SECRET": BASE_SECRET,
-           "KNOCKD_ROTATOR_USES_FILE": os.path.join(str(folder), "no-uses.json")}
-    for key, value in overrides.items():
-        if value is None:
-            env.pop("KNOCKD_ROTATOR_" + key, None)
-        else:
-            env["KNOCKD_ROTATOR_" + key] = value
-    return env
-
-
-SPEC_ROWS = spec_rows()
+SPEC_ROWS = [pytest.param(*row.values[1:5], id=row.id) for row in VECTOR_ROWS]
 
 
 def test_table_parsed():
@@ -165,7 +138,7 @@ def test_table_parsed():
 
 @pytest.mark.parametrize("argv, overrides, typed, expected", SPEC_ROWS)
 def test_validation_vector(krgen, tmp_path, argv, overrides, typed, expected):
-    env = row_environment(overrides, tmp_path)
+    env = environment(overrides, str(tmp_path))
     assert clean_room(krgen, argv, env, typed) == expected
 
 
@@ -548,7 +521,7 @@ AGREED_CASES = [
                          ids=["%d %s" % (i, " ".join(c[0][1:])) for i, c in
                               enumerate(AGREED_CASES)])
 def test_silent_spec_read_alike(krgen, tmp_path, argv, overrides, typed):
-    env = row_environment(overrides, tmp_path)
+    env = environment(overrides, str(tmp_path))
     assert comparable(argv, clean_room(krgen, argv, env, typed)) == \
         comparable(argv, reference(argv, env, typed))
 
@@ -610,7 +583,7 @@ def test_real_processes_agree(krgen, tmp_path, argv, overrides, typed):
     run again if a boundary fell between the two)."""
     env = {b"PATH": os.environb.get(b"PATH", b"/usr/bin:/bin"), b"LANG": b"C.UTF-8"}
     env.update({to_bytes(k): to_bytes(v) for k, v in
-                row_environment(dict(overrides, PERIOD_MODULO="31622400"), tmp_path).items()})
+                environment(dict(overrides, PERIOD_MODULO="31622400"), str(tmp_path)).items()})
     for _ in range(3):
         before = int(time.time()) // 31622400
         reference_run = subprocess.run([sys.executable.encode(), str(ROOT).encode() +
