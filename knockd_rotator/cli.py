@@ -78,7 +78,7 @@ def build_parser():
     mode.add_argument("--schedule", action="store_true",
                       help="also leave a boundary run for an event before the timer's next "
                            "run (knockd_rotator.service's own runs; by hand, rotate without it)")
-    # A boundary run: sleep until this UNIX time, then rotate (see above).
+    # A boundary run: sleep until this UNIX time, then rotate (see scheduling.py).
     mode.add_argument("--at", type=boundary_moment, help=argparse.SUPPRESS)
     parser.add_argument("--verbose", action="store_true", help="say more")
     commands = parser.add_subparsers(dest="command", metavar="[COMMAND]")

@@ -14,7 +14,6 @@ from knockd_rotator.rotation import rotate_all
 from knockd_rotator.scheduling import end_pending_boundary_run, retry_moment, RETRY_SECONDS
 
 
-#
 # A long-running mode for short periods: one process that rotates at every
 # boundary and grace end and sleeps in between; a change of knockd.conf or of
 # the environment file wakes it within WATCH_LOOK.  Each rotation takes the lock

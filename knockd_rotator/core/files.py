@@ -177,7 +177,6 @@ def warn_if_readable_by_others(config_path, env_file):
             log(warning)
 
 
-#
 # The timer runs knockd_rotator.service every SERVER_INTERVAL.  When the next
 # event (a period boundary, or the end of a grace) comes before the next timer
 # run, the service's run (`--schedule`) leaves one detached process

@@ -21,8 +21,8 @@ DEFAULT_COMMANDS = {
     # with this before the recover command starts it again.
     "KILL_COMMAND": "systemctl kill --signal=KILL knockd",
 }
-# The same for the further knockd that add-client starts (see "Several
-# knockd"); %i is the instance's name.
+# The same for the further knockd that add-client starts (see
+# engines/knockd/instances.py); %i is the instance's name.
 INSTANCE_UNIT = "knockd_rotator-knockd@%i"
 DEFAULT_INSTANCE_COMMANDS = {
     "INSTANCE_RELOAD_COMMAND": "systemctl reload " + INSTANCE_UNIT,
@@ -186,7 +186,6 @@ def settings_reader(environ):
     return settings_of
 
 
-#
 # The server's settings live in ENV_FILE (the units' EnvironmentFile).  Every
 # run reads it again over the environment it was started with, so that a
 # long-running --watch sees the clients that add-client enrolled since.

@@ -11,7 +11,6 @@ from knockd_rotator.core.generator import (
 from knockd_rotator.core.plan import door_start, GRACE_SUFFIX, is_rotator
 
 
-#
 # A single-use door (KNOCKD_ROTATOR_SINGLE_USE=1) moves on to its next
 # sequence as soon as it opens: its start_command runs `burn DOOR` first,
 # which counts one more use of the period under the lock, rewrites the door

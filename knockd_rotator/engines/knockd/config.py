@@ -11,7 +11,6 @@ from knockd_rotator.core.generator import (
 from knockd_rotator.core.plan import is_rotator
 
 
-#
 # knockd 0.8 reads its file with fgets() and trims C isspace() characters.  A
 # line is blank, a whole-line `#` comment, a `[section]` header, or a
 # `key = value` directive (key: text before the first `=`, trimmed,
@@ -422,7 +421,6 @@ def refuse_errors(config_path, errors):
     raise RotatorError("%s line %d: %s" % (config_path, number, what), fix, EXIT_CONFIG)
 
 
-#
 # add-client gives one client a door of its own: a comment line naming the
 # client, then `[NAME_SERVICE_ROTATOR]` with the firewall commands, appended
 # to the user's part of knockd.conf; the client's secret (and mode, PIN) go

@@ -13,7 +13,6 @@ from knockd_rotator.core.uses import BURNING
 from knockd_rotator.engines.knockd.config import numbered_lines, section_body, with_lines_appended
 
 
-#
 # For GRACE seconds after a boundary the previous sequence still opens each
 # rotator door: a block at the end of the file holds, for each rotator
 # section, a sibling `[NAME_GRACE]` with the same directives and the previous

@@ -41,7 +41,6 @@ def crowded_knockd(lines):
             "clients to knockd of their own: docs/SCALE.md)" % (doors, peak))
 
 
-#
 # knockd compiles one capture filter for all its doors, at a cost that grows
 # with the square of their number, and hears no knock meanwhile (docs/SCALE.md).  So add-client gives knockd.conf at most DOORS_PER_KNOCKD doors,
 # and puts further clients into files of their own, knockd_rotator.d/N.conf
