@@ -67,14 +67,14 @@ from concurrent_knockers import commands, state_of
 from knock_latency import INSIDE, SERVER, in_own_namespace, need_root_and
 
 sys.path.insert(0, str(SERVER.parent))
-from knockd_rotator.clients import firewalls
-from knockd_rotator.clients import manage
-from knockd_rotator.core import files as core_files
-from knockd_rotator.core import generator
-from knockd_rotator.core import settings as core_settings
-from knockd_rotator.engines.knockd import burns
-from knockd_rotator.engines.knockd import config as knockd_config
-from knockd_rotator.engines.knockd import instances as knockd_instances
+from knockd_rotator.clients import firewalls  # noqa: E402
+from knockd_rotator.clients import manage  # noqa: E402
+from knockd_rotator.core import files as core_files  # noqa: E402
+from knockd_rotator.core import generator  # noqa: E402
+from knockd_rotator.core import settings as core_settings  # noqa: E402
+from knockd_rotator.engines.knockd import burns  # noqa: E402
+from knockd_rotator.engines.knockd import config as knockd_config  # noqa: E402
+from knockd_rotator.engines.knockd import instances as knockd_instances  # noqa: E402
 
 SERVICE_PORT = 22          # add-client's default
 FIREWALL = "iptables"

@@ -74,11 +74,11 @@ from knock_latency import CLIENT, INSIDE, SERVER, iptables, in_own_namespace, ne
 from knockd_scale import MALLOC_ASSIGNMENTS
 
 sys.path.insert(0, str(SERVER.parent))
-from knockd_rotator.core import files as core_files
-from knockd_rotator.core import settings as core_settings
-from knockd_rotator.engines.knockd import config as knockd_config
-from knockd_rotator.engines.knockd import grace as knockd_grace
-from knockd_rotator.engines.knockd import instances
+from knockd_rotator.core import files as core_files  # noqa: E402
+from knockd_rotator.core import settings as core_settings  # noqa: E402
+from knockd_rotator.engines.knockd import config as knockd_config  # noqa: E402
+from knockd_rotator.engines.knockd import grace as knockd_grace  # noqa: E402
+from knockd_rotator.engines.knockd import instances  # noqa: E402
 
 PORT = 2222             # knocker N checks PORT + N
 PERIOD = 10
@@ -337,7 +337,7 @@ def measure(folder, rotations, knockers, doors, per_knockd, lead):
     files = layout(doors, per_knockd)
     knocked = knocked_doors(files, knockers)
     knockds = []
-    server_log = folder / "core_files.log"
+    server_log = folder / "server.log"
     process = None
     try:
         knockds = start_knockds(folder, files, knocked)

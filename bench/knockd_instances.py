@@ -93,7 +93,7 @@ from knock_latency import INSIDE, SERVER, in_own_namespace, need_root_and  # noq
 from knockd_scale import MALLOC_ASSIGNMENTS, sequences  # noqa: E402
 
 sys.path.insert(0, str(SERVER.parent))
-from knockd_rotator.core import settings as core_settings
+from knockd_rotator.core import settings as core_settings  # noqa: E402
 
 INTERVAL = 0.020          # one probe attempt per knockd that is reloading, every 20 ms
 POLL = 0.002              # how often the SIGHUP files and the logs are read

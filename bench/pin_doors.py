@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from knockd_rotator.core import settings as core_settings
-from knockd_rotator.engines.knockd import render
+from knockd_rotator.core import settings as core_settings  # noqa: E402
+from knockd_rotator.engines.knockd import render  # noqa: E402
 
 SERVER = Path(__file__).resolve().parent.parent / "knockd_rotator_server.py"
 PERIOD = 20

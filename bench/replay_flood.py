@@ -35,11 +35,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from knockd_rotator.core import commands
-from knockd_rotator.core import generator
-from knockd_rotator.core import settings as core_settings
-from knockd_rotator.core import uses
-from knockd_rotator.engines.knockd import burns as knockd_burns
+from knockd_rotator.core import commands  # noqa: E402
+from knockd_rotator.core import generator  # noqa: E402
+from knockd_rotator.core import settings as core_settings  # noqa: E402
+from knockd_rotator.core import uses  # noqa: E402
+from knockd_rotator.engines.knockd import burns as knockd_burns  # noqa: E402
 
 PERIOD = 86400
 OTHER_KNOCKS = 12

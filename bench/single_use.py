@@ -25,8 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from knockd_rotator.core import generator
-from knockd_rotator.core import settings as core_settings
+from knockd_rotator.core import generator  # noqa: E402
+from knockd_rotator.core import settings as core_settings  # noqa: E402
 
 SEND = r"""
 import socket, struct, sys
