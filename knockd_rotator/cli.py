@@ -61,57 +61,20 @@ def boundary_moment(text):
     return bounded_number(text, 0, AT_MAX, "a UNIX time")
 
 
-def build_parser():
-    parser = Parser(prog=os.path.basename(sys.argv[0]), allow_abbrev=False,
-                    description="Rotate the sequences of the [*_ROTATOR] doors of knockd.conf "
-                                "and make knockd load them.",
-                    epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
-    parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
-                        help="knockd's configuration (default %s)" % DEFAULT_CONFIG)
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--dry-run", action="store_true",
-                      help="print the unified diff; write, reload and schedule nothing")
-    mode.add_argument("--watch", action="store_true",
-                      help="keep running: rotate at every boundary and grace end, until "
-                           "SIGTERM (for short periods; see knockd_rotator-watch.service)")
-    mode.add_argument("--schedule", action="store_true",
-                      help="also leave a boundary run for an event before the timer's next "
-                           "run (knockd_rotator.service's own runs; by hand, rotate without it)")
-    # A boundary run: sleep until this UNIX time, then rotate (see scheduling.py).
-    mode.add_argument("--at", type=boundary_moment, help=argparse.SUPPRESS)
-    parser.add_argument("--verbose", action="store_true", help="say more")
-    commands = parser.add_subparsers(dest="command", metavar="[COMMAND]")
+def add_command(subparsers, name, help_text, examples):
+    """The subcommand NAME among SUBPARSERS, with its help, its examples and
+    a --config of its own."""
+    sub = subparsers.add_parser(name, allow_abbrev=False, help=help_text,
+                                description=help_text + ".", epilog="examples:\n" + examples,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # SUPPRESS: a --config given before the command word stays in force.
+    sub.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
+                     help="knockd's configuration (default %s)" % DEFAULT_CONFIG)
+    return sub
 
-    def command(name, help_text, examples):
-        sub = commands.add_parser(name, allow_abbrev=False, help=help_text,
-                                  description=help_text + ".", epilog="examples:\n" + examples,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-        # SUPPRESS: a --config given before the command word stays in force.
-        sub.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
-                         help="knockd's configuration (default %s)" % DEFAULT_CONFIG)
-        return sub
 
-    command("check", "Check knockd.conf against knockd 0.8's grammar and its silent traps",
-            "  check\n  check --config /tmp/knockd.conf\n"
-            "exit codes: 0 no errors (warnings are allowed), 4 errors, 2 bad command line")
-    status_parser = command(
-        "status", "Show whether every rotator door holds the current sequence",
-        "  status\n  status --json\n  status --show-sequences\n"
-        "exit codes (monitoring convention): 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN")
-    status_parser.add_argument("--json", action="store_true", help="print JSON")
-    status_parser.add_argument("--show-sequences", action="store_true",
-                               help="include the sequences (hidden by default)")
-    add = command(
-        "add-client", "Enrol a client: a door of its own with a new secret, then print "
-        "its set-up",
-        "  add-client alice --firewall iptables\n"
-        "  add-client bob --service https --port 443 --firewall nftables --pin\n"
-        "  add-client carol --firewall ufw --totp --pin  (an authenticator app's codes)\n"
-        "  add-client dave --firewall iptables --totp --pin --qr-png /root/dave.png\n"
-        "                          (the QR code also as an image: too tall for 24 lines)\n"
-        "The door is [NAME_SERVICE_ROTATOR]; the secret goes into the environment file\n"
-        "(mode 0600) and is printed once, here, for the client.")
+def add_client_arguments(add):
+    """add-client's arguments, onto its parser ADD."""
     add.add_argument("name", metavar="NAME", type=lambda text: check_name("client", text),
                      help="the client's name: letters, digits, '-'")
     add.add_argument("--service", default="ssh", type=lambda text: check_name("service", text),
@@ -134,23 +97,76 @@ def build_parser():
     add.add_argument("--no-single-use", dest="single_use", action="store_false",
                      help="let a sequence open the door again until its period ends (by "
                           "default each opening burns it: see Single-use knocks)")
+
+
+def add_burn_command(subparsers):
+    """burn, which a single-use door's start_command runs, among SUBPARSERS."""
+    burn = add_command(subparsers, "burn", "Move a single-use door on to its next sequence "
+                       "(its start_command runs this when it opens)",
+                       "  start_command = /usr/local/sbin/knockd_rotator_server.py burn "
+                       "ssh_ROTATOR & <what opens the port>\n"
+                       "The door needs KNOCKD_ROTATOR_SINGLE_USE=1 (or _SINGLE_USE_<NAME>=1); "
+                       "its\ngrace sibling burns itself as DOOR_GRACE.")
+    burn.add_argument("door", metavar="DOOR", help="the [*_ROTATOR] door that opened")
+    burn.add_argument("--use", metavar="START:N",
+                      help="the use that opened it, which the rotation writes into the "
+                           "start_command (period start, counter): only its first opening "
+                           "burns; without it every opening burns one more use")
+
+
+def build_parser():
+    parser = Parser(prog=os.path.basename(sys.argv[0]), allow_abbrev=False,
+                    description="Rotate the sequences of the [*_ROTATOR] doors of knockd.conf "
+                                "and make knockd load them.",
+                    epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
+    parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
+                        help="knockd's configuration (default %s)" % DEFAULT_CONFIG)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true",
+                      help="print the unified diff; write, reload and schedule nothing")
+    mode.add_argument("--watch", action="store_true",
+                      help="keep running: rotate at every boundary and grace end, until "
+                           "SIGTERM (for short periods; see knockd_rotator-watch.service)")
+    mode.add_argument("--schedule", action="store_true",
+                      help="also leave a boundary run for an event before the timer's next "
+                           "run (knockd_rotator.service's own runs; by hand, rotate without it)")
+    # A boundary run: sleep until this UNIX time, then rotate (see scheduling.py).
+    mode.add_argument("--at", type=boundary_moment, help=argparse.SUPPRESS)
+    parser.add_argument("--verbose", action="store_true", help="say more")
+    subparsers = parser.add_subparsers(dest="command", metavar="[COMMAND]")
+
+    def command(name, help_text, examples):
+        return add_command(subparsers, name, help_text, examples)
+
+    command("check", "Check knockd.conf against knockd 0.8's grammar and its silent traps",
+            "  check\n  check --config /tmp/knockd.conf\n"
+            "exit codes: 0 no errors (warnings are allowed), 4 errors, 2 bad command line")
+    status_parser = command(
+        "status", "Show whether every rotator door holds the current sequence",
+        "  status\n  status --json\n  status --show-sequences\n"
+        "exit codes (monitoring convention): 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN")
+    status_parser.add_argument("--json", action="store_true", help="print JSON")
+    status_parser.add_argument("--show-sequences", action="store_true",
+                               help="include the sequences (hidden by default)")
+    add = command(
+        "add-client", "Enrol a client: a door of its own with a new secret, then print "
+        "its set-up",
+        "  add-client alice --firewall iptables\n"
+        "  add-client bob --service https --port 443 --firewall nftables --pin\n"
+        "  add-client carol --firewall ufw --totp --pin  (an authenticator app's codes)\n"
+        "  add-client dave --firewall iptables --totp --pin --qr-png /root/dave.png\n"
+        "                          (the QR code also as an image: too tall for 24 lines)\n"
+        "The door is [NAME_SERVICE_ROTATOR]; the secret goes into the environment file\n"
+        "(mode 0600) and is printed once, here, for the client.")
+    add_client_arguments(add)
     remove = command("remove-client", "Remove a client's door and settings, then reload knockd",
                      "  remove-client alice")
     remove.add_argument("name", metavar="NAME", type=lambda text: check_name("client", text),
                         help="the client's name")
     command("list-clients", "List the rotator doors and their clients (never a secret)",
             "  list-clients")
-    burn = command("burn", "Move a single-use door on to its next sequence (its start_command "
-                   "runs this when it opens)",
-                   "  start_command = /usr/local/sbin/knockd_rotator_server.py burn "
-                   "ssh_ROTATOR & <what opens the port>\n"
-                   "The door needs KNOCKD_ROTATOR_SINGLE_USE=1 (or _SINGLE_USE_<NAME>=1); its\n"
-                   "grace sibling burns itself as DOOR_GRACE.")
-    burn.add_argument("door", metavar="DOOR", help="the [*_ROTATOR] door that opened")
-    burn.add_argument("--use", metavar="START:N",
-                      help="the use that opened it, which the rotation writes into the "
-                           "start_command (period start, counter): only its first opening "
-                           "burns; without it every opening burns one more use")
+    add_burn_command(subparsers)
     return parser
 
 

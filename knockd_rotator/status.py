@@ -58,15 +58,10 @@ def check(config_path, environ):
                for path in paths)
 
 
-def check_file(config_path, environ, settings, whole_run):
-    """check() of one file; WHOLE_RUN: also what concerns every file."""
-    lines = parse_config(read_config(config_path))
-    user_lines, _ = split_grace_block(lines)
-    doors = rotator_doors(user_lines)
-    placed = with_placeholders(user_lines)
-    errors = sorted(config_errors(placed) + rotator_errors(placed) + trap_errors(placed)
-                    + file_errors(placed))
-    warnings = trap_warnings(placed) + ipv6_warnings(placed)
+def one_time_warnings(placed):
+    """(line, what, fix) of the one_time_sequences files PLACED names: used up,
+    or with a line longer than the one before it."""
+    warnings = []
     for line, path, supply in one_time_supplies(placed):
         if isinstance(supply, OSError):
             continue
@@ -77,15 +72,22 @@ def check_file(config_path, environ, settings, whole_run):
                       "than the line before it: once knockd 0.8 moves on to it, other doors "
                       "go deaf" % (number, path), "give every line as many ports")
                      for number in supply.longer]
+    return warnings
+
+
+def unrotated_doors(user_lines):
+    """(line, what, fix) of each rotator door of USER_LINES without a sequence yet."""
     with_sequence = door_sequences(user_lines)
-    unrotated = [(line.number, "rotator door [%s] has no sequence yet: knockd refuses to "
-                  "start until a rotation writes one" % line.section.decode("utf-8", "replace"),
-                  "run knockd_rotator_server.py once")
-                 for line in user_lines if line.kind == "section" and is_rotator(line.section)
-                 and line.section.decode("utf-8", "surrogateescape") not in with_sequence]
-    warnings += unrotated
-    environ = with_env_file(environ, settings["ENV_FILE"])
-    settings_of = settings_reader(environ)
+    return [(line.number, "rotator door [%s] has no sequence yet: knockd refuses to "
+             "start until a rotation writes one" % line.section.decode("utf-8", "replace"),
+             "run knockd_rotator_server.py once")
+            for line in user_lines if line.kind == "section" and is_rotator(line.section)
+            and line.section.decode("utf-8", "surrogateescape") not in with_sequence]
+
+
+def checked_door_settings(user_lines, settings_of, errors):
+    """{door: settings} of the rotator doors of USER_LINES; a door whose
+    settings are wrong is appended to ERRORS at its first line instead."""
     first_lines = {}
     for line in user_lines:
         if line.kind == "section" and is_rotator(line.section):
@@ -96,6 +98,22 @@ def check_file(config_path, environ, settings, whole_run):
             door_settings[door] = settings_of(door)
         except RotatorError as exc:
             errors.append((number, "door [%s]: %s" % (door, exc.what), exc.fix))
+    return door_settings
+
+
+def check_file(config_path, environ, settings, whole_run):
+    """check() of one file; WHOLE_RUN: also what concerns every file."""
+    lines = parse_config(read_config(config_path))
+    user_lines, _ = split_grace_block(lines)
+    doors = rotator_doors(user_lines)
+    placed = with_placeholders(user_lines)
+    errors = sorted(config_errors(placed) + rotator_errors(placed) + trap_errors(placed)
+                    + file_errors(placed))
+    unrotated = unrotated_doors(user_lines)
+    warnings = (trap_warnings(placed) + ipv6_warnings(placed) + one_time_warnings(placed)
+                + unrotated)
+    environ = with_env_file(environ, settings["ENV_FILE"])
+    door_settings = checked_door_settings(user_lines, settings_reader(environ), errors)
     for number, what, fix in errors:
         print("error: " + finding(config_path, number, what, fix), file=sys.stderr)
     refusal, untried = (None, None) if errors else trial.knockd_trial(placed, settings)

@@ -171,7 +171,6 @@ def client_environment(environ, door):
 def add_client(config_path, environ, now, args):
     """Enrol a client: a door of its own, a new secret, one rotation; then
     print what the client needs."""
-    import secrets
     name = args.name
     door = "%s_%s%s" % (name, args.service, ROTATOR_SUFFIX)
     if args.totp and not args.pin:
@@ -181,16 +180,7 @@ def add_client(config_path, environ, now, args):
     if args.qr_png is not None:
         check_qr_png(args.qr_png, environ)
     commands = firewall_commands(args.firewall, args.port, environ)
-    if args.totp:
-        import base64
-        secret = base64.b32encode(secrets.token_bytes(TOTP_NEW_KEY_BYTES)).decode()
-        assignments = [(own_variable("SECRET", door), secret),
-                       (own_variable("MODE", door), "totp")]
-    else:
-        secret = secrets.token_urlsafe(32)
-        assignments = [(own_variable("SECRET", door), secret)]
-    if args.pin:
-        assignments.append((own_variable("PIN", door), read_new_pin(door)))
+    secret, assignments = new_secrets(args, door)
     settings = server_settings(environ)
     env_path = settings["ENV_FILE"]
     if args.single_use:
@@ -233,12 +223,36 @@ def add_client(config_path, environ, now, args):
                 os.unlink(target)
             raise
     tell_next_event(config_path, plan.event, now, settings)
+    print_enrolment(args, door, target, secret, change.environ, environ)
+    return EXIT_OK
 
+
+def new_secrets(args, door):
+    """(secret, [(variable, value)]) of a new client's DOOR: a new secret, or
+    TOTP key, and the PIN the admin types, for the environment file."""
+    import secrets
+    if args.totp:
+        import base64
+        secret = base64.b32encode(secrets.token_bytes(TOTP_NEW_KEY_BYTES)).decode()
+        assignments = [(own_variable("SECRET", door), secret),
+                       (own_variable("MODE", door), "totp")]
+    else:
+        secret = secrets.token_urlsafe(32)
+        assignments = [(own_variable("SECRET", door), secret)]
+    if args.pin:
+        assignments.append((own_variable("PIN", door), read_new_pin(door)))
+    return secret, assignments
+
+
+def print_enrolment(args, door, target, secret, door_environ, environ):
+    """What the client enrolled into DOOR of TARGET needs, printed once:
+    its settings (from DOOR_ENVIRON), as text and QR code, and how to knock."""
     import socket
+    name = args.name
     host = args.host or socket.gethostname()
     service = door[:-len(ROTATOR_SUFFIX)]
     client_lines = "".join("%s=%s\n" % pair
-                           for pair in client_environment(change.environ, door).items())
+                           for pair in client_environment(door_environ, door).items())
     print("Client %s enrolled: door [%s] in %s opens tcp port %d (%s).\n"
           % (name, door, target, args.port, args.firewall))
     if args.totp:
@@ -262,7 +276,6 @@ def add_client(config_path, environ, now, args):
     if args.qr_png is not None:
         write_qr_png(args.qr_png, scanned, environ, name)
         print("\nThe QR code is in %s too (mode 0600): delete it once scanned." % args.qr_png)
-    return EXIT_OK
 
 
 def remove_client(config_path, environ, now, name):

@@ -1,6 +1,6 @@
-"""What every door holds at a moment, whatever enforces it: the period a door holds, the next
-event, which doors rotate.
-"""
+"""What every door holds at a moment, whatever enforces it (plan_doors): the period
+and sequence of each rotator door, its use counter, its grace sibling, the next
+event.  Pure: a function of the settings, the counters and the moment."""
 
 from knockd_rotator.core.generator import period_start, ROTATOR_SUFFIX
 
