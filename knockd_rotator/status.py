@@ -13,6 +13,7 @@ from knockd_rotator.core.generator import (
 from knockd_rotator.core.plan import AT_MAX, is_rotator, use_count
 from knockd_rotator.core.settings import server_settings, settings_reader, with_env_file
 from knockd_rotator.core.uses import BURNING, BURST_BURNS, BURST_SECONDS, door_openings, read_uses
+from knockd_rotator.engines import knockd as engine
 from knockd_rotator.engines.knockd import trial
 from knockd_rotator.engines.knockd.config import (
     config_errors, door_sequences, finding, ipv6_warnings, parse_config, rotator_doors,
@@ -21,9 +22,8 @@ from knockd_rotator.engines.knockd.grace import split_grace_block
 from knockd_rotator.engines.knockd.instances import (
     CROWDED_DOORS, crowded_knockd, door_load, knockd_files, settings_for)
 from knockd_rotator.engines.knockd.one_time import file_errors, one_time_supplies
-from knockd_rotator.engines.knockd.render import plan_rotation
 from knockd_rotator.engines.knockd.processes import knockd_listening
-from knockd_rotator.engines.knockd.reload import file_digest, knockd_runs, loaded_digest
+from knockd_rotator.engines.knockd.render import plan_rotation
 
 
 def weak_doors(settings):
@@ -298,6 +298,7 @@ def knockd_status(config_path, environ, settings, now):
             last = int(handle.read())
     except (OSError, ValueError):
         last = None
+    enforced = engine.status(config_path, settings, old_data)
     report = {
         "config": config_path, "now": int(now), "checked_with": source,
         "next_rotation_in": min((door["next_rotation_in"] for door in doors), default=None),
@@ -306,21 +307,9 @@ def knockd_status(config_path, environ, settings, now):
                             if door["grace_active"]), default=None),
         "grace_block_present": bool(old_block),
         "file_current": file_current,
-        "knockd_active": knockd_runs(settings), "last_rotation": last, "doors": doors,
+        "knockd_active": enforced["knockd_active"], "last_rotation": last, "doors": doors,
     }
-    report["knockd_listening"], report["knockd_listening_why"] = knockd_listening(config_path)
-    loaded = loaded_digest(settings["STATE_DIR"])
-    report["knockd_loaded"] = None if loaded is None else loaded == file_digest(old_data)
-    report["file_written"] = int(os.stat(config_path).st_mtime)
-    lines = parse_config(old_data)
-    report["knockd"] = settings["UNIT"]
-    report["door_count"], report["doors_in_grace"] = door_load(lines)
-    report["doors_per_knockd"] = settings["DOORS_PER_KNOCKD"]
-    report["crowded"] = crowded_knockd(lines)
-    report["one_time_sequences"] = [
-        {"file": path, "unused": None if isinstance(supply, OSError) else supply.unused,
-         "kept": not isinstance(supply, OSError) and supply.kept}
-        for _, path, supply in one_time_supplies(lines)]
+    report.update(enforced)
     return report
 
 

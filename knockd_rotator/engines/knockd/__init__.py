@@ -4,7 +4,7 @@ These functions are the seam through which the rotation (rotation.py) has
 the core's plan of the doors (core/plan.py) enforced, and learns that it
 took.  Before a run reads its file: prepare, resume.  The plan: plan, keep,
 diff.  Applying it, with the evidence that it took: loaded, heal, confirm,
-fallback, apply, settle.
+fallback, apply, settle.  What `status` reports of it: status.
 """
 
 import os
@@ -14,13 +14,15 @@ from knockd_rotator.core.generator import RotatorError
 from knockd_rotator.core.settings import settings_reader, with_env_file
 from knockd_rotator.core.uses import BURNING
 from knockd_rotator.engines.knockd.config import (
-    door_sequences, finding, refuse_errors, unified_diff)
-from knockd_rotator.engines.knockd.instances import crowded_knockd
-from knockd_rotator.engines.knockd.one_time import file_errors, keep_one_time_sequences
-from knockd_rotator.engines.knockd.render import plan_rotation
+    door_sequences, finding, parse_config, refuse_errors, unified_diff)
+from knockd_rotator.engines.knockd.instances import crowded_knockd, door_load
+from knockd_rotator.engines.knockd.one_time import (
+    file_errors, keep_one_time_sequences, one_time_supplies)
+from knockd_rotator.engines.knockd.processes import knockd_listening
 from knockd_rotator.engines.knockd.reload import (
     file_digest, heal_knockd, knockd_runs, last_good, load_into_knockd, loaded_digest,
     remember_good)
+from knockd_rotator.engines.knockd.render import plan_rotation
 from knockd_rotator.engines.knockd.trial import remove_stale_trials, try_on_knockd
 from knockd_rotator.engines.knockd.upkeep import restart_when_grown, resume_stopped_knockd
 
@@ -135,3 +137,24 @@ def settle(config_path, settings, applied):
     # After a reload, not a start: knockd's first reload keeps the heap
     # of its filter (4.5 to 27.5 MB at 100 doors), which is no leak.
     return was_running and not warning and restart_when_grown(config_path, settings)
+
+
+def status(config_path, settings, data):
+    """What `status` reports of the knockd reading CONFIG_PATH (which holds
+    DATA): whether it runs, hears knocks and was seen to load DATA, and the
+    load that DATA's doors and one_time_sequences files put on it."""
+    found = {"knockd_active": knockd_runs(settings)}
+    found["knockd_listening"], found["knockd_listening_why"] = knockd_listening(config_path)
+    loaded = loaded_digest(settings["STATE_DIR"])
+    found["knockd_loaded"] = None if loaded is None else loaded == file_digest(data)
+    found["file_written"] = int(os.stat(config_path).st_mtime)
+    lines = parse_config(data)
+    found["knockd"] = settings["UNIT"]
+    found["door_count"], found["doors_in_grace"] = door_load(lines)
+    found["doors_per_knockd"] = settings["DOORS_PER_KNOCKD"]
+    found["crowded"] = crowded_knockd(lines)
+    found["one_time_sequences"] = [
+        {"file": path, "unused": None if isinstance(supply, OSError) else supply.unused,
+         "kept": not isinstance(supply, OSError) and supply.kept}
+        for _, path, supply in one_time_supplies(lines)]
+    return found
