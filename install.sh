@@ -15,8 +15,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=${DESTDIR:-}
 sbin=$root/usr/local/sbin
 bin=$root/usr/local/bin
-# The client that /usr/local/bin runs, imported from here by a launcher.
+# The client that /usr/local/bin runs, imported from here by a launcher, and
+# the server's package, which the server in /usr/local/sbin imports.
 lib=$root/usr/local/lib/knockd_rotator
+package=knockd_rotator
 units=$root/etc/systemd/system
 env_file=$root/etc/knockd_rotator.env
 state=$root/var/lib/knockd_rotator
@@ -45,6 +47,12 @@ install_all() {
     install -d -m 0755 "$lib"
     install -m 0644 "$here/knockd_rotator_client.py" "$lib/knockd_rotator_client.py"
     python3 -m py_compile "$lib/knockd_rotator_client.py"
+    # Anew, so that a module an update removed does not stay behind.
+    rm -rf "${lib:?}/$package"
+    (cd "$here" && find "$package" -name '*.py') | while read -r module; do
+        install -D -m 0644 "$here/$module" "$lib/$module"
+    done
+    python3 -m compileall -q "$lib/$package"
     cat >"$bin/knockd_rotator_client.py" <<'LAUNCHER'
 #!/usr/bin/env python3
 """knockd-rotator client launcher: runs ../lib/knockd_rotator/knockd_rotator_client.py,
@@ -86,7 +94,8 @@ PYTHON
     fi
     systemctl_here daemon-reload
     cat <<NEXT
-installed: $sbin/knockd_rotator_server.py, $sbin/knockd_rotator_client.py,
+installed: $sbin/knockd_rotator_server.py (runs $lib/$package/),
+           $sbin/knockd_rotator_client.py,
            $bin/knockd_rotator_client.py (runs $lib/knockd_rotator_client.py),
            $units/{$(echo $unit_files | tr ' ' ',')},
            $dropin_dir/$dropin (restarts knockd when it dies)

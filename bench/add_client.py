@@ -67,7 +67,14 @@ from concurrent_knockers import commands, state_of
 from knock_latency import INSIDE, SERVER, in_own_namespace, need_root_and
 
 sys.path.insert(0, str(SERVER.parent))
-import knockd_rotator_server as server  # noqa: E402
+from knockd_rotator.clients import firewalls  # noqa: E402
+from knockd_rotator.clients import manage  # noqa: E402
+from knockd_rotator.core import files as core_files  # noqa: E402
+from knockd_rotator.core import generator  # noqa: E402
+from knockd_rotator.core import settings as core_settings  # noqa: E402
+from knockd_rotator.engines.knockd import burns  # noqa: E402
+from knockd_rotator.engines.knockd import config as knockd_config  # noqa: E402
+from knockd_rotator.engines.knockd import instances as knockd_instances  # noqa: E402
 
 SERVICE_PORT = 22          # add-client's default
 FIREWALL = "iptables"
@@ -108,7 +115,7 @@ class Layout:
     def __init__(self, folder, existing, per_knockd):
         self.folder, self.existing = folder, existing
         self.config = folder / "knockd.conf"
-        self.instances = folder / server.INSTANCE_FOLDER
+        self.instances = folder / knockd_instances.INSTANCE_FOLDER
         self.env_file = folder / "rotator.env"
         self.state = folder / "state"
         self.log = folder / "knockd.log"
@@ -134,7 +141,7 @@ class Layout:
         return self.folder / ("knockd-%s.pid" % path.stem)
 
     def files(self):
-        return [Path(path) for path in server.knockd_files(str(self.config))]
+        return [Path(path) for path in knockd_instances.knockd_files(str(self.config))]
 
     def add_client(self, name):
         """One timed add-client: (wall s, CPU s, the file it chose, its error output)."""
@@ -159,7 +166,7 @@ class Layout:
         """The doors and secrets of SELF.existing clients, as add-client
         writes them (client_door_lines, its burn command, its file placement
         and new instance files), without running it."""
-        base = server.firewall_commands(FIREWALL, SERVICE_PORT, self.env)
+        base = firewalls.firewall_commands(FIREWALL, SERVICE_PORT, self.env)
         counts, _ = placement(self.existing, per_knockd)
         paths = [str(self.config)] + [str(self.instances / ("%d.conf" % number))
                                       for number in range(1, len(counts))]
@@ -172,20 +179,20 @@ class Layout:
             # add-client makes an instance's file from knockd.conf as it is
             # then (full: the clients fill knockd.conf first).
             if index:
-                data[paths[index]] = bytearray(server.instance_options(
-                    server.parse_config(bytes(data[paths[0]]))))
+                data[paths[index]] = bytearray(knockd_instances.instance_options(
+                    knockd_config.parse_config(bytes(data[paths[0]]))))
             for _ in range(count):
                 number += 1
                 name = "c%04d" % number
-                door = "%s_ssh%s" % (name, server.ROTATOR_SUFFIX)
-                burn = server.burn_command(paths[index], door, self.env)
+                door = "%s_ssh%s" % (name, generator.ROTATOR_SUFFIX)
+                burn = burns.burn_command(paths[index], door, self.env)
                 door_commands = (burn + base[0], base[1], burn + base[2], base[3])
-                data[paths[index]] += b"".join(server.client_door_lines(name, door,
+                data[paths[index]] += b"".join(manage.client_door_lines(name, door,
                                                                         door_commands, b"\n"))
-                assignments += [(server.own_variable("SECRET", door), secrets.token_urlsafe(32)),
-                                (server.own_variable("SINGLE_USE", door), "1")]
+                assignments += [(generator.own_variable("SECRET", door), secrets.token_urlsafe(32)),
+                                (generator.own_variable("SINGLE_USE", door), "1")]
         for path, content in data.items():
-            server.replace_file(path, bytes(content), create=True)
+            core_files.replace_file(path, bytes(content), create=True)
         with open(self.env_file, "a") as handle:
             handle.write("".join("%s=%s\n" % pair for pair in assignments))
 
@@ -249,7 +256,7 @@ class Layout:
         for path, data in saved.items():
             if path.read_bytes() == data:
                 continue
-            server.replace_file(str(path), data)
+            core_files.replace_file(str(path), data)
             pid, reloads = self.pid(path), self.log.read_text().count("re-reading config file")
             os.kill(pid, 1)
             wait(lambda: self.log.read_text().count("re-reading config file") > reloads
@@ -270,7 +277,7 @@ def wait(predicate, seconds, what):
 def firewall():
     """The rules add-client prints for its iptables doors (the recent list
     it warns about without them)."""
-    for rule in server.firewall_rules(FIREWALL, SERVICE_PORT, server.CLIENT_CMD_TIMEOUT):
+    for rule in firewalls.firewall_rules(FIREWALL, SERVICE_PORT, firewalls.CLIENT_CMD_TIMEOUT):
         subprocess.run(rule, shell=True, check=rule.startswith("iptables "),
                        capture_output=True)
 
@@ -370,7 +377,7 @@ def main():
                         "comma-separated (N: with N-1 enrolled before; default: 2, 501, and "
                         "the first to start a new knockd after 1 and after 500)")
     parser.add_argument("--per-knockd", type=int, choices=range(0, 1001),
-                        default=server.DEFAULT_DOORS_PER_KNOCKD, metavar="0-1000",
+                        default=core_settings.DEFAULT_DOORS_PER_KNOCKD, metavar="0-1000",
                         help="KNOCKD_ROTATOR_DOORS_PER_KNOCKD (default %(default)s, the "
                              "server's); 0: all in knockd.conf")
     parser.add_argument("--layout", choices=("write", "enrol"), default="write",

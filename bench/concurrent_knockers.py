@@ -74,7 +74,11 @@ from knock_latency import CLIENT, INSIDE, SERVER, iptables, in_own_namespace, ne
 from knockd_scale import MALLOC_ASSIGNMENTS
 
 sys.path.insert(0, str(SERVER.parent))
-import knockd_rotator_server as server  # noqa: E402
+from knockd_rotator.core import files as core_files  # noqa: E402
+from knockd_rotator.core import settings as core_settings  # noqa: E402
+from knockd_rotator.engines.knockd import config as knockd_config  # noqa: E402
+from knockd_rotator.engines.knockd import grace as knockd_grace  # noqa: E402
+from knockd_rotator.engines.knockd import instances  # noqa: E402
 
 PORT = 2222             # knocker N checks PORT + N
 PERIOD = 10
@@ -181,7 +185,7 @@ class Knockd:
             self.config, self.pidfile = folder / "knockd.conf", folder / "knockd.pid"
             self.log = folder / "knockd.log"
         else:
-            self.config = folder / server.INSTANCE_FOLDER / ("%d.conf" % index)
+            self.config = folder / instances.INSTANCE_FOLDER / ("%d.conf" % index)
             self.pidfile = folder / ("knockd-%d.pid" % index)
             self.log = folder / ("knockd-%d.log" % index)
 
@@ -227,7 +231,7 @@ def start_knockds(folder, files, knocked):
     the server's recover command would; return the Knockds once all listen."""
     knockds = [Knockd(folder, index) for index in range(len(files))]
     if len(files) > 1:
-        (folder / server.INSTANCE_FOLDER).mkdir(mode=0o700)
+        (folder / instances.INSTANCE_FOLDER).mkdir(mode=0o700)
     knocked_set = set(knocked.values())
     for knockd, members in zip(knockds, files):
         knockd.config.touch(mode=0o600)     # live sequences: the server warns of a readable file
@@ -259,7 +263,7 @@ def rotator_env(folder, doors, per_knockd, lead):
         settings["LEAD"] = lead
     settings.update(commands(folder / "knockd.conf", folder / "knockd.pid"))
     settings.update(("INSTANCE_" + name, command) for name, command in commands(
-        folder / server.INSTANCE_FOLDER / "%i.conf", folder / "knockd-%i.pid").items())
+        folder / instances.INSTANCE_FOLDER / "%i.conf", folder / "knockd-%i.pid").items())
     settings.update(("SECRET_" + door_name(door).upper(), secrets.token_urlsafe(32))
                     for door in range(doors))
     env.update({"KNOCKD_ROTATOR_" + name: str(value) for name, value in settings.items()})
@@ -393,12 +397,12 @@ def boundary_lags(rewrites, files, env, first, end):
     (REWRITES, see watch) whose first door holds the new period's sequence;
     negative when it came before the boundary, as the server's lead has it.
     None: not within the run."""
-    settings_of = server.settings_reader(env)
+    settings_of = core_settings.settings_reader(env)
     lags = []
     for index, members in enumerate(files):
         door = door_name(members[0]) + "_ROTATOR"
-        held = [(moment, server.door_sequences(server.split_grace_block(
-            server.parse_config(data))[0]).get(door)) for moment, found, data in rewrites
+        held = [(moment, knockd_config.door_sequences(knockd_grace.split_grace_block(
+            knockd_config.parse_config(data))[0]).get(door)) for moment, found, data in rewrites
             if found == index]
         lags.append([next((moment - boundary for moment, sequence in held
                            if sequence == settings_of(door).sequence_at(boundary)), None)
@@ -423,7 +427,7 @@ def report(outcomes, logs, files, knocked, run, health):
         found = RETRY.findall(errors)
         retried += bool(found)
         kinds.update("use N" if kind.startswith("with use") else kind[5:] for kind in found)
-    lead = server.rotation_settings(env, door_name(0) + "_ROTATOR").lead
+    lead = core_settings.rotation_settings(env, door_name(0) + "_ROTATOR").lead
     print("interpreter: %s (Python %s); period %d s, grace %d s, lead %d s; %d knockers, one "
           "knock a second each, %d s (%d rotations)"
           % (sys.executable, sys.version.split()[0], PERIOD, GRACE, lead, knockers, span,
@@ -528,14 +532,14 @@ def main():
     parser.add_argument("--doors", type=int, choices=range(1, 5001), default=1,
                         metavar="1-5000", help="rotator doors in all, the knocked ones included")
     parser.add_argument("--per-knockd", type=int, choices=range(0, 1001),
-                        default=server.DEFAULT_DOORS_PER_KNOCKD, metavar="0-1000",
+                        default=core_settings.DEFAULT_DOORS_PER_KNOCKD, metavar="0-1000",
                         help="doors in each knockd's file, as KNOCKD_ROTATOR_DOORS_PER_KNOCKD "
                              "(default %(default)s, the server's); 0: all in knockd.conf, "
                              "one knockd")
     parser.add_argument("--lead", type=int, choices=range(0, PERIOD),
                         metavar="0-%d" % (PERIOD - 1),
                         help="KNOCKD_ROTATOR_LEAD (default: the server's, %d s, at most "
-                             "period - grace)" % server.DEFAULT_LEAD)
+                             "period - grace)" % core_settings.DEFAULT_LEAD)
     parser.add_argument(INSIDE, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     # knockd 0.8 exits at about 1000 doors, as many as 500 rotator doors

@@ -93,7 +93,7 @@ from knock_latency import INSIDE, SERVER, in_own_namespace, need_root_and  # noq
 from knockd_scale import MALLOC_ASSIGNMENTS, sequences  # noqa: E402
 
 sys.path.insert(0, str(SERVER.parent))
-import knockd_rotator_server as server  # noqa: E402
+from knockd_rotator.core import settings as core_settings  # noqa: E402
 
 INTERVAL = 0.020          # one probe attempt per knockd that is reloading, every 20 ms
 POLL = 0.002              # how often the SIGHUP files and the logs are read
@@ -647,9 +647,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--doors", default="10,50,100,200,500",
                         help="total door counts, comma-separated (default 10,50,100,200,500)")
-    parser.add_argument("--per-knockd", type=int, default=server.DEFAULT_DOORS_PER_KNOCKD,
+    parser.add_argument("--per-knockd", type=int, default=core_settings.DEFAULT_DOORS_PER_KNOCKD,
                         help="doors per knockd, as KNOCKD_ROTATOR_DOORS_PER_KNOCKD (default %d)"
-                             % server.DEFAULT_DOORS_PER_KNOCKD)
+                             % core_settings.DEFAULT_DOORS_PER_KNOCKD)
     parser.add_argument("--period", type=int, default=20, help="seconds (default 20)")
     parser.add_argument("--grace", type=int, default=5, help="seconds (default 5)")
     parser.add_argument("--cap", type=float, default=60.0,

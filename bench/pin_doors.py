@@ -31,9 +31,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import knockd_rotator_server as server  # noqa: E402
+from knockd_rotator.core import settings as core_settings  # noqa: E402
+from knockd_rotator.engines.knockd import render  # noqa: E402
 
-SERVER = Path(server.__file__).resolve()
+SERVER = Path(__file__).resolve().parent.parent / "knockd_rotator_server.py"
 PERIOD = 20
 
 
@@ -43,7 +44,7 @@ def run_env(environ, folder, **settings):
     env.update(environ, KNOCKD_ROTATOR_STATE_DIR=os.path.join(folder, "state"),
                KNOCKD_ROTATOR_ENV_FILE=os.path.join(folder, "absent.env"),
                KNOCKD_ROTATOR_TRIAL_KNOCKD="", KNOCKD_ROTATOR_CHECK_SECONDS="1")
-    env.update(("KNOCKD_ROTATOR_" + name, "true") for name in server.DEFAULT_COMMANDS)
+    env.update(("KNOCKD_ROTATOR_" + name, "true") for name in core_settings.DEFAULT_COMMANDS)
     env.update(("KNOCKD_ROTATOR_" + name, str(value)) for name, value in settings.items())
     return env
 
@@ -94,7 +95,7 @@ def main():
 
     def rotation(moment):
         started = time.perf_counter()
-        server.plan_rotation(config, data, moment, server.settings_reader(environ))
+        render.plan_rotation(config, data, moment, core_settings.settings_reader(environ))
         return time.perf_counter() - started
 
     first = rotation(now)

@@ -35,7 +35,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import knockd_rotator_server as server  # noqa: E402
+from knockd_rotator.core import commands  # noqa: E402
+from knockd_rotator.core import generator  # noqa: E402
+from knockd_rotator.core import settings as core_settings  # noqa: E402
+from knockd_rotator.core import uses  # noqa: E402
+from knockd_rotator.engines.knockd import burns as knockd_burns  # noqa: E402
 
 PERIOD = 86400
 OTHER_KNOCKS = 12
@@ -132,8 +136,8 @@ def main():
             burn = "KNOCKD_ROTATOR_ENV_FILE=%s %s --config %s burn ssh_ROTATOR & " % (
                 env_file, script, config)
         else:
-            burn = server.burn_command(config, "ssh_ROTATOR", environ).replace(
-                str(server.SCRIPT), script)
+            burn = knockd_burns.burn_command(config, "ssh_ROTATOR", environ).replace(
+                str(commands.SCRIPT), script)
         config.write_text("[options]\n\tlogfile = %s\n[ssh_ROTATOR]\n\tseq_timeout = 10\n"
                           "\ttcpflags = syn\n\tstart_command = %s true\n"
                           "[other_ROTATOR]\n\tseq_timeout = 10\n\ttcpflags = syn\n"
@@ -154,17 +158,17 @@ def main():
             return len(re.findall(pattern, log.read_text(errors="replace")))
 
         def ports(door, use):
-            found = server.with_sequences(server.read_settings(server.env_values(
+            found = core_settings.with_sequences(generator.read_settings(core_settings.env_values(
                 env_file.read_bytes()), door))
             return [item.split(b":")[0].decode() for item in found.sequence_at(
-                server.period_start(time.time(), PERIOD), use).split(b",")]
+                generator.period_start(time.time(), PERIOD), use).split(b",")]
 
         def send(sources, sequence):
             subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-c", SEND,
                             ",".join(sources)] + sequence, check=True)
 
         def counter():
-            return sum(server.read_uses(str(state)).get("ssh_ROTATOR", {})
+            return sum(uses.read_uses(str(state)).get("ssh_ROTATOR", {})
                        .get("counts", {}).values())
 
         replayers = ["127.1.%d.%d" % (index // 250, index % 250 + 1)

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "knockd_rotator_client.py"
 SERVER = ROOT / "knockd_rotator_server.py"
 sys.path.insert(0, str(ROOT))
-from knockd_rotator_server import DEFAULT_LEAD  # noqa: E402
+from knockd_rotator.core.settings import DEFAULT_LEAD  # noqa: E402
 PORT = 2222
 DOOR = """[options]
 \tlogfile = {log}

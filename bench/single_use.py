@@ -25,7 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import knockd_rotator_server as server  # noqa: E402
+from knockd_rotator.core import generator  # noqa: E402
+from knockd_rotator.core import settings as core_settings  # noqa: E402
 
 SEND = r"""
 import socket, struct, sys
@@ -87,12 +88,12 @@ def main():
 
         def count(pattern):
             return len(re.findall(pattern, text()))
-        door = server.with_sequences(server.read_settings(server.env_values(
+        door = core_settings.with_sequences(generator.read_settings(core_settings.env_values(
             env_file.read_bytes()), "ssh_ROTATOR"))
         uses, windows, opened = 0, [], 0
         reloads_before = count("re-reading config file")
         for _ in range(args.knocks):
-            start_time = server.period_start(time.time(), 86400)
+            start_time = generator.period_start(time.time(), 86400)
             ports = [item.split(b":")[0].decode()
                      for item in door.sequence_at(start_time, uses).split(b",")]
             reloads, opens = count("re-reading config file"), count(r"127\.0\.0\.2: ssh_ROTATOR: OPEN")
@@ -108,7 +109,7 @@ def main():
         # A last knock from the replayer's address with the current sequence
         # shows knockd saw its earlier packets too.
         ports = [item.split(b":")[0].decode() for item in door.sequence_at(
-            server.period_start(time.time(), 86400), uses).split(b",")]
+            generator.period_start(time.time(), 86400), uses).split(b",")]
         subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-c", SEND,
                         "127.0.0.3"] + ports, check=True)
         wait(lambda: count(r"127\.0\.0\.3: ssh_ROTATOR: OPEN") >= 1, 5)

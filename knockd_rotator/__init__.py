@@ -1,1 +1,2 @@
-"""knockd-rotator as a package: engines that enforce the doors."""
+"""knockd-rotator as a package: the core plans the doors, an engine enforces them
+(docs/DESIGN.md, "Layout")."""

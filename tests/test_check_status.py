@@ -5,7 +5,9 @@ import os
 
 import pytest
 
-import knockd_rotator_server as server
+from knockd_rotator import status as rotator_status
+from knockd_rotator.core import errors as core_errors
+from knockd_rotator.engines.knockd import config as knockd_config
 from conftest import SECRET, run_server
 from test_server_config import GOLDEN
 
@@ -58,7 +60,7 @@ def test_check_reports_each_trap_with_its_line_and_fix(tmp_path, server_env, nam
     offset = trap_file(config, name, text)
     written = config.read_bytes()
     result = run_server("check", "--config", config, env=server_env())
-    assert result.returncode == server.EXIT_CONFIG, result.stderr
+    assert result.returncode == core_errors.EXIT_CONFIG, result.stderr
     errors = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
     expected = "error: %s line %d: %s" % (config, line + offset, words)
     assert any(e.startswith(expected) and e.endswith(")") and " (" in e for e in errors), \
@@ -74,7 +76,7 @@ def test_a_rotation_refuses_each_trap_before_writing(tmp_path, server_env, name,
     trap_file(config, name, text)
     written = config.read_bytes()
     result = run_server("--config", config, env=server_env(RELOAD_COMMAND="false"))
-    assert result.returncode == server.EXIT_CONFIG
+    assert result.returncode == core_errors.EXIT_CONFIG
     assert words in result.stderr
     assert config.read_bytes() == written
 
@@ -136,7 +138,7 @@ def test_status_ok_critical_warning_unknown(tmp_path, server_env):
     assert "sequence" not in json.dumps(details["doors"]), "no sequence without the flag"
 
     code, report = status_of(config, env, "--show-sequences")
-    held = server.door_sequences(server.parse_config(config.read_bytes()))["ssh_ROTATOR"]
+    held = knockd_config.door_sequences(knockd_config.parse_config(config.read_bytes()))["ssh_ROTATOR"]
     assert report["report"]["doors"][0]["sequence"] == held.decode()
 
     code, report = status_of(config, server_env(GRACE=0, CHECK_COMMAND="false"))
@@ -162,7 +164,7 @@ def test_status_needs_no_secret(tmp_path, server_env):
     config.write_bytes(GOOD_DOOR)
     env = server_env(GRACE=0)
     assert run_server("--config", config, env=env).returncode == 0
-    sequence = server.door_sequences(server.parse_config(config.read_bytes()))["ssh_ROTATOR"]
+    sequence = knockd_config.door_sequences(knockd_config.parse_config(config.read_bytes()))["ssh_ROTATOR"]
     recorded = (tmp_path / "state" / "fingerprints").read_text()
     assert sequence.decode() not in recorded and SECRET not in recorded
     no_secret = server_env(GRACE=0, SECRET=None)
@@ -180,7 +182,7 @@ def test_status_text_hides_sequences(tmp_path, server_env):
     config.write_bytes(GOOD_DOOR)
     env = server_env(GRACE=0)
     assert run_server("--config", config, env=env).returncode == 0
-    sequence = server.door_sequences(server.parse_config(config.read_bytes()))["ssh_ROTATOR"]
+    sequence = knockd_config.door_sequences(knockd_config.parse_config(config.read_bytes()))["ssh_ROTATOR"]
     plain = run_server("st", "--config", config, env=env)
     assert plain.returncode == 0
     assert plain.stdout.startswith("KNOCKD_ROTATOR OK - 1 doors current; next rotation in ")
@@ -197,9 +199,9 @@ def test_status_warns_right_after_a_rotation_is_due_then_turns_critical(lead):
               "grace_active": False, "doors": [{"door": "ssh_ROTATOR", "current": False,
                                                 "previous": True, "period_start": 1000,
                                                 "lead": lead}]}
-    assert server.knockd_state(report) == ("WARNING", ["ssh_ROTATOR: rotation due"])
-    report["now"] = 1000 - lead + server.STATUS_SLACK
-    assert server.knockd_state(report)[0] == "CRITICAL"
+    assert rotator_status.knockd_state(report) == ("WARNING", ["ssh_ROTATOR: rotation due"])
+    report["now"] = 1000 - lead + rotator_status.STATUS_SLACK
+    assert rotator_status.knockd_state(report)[0] == "CRITICAL"
 
 
 def test_command_words_and_their_options(tmp_path, server_env):

@@ -16,7 +16,13 @@ import time
 import pytest
 
 import knockd_rotator_client as client
-import knockd_rotator_server as server
+from knockd_rotator import scheduling
+from knockd_rotator.core import errors as core_errors
+from knockd_rotator.core import files as core_files
+from knockd_rotator.core import generator
+from knockd_rotator.core import settings as core_settings
+from knockd_rotator.engines.knockd import config as knockd_config
+from knockd_rotator.engines.knockd import render as knockd_render
 from conftest import (GUARDED_PORT, ROOT, SECRET, SERVER, Watch, alive_command, need,
                       need_root_and, rotator_env, run_client, run_server, wait_until)
 
@@ -87,25 +93,25 @@ RFC6238_SHA1 = [(59, "94287082"), (1111111109, "07081804"), (1111111111, "140504
 
 @pytest.mark.parametrize("moment, code", RFC6238_SHA1)
 def test_totp_matches_rfc6238_appendix_b(moment, code):
-    assert server.hotp(b"12345678901234567890", moment // 30) == code[-6:]
+    assert core_settings.hotp(b"12345678901234567890", moment // 30) == code[-6:]
 
 
 def test_totp_secret_is_base32_of_at_least_128_bits():
     key = base64.b32encode(b"12345678901234567890").decode()
     settings = client.read_settings({"KNOCKD_ROTATOR_SECRET": key.lower()[:8] + " " + key[8:],
                                      "KNOCKD_ROTATOR_MODE": "totp"}, "x_ROTATOR")
-    assert server.totp_secret(settings) == b"12345678901234567890"
+    assert core_settings.totp_secret(settings) == b"12345678901234567890"
     for bad in ["not base32!", base64.b32encode(b"15 bytes only..").decode()]:
         settings.secret = bad
-        with pytest.raises(server.RotatorError, match="not a base32 TOTP secret of at least 128"):
-            server.totp_secret(settings)
+        with pytest.raises(generator.RotatorError, match="not a base32 TOTP secret of at least 128"):
+            core_settings.totp_secret(settings)
 
 
 def test_the_pin_changes_every_sequence():
     env = {"KNOCKD_ROTATOR_SECRET": SECRET}
     sequences = set()
     for pin in ["", "1234", "1235", "12345"]:
-        settings = server.with_sequences(client.read_settings(
+        settings = core_settings.with_sequences(client.read_settings(
             dict(env, KNOCKD_ROTATOR_PIN=pin), "ssh_ROTATOR"))
         sequences.add(settings.sequence_at(1700000000 // 21600 * 21600))
     assert len(sequences) == 4
@@ -173,13 +179,13 @@ def test_doors_with_their_own_periods_have_their_own_grace(tmp_path):
            "KNOCKD_ROTATOR_GRACE_FAST": "10"}
     start = 1699999980         # a 30 s period start, 15180 s into a 6 h period
     now = start + 3
-    plan = server.plan_rotation("k.conf", config, now, server.settings_reader(env))
+    plan = knockd_render.plan_rotation("k.conf", config, now, core_settings.settings_reader(env))
     assert plan.graced == ["fast_ROTATOR"] and plan.event == start + 10
     text = b"".join(line.raw for line in plan.new_lines)
     assert b"[fast_ROTATOR_GRACE]" in text and b"[ssh_ROTATOR_GRACE]" not in text
     fast = plan.settings["fast_ROTATOR"]
     assert ("\tsequence = %s\n" % fast.sequence_at(start - 30).decode()).encode() in text
-    later = server.plan_rotation("k.conf", text, now + 10, server.settings_reader(env))
+    later = knockd_render.plan_rotation("k.conf", text, now + 10, core_settings.settings_reader(env))
     # The next event: the fast door's lead, 10 s before its next period.
     assert later.graced == [] and later.event == start + 30 - fast.lead == start + 20
     assert b"_GRACE" not in b"".join(line.raw for line in later.new_lines)
@@ -208,7 +214,7 @@ def test_watch_takes_a_new_door_at_once(tmp_path, server_env):
 
 
 def server_sequences(config):
-    return server.door_sequences(server.parse_config(config.read_bytes()))
+    return knockd_config.door_sequences(knockd_config.parse_config(config.read_bytes()))
 
 
 def test_every_run_reads_the_environment_file(tmp_path, server_env):
@@ -221,7 +227,7 @@ def test_every_run_reads_the_environment_file(tmp_path, server_env):
     env_file.chmod(0o600)
     result = run_server("--config", config, env=env)
     assert result.returncode == 0, result.stderr
-    held = server.door_sequences(server.parse_config(config.read_bytes()))["alice_ssh_ROTATOR"]
+    held = knockd_config.door_sequences(knockd_config.parse_config(config.read_bytes()))["alice_ssh_ROTATOR"]
     expected = run_client("gen", "alice_ssh", env=rotator_env(
         SECRET=None, SECRET_ALICE_SSH=SECRET, PERIOD_MODULO=env["KNOCKD_ROTATOR_PERIOD_MODULO"]))
     assert held.decode() + "\n" == expected.stdout
@@ -248,7 +254,7 @@ class Enrol:
     def files(self):
         """Both files, and the names of temporary files left beside them."""
         return self.config.read_bytes(), self.env_file.read_bytes(), sorted(
-            p.name for p in self.config.parent.iterdir() if p.name.endswith(server.TEMP_SUFFIX))
+            p.name for p in self.config.parent.iterdir() if p.name.endswith(core_files.TEMP_SUFFIX))
 
 
 @pytest.fixture
@@ -283,14 +289,14 @@ def test_add_client_then_remove_client(enrol):
     assert oct(os.stat(enrol.env_file).st_mode & 0o777) == "0o600"
     text = enrol.config.read_text()
     assert text.startswith(BASE_CONFIG.decode().replace("\tsequence = 1", "\tsequence = "
-                                                        + server.door_sequences(
-        server.parse_config(enrol.config.read_bytes()))["ssh_ROTATOR"].decode()))
+                                                        + knockd_config.door_sequences(
+        knockd_config.parse_config(enrol.config.read_bytes()))["ssh_ROTATOR"].decode()))
     iptables = shutil.which("iptables")
     door = text[text.index("# knockd_rotator client alice:"):]
     # The burn is gated (its first opening of a use only) and names the use
     # whose sequence the door holds: the period's first.
     record = "%s/burning/alice_ssh_ROTATOR.%d.0" % (
-        enrol.config.parent / "state", server.period_start(time.time(), 31622400))
+        enrol.config.parent / "state", generator.period_start(time.time(), 31622400))
     gate = "{ echo 2>/dev/null >>%s; mkdir %s.burn 2>/dev/null || [ ! -d %s/burning ]; } &&" % (
         record, record, enrol.config.parent / "state")
     assert re.fullmatch(
@@ -305,10 +311,10 @@ def test_add_client_then_remove_client(enrol):
                 "KNOCKD_ROTATOR_[A-Z_]+=('[^']*'|[^ ]+)( KNOCKD_ROTATOR_[A-Z_]+=('[^']*'|[^ ]+))*",
                 re.escape(str(SERVER)), re.escape(str(enrol.config)),
                 re.escape("echo -%IP% > /proc/net/xt_recent/knockd_rotator_22"),
-                re.escape(gate), "%d:0" % server.period_start(time.time(), 31622400)),
+                re.escape(gate), "%d:0" % generator.period_start(time.time(), 31622400)),
         door), door
     # The printed lines make the client compute the door's sequence.
-    held = server.door_sequences(server.parse_config(enrol.config.read_bytes()))
+    held = knockd_config.door_sequences(knockd_config.parse_config(enrol.config.read_bytes()))
     generated = run_client("gen", "alice_ssh", env=client_env(lines))
     assert generated.stdout == held["alice_ssh_ROTATOR"].decode() + "\n"
 
@@ -325,7 +331,7 @@ def test_add_client_then_remove_client(enrol):
     config, env_data, temporaries = enrol.files()
     assert env_data == before[1] and temporaries == []
     assert b"alice" not in config
-    assert server.rotator_doors(server.parse_config(config)) == ["ssh_ROTATOR"]
+    assert knockd_config.rotator_doors(knockd_config.parse_config(config)) == ["ssh_ROTATOR"]
     assert config.replace(held["ssh_ROTATOR"], b"1") == before[0]
 
 
@@ -334,7 +340,7 @@ def test_add_client_with_a_pin_and_the_qr_code(enrol):
     added = enrol.run("add-client", "bob", "--service", "web", "--port", "8443", "--firewall",
                       "iptables", "--pin", input=b"ab12-cd-ef-7\n")
     assert added.returncode == 0, added.stderr
-    values = server.env_values(enrol.env_file.read_bytes())
+    values = core_settings.env_values(enrol.env_file.read_bytes())
     assert values["KNOCKD_ROTATOR_PIN_BOB_WEB"] == "ab12-cd-ef-7"
     lines = client_lines(added.stdout)
     assert "KNOCKD_ROTATOR_SECRET_BOB_WEB" in lines
@@ -365,7 +371,7 @@ def test_add_client_in_totp_mode_prints_the_otpauth_uri(enrol):
                       "--host", "srv", input=b"dave-pin-2468\n")
     assert added.returncode == 0, added.stderr
     uri = re.search(r"otpauth://\S+(?=\))", added.stdout).group(0)
-    secret = server.env_values(enrol.env_file.read_bytes())["KNOCKD_ROTATOR_SECRET_DAVE_SSH"]
+    secret = core_settings.env_values(enrol.env_file.read_bytes())["KNOCKD_ROTATOR_SECRET_DAVE_SSH"]
     assert uri == ("otpauth://totp/knockd-rotator:dave_ssh_ROTATOR%40srv?secret=" + secret +
                    "&issuer=knockd-rotator&algorithm=SHA1&digits=6&period=30")
     assert len(base64.b32decode(secret)) == 20
@@ -472,7 +478,7 @@ def test_an_acl_on_knockd_conf_is_named_and_so_is_its_fix(enrol):
     fix = "setfacl -b %s; chmod 600 %s" % (enrol.config, enrol.config)
     before = enrol.files()
     refused = enrol.run("add-client", "erin", "--firewall", "iptables")
-    assert refused.returncode == server.EXIT_CONFIG, refused.stderr
+    assert refused.returncode == core_errors.EXIT_CONFIG, refused.stderr
     assert "(%s)" % fix in refused.stderr and enrol.files() == before
     rotated = enrol.run()
     assert rotated.returncode == 0, rotated.stderr
@@ -581,7 +587,7 @@ def test_totp_door_opens_with_the_authenticator_code(enrol, guarded, start_knock
                        prefix=["faketime", clock])
     assert added.returncode == 0, added.stderr
     knockd.wait_log(r"re-reading config file", "the reload of add-client")
-    secret = server.env_values(enrol.env_file.read_bytes())["KNOCKD_ROTATOR_SECRET_CAROL_SSH"]
+    secret = core_settings.env_values(enrol.env_file.read_bytes())["KNOCKD_ROTATOR_SECRET_CAROL_SSH"]
     code = independent_totp(secret, moment)
     carol = dict(client_env(client_lines(added.stdout)), TZ="UTC")
     assert "KNOCKD_ROTATOR_SECRET_CAROL_SSH" not in carol, "the phone holds no secret"
@@ -697,9 +703,9 @@ def test_a_boundary_run_derives_its_keys_before_it_sleeps(tmp_path, server_env, 
     its rotation at the event derives none, PIN or totp."""
     derived = []
     real = hashlib.pbkdf2_hmac
-    monkeypatch.setattr(server.hashlib, "pbkdf2_hmac",
+    monkeypatch.setattr(hashlib, "pbkdf2_hmac",
                         lambda *args: derived.append(args[2]) or real(*args))
-    monkeypatch.setattr(server, "KEY_CACHE", {})
+    monkeypatch.setattr(core_settings, "KEY_CACHE", {})
     config = tmp_path / "knockd.conf"
     config.write_bytes(b"".join(b"[c%d_ROTATOR]\n\tstart_command = true\n" % i
                                 for i in range(20)))
@@ -707,14 +713,14 @@ def test_a_boundary_run_derives_its_keys_before_it_sleeps(tmp_path, server_env, 
     env.update(KNOCKD_ROTATOR_MODE_C0="totp",
                KNOCKD_ROTATOR_SECRET_C0="JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP")
     moment = (int(time.time()) // 60 + 5) * 60 + 3
-    server.derive_keys(str(config), env, moment)
+    scheduling.derive_keys(str(config), env, moment)
     assert len(derived) == 20 + 1, "each door's key, and the totp door's of the previous period"
     before = len(derived)
-    plan = server.plan_rotation(str(config), config.read_bytes(), moment,
-                                server.settings_reader(env))
+    plan = knockd_render.plan_rotation(str(config), config.read_bytes(), moment,
+                                core_settings.settings_reader(env))
     assert len(derived) == before, "the rotation at the moment derived a key again"
     assert len(plan.current) == 20
-    server.derive_keys(str(tmp_path / "missing.conf"), env, moment)    # no error escapes
+    scheduling.derive_keys(str(tmp_path / "missing.conf"), env, moment)    # no error escapes
 
 
 def test_the_watch_derives_a_pin_door_s_key_once(monkeypatch):
@@ -722,16 +728,16 @@ def test_the_watch_derives_a_pin_door_s_key_once(monkeypatch):
     rotation; the watch keeps the keys in memory (and only there)."""
     derived = []
     real = hashlib.pbkdf2_hmac
-    monkeypatch.setattr(server.hashlib, "pbkdf2_hmac",
+    monkeypatch.setattr(hashlib, "pbkdf2_hmac",
                         lambda *args: derived.append(args[2]) or real(*args))
-    monkeypatch.setattr(server, "KEY_CACHE", {})
+    monkeypatch.setattr(core_settings, "KEY_CACHE", {})
     env = {"KNOCKD_ROTATOR_SECRET": SECRET, "KNOCKD_ROTATOR_PIN": "2468-1357",
            "KNOCKD_ROTATOR_PERIOD_MODULO": "60"}
     data = b"".join(b"[c%d_ROTATOR]\n\tstart_command = true\n" % i for i in range(20))
-    first = server.plan_rotation("k.conf", data, 6000, server.settings_reader(env))
-    later = server.plan_rotation("k.conf", data, 6060, server.settings_reader(env))
+    first = knockd_render.plan_rotation("k.conf", data, 6000, core_settings.settings_reader(env))
+    later = knockd_render.plan_rotation("k.conf", data, 6060, core_settings.settings_reader(env))
     assert len(derived) == 20, "one key per door, for every rotation"
     assert first.current != later.current
-    fresh = server.settings_reader(env)("c3_ROTATOR")
-    assert server.door_key(fresh, SECRET.encode()) == server.KEY_CACHE[
+    fresh = core_settings.settings_reader(env)("c3_ROTATOR")
+    assert generator.door_key(fresh, SECRET.encode()) == core_settings.KEY_CACHE[
         ("c3_ROTATOR", "secret", b"2468-1357", SECRET.encode())]

@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-import knockd_rotator_server as server
+from knockd_rotator.clients import firewalls
+from knockd_rotator.clients import manage
 from conftest import ROOT, need_root_and, run_server, wait_until
 
 PORT = 2223
@@ -51,13 +52,13 @@ def localized(text):
     return text
 
 
-@pytest.mark.parametrize("firewall", sorted(server.FIREWALLS))
+@pytest.mark.parametrize("firewall", sorted(firewalls.FIREWALLS))
 def test_readme_doors_are_the_ones_add_client_writes(firewall):
     _, door = readme_blocks(firewall)
     program = "/usr/sbin/%s" % PROGRAMS[firewall]
-    commands = server.door_commands(firewall, program, 22, 30)
+    commands = firewalls.door_commands(firewall, program, 22, 30)
     written = [line.decode().rstrip("\n") for line in
-               server.client_door_lines("alice", "ssh_ROTATOR", commands, b"\n")]
+               manage.client_door_lines("alice", "ssh_ROTATOR", commands, b"\n")]
     assert door.splitlines() == written[2:]
     assert door.count("%IP%") == 4 and "start_command_6" in door and "stop_command_6" in door
 
@@ -66,7 +67,7 @@ def test_readme_iptables_rules_are_the_ones_add_client_prints():
     rules, _ = readme_blocks("iptables")
     assert len(rules) == 1
     assert [" ".join(line.split()) for line in rules[0].splitlines()] == \
-        server.firewall_rules("iptables", 22, 30)
+        firewalls.firewall_rules("iptables", 22, 30)
 
 
 def test_readme_first_door_is_the_tested_iptables_door():

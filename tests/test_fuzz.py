@@ -14,7 +14,11 @@ For each text, a rotation at a moment out of the grace and one inside it:
 
 import pytest
 
-import knockd_rotator_server as server
+from knockd_rotator.core import generator
+from knockd_rotator.core import plan as core_plan
+from knockd_rotator.engines.knockd import config
+from knockd_rotator.engines.knockd import instances
+from knockd_rotator.engines.knockd import render as knockd_render
 from conftest import in_fast_tier, need
 
 try:
@@ -33,9 +37,9 @@ SECRET = b"fuzz-secret-0123"
 def settings_of(door):
     """Every door with the same period and grace, no lead, no single use,
     sequences from SECRET."""
-    return server.DoorSettings(
+    return generator.DoorSettings(
         period=PERIOD, grace=GRACE, lead=0, single_use=False, sequence_at=lambda start, use=0: (
-            server.format_sequence(server.generate_sequence(SECRET, door, start, 4, 3)).encode()))
+            generator.format_sequence(generator.generate_sequence(SECRET, door, start, 4, 3)).encode()))
 
 
 if given:
@@ -77,8 +81,8 @@ if given:
 def plan(data, now):
     """plan_rotation's result, or None when it refuses the file."""
     try:
-        result = server.plan_rotation("knockd.conf", data, now, settings_of)
-    except server.RotatorError:
+        result = knockd_render.plan_rotation("knockd.conf", data, now, settings_of)
+    except generator.RotatorError:
         return None
     return None if result.errors else result
 
@@ -95,17 +99,17 @@ def check_text(data):
     # Outside the sequence values of rotator doors, every byte is kept.
     user = after.user_lines
     kept = [line for line in after.new_lines if not (
-        line.is_sequence and server.is_rotator(line.section) and
+        line.is_sequence and core_plan.is_rotator(line.section) and
         line.number not in {old.number for old in user if old.is_sequence})]
     assert len(kept) == len(user)
     for old, line in zip(user, kept):
-        if old.is_sequence and server.is_rotator(old.section):
+        if old.is_sequence and core_plan.is_rotator(old.section):
             assert line.raw[:line.span[0]] == old.raw[:old.span[0]]
             assert line.raw[line.span[1]:] == old.raw[old.span[1]:]
         elif line.raw != old.raw:
             # A rotator door without a sequence gets one after its header;
             # a header that ended the file without a newline needs one.
-            assert line.kind == "section" and server.is_rotator(line.section)
+            assert line.kind == "section" and core_plan.is_rotator(line.section)
             assert line.raw == old.raw + b"\n" and old is user[-1]
     # Idempotent.
     assert data_of(plan(new, AFTER_GRACE).new_lines) == new
@@ -119,7 +123,7 @@ def check_text(data):
     assert data_of(leaving.new_lines) == data_of(expected.new_lines)
     # add-client's count of a file's doors, from its header lines alone.
     for text in (data, new, in_grace):
-        assert server.door_count(text) == server.door_load(server.parse_config(text))[0]
+        assert instances.door_count(text) == instances.door_load(config.parse_config(text))[0]
 
 
 def test_fuzz_rewrites_are_byte_exact_and_idempotent():
@@ -150,21 +154,21 @@ def test_rewrites_found_by_the_fuzz(data):
 ])
 def test_door_count_reads_headers_as_knockd_does(data):
     """Beyond the fuzz's texts, which have no NUL."""
-    assert server.door_count(data) == server.door_load(server.parse_config(data))[0]
+    assert instances.door_count(data) == instances.door_load(config.parse_config(data))[0]
 
 
 def test_the_checker_above_can_fail():
     """A rewrite that touched another byte would be caught."""
     data = b"[ssh_ROTATOR]\nsequence = 1\ncommand = true\n"
     check_text(data)
-    original = server.rewrite_config
+    original = config.rewrite_config
 
     def sloppy(lines, sequences):
-        return server.parse_config(data_of(original(lines, sequences)).replace(b"true", b"tru"))
+        return config.parse_config(data_of(original(lines, sequences)).replace(b"true", b"tru"))
 
-    server.rewrite_config = sloppy
+    config.rewrite_config = sloppy
     try:
         with pytest.raises(AssertionError):
             check_text(data)
     finally:
-        server.rewrite_config = original
+        config.rewrite_config = original

@@ -9,7 +9,10 @@ import subprocess
 
 import pytest
 
-import knockd_rotator_server as server
+from knockd_rotator.core import generator
+from knockd_rotator.core import plan
+from knockd_rotator.engines.knockd import config as knockd_config
+from knockd_rotator.engines.knockd import grace as knockd_grace
 from conftest import ROOT, need, run_server
 from test_server_config import GOLDEN, GOLDEN_SETTINGS
 
@@ -33,7 +36,7 @@ def golden_env(server_env):
 def sections(data):
     """{section name: sequence value} of a file's Lines, in file order."""
     found = {}
-    for line in server.parse_config(data):
+    for line in knockd_config.parse_config(data):
         if line.is_sequence:
             found[line.section.decode("utf-8", "replace")] = line.value.decode()
     return found
@@ -52,11 +55,11 @@ def test_block_added_in_grace_and_removed_after(tmp_path, golden_env, name):
     assert "grace: the previous sequences open the doors until 2026-01-01 06:00:30 UTC" \
         in result.stderr
     in_grace = config.read_bytes()
-    user, block = server.split_grace_block(server.parse_config(in_grace))
+    user, block = knockd_grace.split_grace_block(knockd_config.parse_config(in_grace))
     assert b"".join(line.raw for line in user) == after_grace, \
         "outside the block the file is the one rotated after the grace"
     assert in_grace.startswith(after_grace.rstrip(b"\n"))
-    assert block[0].raw.startswith(server.GRACE_BEGIN + b": generated, do not edit; "
+    assert block[0].raw.startswith(knockd_grace.GRACE_BEGIN + b": generated, do not edit; "
                                    b"removed at 1767247230 (2026-01-01 06:00:30 UTC)")
     # Each rotator door has a sibling holding the sequence of the previous
     # period: the one the golden rotated file holds.
@@ -65,7 +68,7 @@ def test_block_added_in_grace_and_removed_after(tmp_path, golden_env, name):
                 if door.endswith("_ROTATOR_GRACE")}
     assert siblings == {door + "_GRACE": value for door, value in previous.items()
                         if door.endswith("_ROTATOR")}
-    assert not server.config_errors(server.parse_config(in_grace))
+    assert not knockd_config.config_errors(knockd_config.parse_config(in_grace))
 
     rotate_at(config, golden_env, IN_GRACE)
     assert config.read_bytes() == in_grace, "a second run in the grace changes nothing"
@@ -103,7 +106,7 @@ def test_a_block_without_its_end_is_refused(tmp_path, golden_env):
     config = tmp_path / "knockd.conf"
     config.write_bytes(b"[ssh_ROTATOR]\n\tsequence = 1\n")
     rotate_at(config, golden_env, IN_GRACE)
-    broken = config.read_bytes().replace(server.GRACE_END, b"# the end, edited by hand")
+    broken = config.read_bytes().replace(knockd_grace.GRACE_END, b"# the end, edited by hand")
     config.write_bytes(broken)
     result = run_server("--config", config, env=dict(golden_env, TZ="UTC"),
                         prefix=["faketime", AFTER_GRACE])
@@ -139,13 +142,13 @@ def test_grace_default_and_range(period, grace, expected):
     env = {"KNOCKD_ROTATOR_PERIOD_MODULO": str(period)}
     if grace is not None:
         env["KNOCKD_ROTATOR_GRACE"] = grace
-    assert server.read_settings(env, "ssh_ROTATOR").grace == expected
+    assert generator.read_settings(env, "ssh_ROTATOR").grace == expected
 
 
 @pytest.mark.parametrize("grace", ["11", "-1", "5s", ""])
 def test_grace_beyond_half_the_period_is_an_error(grace):
-    with pytest.raises(server.RotatorError) as caught:
-        server.read_settings({"KNOCKD_ROTATOR_GRACE": grace,
+    with pytest.raises(generator.RotatorError) as caught:
+        generator.read_settings({"KNOCKD_ROTATOR_GRACE": grace,
                               "KNOCKD_ROTATOR_PERIOD_MODULO": "20"}, "ssh_ROTATOR")
     assert "KNOCKD_ROTATOR_GRACE must be a whole number from 0 to 10" in str(caught.value)
 
@@ -153,10 +156,10 @@ def test_grace_beyond_half_the_period_is_an_error(grace):
 @pytest.mark.parametrize("now, expected", [(100, 105), (104.9, 105), (105, 120), (119, 120),
                                            (120, 125)])
 def test_next_event_is_the_grace_end_or_the_boundary(now, expected):
-    assert server.next_event(now, 20, 5, 0) == expected
-    assert server.next_event(now, 20, 0, 0) == (int(now) // 20 + 1) * 20
+    assert plan.next_event(now, 20, 5, 0) == expected
+    assert plan.next_event(now, 20, 0, 0) == (int(now) // 20 + 1) * 20
 
 
 def test_spec_describes_the_block():
     spec = (ROOT / "docs" / "SPEC.md").read_text()
-    assert server.GRACE_BEGIN.decode() in spec and server.GRACE_SUFFIX in spec
+    assert knockd_grace.GRACE_BEGIN.decode() in spec and plan.GRACE_SUFFIX in spec

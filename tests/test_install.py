@@ -19,6 +19,11 @@ INSTALLED = {
     "etc/systemd/system/knockd.service.d/knockd_rotator.conf":
         ("knockd.service.d/knockd_rotator.conf", 0o644),
 }
+# The server imports its package from beside the client, compiled there too.
+PACKAGE = "usr/local/lib/knockd_rotator/knockd_rotator"
+INSTALLED.update({"%s/%s" % (PACKAGE, module.relative_to(ROOT / "knockd_rotator")):
+                  (str(module.relative_to(ROOT)), 0o644)
+                  for module in (ROOT / "knockd_rotator").rglob("*.py")})
 # It imports the client from usr/local/lib/knockd_rotator, where its bytecode
 # is compiled once, at install.
 LAUNCHER = "usr/local/bin/knockd_rotator_client.py"
@@ -56,6 +61,9 @@ def test_install_is_idempotent_and_keeps_the_secret(tmp_path):
     compiled = [str(path.relative_to(tmp_path)) for path in (
         tmp_path / "usr/local/lib/knockd_rotator/__pycache__").glob("knockd_rotator_client.*.pyc")]
     assert len(compiled) == 1
+    modules = [path for path in INSTALLED if path.startswith(PACKAGE + "/")]
+    compiled += [str(path.relative_to(tmp_path)) for path in (tmp_path / PACKAGE).rglob("*.pyc")]
+    assert len(compiled) == 1 + len(modules)
     assert stat.S_IMODE((tmp_path / LAUNCHER).stat().st_mode) == 0o755
     assert files_under(tmp_path) == sorted(list(INSTALLED) + compiled
                                            + [LAUNCHER, "etc/knockd_rotator.env"])

@@ -16,18 +16,24 @@ import time
 
 import pytest
 
-import knockd_rotator_server as server
+from knockd_rotator import scheduling
+from knockd_rotator.core import generator
+from knockd_rotator.core import settings as core_settings
+from knockd_rotator.engines.knockd import config as knockd_config
+from knockd_rotator.engines.knockd import grace as knockd_grace
+from knockd_rotator.engines.knockd import instances as knockd_instances
+from knockd_rotator.engines.knockd import processes
 from conftest import (GUARDED_PORT, SECRET, SEND_SYNS, SERVER, Watch, alive_command,
                       daemon_start_command, need_root_and, rotator_env, run_client, run_server,
                       wait_until)
 
 
 def test_an_instance_file_gets_the_instance_s_commands_and_state():
-    settings = server.server_settings({"KNOCKD_ROTATOR_STATE_DIR": "/s",
+    settings = core_settings.server_settings({"KNOCKD_ROTATOR_STATE_DIR": "/s",
                                        "KNOCKD_ROTATOR_ENV_FILE": "/nonexistent"})
-    assert server.settings_for("/etc/knockd.conf", settings) is settings
-    assert server.settings_for("/etc/knockd_rotator.d/notes.conf", settings) is settings
-    seven = server.settings_for("/etc/knockd_rotator.d/7.conf", settings)
+    assert knockd_instances.settings_for("/etc/knockd.conf", settings) is settings
+    assert knockd_instances.settings_for("/etc/knockd_rotator.d/notes.conf", settings) is settings
+    seven = knockd_instances.settings_for("/etc/knockd_rotator.d/7.conf", settings)
     assert (seven["INSTANCE"], seven["UNIT"], seven["STATE_DIR"]) == (
         "7", "knockd_rotator-knockd@7", "/s/knockd@7")
     assert seven["RELOAD_COMMAND"] == "systemctl reload knockd_rotator-knockd@7"
@@ -45,9 +51,9 @@ def test_instance_files_in_number_order_and_options_without_pid_file_or_mark(tmp
     folder.mkdir()
     for name in ("10.conf", "9.conf", "2.conf", "0.conf", "x.conf", "3.conf.bak"):
         (folder / name).write_bytes(b"")
-    assert server.knockd_files(config) == [str(config)] + [
+    assert knockd_instances.knockd_files(config) == [str(config)] + [
         str(folder / name) for name in ("2.conf", "9.conf", "10.conf")]
-    assert server.instance_options(server.parse_config(config.read_bytes())) == \
+    assert knockd_instances.instance_options(knockd_config.parse_config(config.read_bytes())) == \
         b"[options]\n\tUseSyslog\n\tinterface = eth0\n"
 
 
@@ -123,7 +129,7 @@ class Cluster:
         return self.log_text().count("re-reading config file: %s\n" % path)
 
     def all_rereads(self):
-        return [self.rereads(path) for path in server.knockd_files(self.config)]
+        return [self.rereads(path) for path in knockd_instances.knockd_files(self.config)]
 
     def opened(self, door, source=""):
         return len(re.findall(r"%s: %s(?:_GRACE)?: OPEN SESAME"
@@ -132,8 +138,8 @@ class Cluster:
 
     def sequence(self, door):
         """The ports of DOOR's current sequence, as its file holds them."""
-        for path in server.knockd_files(self.config):
-            held = server.door_sequences(server.parse_config(open(path, "rb").read()))
+        for path in knockd_instances.knockd_files(self.config):
+            held = knockd_config.door_sequences(knockd_config.parse_config(open(path, "rb").read()))
             if door in held:
                 return [int(item.split(b":")[0]) for item in held[door].split(b",")]
         raise AssertionError("no door %s" % door)
@@ -169,7 +175,7 @@ def test_clients_fill_further_knockd_each_reloaded_alone(cluster):
     alice, bob, carol, dave = (enrol(cluster, name) for name in ("alice", "bob", "carol", "dave"))
     # knockd.conf had one door: alice fills it; bob starts knockd 1, carol
     # joins him there, dave starts knockd 2.
-    placed = {name: [path for path in server.knockd_files(cluster.config)
+    placed = {name: [path for path in knockd_instances.knockd_files(cluster.config)
                      if b"[%s_ssh_ROTATOR]" % name.encode() in open(path, "rb").read()]
               for name in ("alice", "bob", "carol", "dave")}
     assert placed == {"alice": [str(cluster.config)], "bob": [str(cluster.instance(1))],
@@ -264,7 +270,7 @@ def test_one_knockd_refusing_its_file_leaves_the_others_rotating(cluster):
     assert result.returncode == 4
     assert "%s line" % cluster.instance(1) in result.stderr and "bogus" in result.stderr
     assert cluster.instance(1).read_bytes() == broken
-    assert "web_ROTATOR" in server.door_sequences(server.parse_config(
+    assert "web_ROTATOR" in knockd_config.door_sequences(knockd_config.parse_config(
         cluster.config.read_bytes())), "knockd.conf's new door rotated all the same"
     assert cluster.rereads(cluster.config) == rereads + 1
     assert all(os.path.exists("/proc/%d" % pid) for pid in cluster.pids())
@@ -282,22 +288,22 @@ def test_the_watch_rotates_every_knockd_at_each_event(guarded, tmp_path):
         assert cluster.run().returncode == 0
         wait_until(lambda: "listening on lo" in cluster.log_text(), 10, "knockd to listen")
         clients = {name: enrol(cluster, name, "--no-single-use") for name in ("alice", "bob")}
-        files = server.knockd_files(cluster.config)
+        files = knockd_instances.knockd_files(cluster.config)
         assert len(files) == 2
         # Start after a grace end and well before the boundary, with the
         # files current: the watch's first rotation changes nothing.
-        start = server.period_start(time.time(), 10)
-        server.sleep_until(start + 3.5 if time.time() < start + 6 else start + 13.5)
+        start = generator.period_start(time.time(), 10)
+        scheduling.sleep_until(start + 3.5 if time.time() < start + 6 else start + 13.5)
         assert cluster.run().returncode == 0
         before = cluster.all_rereads()
         watch = Watch(cluster.config, cluster.env, tmp_path)
-        boundary = server.period_start(time.time(), 10) + 10
+        boundary = generator.period_start(time.time(), 10) + 10
         wait_until(lambda: cluster.all_rereads() == [count + 2 for count in before], 20,
                    "the reloads of the boundary and the grace end:\n" + watch.text())
         assert time.time() >= boundary + 3
         for path in files:
             data = open(path, "rb").read()
-            assert server.GRACE_BEGIN not in data, "the grace block is gone"
+            assert knockd_grace.GRACE_BEGIN not in data, "the grace block is gone"
         for name, env in clients.items():
             knocked = run_client("knock", "127.0.0.1", name + "_ssh", "--check", GUARDED_PORT,
                                  "--check-timeout", "2", env=env, netns=cluster.netns.name)
@@ -339,7 +345,7 @@ def test_a_new_knockd_counts_as_started_once_it_listens(guarded, tmp_path):
         bob = enrol(cluster, "bob", "--no-single-use")
         took = time.monotonic() - started
         assert took < 5, "add-client took %.1f s: it waited for the whole check" % took
-        assert server.knockd_listening(cluster.instance(1)) == (True, "")
+        assert processes.knockd_listening(cluster.instance(1)) == (True, "")
         knocked = run_client("knock", "127.0.0.1", "bob_ssh", "--check", GUARDED_PORT,
                              "--check-timeout", "2", env=bob, netns=cluster.netns.name)
         assert knocked.returncode == 0, knocked.stderr
@@ -385,6 +391,6 @@ def test_concurrent_enrolments_each_get_a_place(cluster):
     env = cluster.env_file.read_text()
     for name in "PQRS":
         assert "KNOCKD_ROTATOR_SECRET_%s_SSH=" % name in env
-    counts = [server.door_load(server.parse_config(open(path, "rb").read()))[0]
-              for path in server.knockd_files(cluster.config)]
+    counts = [knockd_instances.door_load(knockd_config.parse_config(open(path, "rb").read()))[0]
+              for path in knockd_instances.knockd_files(cluster.config)]
     assert counts == [2, 2, 1]

@@ -11,7 +11,13 @@ the 500 doors."""
 
 import pytest
 
-import knockd_rotator_server as server
+from knockd_rotator import rotation as rotator_rotation
+from knockd_rotator import status as rotator_status
+from knockd_rotator.core import files as core_files
+from knockd_rotator.core import generator
+from knockd_rotator.core import settings as core_settings
+from knockd_rotator.core import uses as core_uses
+from knockd_rotator.engines.knockd import render as knockd_render
 from conftest import SECRET
 
 CONFIG = b"[options]\n\tlogfile = /dev/null\n[ssh_ROTATOR]\n\tsequence = 1\n\tcommand = true\n"
@@ -24,7 +30,7 @@ def env(**settings):
 
 
 def plan_at(environ, now):
-    return server.plan_rotation("knockd.conf", CONFIG, now, server.settings_reader(environ))
+    return knockd_render.plan_rotation("knockd.conf", CONFIG, now, core_settings.settings_reader(environ))
 
 
 def opening(plan):
@@ -37,7 +43,7 @@ def data(plan):
 
 
 def sequence(environ, start):
-    return server.with_sequences(server.rotation_settings(environ, "ssh_ROTATOR")).sequence_at(
+    return core_settings.with_sequences(core_settings.rotation_settings(environ, "ssh_ROTATOR")).sequence_at(
         start)
 
 
@@ -66,13 +72,13 @@ def test_the_lead_is_at_most_the_period_less_the_grace(period, grace, lead, expe
         settings["GRACE"] = grace
     if lead is not None:
         settings["LEAD"] = lead
-    assert server.rotation_settings(env(**settings), "ssh_ROTATOR").lead == expected
+    assert core_settings.rotation_settings(env(**settings), "ssh_ROTATOR").lead == expected
 
 
 @pytest.mark.parametrize("lead", ["-1", "10s", "", "99999999999"])
 def test_a_bad_lead_is_refused(lead):
-    with pytest.raises(server.RotatorError) as caught:
-        server.rotation_settings(env(LEAD=lead), "ssh_ROTATOR")
+    with pytest.raises(generator.RotatorError) as caught:
+        core_settings.rotation_settings(env(LEAD=lead), "ssh_ROTATOR")
     assert "KNOCKD_ROTATOR_LEAD must be a whole number from 0 to" in str(caught.value)
 
 
@@ -85,14 +91,14 @@ def test_at_every_moment_the_current_sequence_opens_and_the_next_only_within_the
     next one only within the lead, and no other.  The file changes at most
     twice a period; once when the lead reaches back to the grace end."""
     environ = env(PERIOD_MODULO=period, GRACE=grace, LEAD=lead)
-    lead = server.rotation_settings(environ, "ssh_ROTATOR").lead
-    first = server.period_start(BOUNDARY, period)
+    lead = core_settings.rotation_settings(environ, "ssh_ROTATOR").lead
+    first = generator.period_start(BOUNDARY, period)
     values = {start: sequence(environ, start)
               for start in range(first - 2 * period, first + 5 * period, period)}
     changes, last = [], None
     for tenth in range(30 * period):
         moment = BOUNDARY + tenth / 10
-        start = server.period_start(moment, period)
+        start = generator.period_start(moment, period)
         plan = plan_at(environ, moment)
         opens = set(opening(plan).values())
         assert values[start] in opens, moment
@@ -114,13 +120,13 @@ def test_a_burn_within_the_lead_counts_the_door_s_next_period():
     the current one: a burn of the door counts the next period's use, a burn
     of the sibling the current period's."""
     environ = env(PERIOD_MODULO=3600, SINGLE_USE=1)
-    settings_of = server.settings_reader(environ)
+    settings_of = core_settings.settings_reader(environ)
     moment = BOUNDARY - 5
-    uses = server.with_burn({}, "ssh_ROTATOR", moment, settings_of)
+    uses = core_uses.with_burn({}, "ssh_ROTATOR", moment, settings_of)
     assert uses["ssh_ROTATOR"]["counts"] == {str(BOUNDARY): 1}
-    uses = server.with_burn(uses, "ssh_ROTATOR_GRACE", moment, settings_of)
+    uses = core_uses.with_burn(uses, "ssh_ROTATOR_GRACE", moment, settings_of)
     assert uses["ssh_ROTATOR"]["counts"] == {str(BOUNDARY): 1, str(BOUNDARY - 3600): 1}
-    plan = server.plan_rotation("knockd.conf", CONFIG, moment, settings_of, uses=uses)
+    plan = knockd_render.plan_rotation("knockd.conf", CONFIG, moment, settings_of, uses=uses)
     door = settings_of("ssh_ROTATOR")
     assert opening(plan) == {"ssh_ROTATOR": door.sequence_at(BOUNDARY, 1),
                              "ssh_ROTATOR_GRACE": door.sequence_at(BOUNDARY - 3600, 1)}
@@ -134,13 +140,13 @@ def test_status_within_the_lead_is_ok_with_and_without_the_secret(tmp_path):
                     KILL_COMMAND="true", PERIOD_MODULO=3600, CHECK_SECONDS=1, TRIAL_KNOCKD="")
     environ = env(**settings)
     moment = BOUNDARY - 5
-    server.rotate(str(config), environ, moment)
+    rotator_rotation.rotate(str(config), environ, moment)
     for secret in (SECRET, None):
         environ = env(**settings) if secret else \
             {k: v for k, v in env(**settings).items() if k != "KNOCKD_ROTATOR_SECRET"}
-        report = server.door_status(str(config), environ, moment)
+        report = rotator_status.door_status(str(config), environ, moment)
         assert report["checked_with"] == ("secrets" if secret else "fingerprints")
-        assert server.status_state(report) == ("OK", []), report
+        assert rotator_status.status_state(report) == ("OK", []), report
         door = report["doors"][0]
         assert door["current"] and door["lead"] == 10 and door["period_start"] == BOUNDARY
         assert door["next_rotation_in"] == 3600 - 10 + 5
@@ -156,10 +162,10 @@ def test_a_rotation_that_ends_after_the_boundary_it_prepared_warns(tmp_path, cap
                     RELOAD_COMMAND="true", CHECK_COMMAND="true", RECOVER_COMMAND="true",
                     KILL_COMMAND="true", PERIOD_MODULO=3600, CHECK_SECONDS=1, TRIAL_KNOCKD="")
     past = 1700000000 // 3600 * 3600            # a boundary in the past
-    server.rotate_all(str(config), env(**settings), past - 30)
+    rotator_rotation.rotate_all(str(config), env(**settings), past - 30)
     assert "warning: the rotation" not in capsys.readouterr().err, "outside the lead: none"
-    server.rotate_all(str(config), env(**settings), past - 5)
+    rotator_rotation.rotate_all(str(config), env(**settings), past - 5)
     err = capsys.readouterr().err
     assert "warning: the rotation of 1 knockd files ended" in err
-    assert "after the period start at %s that it prepared" % server.utc(past) in err
+    assert "after the period start at %s that it prepared" % core_files.utc(past) in err
     assert "raise KNOCKD_ROTATOR_LEAD" in err

@@ -11,7 +11,8 @@ import time
 import pytest
 
 import knockd_rotator_client as client
-import knockd_rotator_server as server
+from knockd_rotator.core import generator
+from knockd_rotator.engines.knockd import config as knockd_config
 from conftest import rotator_env, run_client, run_server
 
 
@@ -50,7 +51,7 @@ def test_server_writes_legacy_sequences(tmp_path, server_env):
     env = server_env(ALGORITHM="legacy-v1", SECRET="legacy-secret-1", PERIOD_MODULO=31622400)
     assert run_server("--config", config, env=env).returncode == 0
     start = int(time.time()) // 31622400 * 31622400
-    held = server.door_sequences(server.parse_config(config.read_bytes()))["ssh_ROTATOR"]
+    held = knockd_config.door_sequences(knockd_config.parse_config(config.read_bytes()))["ssh_ROTATOR"]
     assert held.decode() == ",".join("%d:tcp" % p for p in v1_ports(
         "legacy-secret-1", "ssh_ROTATOR", start, 10))
 
@@ -108,7 +109,7 @@ def test_legacy_v3_sequences(ports, modulo):
         listed = sorted(list(range(4000, 5000)) + [2100] + list(range(60000, 65536)))
     if modulo:
         env["KNOCKD_ROTATOR_PROTO_MODULO"] = modulo
-    settings = server.read_settings(env, "ssh_ROTATOR")
+    settings = generator.read_settings(env, "ssh_ROTATOR")
     assert settings.port_modulo == int(modulo or 0)
     fallbacks = 0
     for start in range(0, 60 * 3000, 60):
@@ -136,7 +137,7 @@ def test_legacy_v3_client_and_server_agree(tmp_path, server_env):
     assert result.returncode == 0, result.stderr
     assert "is read only" not in result.stderr, "SALT and PROTO_MODULO are read"
     assert "legacy-v3 door [ssh_ROTATOR] has a secret of less than 128 bits" in result.stderr
-    held = server.door_sequences(server.parse_config(config.read_bytes()))["ssh_ROTATOR"]
+    held = knockd_config.door_sequences(knockd_config.parse_config(config.read_bytes()))["ssh_ROTATOR"]
     env = {"KNOCKD_ROTATOR_%s" % key: str(value) for key, value in legacy.items()
            if value is not None}
     start = int(time.time()) // 31622400 * 31622400

@@ -21,7 +21,10 @@ import tempfile
 import pytest
 
 import knockd_rotator_client as client
-import knockd_rotator_server as server
+from knockd_rotator import cli
+from knockd_rotator import scheduling
+from knockd_rotator.core import generator
+from knockd_rotator.engines.knockd import reload
 from conftest import CLIENT, SERVER, need, rotator_env, run_script
 
 try:
@@ -150,7 +153,7 @@ def outcome(function, exits, *args):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = function(*args)
-        except (client.RotatorError, server.RotatorError) as exc:
+        except (client.RotatorError, generator.RotatorError) as exc:
             message = str(exc)
             assert "\n" not in message and message.startswith("error: "), message
             assert message.endswith(")"), message
@@ -236,18 +239,18 @@ def server_run(argv, environ, uses, stdin, folder, state_files=()):
     base.update(environ)
     environ = {"KNOCKD_ROTATOR_" + key: value for key, value in base.items()}
     environ["PATH"] = os.environ.get("PATH", os.defpath)
-    saved = (sys.stdin, server.knockd_stays_up, server.schedule_boundary_run,
-             server.schedule_retry, server.sleep_until)
+    saved = (sys.stdin, reload.knockd_stays_up, scheduling.schedule_boundary_run,
+             scheduling.schedule_retry, scheduling.sleep_until)
     sys.stdin = io.StringIO(stdin)
     # A rotation's check would take CHECK_SECONDS; a boundary run would outlive the test.
-    server.knockd_stays_up = lambda *args, **kwargs: (True, "")
-    server.schedule_boundary_run = server.schedule_retry = lambda *args, **kwargs: None
-    server.sleep_until = lambda moment: None
+    reload.knockd_stays_up = lambda *args, **kwargs: (True, "")
+    scheduling.schedule_boundary_run = scheduling.schedule_retry = lambda *args, **kwargs: None
+    scheduling.sleep_until = lambda moment: None
     try:
-        code = outcome(server.run, SERVER_EXITS, ["--config", config] + argv, environ)
+        code = outcome(cli.run, SERVER_EXITS, ["--config", config] + argv, environ)
     finally:
-        (sys.stdin, server.knockd_stays_up, server.schedule_boundary_run,
-         server.schedule_retry, server.sleep_until) = saved
+        (sys.stdin, reload.knockd_stays_up, scheduling.schedule_boundary_run,
+         scheduling.schedule_retry, scheduling.sleep_until) = saved
     assert isinstance(code, int)
 
 

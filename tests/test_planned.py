@@ -13,7 +13,13 @@ import os
 
 import pytest
 
-import knockd_rotator_server as server
+from knockd_rotator import planned as rotator_planned
+from knockd_rotator import rotation as rotator_rotation
+from knockd_rotator.core import generator
+from knockd_rotator.core import settings as core_settings
+from knockd_rotator.core import uses as core_uses
+from knockd_rotator.engines.knockd import grace
+from knockd_rotator.engines.knockd import render as knockd_render
 from conftest import SECRET
 
 PIN = "2468-1357"
@@ -33,14 +39,15 @@ def setup(tmp_path, server_env, monkeypatch):
     env = server_env(ENV_FILE=env_file, PERIOD_MODULO=3600, RELOAD_COMMAND="cat %s" % config)
     derived = []
     real = hashlib.pbkdf2_hmac
-    monkeypatch.setattr(server.hashlib, "pbkdf2_hmac",
+    monkeypatch.setattr(hashlib, "pbkdf2_hmac",
                         lambda *args: derived.append(args) or real(*args))
 
     def run(now, environ=env):
-        for cache in ("KEY_CACHE", "PLANNED_DIGESTS", "PLANNED_BASIS"):
-            monkeypatch.setattr(server, cache, {})
+        for module, cache in ((core_settings, "KEY_CACHE"), (rotator_planned, "PLANNED_DIGESTS"),
+                              (rotator_planned, "PLANNED_BASIS")):
+            monkeypatch.setattr(module, cache, {})
         derived.clear()
-        return server.rotate_all(str(config), environ, now)
+        return rotator_rotation.rotate_all(str(config), environ, now)
 
     return config, env, derived, run
 
@@ -54,7 +61,7 @@ def test_a_current_file_costs_one_pbkdf2_not_one_per_pin_door(setup):
     assert b"sequence" in written
     for moment in (HOUR + 100, HOUR + 1000, event - 1):
         assert run(moment) == event
-        assert [args[3] for args in derived] == [server.PIN_ITERATIONS], \
+        assert [args[3] for args in derived] == [generator.PIN_ITERATIONS], \
             "one PBKDF2, of PIN_ITERATIONS rounds, for the whole record"
         assert config.read_bytes() == written
 
@@ -62,9 +69,9 @@ def test_a_current_file_costs_one_pbkdf2_not_one_per_pin_door(setup):
 def full_plan(config, env, now):
     """What planning every door again makes of CONFIG at NOW."""
     state = env["KNOCKD_ROTATOR_STATE_DIR"]
-    environ = server.with_env_file(env, env["KNOCKD_ROTATOR_ENV_FILE"])
-    plan = server.plan_rotation(str(config), config.read_bytes(), now,
-                                server.settings_reader(environ), uses=server.read_uses(state))
+    environ = core_settings.with_env_file(env, env["KNOCKD_ROTATOR_ENV_FILE"])
+    plan = knockd_render.plan_rotation(str(config), config.read_bytes(), now,
+                                core_settings.settings_reader(environ), uses=core_uses.read_uses(state))
     return b"".join(line.raw for line in plan.new_lines)
 
 
@@ -90,11 +97,11 @@ def test_whatever_would_change_the_file_makes_the_run_plan_again(setup, tmp_path
     changes_planned(HOUR + 300, "a door added by hand")
     assert b"[new_ROTATOR]\n\tsequence = " in config.read_bytes()
     changes_planned(event, "the event came (the lead's start)")
-    assert server.GRACE_BEGIN in config.read_bytes()
+    assert grace.GRACE_BEGIN in config.read_bytes()
     changes_planned(event - 3600, "the clock went back")
     env["KNOCKD_ROTATOR_PERIOD_MODULO"] = "7200"
     changes_planned(HOUR + 300, "a setting in the environment changed")
-    counters = os.path.join(env["KNOCKD_ROTATOR_STATE_DIR"], server.USES)
+    counters = os.path.join(env["KNOCKD_ROTATOR_STATE_DIR"], core_uses.USES)
     with open(counters, "w") as handle:
         json.dump({"c3_ROTATOR": {"counts": {str(HOUR): 1}}}, handle)
     changes_planned(HOUR + 300, "the single-use counters changed")
@@ -132,7 +139,7 @@ def test_a_door_with_one_time_sequences_always_plans(setup, tmp_path):
 def test_the_record_holds_no_secret_and_no_pin(setup):
     config, env, derived, run = setup
     run(HOUR + 100)
-    path = os.path.join(env["KNOCKD_ROTATOR_STATE_DIR"], server.PLANNED)
+    path = os.path.join(env["KNOCKD_ROTATOR_STATE_DIR"], rotator_planned.PLANNED)
     data = open(path, "rb").read()
     assert SECRET.encode() not in data and PIN.encode() not in data
     assert os.stat(path).st_mode & 0o077 == 0

@@ -14,7 +14,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
-import knockd_rotator_server as server
+from knockd_rotator.clients import qr as clients_qr
+from knockd_rotator.core import errors
+from knockd_rotator.core import generator
 from conftest import SECRET, need
 from test_clients import Enrol
 
@@ -263,9 +265,9 @@ def test_the_png_never_goes_over_what_appeared_since_the_check(tmp_path, case):
         png.write_bytes(b"someone's file")
     else:
         os.symlink(target, png)
-    with pytest.raises(server.RotatorError) as caught:
-        server.write_qr_png(str(png), "text", dict(os.environ), "erin")
-    assert caught.value.code == server.EXIT_USAGE
+    with pytest.raises(generator.RotatorError) as caught:
+        clients_qr.write_qr_png(str(png), "text", dict(os.environ), "erin")
+    assert caught.value.code == errors.EXIT_USAGE
     assert str(caught.value).startswith("error: client erin is enrolled (above), but "
                                         "--qr-png %s failed: " % png)
     assert not target.exists()
@@ -278,7 +280,7 @@ def test_the_png_never_goes_over_what_appeared_since_the_check(tmp_path, case):
 # ---------------------------------------------------------------- the otpauth label
 
 def test_an_ipv6_host_keeps_the_label_s_one_colon():
-    uri = server.otpauth_uri("erin_ssh_ROTATOR", "2001:db8::1", "JBSWY3DPEHPK3PXP")
+    uri = clients_qr.otpauth_uri("erin_ssh_ROTATOR", "2001:db8::1", "JBSWY3DPEHPK3PXP")
     parts = urlsplit(uri)
     assert (parts.scheme, parts.netloc) == ("otpauth", "totp")
     label = parts.path[1:]

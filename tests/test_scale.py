@@ -13,7 +13,8 @@ import signal
 import subprocess
 import time
 
-import knockd_rotator_server as server
+from knockd_rotator.engines.knockd import processes
+from knockd_rotator.engines.knockd import upkeep
 from conftest import (GUARDED_PORT, SECRET, alive_command, daemon_start_command, need_root_and,
                       run_client, run_server, wait_until)
 from test_server_knockd import knockd_env
@@ -116,9 +117,9 @@ def test_a_knockd_busy_with_an_earlier_reload_is_waited_for_not_killed(
     assert run_server("--config", knockd.config, env=env, timeout=120).returncode == 0
 
     def idle():
-        before = server.knockd_processes(knockd.config)[knockd.pid][2]
+        before = processes.knockd_processes(knockd.config)[knockd.pid][2]
         time.sleep(0.3)
-        return server.knockd_processes(knockd.config)[knockd.pid][2] == before
+        return processes.knockd_processes(knockd.config)[knockd.pid][2] == before
     wait_until(idle, 60, "knockd to finish the first reload", interval=0)
     rereads = knockd.log_text().count("re-reading config file")
     knockd.reload()            # someone else's reload, just before the rotation's
@@ -151,7 +152,7 @@ def test_a_grown_knockd_is_restarted_when_no_stop_command_waits(netns, tmp_path,
     settings = trial_settings(tmp_path, RECOVER_COMMAND=start, CHECK_SECONDS=1,
                               KILL_COMMAND="kill -KILL $(cat %s)" % pidfile,
                               CHECK_COMMAND=alive_command("$(cat %s)" % pidfile))
-    monkeypatch.setattr(server, "LEAK_BOUND", 100 * 1024)
+    monkeypatch.setattr(upkeep, "LEAK_BOUND", 100 * 1024)
 
     pid = int(pidfile.read_text())
 
@@ -160,30 +161,30 @@ def test_a_grown_knockd_is_restarted_when_no_stop_command_waits(netns, tmp_path,
         wait_until(lambda: log.read_text().count("re-reading config file") == count, 10,
                    "reload %d" % count)
     reload(1)       # the server looks only after a reload, past the first heap
-    sizes = state / server.KNOCKD_SIZE
-    wait_until(lambda: server.restart_when_grown(str(config), settings) is None
+    sizes = state / upkeep.KNOCKD_SIZE
+    wait_until(lambda: upkeep.restart_when_grown(str(config), settings) is None
                and sizes.exists(), 10, "knockd at rest, its size noted")
     seen = int(sizes.read_text().split()[1])
     reload(2)
-    assert server.restart_when_grown(str(config), settings) is None, "not grown enough"
+    assert upkeep.restart_when_grown(str(config), settings) is None, "not grown enough"
     for count in range(3, 41):
         reload(count)
-    grown = server.resident_bytes(pid) - seen
+    grown = upkeep.resident_bytes(pid) - seen
     print("knockd grew by %d bytes in 39 reloads of 101 doors" % grown)
     assert grown > 100 * 1024, "the leak did not show: nothing would be tested"
 
     netns.run("knock", "127.0.0.1", 7001, 7003, 7002)
     wait_until(lambda: "held: running command" in log.read_text(), 10, "the door to open")
-    assert server.restart_when_grown(str(config), settings) is None
+    assert upkeep.restart_when_grown(str(config), settings) is None
     assert int(pidfile.read_text()) == pid, "restarted while a stop_command was pending"
 
     subprocess.run(["pkill", "-KILL", "-P", str(pid)], check=True)   # as if it had run
     wait_until(lambda: not subprocess.run(["pgrep", "-P", str(pid)]).stdout, 10,
                "the child to be gone", interval=0.05)
-    restarted = wait_until(lambda: server.restart_when_grown(str(config), settings), 10,
+    restarted = wait_until(lambda: upkeep.restart_when_grown(str(config), settings), 10,
                            "the restart of knockd at rest")
     assert restarted.startswith("knockd had grown by"), restarted
     assert int(pidfile.read_text()) != pid
-    wait_until(lambda: server.restart_when_grown(str(config), settings) is None
+    wait_until(lambda: upkeep.restart_when_grown(str(config), settings) is None
                and int(sizes.read_text().split()[0]) == int(pidfile.read_text()), 10,
                "the new knockd's size noted")

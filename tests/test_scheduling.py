@@ -13,7 +13,11 @@ import time
 
 import pytest
 
-import knockd_rotator_server as server
+from knockd_rotator import scheduling as rotator_scheduling
+from knockd_rotator.core import errors
+from knockd_rotator.core import files as core_files
+from knockd_rotator.core import plan
+from knockd_rotator.core import settings as core_settings
 from conftest import SECRET, SERVER, Watch, need, run_server, wait_until
 
 DOOR = b"[ssh_ROTATOR]\n\tsequence = 1\n\tcommand = true\n"
@@ -61,10 +65,10 @@ def test_only_a_scheduled_run_leaves_a_boundary_run(tmp_path, server_env):
     assert by_hand.returncode == 0, by_hand.stderr
     # The run reads the clock once, somewhere in between, and may span an
     # event (the lead's start): either one is right.
-    events = {server.next_event(moment, 30, 0, server.DEFAULT_LEAD)
+    events = {plan.next_event(moment, 30, 0, core_settings.DEFAULT_LEAD)
               for moment in (before, time.time())}
     assert boundary_runs(tmp_path) == []
-    assert any("next event at %s, before the timer's next run" % server.utc(event)
+    assert any("next event at %s, before the timer's next run" % core_files.utc(event)
                in by_hand.stderr for event in events), by_hand.stderr
     assert "systemctl start knockd_rotator.service" in by_hand.stderr
 
@@ -148,7 +152,7 @@ def test_a_failed_scheduled_run_tries_again_within_a_minute(tmp_path, server_env
     assert config.read_bytes() == DOOR
     [retry] = boundary_runs(tmp_path)
     moment = int(open("/proc/%d/cmdline" % retry).read().split("\0")[-2])
-    assert started < moment <= started + server.RETRY_SECONDS + 1
+    assert started < moment <= started + rotator_scheduling.RETRY_SECONDS + 1
     assert "no retry" not in result.stderr
 
 
@@ -167,7 +171,7 @@ def test_a_current_file_does_not_hide_a_dead_knockd(tmp_path, server_env):
     started.unlink()
     still_dead = server_env(CHECK_COMMAND="false", RECOVER_COMMAND="true")
     result = run_server("--config", config, env=still_dead)
-    assert result.returncode == server.EXIT_RECOVERY
+    assert result.returncode == errors.EXIT_RECOVERY
     assert result.stderr.splitlines()[-1].startswith("error: knockd is not running")
 
 
@@ -191,7 +195,7 @@ def test_the_watch_shows_failures_and_exits_after_three(tmp_path, server_env):
             except socket.timeout:
                 pass
             os.utime(config)       # a change wakes the watch: the next try comes now
-        assert watch.process.wait(5) == server.EXIT_FAILED, watch.text()
+        assert watch.process.wait(5) == errors.EXIT_FAILED, watch.text()
     finally:
         if watch.process.poll() is None:
             watch.process.send_signal(signal.SIGKILL)

@@ -4,7 +4,7 @@ alphabet only, so 87 times `a` and `correcthorsebatterystaple` passed."""
 import secrets
 
 import knockd_rotator_client as client
-import knockd_rotator_server as server
+from knockd_rotator.core import generator
 from conftest import rotator_env, run_client, run_server
 
 WEAK = ["a" * 87,                       # fewer than 6 different characters
@@ -21,7 +21,7 @@ def test_the_floor_refuses_the_obvious_and_passes_random_secrets(tmp_path, serve
     config = tmp_path / "knockd.conf"
     config.write_bytes(b"[ssh_ROTATOR]\n\tsequence = 1\n\tstop_command = true\n")
     for secret in WEAK:
-        assert client.secret_bits(secret) == server.secret_bits(secret) < 128, secret
+        assert client.secret_bits(secret) == generator.secret_bits(secret) < 128, secret
         for result in (run_client("gen", "ssh", env=rotator_env(SECRET=secret)),
                        run_server("--config", config, env=server_env(SECRET=secret))):
             assert result.returncode == client.EXIT_ENVIRONMENT, (secret, result.stderr)

@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-import knockd_rotator_server as server
+from knockd_rotator.core import errors as core_errors
+from knockd_rotator.engines.knockd import config as knockd_config
 from conftest import ROOT, SECRET, need, need_root_and, run_server
 
 GOLDEN = ROOT / "tests" / "golden"
@@ -48,9 +49,9 @@ def test_second_run_changes_nothing_and_does_not_reload(tmp_path, server_env):
 def test_only_sequence_values_change():
     """Parse before and after: every line keeps its bytes but for the value span."""
     data = (GOLDEN / "odd.conf").read_bytes()
-    lines = server.parse_config(data)
-    doors = server.rotator_doors(lines)
-    after = server.rewrite_config(lines, {door: b"1111:tcp,2222:udp" for door in doors})
+    lines = knockd_config.parse_config(data)
+    doors = knockd_config.rotator_doors(lines)
+    after = knockd_config.rewrite_config(lines, {door: b"1111:tcp,2222:udp" for door in doors})
     header = next(i for i, line in enumerate(after) if line.raw == b"[nosequence_ROTATOR]\n")
     assert after[header + 1].raw == b"      sequence = 1111:tcp,2222:udp\n"
     assert after[header + 1].number == after[header].number == lines[header].number
@@ -150,7 +151,7 @@ def test_bad_configs_fail_cleanly_and_change_nothing(tmp_path, server_env, name,
         config.write_bytes(content)
     marker = tmp_path / "reloaded"
     result = run_server("--config", config, env=server_env(RELOAD_COMMAND="touch %s" % marker))
-    assert result.returncode == server.EXIT_CONFIG
+    assert result.returncode == core_errors.EXIT_CONFIG
     lines = result.stderr.splitlines()
     assert lines and all(line.startswith("error: ") for line in lines), result.stderr
     assert words in result.stderr
@@ -161,7 +162,7 @@ def test_bad_configs_fail_cleanly_and_change_nothing(tmp_path, server_env, name,
 
 def test_config_that_is_a_directory(tmp_path, server_env):
     result = run_server("--config", tmp_path, env=server_env())
-    assert result.returncode == server.EXIT_CONFIG
+    assert result.returncode == core_errors.EXIT_CONFIG
     assert result.stderr.startswith("error: cannot read %s: Is a directory" % tmp_path)
 
 
@@ -243,7 +244,7 @@ def knockd_verdicts(tmp_path_factory):
 
 @pytest.mark.parametrize("name,text", GRAMMAR_CASES, ids=[c[0] for c in GRAMMAR_CASES])
 def test_grammar_agrees_with_knockd(knockd_verdicts, name, text):
-    errors = server.config_errors(server.parse_config(text.encode()))
+    errors = knockd_config.config_errors(knockd_config.parse_config(text.encode()))
     assert (not errors) == knockd_verdicts[name], errors
 
 
@@ -251,5 +252,5 @@ def test_golden_outputs_are_accepted_by_knockd(tmp_path, start_knockd):
     for name in ("odd", "debian"):
         text = (GOLDEN / (name + ".rotated.conf")).read_text().replace(
             "LogFile=/var/log/knockd.log", "LogFile=%s" % (tmp_path / "knockd.log"))
-        assert not server.config_errors(server.parse_config(text.encode()))
+        assert not knockd_config.config_errors(knockd_config.parse_config(text.encode()))
         start_knockd(text, name=name + ".conf").stop()

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-import knockd_rotator_server as server
+from knockd_rotator.core import files
+from knockd_rotator.engines.knockd import config as knockd_config
 from conftest import SERVER, in_fast_tier, run_server, wait_until
 
 SECTIONS = 3000
@@ -26,7 +27,7 @@ def start_server(config, env):
 
 
 def temporaries(folder):
-    return [p.name for p in folder.iterdir() if p.name.endswith(server.TEMP_SUFFIX)]
+    return [p.name for p in folder.iterdir() if p.name.endswith(files.TEMP_SUFFIX)]
 
 
 @pytest.fixture
@@ -75,7 +76,7 @@ def test_concurrent_runs_leave_a_valid_file(versions):
     processes = [start_server(config, envs[i % 2]) for i in range(8)]
     assert [p.wait(timeout=120) for p in processes] == [0] * 8
     assert config.read_bytes() in rotated
-    assert not server.config_errors(server.parse_config(config.read_bytes()))
+    assert not knockd_config.config_errors(knockd_config.parse_config(config.read_bytes()))
     assert temporaries(config.parent) == []
 
 
@@ -191,7 +192,7 @@ def test_boundary_run_happens_on_time_and_only_one_is_pending(tmp_path, server_e
     first = run_server("--schedule", "--config", config, env=env)
     assert first.returncode == 0, first.stderr
     boundary = (int(time.time()) // period + 1) * period
-    assert "next run at %s (boundary run" % server.utc(boundary) in first.stderr
+    assert "next run at %s (boundary run" % files.utc(boundary) in first.stderr
     assert len(pending_runs(tmp_path)) == 1
 
     second = run_server("--schedule", "--config", config, env=env)

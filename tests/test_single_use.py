@@ -11,7 +11,10 @@ import time
 
 import pytest
 
-import knockd_rotator_server as server
+from knockd_rotator.core import generator
+from knockd_rotator.core import settings as core_settings
+from knockd_rotator.core import uses as core_uses
+from knockd_rotator.engines.knockd import burns as knockd_burns
 from conftest import (GUARDED_PORT, SECRET, SEND_SYNS, SERVER, alive_command, run_server,
                       daemon_start_command, need_root_and, rotator_env, run_client, wait_until)
 
@@ -40,7 +43,7 @@ class SingleUseDoor:
             self.env_file, sys.executable, SERVER, self.config, self.burns_log)
         if gated:
             # As add-client writes it, the burn's output kept for the test.
-            burn = server.burn_command(self.config, "ssh_ROTATOR", {
+            burn = knockd_burns.burn_command(self.config, "ssh_ROTATOR", {
                 "KNOCKD_ROTATOR_ENV_FILE": str(self.env_file)}).replace(
                     " & ", " >>%s 2>&1 &" % self.burns_log)
         self.config.write_text(
@@ -59,9 +62,9 @@ class SingleUseDoor:
         return result
 
     def sequence(self, use, periods_back=0):
-        settings = server.with_sequences(server.read_settings(
-            server.env_values(self.env_file.read_bytes()), "ssh_ROTATOR"))
-        start = server.period_start(time.time(), self.period) - periods_back * self.period
+        settings = core_settings.with_sequences(generator.read_settings(
+            core_settings.env_values(self.env_file.read_bytes()), "ssh_ROTATOR"))
+        start = generator.period_start(time.time(), self.period) - periods_back * self.period
         return [int(item.split(b":")[0]) for item in settings.sequence_at(start, use).split(b",")]
 
     def send(self, source, ports):
@@ -73,7 +76,7 @@ class SingleUseDoor:
 
     def counts(self):
         """The server's use counters of the door, {period start: counter}."""
-        return server.read_uses(str(self.tmp / "state")).get("ssh_ROTATOR", {}).get("counts", {})
+        return core_uses.read_uses(str(self.tmp / "state")).get("ssh_ROTATOR", {}).get("counts", {})
 
     def burns_running(self):
         """The burn processes in the namespace."""
@@ -149,7 +152,7 @@ def test_a_replay_within_the_grace_opens_nothing(guarded, tmp_path):
     wait_until(lambda: time.time() % 10 < 0.5, 11, "a period boundary")
     door.rotate()           # the boundary's rotation: the grace sibling appears
     assert b"[ssh_ROTATOR_GRACE]" in door.config.read_bytes()
-    start = server.period_start(time.time(), 10)
+    start = generator.period_start(time.time(), 10)
     assert b"burn ssh_ROTATOR_GRACE --use %d:0 >>" % (start - 10) in door.config.read_bytes()
     previous = door.sequence(0, periods_back=1)
     door.knock("127.0.0.2", 0, periods_back=1)       # a client a little behind
@@ -168,7 +171,7 @@ def test_a_replay_within_the_grace_opens_nothing(guarded, tmp_path):
 def client_knock(door, uses_file):
     """Our client, with the door's settings and a use counter file of its own."""
     env = rotator_env(SECRET=None)
-    env.update(server.env_values(door.env_file.read_bytes()))
+    env.update(core_settings.env_values(door.env_file.read_bytes()))
     env["KNOCKD_ROTATOR_USES_FILE"] = str(uses_file)
     return run_client("knock", "127.0.0.1", "ssh", "--check", GUARDED_PORT, "--check-timeout",
                       "10", env=env, netns=door.netns.name)
@@ -248,7 +251,7 @@ def test_replays_within_the_burn_window_burn_one_use_once(gated_door):
     burn's reload): the counter moves by 1, one burn process runs, knockd
     reloads once, and the client's next knock, with counter 1, opens."""
     door = gated_door
-    start = server.period_start(time.time(), door.period)
+    start = generator.period_start(time.time(), door.period)
     replayers = ["127.0.2.%d" % (host + 1) for host in range(30)]
     reloads = door.reloads()
     door.netns.run(sys.executable, "-c", SEND_FROM_EACH, ",".join(["127.0.0.1"] + replayers),
@@ -281,7 +284,7 @@ def test_replays_within_the_burn_window_burn_one_use_once(gated_door):
 def test_a_burn_of_a_use_burnt_already_changes_nothing(door):
     """The burn that a late replay starts (its use's record gone, or a door
     without the gate) neither writes nor reloads."""
-    start = server.period_start(time.time(), door.period)
+    start = generator.period_start(time.time(), door.period)
     door.knock("127.0.0.2", 0)
     wait_until(lambda: not door.burns_running(), 30, "the burn to end")
     files = door.config.read_bytes(), (door.tmp / "state" / "uses").read_bytes()
@@ -308,11 +311,11 @@ def test_a_burn_that_names_no_use_counts_each_opening_until_the_rotation_names_i
     config.write_text("[ssh_ROTATOR]\n\tsequence = 1\n\tstart_command = %s burn ssh_ROTATOR "
                       "& true\n" % SERVER)
     env = server_env(SECRET=SECRET, SINGLE_USE=1)
-    start = server.period_start(time.time(), 31622400)
+    start = generator.period_start(time.time(), 31622400)
     for _ in range(2):
         burnt = run_server("--config", config, "burn", "ssh_ROTATOR", env=env)
         assert burnt.returncode == 0, burnt.stderr
-    assert server.read_uses(str(tmp_path / "state"))["ssh_ROTATOR"]["counts"] == {str(start): 2}
+    assert core_uses.read_uses(str(tmp_path / "state"))["ssh_ROTATOR"]["counts"] == {str(start): 2}
     assert "burn ssh_ROTATOR --use %d:2 & true\n" % start in config.read_text()
 
 
@@ -330,7 +333,7 @@ def test_the_rotation_gates_a_burn_that_add_client_wrote_ungated(tmp_path, serve
     config.chmod(0o600)
     rotated = run_server("--config", config, env=server_env(SECRET=SECRET, SINGLE_USE=1))
     assert rotated.returncode == 0, rotated.stderr
-    start = server.period_start(time.time(), 31622400)
+    start = generator.period_start(time.time(), 31622400)
     record = tmp_path / "state" / "burning" / ("alice_ssh_ROTATOR.%d.0" % start)
     gated = ("{ echo 2>/dev/null >>%s; mkdir %s.burn 2>/dev/null || [ ! -d %s ]; } && %s"
              % (record, record, record.parent,
@@ -345,19 +348,19 @@ def test_the_rotation_gates_a_burn_that_add_client_wrote_ungated(tmp_path, serve
 
 def test_a_burn_moves_the_counter_past_the_use_it_names_and_only_then():
     """Pure: with_burn with the use an opening matched."""
-    settings_of = server.settings_reader({"KNOCKD_ROTATOR_SECRET": SECRET,
+    settings_of = core_settings.settings_reader({"KNOCKD_ROTATOR_SECRET": SECRET,
                                           "KNOCKD_ROTATOR_SINGLE_USE": "1",
                                           "KNOCKD_ROTATOR_PERIOD_MODULO": "3600"})
     start = 1800000000 // 3600 * 3600
     now = start + 60
-    uses = server.with_burn({}, "ssh_ROTATOR", now, settings_of, (start, 0))
+    uses = core_uses.with_burn({}, "ssh_ROTATOR", now, settings_of, (start, 0))
     assert uses["ssh_ROTATOR"]["counts"] == {str(start): 1}
     for burnt in [(start, 0), (start - 7200, 5), (start + 3600, 0)]:
-        assert server.with_burn(uses, "ssh_ROTATOR", now, settings_of, burnt) is uses, burnt
+        assert core_uses.with_burn(uses, "ssh_ROTATOR", now, settings_of, burnt) is uses, burnt
     # The door held use 3 (the counters were lost, say): its burn moves past it.
-    uses = server.with_burn(uses, "ssh_ROTATOR", now, settings_of, (start, 3))
+    uses = core_uses.with_burn(uses, "ssh_ROTATOR", now, settings_of, (start, 3))
     assert uses["ssh_ROTATOR"]["counts"] == {str(start): 4}
-    uses = server.with_burn(uses, "ssh_ROTATOR_GRACE", now, settings_of, (start - 3600, 0))
+    uses = core_uses.with_burn(uses, "ssh_ROTATOR_GRACE", now, settings_of, (start - 3600, 0))
     assert uses["ssh_ROTATOR"]["counts"] == {str(start): 4, str(start - 3600): 1}
 
 
@@ -367,7 +370,7 @@ def test_a_burn_that_fails_lets_the_next_opening_of_its_use_burn(tmp_path, serve
     config = tmp_path / "knockd.conf"
     config.write_text("[ssh_ROTATOR]\n\tsequence = 1\n\tstart_command = %s burn ssh_ROTATOR "
                       "& true\n" % SERVER)
-    start = server.period_start(time.time(), 31622400)
+    start = generator.period_start(time.time(), 31622400)
     gate = tmp_path / "state" / "burning" / ("ssh_ROTATOR.%d.0.burn" % start)
     gate.mkdir(parents=True)
     # The door is not single-use: the burn fails.

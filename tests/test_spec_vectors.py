@@ -144,13 +144,14 @@ def test_key_vector_matches_independent_implementation(vector):
 @pytest.mark.parametrize("vector", KEY_VECTORS)
 def test_key_vector_matches_the_scripts(vector, capsys):
     """The server's settings, TOTP and key code, and the client's command line."""
-    import knockd_rotator_server as server
+    from knockd_rotator.core import generator as core_generator
+    from knockd_rotator.core import settings as core_settings
     env = {"KNOCKD_ROTATOR_SECRET": vector["secret"], "KNOCKD_ROTATOR_MODE": vector["mode"],
            "KNOCKD_ROTATOR_PIN": vector["pin"], "KNOCKD_ROTATOR_LENGTH": str(vector["length"]),
            "KNOCKD_ROTATOR_PORT_MODULO": str(vector["port_modulo"])}
     if vector["mode"] == "secret":
         env["KNOCKD_ROTATOR_PERIOD_MODULO"] = str(vector["period"])
-    settings = server.with_sequences(server.read_settings(env, vector["door"]))
+    settings = core_settings.with_sequences(core_generator.read_settings(env, vector["door"]))
     assert settings.sequence_at(vector["period_start"]).decode() == vector["sequence"]
     if vector["mode"] == "totp":
         del env["KNOCKD_ROTATOR_SECRET"]          # the client never has it
@@ -170,7 +171,8 @@ USE_VECTORS = spec_vectors("Use vector", USE_FIELDS, plain=("use_key", "sequence
 def test_use_vector_matches_independent_implementation_and_the_server(vector):
     """Single use, from the SPEC's text: use 0 keeps the key, use n > 0 is an
     HMAC of the tag and the counter under it."""
-    import knockd_rotator_server as server
+    from knockd_rotator.core import generator as core_generator
+    from knockd_rotator.core import settings as core_settings
     key = independent_key("secret", vector["secret"], vector["pin"], vector["door"], "")
     if vector["use"]:
         key = hmac.new(key, b"knockd-rotator/1 use" + struct.pack(">I", vector["use"]),
@@ -182,7 +184,7 @@ def test_use_vector_matches_independent_implementation_and_the_server(vector):
     env = {"KNOCKD_ROTATOR_SECRET": vector["secret"], "KNOCKD_ROTATOR_PIN": vector["pin"],
            "KNOCKD_ROTATOR_PERIOD_MODULO": str(vector["period"]),
            "KNOCKD_ROTATOR_SINGLE_USE": "1"}
-    settings = server.with_sequences(server.read_settings(env, vector["door"]))
+    settings = core_settings.with_sequences(core_generator.read_settings(env, vector["door"]))
     assert settings.sequence_at(vector["period_start"], vector["use"]).decode() == \
         vector["sequence"]
 

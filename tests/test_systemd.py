@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-import knockd_rotator_server as server
+from knockd_rotator.core import settings as core_settings
 from conftest import ROOT, need, wait_until
 from test_doors import readme_blocks
 
@@ -630,7 +630,7 @@ def assert_reloaded_at(box, moment):
 def events_after(moment, period, grace):
     """The server's next events after MOMENT: the start of the lead before a
     boundary (the server's default lead), and that boundary's grace end."""
-    lead = min(server.DEFAULT_LEAD, period - grace)
+    lead = min(core_settings.DEFAULT_LEAD, period - grace)
     boundary = (int(moment + lead) // period + 1) * period
     return boundary - lead, boundary + grace
 

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-import knockd_rotator_server as server
+from knockd_rotator import rotation as rotator_rotation
+from knockd_rotator import status
+from knockd_rotator.core import errors
+from knockd_rotator.core import files
+from knockd_rotator.core import generator
+from knockd_rotator.core import settings as core_settings
+from knockd_rotator.engines.knockd import config as knockd_config
+from knockd_rotator.engines.knockd import trial as engine_trial
 from conftest import SECRET, SERVER, alive_command, need_root_and, run_server, wait_until
 
 OPEN = "\tstart_command = true\n\tcmd_timeout = 5\n\tstop_command = true\n"
@@ -25,29 +32,29 @@ def doors(count, ports):
 
 
 def settings(tmp_path, **overrides):
-    return dict(server.server_settings({"KNOCKD_ROTATOR_ENV_FILE": "/nonexistent"}),
+    return dict(core_settings.server_settings({"KNOCKD_ROTATOR_ENV_FILE": "/nonexistent"}),
                 STATE_DIR=str(tmp_path / "state"), **overrides)
 
 
 @pytest.fixture
 def knockd_program():
     need_root_and("knockd", "unshare")
-    return server.DEFAULT_TRIAL_KNOCKD
+    return core_settings.DEFAULT_TRIAL_KNOCKD
 
 
 def test_a_file_knockd_takes_passes_and_leaves_nothing(tmp_path, knockd_program):
     log = tmp_path / "knockd.log"
-    lines = server.parse_config(("[options]\n\tlogfile = %s\n\tinterface = eth9\n\tUseSyslog\n"
+    lines = knockd_config.parse_config(("[options]\n\tlogfile = %s\n\tinterface = eth9\n\tUseSyslog\n"
                                  % log + doors(3, 3)).encode())
-    assert server.knockd_trial(lines, settings(tmp_path)) == (None, None)
+    assert engine_trial.knockd_trial(lines, settings(tmp_path)) == (None, None)
     assert not log.exists(), "the trial writes its own log, not the file's"
 
 
 def test_a_file_knockd_refuses_is_refused_with_its_words(tmp_path, knockd_program):
     missing = tmp_path / "missing"
-    lines = server.parse_config(("[otp]\n\tone_time_sequences = %s\n%s" % (missing, OPEN))
+    lines = knockd_config.parse_config(("[otp]\n\tone_time_sequences = %s\n%s" % (missing, OPEN))
                                 .encode())
-    refusal, untried = server.knockd_trial(lines, settings(tmp_path))
+    refusal, untried = engine_trial.knockd_trial(lines, settings(tmp_path))
     assert untried is None
     assert refusal == "%s: No such file or directory" % missing, refusal
 
@@ -58,9 +65,9 @@ def test_one_time_sequences_are_tried_on_copies_as_a_rotation_leaves_them(tmp_pa
     first; and the trial knockd must not write into the user's file."""
     sequences = tmp_path / "otp"
     sequences.write_bytes(b"#7000,8000,9000\n")
-    lines = server.parse_config(("[otp]\n\tone_time_sequences = %s\n%s" % (sequences, OPEN))
+    lines = knockd_config.parse_config(("[otp]\n\tone_time_sequences = %s\n%s" % (sequences, OPEN))
                                 .encode())
-    assert server.knockd_trial(lines, settings(tmp_path)) == (None, None)
+    assert engine_trial.knockd_trial(lines, settings(tmp_path)) == (None, None)
     assert sequences.read_bytes() == b"#7000,8000,9000\n"
 
 
@@ -69,9 +76,9 @@ def test_a_knockd_too_slow_to_listen_is_refused(tmp_path, knockd_program, monkey
     reload: 200 doors of 10 random ports take about 2.5 s, these 200 of 10
     consecutive ports over 30 s (check found it).  A file that keeps the
     trial from listening within TRIAL_SECONDS is refused."""
-    lines = server.parse_config(doors(200, 10).encode())
-    monkeypatch.setattr(server, "TRIAL_SECONDS", 0.2)
-    refusal, untried = server.knockd_trial(lines, settings(tmp_path))
+    lines = knockd_config.parse_config(doors(200, 10).encode())
+    monkeypatch.setattr(engine_trial, "TRIAL_SECONDS", 0.2)
+    refusal, untried = engine_trial.knockd_trial(lines, settings(tmp_path))
     assert untried is None and refusal.startswith("it did not listen within 0.2 s"), refusal
 
 
@@ -82,26 +89,26 @@ def test_a_rotation_tries_only_a_new_shape_and_refuses_before_writing(
     reloaded = tmp_path / "reloaded"
     environ = server_env(RELOAD_COMMAND="touch %s" % reloaded)
     tried = []
-    real_trial = server.knockd_trial
+    real_trial = engine_trial.knockd_trial
 
     def counted(lines, settings):
         tried.append(b"".join(line.raw for line in lines))
         return real_trial(lines, settings)
-    monkeypatch.setattr(server, "knockd_trial", counted)
-    server.rotate(str(config), environ, 10**9)
+    monkeypatch.setattr(engine_trial, "knockd_trial", counted)
+    rotator_rotation.rotate(str(config), environ, 10**9)
     assert len(tried) == 1, "the first file is tried"
-    server.rotate(str(config), environ, 10**9 + 31622400)
+    rotator_rotation.rotate(str(config), environ, 10**9 + 31622400)
     assert len(tried) == 1, "new sequences in a shape knockd ran are not tried"
     assert reloaded.exists()
 
     reloaded.unlink()
     config.write_bytes(config.read_bytes() + doors(200, 10).encode())
     before = config.read_bytes()
-    monkeypatch.setattr(server, "TRIAL_SECONDS", 0.2)
-    with pytest.raises(server.RotatorError) as refused:
-        server.rotate(str(config), environ, 10**9 + 2 * 31622400)
+    monkeypatch.setattr(engine_trial, "TRIAL_SECONDS", 0.2)
+    with pytest.raises(generator.RotatorError) as refused:
+        rotator_rotation.rotate(str(config), environ, 10**9 + 2 * 31622400)
     assert len(tried) == 2
-    assert refused.value.code == server.EXIT_CONFIG
+    assert refused.value.code == errors.EXIT_CONFIG
     assert "knockd refuses the new %s: it did not listen within 0.2 s" % config \
         in refused.value.what
     assert config.read_bytes() == before and not reloaded.exists()
@@ -122,10 +129,10 @@ def test_check_says_what_knockd_says(tmp_path, server_env, knockd_program, monke
     config = tmp_path / "knockd.conf"
     config.write_text("[ssh_ROTATOR]\n" + OPEN + doors(20, 3))
     environ = server_env()
-    assert server.check(str(config), environ) == server.EXIT_OK
+    assert status.check(str(config), environ) == errors.EXIT_OK
     config.write_text("[ssh_ROTATOR]\n" + OPEN + doors(200, 10))
-    monkeypatch.setattr(server, "TRIAL_SECONDS", 0.2)
-    assert server.check(str(config), environ) == server.EXIT_CONFIG
+    monkeypatch.setattr(engine_trial, "TRIAL_SECONDS", 0.2)
+    assert status.check(str(config), environ) == errors.EXIT_CONFIG
     said = capsys.readouterr().err.splitlines()
     assert [line for line in said if line.startswith(
         "error: knockd refuses %s: it did not listen within 0.2 s" % config)], said
@@ -165,8 +172,8 @@ def test_the_next_run_removes_what_a_run_killed_during_a_trial_left(tmp_path, se
         run.kill()
         run.wait()
     assert b"sequence = " in (folder / "knockd.conf").read_bytes(), "the new sequences"
-    alive = tmp_path / "state" / ("%s%d-%d-x" % (server.TRIAL_PREFIX, os.getpid(),
-                                                 server.process_start(os.getpid())))
+    alive = tmp_path / "state" / ("%s%d-%d-x" % (engine_trial.TRIAL_PREFIX, os.getpid(),
+                                                 files.process_start(os.getpid())))
     try:
         alive.mkdir()
         result = run_server("--config", config, env=server_env(TRIAL_KNOCKD=""))

@@ -17,7 +17,10 @@ import sys
 import pytest
 
 import knockd_rotator_client as client
-import knockd_rotator_server as server
+from knockd_rotator.core import errors
+from knockd_rotator.core import generator
+from knockd_rotator.core import settings as core_settings
+from knockd_rotator.engines.knockd import config as knockd_config
 from conftest import CLIENT, ROOT, SERVER, run_script
 
 NOW = 1700000000
@@ -80,14 +83,14 @@ def server_result(argv, env):
     sequence of offset 0 for the row's --use."""
     door = client.door_name(argv[1])
     section = door.encode("utf-8", "surrogateescape")
-    lines = server.parse_config(b"[" + section + b"]\n\tsequence = 1\n\tcommand = true\n")
-    if server.rotator_errors(lines):
-        return "exit %d" % server.EXIT_CONFIG
+    lines = knockd_config.parse_config(b"[" + section + b"]\n\tsequence = 1\n\tcommand = true\n")
+    if knockd_config.rotator_errors(lines):
+        return "exit %d" % errors.EXIT_CONFIG
     use = int(argv[argv.index("--use") + 1]) if "--use" in argv else 0
     try:
-        settings = server.with_sequences(server.read_settings(env, door))
-        return settings.sequence_at(server.period_start(NOW, settings.period), use).decode()
-    except server.RotatorError as exc:
+        settings = core_settings.with_sequences(generator.read_settings(env, door))
+        return settings.sequence_at(generator.period_start(NOW, settings.period), use).decode()
+    except generator.RotatorError as exc:
         return "exit %d" % exc.code
 
 

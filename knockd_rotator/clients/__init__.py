@@ -1,0 +1,1 @@
+"""Clients: add-client, remove-client and list-clients, and what they write for a client."""
