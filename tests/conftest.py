@@ -150,15 +150,18 @@ def daemon_start_command(namespace, config, pidfile):
 
 # A raw SYN per port, from a chosen source address (argv 1) to 127.0.0.1,
 # as knockd's C client sends them: `python3 -c SEND_SYNS SOURCE PORT...`.
+# SOURCE may be several addresses, comma-separated: each sends the whole
+# sequence in turn, as fast as a raw socket goes (a knock and its replays).
 SEND_SYNS = r"""
 import socket, struct, sys
-source = bytes(int(part) for part in sys.argv[1].split("."))
 raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-for port in sys.argv[2:]:
-    tcp = struct.pack("!HHIIBBHHH", 40000, int(port), 0, 0, 5 << 4, 0x02, 1024, 0, 0)
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, socket.IPPROTO_TCP, 0,
-                     source, bytes([127, 0, 0, 1]))
-    raw.sendto(ip + tcp, ("127.0.0.1", 0))
+for text in sys.argv[1].split(","):
+    source = bytes(int(part) for part in text.split("."))
+    for port in sys.argv[2:]:
+        tcp = struct.pack("!HHIIBBHHH", 40000, int(port), 0, 0, 5 << 4, 0x02, 1024, 0, 0)
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, socket.IPPROTO_TCP, 0,
+                         source, bytes([127, 0, 0, 1]))
+        raw.sendto(ip + tcp, ("127.0.0.1", 0))
 """
 
 

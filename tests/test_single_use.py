@@ -219,21 +219,6 @@ def test_a_client_that_lost_its_counter_still_gets_in(short_door, tmp_path):
     assert '"next": 5' in uses.read_text()
 
 
-# Each SOURCE (argv 1, comma-separated) sends the whole sequence (argv 2...)
-# in turn, as fast as a raw socket goes: a knock and its replays at once.
-SEND_FROM_EACH = r"""
-import socket, struct, sys
-raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-for text in sys.argv[1].split(","):
-    source = bytes(int(part) for part in text.split("."))
-    for port in sys.argv[2:]:
-        tcp = struct.pack("!HHIIBBHHH", 40000, int(port), 0, 0, 5 << 4, 0x02, 1024, 0, 0)
-        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, socket.IPPROTO_TCP, 0,
-                         source, bytes([127, 0, 0, 1]))
-        raw.sendto(ip + tcp, ("127.0.0.1", 0))
-"""
-
-
 @pytest.fixture
 def gated_door(guarded, tmp_path):
     """A single-use door whose burn add-client's shell gate starts."""
@@ -254,7 +239,7 @@ def test_replays_within_the_burn_window_burn_one_use_once(gated_door):
     start = generator.period_start(time.time(), door.period)
     replayers = ["127.0.2.%d" % (host + 1) for host in range(30)]
     reloads = door.reloads()
-    door.netns.run(sys.executable, "-c", SEND_FROM_EACH, ",".join(["127.0.0.1"] + replayers),
+    door.netns.run(sys.executable, "-c", SEND_SYNS, ",".join(["127.0.0.1"] + replayers),
                    *door.sequence(0), timeout=10)
     wait_until(lambda: door.opened("127.0.0.1"), 10, "the client's knock to open")
     wait_until(lambda: door.reloads() > reloads, 10, "the burn's reload")
