@@ -152,55 +152,76 @@ def load_into_knockd(path, new_data, fallback, was_running, settings):
     first (which passed the grammar and file checks); only when knockd
     refuses to start with it does FALLBACK() (the last file knockd ran with,
     at the current sequences) go back.  Returns a warning to log, or None."""
-    state_dir = settings["STATE_DIR"]
     if was_running:
-        opens, hung, slot = FileOpens(path), False, ReloadSlot(path)
-        try:
-            ok, detail = run_command(settings["RELOAD_COMMAND"])
-            if not ok:
-                detail = "reload command failed (%s)" % detail
-            else:
-                ok, detail = knockd_stays_up(settings, opens, slot)
-                if ok and not opens.seen() and rereads_while_busy(path, opens):
-                    ok, detail = knockd_stays_up(settings, opens)   # and lives on
-                hung = ok and not opens.seen()
-        finally:
-            slot.release()
-            opens.close()
+        ok, hung, detail = reload_with_evidence(path, settings)
         if ok and not hung:
-            remember_good(state_dir, new_data)
-            remember_loaded(state_dir, new_data)
+            remember_good(settings["STATE_DIR"], new_data)
+            remember_loaded(settings["STATE_DIR"], new_data)
             return None
-        if hung:
-            # Alive, but deaf: knockd 0.8 can deadlock in its SIGHUP handler
-            # under a flood, and a check of the process cannot see it.
-            detail = ("knockd did not re-read the file within %d s of the reload, nor while "
-                      "it kept using CPU (at most %d s): it hangs"
-                      % (settings["CHECK_SECONDS"], BUSY_PATIENCE))
-            killed, kill_detail = run_command(settings["KILL_COMMAND"])
-            if not killed:
-                raise RotatorError("%s, and the kill command failed (%s)" % (detail, kill_detail),
-                                   "kill knockd and start it now: systemctl kill --signal=KILL "
-                                   "{0}; systemctl start {0}".format(settings["UNIT"]),
-                                   EXIT_RECOVERY)
-        elif knockd_runs(settings):
-            # knockd lives, with the old doors in memory: the file must match
-            # their shape.  Its sequences may be the current ones, which knockd
-            # has not loaded: the record of what it loaded makes the next run
-            # reload it.
-            put_back(path, fallback(), detail, settings)
-            raise RotatorError("knockd did not take the new %s (%s); the last file it ran "
-                               "with is back, at the current sequences, and knockd runs "
-                               "with the older one it had: the next run reloads it"
-                               % (path, detail),
-                               "check KNOCKD_ROTATOR_RELOAD_COMMAND and _CHECK_COMMAND; "
-                               "journalctl -u %s" % settings["UNIT"], EXIT_FAILED)
-        why = ("knockd hung after the reload and was killed (%s)" if hung
-               else "knockd died after the reload (%s)") % detail
+        why = after_failed_reload(path, detail, hung, fallback, settings)
     else:
         # First install: knockd refuses to start while a door has no sequence.
         why = "knockd was not running"
         log("knockd is not running: starting it with the new file")
+    return start_or_fall_back(path, new_data, why, was_running, fallback, settings)
+
+
+def reload_with_evidence(path, settings):
+    """Reload knockd and watch it re-read PATH: (alive, hung, detail).  Hung:
+    alive, but it was not seen to re-read the file, nor kept busy with an
+    earlier reload."""
+    opens, hung, slot = FileOpens(path), False, ReloadSlot(path)
+    try:
+        ok, detail = run_command(settings["RELOAD_COMMAND"])
+        if not ok:
+            detail = "reload command failed (%s)" % detail
+        else:
+            ok, detail = knockd_stays_up(settings, opens, slot)
+            if ok and not opens.seen() and rereads_while_busy(path, opens):
+                ok, detail = knockd_stays_up(settings, opens)   # and lives on
+            hung = ok and not opens.seen()
+    finally:
+        slot.release()
+        opens.close()
+    return ok, hung, detail
+
+
+def after_failed_reload(path, detail, hung, fallback, settings):
+    """After a reload that knockd did not take (DETAIL): a hung knockd is
+    killed, one that lives on with its old doors gets FALLBACK() back (and
+    the run fails).  Returns why knockd must be started."""
+    if hung:
+        # Alive, but deaf: knockd 0.8 can deadlock in its SIGHUP handler
+        # under a flood, and a check of the process cannot see it.
+        detail = ("knockd did not re-read the file within %d s of the reload, nor while "
+                  "it kept using CPU (at most %d s): it hangs"
+                  % (settings["CHECK_SECONDS"], BUSY_PATIENCE))
+        killed, kill_detail = run_command(settings["KILL_COMMAND"])
+        if not killed:
+            raise RotatorError("%s, and the kill command failed (%s)" % (detail, kill_detail),
+                               "kill knockd and start it now: systemctl kill --signal=KILL "
+                               "{0}; systemctl start {0}".format(settings["UNIT"]),
+                               EXIT_RECOVERY)
+        return "knockd hung after the reload and was killed (%s)" % detail
+    if knockd_runs(settings):
+        # knockd lives, with the old doors in memory: the file must match
+        # their shape.  Its sequences may be the current ones, which knockd
+        # has not loaded: the record of what it loaded makes the next run
+        # reload it.
+        put_back(path, fallback(), detail, settings)
+        raise RotatorError("knockd did not take the new %s (%s); the last file it ran "
+                           "with is back, at the current sequences, and knockd runs "
+                           "with the older one it had: the next run reloads it"
+                           % (path, detail),
+                           "check KNOCKD_ROTATOR_RELOAD_COMMAND and _CHECK_COMMAND; "
+                           "journalctl -u %s" % settings["UNIT"], EXIT_FAILED)
+    return "knockd died after the reload (%s)" % detail
+
+
+def start_or_fall_back(path, new_data, why, was_running, fallback, settings):
+    """Start knockd (not running: WHY) with NEW_DATA; when it refuses, put
+    FALLBACK() back, start knockd with that, and fail.  A warning, or None."""
+    state_dir = settings["STATE_DIR"]
     ok, detail = start_knockd(path, settings)
     if ok:
         remember_good(state_dir, new_data)
