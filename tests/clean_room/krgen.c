@@ -229,15 +229,9 @@ static unsigned long long secret_bits(const unsigned char *s, size_t n)
 
 /* ---- whole numbers (SPEC "Whole numbers") ------------------------------ */
 
-/* -?[0-9]{1,20}, ASCII only: 1 and *out on success, else 0. */
-static int whole_number(const char *s, i128 *out)
+/* [0-9]{1,20} in the N bytes at S, ASCII only: 1 and *out on success, else 0. */
+static int digits(const char *s, size_t n, i128 *out)
 {
-    int neg = 0;
-    if (*s == '-') {
-        neg = 1;
-        s++;
-    }
-    size_t n = strlen(s);
     if (n < 1 || n > 20)
         return 0;
     i128 v = 0;
@@ -246,6 +240,17 @@ static int whole_number(const char *s, i128 *out)
             return 0;
         v = v * 10 + (s[i] - '0');
     }
+    *out = v;
+    return 1;
+}
+
+/* -?[0-9]{1,20}, ASCII only: 1 and *out on success, else 0. */
+static int whole_number(const char *s, i128 *out)
+{
+    int neg = *s == '-';
+    i128 v;
+    if (!digits(s + neg, strlen(s + neg), &v))
+        return 0;
     *out = neg ? -v : v;
     return 1;
 }
@@ -416,14 +421,9 @@ static int cmp_range(const void *a, const void *b)
 
 static int parse_digits(const char *s, size_t n, long *out)
 {
-    if (n < 1 || n > 20)
+    i128 v;
+    if (!digits(s, n, &v))
         return 0;
-    i128 v = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (s[i] < '0' || s[i] > '9')
-            return 0;
-        v = v * 10 + (s[i] - '0');
-    }
     *out = v > 1000000 ? 1000000 : (long)v;
     return 1;
 }
