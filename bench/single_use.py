@@ -28,15 +28,18 @@ sys.path.insert(0, str(ROOT))
 from knockd_rotator.core import generator  # noqa: E402
 from knockd_rotator.core import settings as core_settings  # noqa: E402
 
+# Each source (argv 1, comma-separated) sends the whole sequence (argv 2...)
+# in turn, as a raw SYN per port (bench/replay_flood.py sends many at once).
 SEND = r"""
 import socket, struct, sys
-source = bytes(int(part) for part in sys.argv[1].split("."))
 raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-for port in sys.argv[2:]:
-    tcp = struct.pack("!HHIIBBHHH", 40000, int(port), 0, 0, 5 << 4, 0x02, 1024, 0, 0)
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, socket.IPPROTO_TCP, 0,
-                     source, bytes([127, 0, 0, 1]))
-    raw.sendto(ip + tcp, ("127.0.0.1", 0))
+for text in sys.argv[1].split(","):
+    source = bytes(int(part) for part in text.split("."))
+    for port in sys.argv[2:]:
+        tcp = struct.pack("!HHIIBBHHH", 40000, int(port), 0, 0, 5 << 4, 0x02, 1024, 0, 0)
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, socket.IPPROTO_TCP, 0,
+                         source, bytes([127, 0, 0, 1]))
+        raw.sendto(ip + tcp, ("127.0.0.1", 0))
 """
 
 
