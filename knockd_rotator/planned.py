@@ -10,7 +10,6 @@ from knockd_rotator.core import commands
 from knockd_rotator.core.files import keep_state
 from knockd_rotator.core.generator import PIN_ITERATIONS
 from knockd_rotator.core.plan import Plan
-from knockd_rotator.engines.knockd.reload import loaded_digest
 
 
 # A run by hand and the timer's hourly run mostly find the files current, but
@@ -82,7 +81,8 @@ def record_planned(state_dir, data, environ, uses, now, plan):
 
 def as_planned(state_dir, data, environ, uses, now):
     """The Plan (its doors, starts and event only) recorded for DATA, if it
-    still holds at NOW for ENVIRON and USES, else None: plan it again."""
+    still holds at NOW for ENVIRON and USES, else None: plan it again.  Only
+    for a DATA the engine was seen to load: one it did not must be loaded."""
     import json
     if b"ONE_TIME_SEQUENCES" in data.upper():
         return None          # their keepers follow files that knockd uses up
@@ -92,7 +92,6 @@ def as_planned(state_dir, data, environ, uses, now):
         salt = bytes.fromhex(record["salt"])
         holds = (record["from"] <= now < record["until"]
                  and record["file"] == hashlib.sha256(data).hexdigest()
-                 and record["file"] == loaded_digest(state_dir)
                  and record["uses"] == uses_digest(uses)
                  and record["inputs"] == inputs_digest(environ, salt))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):

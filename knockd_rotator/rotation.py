@@ -55,8 +55,8 @@ def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None,
         uses = read_uses(settings["STATE_DIR"])
         if burn:
             uses, burn = burnt(settings["STATE_DIR"], uses, burn, burn_use, now, settings_of)
-        recorded = (None if dry_run or verbose or change or burn else
-                    as_planned(settings["STATE_DIR"], old_data, environ, uses, now))
+        shortcut = not (dry_run or verbose or change or burn) and engine.loaded(settings, old_data)
+        recorded = shortcut and as_planned(settings["STATE_DIR"], old_data, environ, uses, now)
         if recorded:
             engine.heal(config_path, settings, old_data)
             return recorded
