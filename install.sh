@@ -1,14 +1,31 @@
 #!/bin/sh
 # knockd-rotator: install, or uninstall, on a Debian-like system (as root).
 #
-#   ./install.sh                      install (idempotent: run it again to update)
+#   ./install.sh [install] [--engine knockd|nftables]
+#                                     install (idempotent: run it again to update)
 #   ./install.sh uninstall            remove what install added, keep the secret
-#   ./install.sh uninstall --purge    also remove /etc/knockd_rotator.env
+#   ./install.sh uninstall --purge    also remove /etc/knockd_rotator.env (and
+#                                     /etc/knockd_rotator.doors)
+#   ./install.sh --help               this text
+#
+# Examples:
+#   ./install.sh                      knockd rewrites its doors (the default engine)
+#   ./install.sh --engine nftables    the kernel matches the knocks, in the
+#                                     nftables table inet knockd_rotator; no knockd
+#
+# The engine is KNOCKD_ROTATOR_ENGINE in /etc/knockd_rotator.env: a new file
+# gets the one asked for; an existing one keeps its own (an update needs no
+# --engine), and --engine naming another one is refused with how to switch.
+# --engine nftables also installs /etc/knockd_rotator.doors (an example,
+# mode 0600, unless the file exists), the units' nftables drop-ins and
+# knockd_rotator-nftables.service (the table at boot, before the network).
+# `uninstall` also removes the table inet knockd_rotator, if loaded.
 #
 # DESTDIR=/some/root installs under that root instead of / (for packaging and
-# tests); systemctl is then left alone.  The secret is made by Python's
-# `secrets` straight into a file created with mode 0600; it is never printed,
-# and an existing environment file is never overwritten.
+# tests); systemctl is then left alone, and so is the table, unless that
+# root's environment file names the nftables engine.  The secret is made by
+# Python's `secrets` straight into a file created with mode 0600; it is never
+# printed, and an existing environment file is never overwritten.
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -29,10 +46,75 @@ instances=$root/etc/knockd_rotator.d
 # Debian's knockd.service gets a drop-in that restarts a knockd that died.
 dropin_dir=$units/knockd.service.d
 dropin=knockd_rotator.conf
+# The nftables engine: the doors, the table's boot unit, and one drop-in
+# (knockd_rotator.service.d/nftables.conf) for both rotator services.
+doors_file=$root/etc/knockd_rotator.doors
+boot_unit=knockd_rotator-nftables.service
+nft_dropin=nftables.conf
+nft_dropped="knockd_rotator.service knockd_rotator-watch.service"
+table="inet knockd_rotator"
 
 systemctl_here() {
     if [ -z "$root" ] && command -v systemctl >/dev/null 2>&1; then
         systemctl "$@" || true
+    fi
+}
+
+fail() {
+    echo "error: $1" >&2
+    exit 2
+}
+
+# The engine an environment file names (knockd when it names none).
+engine_of() {
+    engine=$(sed -n 's/^[[:space:]]*\(export[[:space:]]\{1,\}\)\{0,1\}KNOCKD_ROTATOR_ENGINE=//p' "$1" |
+             tail -n 1 | tr -d "\"' \t\r")
+    echo "${engine:-knockd}"
+}
+
+# Whether the table is loaded, in this network namespace.
+table_loaded() {
+    command -v nft >/dev/null 2>&1 && nft list table $table >/dev/null 2>&1
+}
+
+install_nftables() {
+    install -m 0644 "$here/$boot_unit" "$units/$boot_unit"
+    for unit in $nft_dropped; do
+        install -d -m 0755 "$units/$unit.d"
+        install -m 0644 "$here/knockd_rotator.service.d/$nft_dropin" "$units/$unit.d/$nft_dropin"
+    done
+    if [ -e "$doors_file" ]; then
+        echo "kept $doors_file"
+    else
+        install -m 0600 "$here/knockd_rotator.doors" "$doors_file"
+        echo "created $doors_file (mode 0600; its example door is commented out)"
+    fi
+    if [ -z "$root" ] && ! command -v nft >/dev/null 2>&1; then
+        echo "warning: the nftables engine needs nft: apt-get install nftables"
+    fi
+}
+
+# Back to knockd (or never nftables): no nftables unit or drop-in may stay.
+remove_nftables_units() {
+    if [ -e "$units/$boot_unit" ]; then
+        systemctl_here disable --now "$boot_unit"
+    fi
+    rm -f "$units/$boot_unit"
+    for unit in $nft_dropped; do
+        rm -f "$units/$unit.d/$nft_dropin"
+        rmdir "$units/$unit.d" 2>/dev/null || true
+    done
+}
+
+# uninstall: the guard goes, and with it the ports go back to the host's
+# firewall alone.  Under DESTDIR only for a root whose engine is nftables.
+remove_table() {
+    if [ -n "$root" ] && { [ ! -e "$env_file" ] || [ "$(engine_of "$env_file")" != nftables ]; }; then
+        return
+    fi
+    if table_loaded; then
+        nft delete table $table
+        echo "removed the nftables table $table: its ports are now what your firewall allows"
     fi
 }
 
@@ -79,14 +161,24 @@ LAUNCHER
             echo "warning: others can read $env_file: chmod 600 $env_file"
         fi
     else
-        python3 - "$env_file" <<'PYTHON'
+        python3 - "$env_file" "$engine" <<'PYTHON'
 import os, secrets, sys
 descriptor = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 with os.fdopen(descriptor, "w") as handle:
     handle.write("# knockd-rotator settings (see docs/SETTINGS.md); keep this file mode 0600\n"
-                 "KNOCKD_ROTATOR_SECRET=%s\n" % secrets.token_urlsafe(32))
+                 + ("KNOCKD_ROTATOR_ENGINE=%s\n" % sys.argv[2] if sys.argv[2] != "knockd" else "")
+                 + "KNOCKD_ROTATOR_SECRET=%s\n" % secrets.token_urlsafe(32))
 PYTHON
-        echo "created $env_file (mode 0600) with a new secret"
+        echo "created $env_file (mode 0600) with a new secret$(
+            [ "$engine" = knockd ] || echo " and KNOCKD_ROTATOR_ENGINE=$engine")"
+    fi
+    if [ "$engine" = nftables ]; then
+        install_nftables
+    else
+        remove_nftables_units
+        if table_loaded; then
+            echo "warning: the nftables table $table is still loaded and nothing tops it up under the knockd engine: its doors stop opening when its windows run out; once knockd guards the ports: nft delete table $table"
+        fi
     fi
     # knockd.conf holds the live sequences: Debian ships it readable by all.
     if [ -f "$root/etc/knockd.conf" ]; then
@@ -99,6 +191,25 @@ installed: $sbin/knockd_rotator_server.py (runs $lib/$package/),
            $bin/knockd_rotator_client.py (runs $lib/knockd_rotator_client.py),
            $units/{$(echo $unit_files | tr ' ' ',')},
            $dropin_dir/$dropin (restarts knockd when it dies)
+NEXT
+    if [ "$engine" = nftables ]; then
+        cat <<NEXT
+           $units/$boot_unit (the table at boot, before the network),
+           $units/{$(echo $nft_dropped | tr ' ' ',')}.d/$nft_dropin
+next steps (nftables engine: the kernel matches the knocks, no knockd):
+  1. keep a second way in (a console) until a client has logged in; your firewall
+     must let the guarded port through (ufw allow 22/tcp): the table only drops
+  2. add a door to $doors_file (ssh_ROTATOR guard=22), then
+     knockd_rotator_server.py check
+  3. systemctl enable --now $boot_unit   (loads the table, now and at every boot)
+     systemctl enable --now knockd_rotator.timer  (tops it up; periods under an hour:
+     systemctl enable --now knockd_rotator-watch.service instead)
+  4. copy $sbin/knockd_rotator_client.py and the KNOCKD_ROTATOR_* lines of
+     /etc/knockd_rotator.env to each client; knock (knock HOST ssh --check 22) and
+     log in from a second terminal before you log out
+NEXT
+    else
+        cat <<NEXT
 next steps:
   1. add a door such as [ssh_ROTATOR] to /etc/knockd.conf (README, "The first door"; every firewall: docs/DOORS.md), then
      knockd_rotator_server.py check && knockd_rotator_server.py --dry-run
@@ -107,6 +218,7 @@ next steps:
   3. copy $sbin/knockd_rotator_client.py and the KNOCKD_ROTATOR_* lines of
      /etc/knockd_rotator.env to each client, and knock before you log out
 NEXT
+    fi
 }
 
 # A stop kills knockd's children that wait to run a door's stop_command (a
@@ -129,6 +241,7 @@ uninstall_all() {
     for unit in knockd_rotator.timer knockd_rotator.service knockd_rotator-watch.service; do
         systemctl_here disable --now "$unit"
     done
+    remove_nftables_units
     # A boundary run the timer's service left (KillMode=process) outlives the
     # oneshot, and `stop` does not reach it: it would rotate once more and
     # make the state folder again.
@@ -151,23 +264,61 @@ uninstall_all() {
     rmdir "$dropin_dir" 2>/dev/null || true
     rm -rf "$state"
     systemctl_here daemon-reload
+    # Last, once nothing is left to load it again.
+    remove_table
     if [ "${1:-}" = "--purge" ]; then
-        rm -f "$env_file"
+        rm -f "$env_file" "$doors_file"
         rm -rf "$instances"
-        echo "removed knockd-rotator, $env_file and $instances"
+        echo "removed knockd-rotator, $env_file, $doors_file and $instances"
     else
         rmdir "$instances" 2>/dev/null || true
         echo "removed knockd-rotator; kept $env_file (./install.sh uninstall --purge removes it)"
     fi
 }
 
-case "${1:-install}" in
-    install) install_all ;;
-    uninstall)
-        case "${2:-}" in
-            ""|--purge) uninstall_all "${2:-}" ;;
-            *) echo "error: unknown option ${2} (use: ./install.sh uninstall [--purge])" >&2; exit 2 ;;
-        esac ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' ;;
-    *) echo "error: unknown command ${1} (use: ./install.sh [install|uninstall [--purge]])" >&2; exit 2 ;;
+usage="use: ./install.sh [install] [--engine knockd|nftables], ./install.sh uninstall [--purge], ./install.sh --help"
+command=install
+asked=""
+case "${1:-}" in
+    install|uninstall) command=$1; shift ;;
+    -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;;
 esac
+purge=""
+while [ $# -gt 0 ]; do
+    case "$command $1" in
+        "install --engine") [ $# -ge 2 ] || fail "--engine needs a value: knockd or nftables ($usage)"
+                            asked=$2; shift ;;
+        "install --engine="*) asked=${1#--engine=}
+                              [ -n "$asked" ] || fail "--engine needs a value: knockd or nftables ($usage)" ;;
+        "uninstall --purge") purge=--purge ;;
+        "uninstall "-*) fail "unknown option $1 (use: ./install.sh uninstall [--purge])" ;;
+        *" "-*) fail "unknown option $1 ($usage)" ;;
+        *) fail "unknown command $1 ($usage)" ;;
+    esac
+    shift
+done
+case "$asked" in
+    ""|knockd|nftables) ;;
+    *) fail "unknown engine '$asked' (use: --engine knockd or --engine nftables)" ;;
+esac
+
+if [ "$command" = uninstall ]; then
+    uninstall_all "$purge"
+    exit 0
+fi
+# The engine: the one asked for, else the environment file's, else knockd.
+engine=${asked:-knockd}
+if [ -e "$env_file" ]; then
+    current=$(engine_of "$env_file")
+    if [ -n "$asked" ] && [ "$asked" != "$current" ]; then
+        fail "$env_file sets the $current engine, not $asked, and is never overwritten (to switch: set KNOCKD_ROTATOR_ENGINE=$asked in it$(
+            [ "$asked" = nftables ] && echo ", write your doors into /etc/knockd_rotator.doors" ||
+            echo ", put your doors into /etc/knockd.conf"), then run ./install.sh --engine $asked again; docs/OPERATIONS.md, \"The nftables engine\")"
+    fi
+    engine=$current
+    case "$engine" in
+        knockd|nftables) ;;
+        *) fail "$env_file sets KNOCKD_ROTATOR_ENGINE=$engine (use: knockd or nftables)" ;;
+    esac
+fi
+install_all

@@ -5,7 +5,9 @@ import re
 import stat
 import subprocess
 
-from conftest import ROOT, rotator_env
+import pytest
+
+from conftest import ROOT, need_root_and, rotator_env
 
 INSTALLED = {
     "usr/local/sbin/knockd_rotator_server.py": ("knockd_rotator_server.py", 0o755),
@@ -29,9 +31,23 @@ INSTALLED.update({"%s/%s" % (PACKAGE, module.relative_to(ROOT / "knockd_rotator"
 LAUNCHER = "usr/local/bin/knockd_rotator_client.py"
 
 
-def install(root, *args):
-    return subprocess.run([str(ROOT / "install.sh")] + list(args), env=dict(os.environ,
-                          DESTDIR=str(root)), capture_output=True, text=True)
+# ./install.sh --engine nftables adds these.
+NFTABLES = {
+    "etc/systemd/system/knockd_rotator-nftables.service":
+        ("knockd_rotator-nftables.service", 0o644),
+    "etc/systemd/system/knockd_rotator.service.d/nftables.conf":
+        ("knockd_rotator.service.d/nftables.conf", 0o644),
+    "etc/systemd/system/knockd_rotator-watch.service.d/nftables.conf":
+        ("knockd_rotator.service.d/nftables.conf", 0o644),
+    "etc/knockd_rotator.doors": ("knockd_rotator.doors", 0o600),
+}
+
+
+def install(root, *args, netns=None):
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    return subprocess.run(prefix + [str(ROOT / "install.sh")] + list(args),
+                          env=dict(os.environ, DESTDIR=str(root)), capture_output=True,
+                          text=True)
 
 
 def files_under(root):
@@ -128,3 +144,131 @@ def test_bad_arguments(tmp_path):
         assert result.returncode == 2
         assert result.stderr.startswith("error: unknown ")
     assert files_under(tmp_path) == []
+
+
+def engine_lines(env_file):
+    return [line for line in env_file.read_text().splitlines()
+            if line.startswith("KNOCKD_ROTATOR_ENGINE=")]
+
+
+def test_install_the_nftables_engine(tmp_path):
+    """--engine nftables (both forms): the engine in a new environment file,
+    the doors example (0600), the boot unit and both drop-ins; an update
+    without --engine keeps it all; the doors file is never overwritten."""
+    result = install(tmp_path, "--engine", "nftables")
+    assert result.returncode == 0, result.stderr
+    assert "next steps (nftables engine" in result.stdout
+    env_file = tmp_path / "etc/knockd_rotator.env"
+    assert engine_lines(env_file) == ["KNOCKD_ROTATOR_ENGINE=nftables"]
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    for path, (source, mode) in dict(INSTALLED, **NFTABLES).items():
+        assert (tmp_path / path).read_bytes() == (ROOT / source).read_bytes(), path
+        assert stat.S_IMODE((tmp_path / path).stat().st_mode) == mode, path
+    doors = [line for line in (tmp_path / "etc/knockd_rotator.doors").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert doors == [], "the example guards nothing until the admin says so"
+    secret = env_file.read_text().split("KNOCKD_ROTATOR_SECRET=")[1].split()[0]
+    assert secret not in result.stdout + result.stderr
+
+    (tmp_path / "etc/knockd_rotator.doors").write_text("ssh_ROTATOR guard=22\n")
+    kept = env_file.read_bytes()
+    files = files_under(tmp_path)
+    for args in (["install", "--engine=nftables"], [], ["install"]):
+        again = install(tmp_path, *args)
+        assert again.returncode == 0, (args, again.stderr)
+        assert "next steps (nftables engine" in again.stdout, args
+        assert "kept %s" % (tmp_path / "etc/knockd_rotator.doors") in again.stdout
+        assert env_file.read_bytes() == kept
+        assert files_under(tmp_path) == files, args
+    assert (tmp_path / "etc/knockd_rotator.doors").read_text() == "ssh_ROTATOR guard=22\n"
+
+    result = install(tmp_path, "uninstall", "--purge")
+    assert result.returncode == 0, result.stderr
+    assert files_under(tmp_path) == []
+    assert not list(tmp_path.rglob("*.service.d")), "the drop-in folders go too"
+
+
+def test_another_engine_than_the_environment_files_is_refused(tmp_path):
+    """An existing environment file keeps its engine: --engine naming another
+    one changes nothing and says how to switch."""
+    assert install(tmp_path).returncode == 0
+    env_file = tmp_path / "etc/knockd_rotator.env"
+    assert engine_lines(env_file) == []
+    files = files_under(tmp_path)
+    kept = env_file.read_bytes()
+    result = install(tmp_path, "--engine", "nftables")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: %s sets the knockd engine" % env_file)
+    assert len(result.stderr.splitlines()) == 1
+    assert "set KNOCKD_ROTATOR_ENGINE=nftables in it" in result.stderr
+    assert env_file.read_bytes() == kept and files_under(tmp_path) == files
+
+    # Switched as it says: the engine is the file's, the drop-ins come; and back.
+    env_file.write_text(env_file.read_text() + "KNOCKD_ROTATOR_ENGINE=nftables\n")
+    assert install(tmp_path, "--engine", "nftables").returncode == 0
+    assert (tmp_path / "etc/systemd/system/knockd_rotator.service.d/nftables.conf").exists()
+    env_file.write_text(env_file.read_text().replace("ENGINE=nftables", "ENGINE=knockd"))
+    result = install(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert not list((tmp_path / "etc/systemd").rglob("*nftables*")), files_under(tmp_path)
+    assert (tmp_path / "etc/knockd_rotator.doors").exists(), "the admin's doors stay"
+
+
+def test_bad_engines(tmp_path):
+    for args in (["--engine"], ["--engine", "iptables"], ["--engine="], ["install", "--engine",
+                 "NFTABLES"], ["uninstall", "--engine", "nftables"], ["--purge"]):
+        result = install(tmp_path, *args)
+        assert result.returncode == 2, args
+        assert result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1, \
+            (args, result.stderr)
+    assert files_under(tmp_path) == []
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/knockd_rotator.env").write_text("KNOCKD_ROTATOR_ENGINE=pf\n")
+    result = install(tmp_path)
+    assert result.returncode == 2 and "KNOCKD_ROTATOR_ENGINE=pf" in result.stderr
+    assert files_under(tmp_path) == ["etc/knockd_rotator.env"]
+
+
+def test_help():
+    result = subprocess.run([str(ROOT / "install.sh"), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == ""
+    assert "./install.sh --engine nftables" in result.stdout
+    assert "set -eu" not in result.stdout and not result.stdout.startswith("#")
+
+
+TABLE = "table inet knockd_rotator {\n chain input { type filter hook input priority -10; }\n}\n"
+
+
+@pytest.mark.knockd
+def test_uninstall_removes_the_table(tmp_path, netns):
+    """./install.sh uninstall removes the table inet knockd_rotator (in the
+    network namespace it runs in): under DESTDIR, only for a root whose
+    engine is nftables."""
+    need_root_and("nft")
+
+    def loaded():
+        return netns.run("nft", "list", "table", "inet", "knockd_rotator",
+                         check=False).returncode == 0
+    knockd_root, nft_root = tmp_path / "knockd", tmp_path / "nft"
+    assert install(knockd_root, netns=netns.name).returncode == 0
+    assert install(nft_root, "--engine", "nftables", netns=netns.name).returncode == 0
+    netns.run("nft", "-f", "-", input=TABLE)
+    assert loaded()
+    result = install(knockd_root, "uninstall", netns=netns.name)
+    assert result.returncode == 0 and loaded(), "not a table of this root's engine"
+    assert "warning" not in result.stdout + result.stderr
+    result = install(nft_root, "uninstall", netns=netns.name)
+    assert result.returncode == 0, result.stderr
+    assert "removed the nftables table inet knockd_rotator" in result.stdout
+    assert not loaded()
+    assert install(nft_root, "uninstall", netns=netns.name).returncode == 0, "twice is fine"
+    assert files_under(nft_root) == ["etc/knockd_rotator.doors", "etc/knockd_rotator.env"]
+
+
+@pytest.mark.knockd
+def test_installing_the_knockd_engine_warns_of_a_table_left(tmp_path, netns):
+    need_root_and("nft")
+    netns.run("nft", "-f", "-", input=TABLE)
+    result = install(tmp_path, netns=netns.name)
+    assert result.returncode == 0, result.stderr
+    assert "warning: the nftables table inet knockd_rotator is still loaded" in result.stdout

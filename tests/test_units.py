@@ -1,6 +1,7 @@
 """The systemd units pass `systemd-analyze verify` as they would be installed."""
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -34,10 +35,49 @@ def install_root(tmp_path):
     return tmp_path
 
 
-def verify(root):
+# The nftables engine (./install.sh --engine nftables): the table's boot
+# unit, and one drop-in for both rotator services.
+BOOT_UNIT = "knockd_rotator-nftables.service"
+DROPIN = ROOT / "knockd_rotator.service.d" / "nftables.conf"
+DROPPED = ("knockd_rotator.service", "knockd_rotator-watch.service")
+
+
+def verify(root, units=VERIFIED):
     return subprocess.run(["systemd-analyze", "--root=%s" % root, "verify"]
-                          + ["/etc/systemd/system/" + unit for unit in VERIFIED],
+                          + ["/etc/systemd/system/" + unit for unit in units],
                           capture_output=True, text=True)
+
+
+def with_nftables(root):
+    """ROOT as ./install.sh --engine nftables leaves it."""
+    units = root / "etc/systemd/system"
+    shutil.copy(ROOT / BOOT_UNIT, units / BOOT_UNIT)
+    for unit in DROPPED:
+        (units / (unit + ".d")).mkdir()
+        shutil.copy(DROPIN, units / (unit + ".d") / DROPIN.name)
+    return root
+
+
+def directives(text):
+    """The unit's KEY=VALUE lines, in order, without comments."""
+    return [line for line in text.splitlines() if "=" in line and not line.startswith("#")]
+
+
+def effective(lines):
+    """KEY=VALUE lines with systemd's drop-in semantics for the lists the
+    drop-in resets (an empty assignment clears) and the booleans (the last wins)."""
+    result = []
+    for line in lines:
+        key, value = line.split("=", 1)
+        if key in ("CapabilityBoundingSet", "RestrictAddressFamilies", "PrivateNetwork"):
+            result = [kept for kept in result if not kept.startswith(key + "=")]
+        if value:
+            result.append(line)
+    return result
+
+
+def hardening(unit_text):
+    return unit_text[unit_text.index("# Hardening"):].split("[Install]")[0]
 
 
 def test_units_verify(install_root):
@@ -105,3 +145,58 @@ def test_a_rotation_needs_no_capability(tmp_path, server_env):
     assert "cannot write %s: Operation not permitted" % config in result.stderr
     assert config.read_bytes() == before and config.stat().st_uid == 65534
     assert [p.name for p in folder.iterdir()] == ["knockd.conf"], "no temp file left"
+
+
+def test_nftables_units_verify(install_root):
+    """The boot unit and the drop-ins, as installed, pass systemd-analyze
+    verify, together with the units they change."""
+    root = with_nftables(install_root)
+    result = verify(root, VERIFIED + [BOOT_UNIT])
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    broken = root / "etc/systemd/system/knockd_rotator.service.d" / DROPIN.name
+    broken.write_text(broken.read_text() + "PrivateNetwork=sometimes\n")
+    assert re.search(r"nftables\.conf:\d+: Failed to parse boolean", verify(root).stderr)
+
+
+def test_nftables_dropin_keeps_every_other_hardening_line():
+    """Under the nftables engine a unit gets the host's network, CAP_NET_ADMIN
+    alone and AF_UNIX AF_NETLINK; every other line stays, and the boot unit
+    is hardened exactly as a service with the drop-in."""
+    dropin = directives(DROPIN.read_text())
+    assert [line for line in dropin if not line.startswith("After=")] == [
+        "PrivateNetwork=no", "CapabilityBoundingSet=", "CapabilityBoundingSet=CAP_NET_ADMIN",
+        "RestrictAddressFamilies=", "RestrictAddressFamilies=AF_UNIX AF_NETLINK"]
+    for unit in DROPPED:
+        hardened = directives(hardening((ROOT / unit).read_text()))
+        changed = effective(hardened + dropin[1:])
+        assert "PrivateNetwork=yes" in hardened and "PrivateNetwork=no" in changed
+        assert [line for line in changed if line.startswith("CapabilityBoundingSet")] == [
+            "CapabilityBoundingSet=CAP_NET_ADMIN"]
+        assert sorted(set(hardened) - set(changed)) == [
+            "CapabilityBoundingSet=CAP_NET_RAW", "PrivateNetwork=yes",
+            "RestrictAddressFamilies=AF_UNIX AF_PACKET AF_NETLINK"]
+    boot = (ROOT / BOOT_UNIT).read_text()
+    assert sorted(directives(hardening(boot))) == sorted(changed)
+
+
+def test_the_table_loads_at_boot_before_the_network():
+    """After nftables.service (its flush ruleset would wipe the table), before
+    network-pre.target, wanted at boot; it follows nftables.service's restart
+    and reload, and its stop removes nothing."""
+    boot = directives((ROOT / BOOT_UNIT).read_text())
+    for line in ("DefaultDependencies=no", "Wants=network-pre.target",
+                 "PartOf=nftables.service", "ReloadPropagatedFrom=nftables.service",
+                 "Type=oneshot", "RemainAfterExit=yes",
+                 "ExecStart=/usr/local/sbin/knockd_rotator_server.py",
+                 "ExecReload=/usr/local/sbin/knockd_rotator_server.py",
+                 "EnvironmentFile=/etc/knockd_rotator.env",
+                 "WantedBy=sysinit.target nftables.service"):
+        assert line in boot, line
+    after = [line for line in boot if line.startswith("After=")][0].split("=")[1].split()
+    before = [line for line in boot if line.startswith("Before=")][0].split("=")[1].split()
+    assert "nftables.service" in after and "network-pre.target" in before
+    assert not [line for line in boot if line.startswith("ExecStop")]
+    assert "KNOCKD_ROTATOR_SECRET" not in (ROOT / BOOT_UNIT).read_text().replace("# ", "")
+    dropin = directives(DROPIN.read_text())
+    assert dropin[0] == "After=knockd_rotator-nftables.service nftables.service"
