@@ -12,7 +12,12 @@
 #   4. knockd_rotator_client.py knocks and waits for port 2222 to open;
 #   5. the port closes again after cmd_timeout;
 #   6. add-client gives a client "alice" a door and a secret of her own, and
-#      her client, with only the lines add-client printed, opens the port.
+#      her client, with only the lines add-client printed, opens the port;
+#   7. the nftables engine (KNOCKD_ROTATOR_ENGINE=nftables), in a second
+#      namespace, with no knockd: a door in the doors file, the server loads
+#      the table inet knockd_rotator, the client's knock opens the port, a
+#      replay of that single-use knock from another address opens nothing,
+#      and `status` reports the table.
 set -eu
 cd "$(dirname "$0")"
 here=$(pwd)
@@ -22,7 +27,7 @@ if [ "$(id -u)" != 0 ]; then
     exit 2
 fi
 missing=""
-for package in python3 knockd iptables iproute2 procps; do
+for package in python3 knockd iptables nftables iproute2 procps; do
     dpkg-query -W -f='${Status}\n' "$package" 2>/dev/null | grep -q "ok installed" ||
         missing="$missing $package"
 done
@@ -48,20 +53,24 @@ umask 077
 
 python=/usr/bin/python3
 namespace="krdemo-$$"
+nft_namespace="krdemo-nft-$$"
 work=$(mktemp -d /tmp/knockd-rotator-demo.XXXXXX)
 port=2222
 
 cleanup() {
     pkill -KILL -f "$work.* --at " 2>/dev/null || true
-    for pid in $(ip netns pids "$namespace" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
-    ip netns del "$namespace" 2>/dev/null || true
+    for ns in "$namespace" "$nft_namespace"; do
+        for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+        ip netns del "$ns" 2>/dev/null || true
+    done
     rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
 inside() { ip netns exec "$namespace" "$@"; }
+# port_is_open [NAMESPACE [SOURCE]]: a TCP connect to 127.0.0.1:$port from SOURCE.
 port_is_open() {
-    inside "$python" -c "import socket, sys
-s = socket.socket(); s.settimeout(0.3)
+    ip netns exec "${1:-$namespace}" "$python" -c "import socket, sys
+s = socket.socket(); s.settimeout(0.3); s.bind(('${2:-127.0.0.1}', 0))
 sys.exit(s.connect_ex(('127.0.0.1', $port)))"
 }
 
@@ -147,4 +156,57 @@ sed 's/^/   /' "$work/alice.txt"
         sed 's/^/   alice: /'
 )
 grep -E "alice_ssh_ROTATOR: OPEN SESAME" "$work/knockd.log" | sed 's/^/   knockd: /'
-echo "== demo done: the namespace, knockd and the temp files are removed"
+
+echo "== 7. the nftables engine: the kernel matches the knocks (namespace $nft_namespace, no knockd)"
+ip netns add "$nft_namespace"
+ip -n "$nft_namespace" link set lo up
+ip netns exec "$nft_namespace" "$python" -m http.server "$port" --bind 127.0.0.1 >/dev/null 2>&1 &
+attempts=0
+until port_is_open "$nft_namespace"; do
+    attempts=$((attempts + 1)); [ "$attempts" -lt 100 ] || { echo "error: the service did not start" >&2; exit 1; }
+    sleep 0.1
+done
+echo "   port $port before the table: open (no firewall here; a server's must let it through too)"
+mkdir "$work/nft"
+# The doors file (/etc/knockd_rotator.doors on a server): a door guarding the
+# port, open 5 s after a knock; a single-use door, so a captured knock is spent.
+echo "ssh_ROTATOR guard=$port open=5" > "$work/nft/knockd_rotator.doors"
+sed 's/^/   doors: /' "$work/nft/knockd_rotator.doors"
+(
+    KNOCKD_ROTATOR_ENGINE=nftables
+    KNOCKD_ROTATOR_SINGLE_USE=1
+    KNOCKD_ROTATOR_STATE_DIR="$work/nft/state"
+    KNOCKD_ROTATOR_ENV_FILE="$work/nft/knockd_rotator.env"
+    KNOCKD_ROTATOR_USES_FILE="$work/nft/uses.json"
+    export KNOCKD_ROTATOR_ENGINE KNOCKD_ROTATOR_SINGLE_USE KNOCKD_ROTATOR_STATE_DIR \
+        KNOCKD_ROTATOR_ENV_FILE KNOCKD_ROTATOR_USES_FILE
+    in_nft() { ip netns exec "$nft_namespace" "$@"; }
+    server() { in_nft "$python" "$here/knockd_rotator_server.py" --config "$work/nft/knockd_rotator.doors" "$@"; }
+    server check | sed 's/^/   check: /'
+    server | sed 's/^/   /'
+    in_nft nft list tables | sed 's/^/   nft: /'
+    port_is_open "$nft_namespace" && echo "   port $port: OPEN (unexpected)" || echo "   port $port: closed (the table drops it)"
+    # What an eavesdropper would see: this knock's ports (its first use).
+    knocked=$("$python" "$here/knockd_rotator_client.py" generate ssh --format knock --use 0)
+    in_nft "$python" "$here/knockd_rotator_client.py" knock 127.0.0.1 ssh --check "$port" | sed 's/^/   nftables: /'
+    # The same ports again, from another address, as a replay: the kernel
+    # burned that sequence at the knock, so it opens nothing.
+    in_nft "$python" -c "import socket, sys
+for item in sys.argv[1:]:
+    port, _, protocol = item.partition(':')
+    s = socket.socket(type=socket.SOCK_DGRAM if protocol == 'udp' else socket.SOCK_STREAM)
+    s.bind(('127.0.0.2', 0)); s.setblocking(False)
+    s.sendto(b'', ('127.0.0.1', int(port))) if protocol == 'udp' else s.connect_ex(('127.0.0.1', int(port)))
+    s.close()" $knocked
+    sleep 0.5
+    port_is_open "$nft_namespace" 127.0.0.2 && echo "   replay from 127.0.0.2: port $port OPEN (unexpected)" ||
+        echo "   replay from 127.0.0.2: port $port shut (the single-use knock was spent)"
+    started=$(date +%s)
+    while port_is_open "$nft_namespace"; do
+        [ $(($(date +%s) - started)) -lt 20 ] || { echo "error: port $port stayed open" >&2; exit 1; }
+        sleep 0.5
+    done
+    echo "   nftables: port $port closed again after about $(($(date +%s) - started)) s more (open=5)"
+    server status | sed 's/^/   status: /'
+)
+echo "== demo done: the namespaces, knockd, the table and the temp files are removed"

@@ -52,6 +52,8 @@ doors_file=$root/etc/knockd_rotator.doors
 boot_unit=knockd_rotator-nftables.service
 nft_dropin=nftables.conf
 nft_dropped="knockd_rotator.service knockd_rotator-watch.service"
+# ... and one for nftables.service, whose start flushes the whole ruleset.
+nft_host_dropin=$units/nftables.service.d
 table="inet knockd_rotator"
 
 systemctl_here() {
@@ -83,6 +85,8 @@ install_nftables() {
         install -d -m 0755 "$units/$unit.d"
         install -m 0644 "$here/knockd_rotator.service.d/$nft_dropin" "$units/$unit.d/$nft_dropin"
     done
+    install -d -m 0755 "$nft_host_dropin"
+    install -m 0644 "$here/nftables.service.d/$dropin" "$nft_host_dropin/$dropin"
     if [ -e "$doors_file" ]; then
         echo "kept $doors_file"
     else
@@ -104,6 +108,8 @@ remove_nftables_units() {
         rm -f "$units/$unit.d/$nft_dropin"
         rmdir "$units/$unit.d" 2>/dev/null || true
     done
+    rm -f "$nft_host_dropin/$dropin"
+    rmdir "$nft_host_dropin" 2>/dev/null || true
 }
 
 # uninstall: the guard goes, and with it the ports go back to the host's
@@ -195,7 +201,8 @@ NEXT
     if [ "$engine" = nftables ]; then
         cat <<NEXT
            $units/$boot_unit (the table at boot, before the network),
-           $units/{$(echo $nft_dropped | tr ' ' ',')}.d/$nft_dropin
+           $units/{$(echo $nft_dropped | tr ' ' ',')}.d/$nft_dropin,
+           $nft_host_dropin/$dropin (its start flushes the ruleset: the table follows)
 next steps (nftables engine: the kernel matches the knocks, no knockd):
   1. keep a second way in (a console) until a client has logged in; your firewall
      must let the guarded port through (ufw allow 22/tcp): the table only drops

@@ -39,6 +39,8 @@ NFTABLES = {
         ("knockd_rotator.service.d/nftables.conf", 0o644),
     "etc/systemd/system/knockd_rotator-watch.service.d/nftables.conf":
         ("knockd_rotator.service.d/nftables.conf", 0o644),
+    "etc/systemd/system/nftables.service.d/knockd_rotator.conf":
+        ("nftables.service.d/knockd_rotator.conf", 0o644),
     "etc/knockd_rotator.doors": ("knockd_rotator.doors", 0o600),
 }
 

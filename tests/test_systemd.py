@@ -32,7 +32,9 @@ from knockd_rotator.core import settings as core_settings
 from conftest import ROOT, need, wait_until
 from test_doors import readme_blocks
 
-PACKAGES = "systemd,systemd-sysv,dbus,knockd,iptables,python3,iproute2,procps"
+# nftables and ufw: the nftables engine's host firewalls (test_systemd_nftables.py).
+PACKAGES = ("systemd,systemd-sysv,dbus,knockd,iptables,python3,iproute2,procps,"
+            "nftables,ufw")
 SUITE = "bookworm"
 CACHE = Path("/var/cache/knockd_rotator-tests")
 PROJECT = "/root/knockd-rotator"          # where the project is, in the container
@@ -517,35 +519,46 @@ def knockd_setup(box, sequence=None, cmd_timeout=5):
     guard(box, PORT, rules)
 
 
+def listen(box, port, dual_stack=False):
+    """A TCP listener on PORT of 127.0.0.1 (DUAL_STACK: of :: and 0.0.0.0),
+    a unit of its own in the container."""
+    box.sh("systemd-run --unit=guarded-%d --quiet python3 -c '"
+           "import socket\ns = socket.socket(socket.AF_INET6 if %s else socket.AF_INET)\n"
+           "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+           "%s"
+           "s.bind((\"%s\", %d))\ns.listen(16)\n"
+           "while True: s.accept()[0].close()'"
+           % (port, dual_stack, "s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n"
+              if dual_stack else "", "::" if dual_stack else "127.0.0.1", port))
+    wait_until(lambda: port_open(box, port), 10, "the listener on %d" % port)
+
+
 def guard(box, port, rules):
     """A listener on PORT, then the README's iptables RULES that close it."""
-    box.sh("systemd-run --unit=guarded-%d --quiet python3 -c '"
-           "import socket\ns = socket.socket()\n"
-           "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-           "s.bind((\"127.0.0.1\", %d))\ns.listen(16)\n"
-           "while True: s.accept()[0].close()'" % (port, port))
-    wait_until(lambda: port_open(box, port), 10, "the listener on %d" % port)
+    listen(box, port)
     for rule in rules:
         box.sh(rule)
     assert not port_open(box, port)
 
 
-def port_open(box, port=PORT):
-    code = ("import socket,sys\ns=socket.socket()\ns.settimeout(0.3)\n"
-            "sys.exit(s.connect_ex(('127.0.0.1', %d)) != 0)" % port)
+def port_open(box, port=PORT, host="127.0.0.1"):
+    code = ("import socket,sys\ns=socket.socket(socket.AF_INET6 if ':' in '%s' else "
+            "socket.AF_INET)\ns.settimeout(0.3)\n"
+            "sys.exit(s.connect_ex(('%s', %d)) != 0)" % (host, host, port))
     return box.sh("python3 -c \"%s\"" % code, check=False).returncode == 0
 
 
-def door_shut(box, port=PORT):
+def door_shut(box, port=PORT, host="127.0.0.1"):
     """The guarded port is closed again (the door's hole expired)."""
-    return not port_open(box, port)
+    return not port_open(box, port, host)
 
 
-def knock(box, service="ssh", env_file=ENV_FILE, check=True, port=PORT):
+def knock(box, service="ssh", env_file=ENV_FILE, check=True, port=PORT, host="127.0.0.1",
+          options=""):
     """The client knocks, inside; its secret comes from a file, not argv."""
-    wait_until(lambda: door_shut(box, port), 30, "the door to be shut before knocking")
-    result = box.sh("set -a; . %s; set +a; exec knockd_rotator_client.py knock 127.0.0.1 %s "
-                    "--check %d" % (env_file, service, port), check=False)
+    wait_until(lambda: door_shut(box, port, host), 30, "the door to be shut before knocking")
+    result = box.sh("set -a; . %s; set +a; exec knockd_rotator_client.py knock %s %s "
+                    "--check %d %s" % (env_file, host, service, port, options), check=False)
     if check:
         assert result.returncode == 0, "the knock did not open the door:\n%s%s\n%s" % (
             result.stdout, result.stderr, knockd_log(box)[-3000:])

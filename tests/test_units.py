@@ -40,6 +40,8 @@ def install_root(tmp_path):
 BOOT_UNIT = "knockd_rotator-nftables.service"
 DROPIN = ROOT / "knockd_rotator.service.d" / "nftables.conf"
 DROPPED = ("knockd_rotator.service", "knockd_rotator-watch.service")
+# nftables.service's start flushes the ruleset: the table follows it.
+HOST_DROPIN = ROOT / "nftables.service.d" / "knockd_rotator.conf"
 
 
 def verify(root, units=VERIFIED):
@@ -55,6 +57,13 @@ def with_nftables(root):
     for unit in DROPPED:
         (units / (unit + ".d")).mkdir()
         shutil.copy(DROPIN, units / (unit + ".d") / DROPIN.name)
+    (units / "nftables.service.d").mkdir()
+    shutil.copy(HOST_DROPIN, units / "nftables.service.d" / HOST_DROPIN.name)
+    # nftables.service's command, and the drop-in's.
+    for program in ("/usr/sbin/nft", "/bin/systemctl"):
+        need(os.access(program, os.X_OK), "needs %s (Debian packages nftables, systemd)" % program)
+        (root / program[1:]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(program, root / program[1:])
     return root
 
 
@@ -151,7 +160,7 @@ def test_nftables_units_verify(install_root):
     """The boot unit and the drop-ins, as installed, pass systemd-analyze
     verify, together with the units they change."""
     root = with_nftables(install_root)
-    result = verify(root, VERIFIED + [BOOT_UNIT])
+    result = verify(root, VERIFIED + [BOOT_UNIT, "nftables.service"])
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     broken = root / "etc/systemd/system/knockd_rotator.service.d" / DROPIN.name
@@ -200,3 +209,5 @@ def test_the_table_loads_at_boot_before_the_network():
     assert "KNOCKD_ROTATOR_SECRET" not in (ROOT / BOOT_UNIT).read_text().replace("# ", "")
     dropin = directives(DROPIN.read_text())
     assert dropin[0] == "After=knockd_rotator-nftables.service nftables.service"
+    assert directives(HOST_DROPIN.read_text()) == [
+        "ExecStartPost=-/bin/systemctl --no-block try-restart " + BOOT_UNIT]
