@@ -281,3 +281,22 @@ def test_status_without_a_table_is_critical(door):
     d = door()
     out = d.server("status")
     assert out.returncode == 2 and "NOT loaded" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("single_use, period, windows", [(1, 10, 5 * 8), (0, 30, 120),
+                                                         (0, 21600, 5)])
+def test_held_windows_fit_the_ruleset(single_use, period, windows):
+    """In a grace, the most windows a door holds: the ruleset takes them all
+    (pure: no kernel)."""
+    sys.path.insert(0, str(CLIENT.parent))
+    from knockd_rotator.core.settings import settings_reader
+    from knockd_rotator.engines.nftables import load, ruleset
+    from knockd_rotator.engines.nftables.doors import parse_doors
+    env = rotator_env(SINGLE_USE=single_use, PERIOD_MODULO=period, GRACE=min(5, period // 2))
+    now = 1796601600 + 1           # a second after a day's start: every grace is on
+    doors = parse_doors(b"ssh_ROTATOR guard=22\n", "doors")
+    planned = load.kernel_doors(doors, settings_reader(env), {}, {"ssh_ROTATOR": 0}, now,
+                                2 * 3600)
+    assert len(planned[0].windows) == windows
+    text, loaded = ruleset.render(planned, now)
+    assert len(loaded.elements["rtrans"]) == windows
