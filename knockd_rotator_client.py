@@ -326,7 +326,7 @@ SCRIPT_SETTINGS = ("RELOAD_COMMAND", "CHECK_COMMAND", "RECOVER_COMMAND", "KILL_C
                    "INSTANCE_RELOAD_COMMAND", "INSTANCE_CHECK_COMMAND",
                    "INSTANCE_RECOVER_COMMAND", "INSTANCE_KILL_COMMAND", "DOORS_PER_KNOCKD",
                    "TRIAL_KNOCKD", "CHECK_SECONDS", "SERVER_INTERVAL", "STATE_DIR", "ENV_FILE",
-                   "USES_FILE", "LEAD")
+                   "USES_FILE", "LEAD", "ENGINE")
 
 
 def unread_variables(environ, algorithms):

@@ -6,6 +6,7 @@ import sys
 import time
 
 from knockd_rotator import scheduling
+from knockd_rotator.clients import nftables as nftables_clients
 from knockd_rotator.clients.firewalls import FIREWALLS
 from knockd_rotator.clients.manage import add_client, check_name, list_clients, remove_client
 from knockd_rotator.core import commands
@@ -13,9 +14,11 @@ from knockd_rotator.core.errors import EXIT_OK, EXIT_USAGE
 from knockd_rotator.core.generator import (
     bounded_number, Parser, port_number, resolve_command, RotatorError)
 from knockd_rotator.core.plan import AT_MAX
-from knockd_rotator.core.settings import DEFAULT_CONFIG, server_settings
+from knockd_rotator.core.settings import DEFAULT_CONFIG, engine_of, server_settings
 from knockd_rotator.core.uses import parse_use
 from knockd_rotator.engines.knockd.burns import reopen_gate
+from knockd_rotator.engines.nftables import report as nftables_report
+from knockd_rotator.engines.nftables.doors import DEFAULT_DOORS
 from knockd_rotator.rotation import rotate, rotate_all
 from knockd_rotator.scheduling import derive_keys, tell_next_event
 from knockd_rotator.status import check, status
@@ -53,6 +56,8 @@ exit codes: 0 ok, 1 knockd refused the reload (previous file restored),
 """
 
 COMMANDS = ("check", "status", "add-client", "remove-client", "list-clients", "burn")
+CONFIG_HELP = ("knockd's configuration (default %s), or under the nftables engine the doors "
+               "file (default %s)" % (DEFAULT_CONFIG, DEFAULT_DOORS))
 # Options that take a value: the word after them is not a command.
 VALUE_OPTIONS = ("--config", "--at")
 
@@ -68,8 +73,7 @@ def add_command(subparsers, name, help_text, examples):
                                 description=help_text + ".", epilog="examples:\n" + examples,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # SUPPRESS: a --config given before the command word stays in force.
-    sub.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
-                     help="knockd's configuration (default %s)" % DEFAULT_CONFIG)
+    sub.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH", help=CONFIG_HELP)
     return sub
 
 
@@ -81,9 +85,10 @@ def add_client_arguments(add):
                      help="what the door guards, part of its name (default ssh)")
     add.add_argument("--port", default=22, type=port_number,
                      help="the TCP port the door opens (default 22)")
-    add.add_argument("--firewall", required=True, choices=sorted(FIREWALLS),
-                     help="what opens the port: iptables; nftables (a set inet filter "
-                          "knockd_rotator_PORT your ruleset accepts); ufw")
+    add.add_argument("--firewall", choices=sorted(FIREWALLS),
+                     help="knockd engine (required there): what opens the port: iptables; "
+                          "nftables (a set inet filter knockd_rotator_PORT your ruleset "
+                          "accepts); ufw.  The nftables engine opens it itself")
     add.add_argument("--pin", action="store_true",
                      help="ask for a PIN the client must type as well (no echo)")
     add.add_argument("--totp", action="store_true",
@@ -120,8 +125,7 @@ def build_parser():
                                 "and make knockd load them.",
                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
-    parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
-                        help="knockd's configuration (default %s)" % DEFAULT_CONFIG)
+    parser.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true",
                       help="print the unified diff; write, reload and schedule nothing")
@@ -193,6 +197,9 @@ def run(argv, environ):
     if args.command and (args.dry_run or args.watch or args.schedule or args.at is not None):
         raise RotatorError("%s does not take --dry-run, --watch or --schedule" % args.command,
                            "see %s --help" % os.path.basename(sys.argv[0]), EXIT_USAGE)
+    if engine_of(environ) == "nftables":
+        return run_nftables(args, environ)
+    args.config = args.config or DEFAULT_CONFIG
     if args.command == "check":
         return check(args.config, environ)
     if args.command == "status":
@@ -215,6 +222,11 @@ def run(argv, environ):
             raise
         tell_next_event(args.config, plan.event, now, server_settings(environ))
         return EXIT_OK
+    return run_rotation(args, environ)
+
+
+def run_rotation(args, environ):
+    """A run with no command: rotate now, at a boundary (--at), or in a loop (--watch)."""
     if args.watch:
         return watch(args.config, environ, args.verbose)
     if args.at is not None:
@@ -231,6 +243,27 @@ def run(argv, environ):
     if not scheduled and not args.dry_run:
         tell_next_event(args.config, event, now, server_settings(environ))
     return EXIT_OK
+
+
+def run_nftables(args, environ):
+    """The commands under the nftables engine (engines/nftables/)."""
+    args.config = args.config or DEFAULT_DOORS
+    now = time.time()
+    if args.command == "check":
+        return nftables_report.check(args.config, environ, now)
+    if args.command == "status":
+        return nftables_report.status(args.config, environ, now, args.json)
+    if args.command == "add-client":
+        return nftables_clients.add_client(args.config, environ, now, args)
+    if args.command == "remove-client":
+        return nftables_clients.remove_client(args.config, environ, now, args.name)
+    if args.command == "list-clients":
+        return nftables_clients.list_clients(args.config, environ, now)
+    if args.command == "burn":
+        raise RotatorError("burn is for knockd's single-use doors: the nftables engine burns "
+                           "a use in the kernel, as the knock completes",
+                           "take `burn` out of the door's commands", EXIT_USAGE)
+    return run_rotation(args, environ)
 
 
 def main(script=None):

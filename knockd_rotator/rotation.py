@@ -1,5 +1,7 @@
 """The rotation: bring each file to the core's plan of the moment (core/plan.py)
-and have the engine (engines/knockd/) enforce it, then check that it took."""
+and have the engine (engines/knockd/) enforce it, then check that it took.
+Under the nftables engine, rotate_all has engines/nftables/load.py load the
+table instead."""
 
 import contextlib
 import os
@@ -19,6 +21,7 @@ from knockd_rotator.engines import knockd as engine
 # Several knockd: the files one run rotates (see instances.py).
 from knockd_rotator.engines.knockd.instances import knockd_files, settings_for
 from knockd_rotator.engines.knockd.processes import KNOCKD_CONFIGS
+from knockd_rotator.engines.nftables import load as nftables_load
 from knockd_rotator.planned import as_planned, record_planned
 from knockd_rotator.status import record_fingerprints, weak_doors
 
@@ -164,9 +167,25 @@ ROTATION_THREADS = 4 * (os.cpu_count() or 1)
 
 
 def rotate_all(config_path, environ, now, dry_run=False, verbose=False, schedule=False):
-    """rotate() knockd.conf and every instance's file; schedule a boundary run
-    for the first next event when SCHEDULE.  A file that fails does not stop
-    the others: each failure is printed, and the gravest one raised."""
+    """Bring the engine's doors to NOW: rotate() knockd.conf and every
+    instance's file, or load the nftables engine's table for the doors file
+    CONFIG_PATH.  Schedule a boundary run for the next event when SCHEDULE.
+    Returns that event."""
+    if server_settings(environ)["ENGINE"] == "nftables":
+        event = nftables_load.rotate(config_path, environ, now, dry_run, verbose).event
+    else:
+        event = rotate_knockd_files(config_path, environ, now, dry_run, verbose)
+    if schedule:
+        settings = server_settings(environ)
+        with take_lock(settings["STATE_DIR"]):
+            scheduling.schedule_boundary_run(config_path, event, now, settings, verbose)
+    return event
+
+
+def rotate_knockd_files(config_path, environ, now, dry_run, verbose):
+    """rotate() knockd.conf and every instance's file.  A file that fails
+    does not stop the others: each failure is printed, and the gravest one
+    raised.  Returns the first next event."""
     paths = knockd_files(config_path)
     KNOCKD_CONFIGS.clear()
     if dry_run or len(paths) == 1:
@@ -199,9 +218,4 @@ def rotate_all(config_path, environ, now, dry_run=False, verbose=False, schedule
             "%s that it prepared: until then some knockd held the old sequences, and clients "
             "got in on their retry (raise KNOCKD_ROTATOR_LEAD, at most the period less the "
             "grace, or lengthen the period)" % (len(paths), ended - prepared, utc(prepared)))
-    event = min((plan.event for plan in plans if plan.event is not None), default=None)
-    if schedule:
-        settings = server_settings(environ)
-        with take_lock(settings["STATE_DIR"]):
-            scheduling.schedule_boundary_run(config_path, event, now, settings, verbose)
-    return event
+    return min((plan.event for plan in plans if plan.event is not None), default=None)

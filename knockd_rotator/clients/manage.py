@@ -168,17 +168,26 @@ def client_environment(environ, door):
     return lines
 
 
-def add_client(config_path, environ, now, args):
-    """Enrol a client: a door of its own, a new secret, one rotation; then
-    print what the client needs."""
-    name = args.name
-    door = "%s_%s%s" % (name, args.service, ROTATOR_SUFFIX)
+def check_enrolment(args, environ):
+    """What add-client refuses whatever the engine, before it asks for anything."""
     if args.totp and not args.pin:
         raise RotatorError("a totp door needs a PIN: without one, its keys are the same "
                            "10^6 in every period, and one address that sprays them opens it",
                            "add --pin", EXIT_USAGE)
     if args.qr_png is not None:
         check_qr_png(args.qr_png, environ)
+
+
+def add_client(config_path, environ, now, args):
+    """Enrol a client: a door of its own, a new secret, one rotation; then
+    print what the client needs."""
+    name = args.name
+    door = "%s_%s%s" % (name, args.service, ROTATOR_SUFFIX)
+    check_enrolment(args, environ)
+    if args.firewall is None:
+        raise RotatorError("add-client needs --firewall under the knockd engine: what opens "
+                           "the port when knockd hears the knock",
+                           "add --firewall iptables, nftables or ufw", EXIT_USAGE)
     commands = firewall_commands(args.firewall, args.port, environ)
     secret, assignments = new_secrets(args, door)
     settings = server_settings(environ)
@@ -254,7 +263,7 @@ def print_enrolment(args, door, target, secret, door_environ, environ):
     client_lines = "".join("%s=%s\n" % pair
                            for pair in client_environment(door_environ, door).items())
     print("Client %s enrolled: door [%s] in %s opens tcp port %d (%s).\n"
-          % (name, door, target, args.port, args.firewall))
+          % (name, door, target, args.port, args.firewall or "the nftables engine"))
     if args.totp:
         scanned = otpauth_uri(door, host, secret)
         print("1. Add the key to the authenticator app: scan this QR code, or type the "
@@ -316,21 +325,30 @@ def list_clients(config_path, environ):
                 client_of[lines[index + 1].section.decode("utf-8", "surrogateescape")] = name
         uses = read_uses(knockd["STATE_DIR"])
         for door in rotator_doors(lines):
-            variable, secret = door_variable(environ, "SECRET", door)
-            source = ("missing" if secret is None else
-                      "own" if variable == own_variable("SECRET", door) else "shared")
-            try:
-                found = rotation_settings(environ, door)
-                mode, period = found.mode, found.period
-                pin = "yes" if found.pin else "no"
-                # Single use: the openings of the period its door holds.
-                used = (str(use_count(uses, found, door_start(now, found)))
-                        if found.single_use else "-")
-            except RotatorError as exc:
-                mode, pin, period, used = "error: " + exc.what, "?", "?", "?"
-            rows.append((client_of.get(door, "-"), door, mode, pin, source, str(period), used,
-                         knockd["UNIT"]))
+            rows.append((client_of.get(door, "-"),) + door_row(environ, uses, door, now)
+                        + (knockd["UNIT"],))
+    print_table(rows)
+    return EXIT_OK
+
+
+def door_row(environ, uses, door, now):
+    """list-clients' (DOOR, MODE, PIN, SECRET, PERIOD, USES) of DOOR, never a secret."""
+    variable, secret = door_variable(environ, "SECRET", door)
+    source = ("missing" if secret is None else
+              "own" if variable == own_variable("SECRET", door) else "shared")
+    try:
+        found = rotation_settings(environ, door)
+        mode, period = found.mode, found.period
+        pin = "yes" if found.pin else "no"
+        # Single use: the openings of the period its door holds.
+        used = str(use_count(uses, found, door_start(now, found))) if found.single_use else "-"
+    except RotatorError as exc:
+        mode, pin, period, used = "error: " + exc.what, "?", "?", "?"
+    return door, mode, pin, source, str(period), used
+
+
+def print_table(rows):
+    """ROWS in columns, the last one unpadded."""
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join([cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]))
-    return EXIT_OK

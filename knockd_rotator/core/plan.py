@@ -74,3 +74,65 @@ def grace_uses(plan, uses=None):
 def grace_until(plan):
     """When the last grace of PLAN's graced doors ends."""
     return max(plan.starts[door] + plan.settings[door].grace for door in plan.graced)
+
+
+# A door whose sequences the kernel switches by itself (the nftables engine)
+# holds them ahead: at least this many periods beyond the current one, and
+# enough for two runs of the timer, within what its window slots hold.
+PERIODS_AHEAD_MIN = 3
+PERIODS_HELD_MAX = 120
+# A single-use door holds this many uses of each period ahead of its counter:
+# a client that knocks again opens with no server in between (the client's
+# retry walks ahead too, docs/SPEC.md).
+USES_AHEAD = 8
+
+
+class Window:
+    """One sequence of a door and when its first knock may come: from
+    VALID_FROM (its period's start less the lead) until VALID_UNTIL (the
+    next period's start plus the grace).  USE: the single-use counter, or
+    None for a door without single use."""
+
+    def __init__(self, start, valid_from, valid_until, sequence, use):
+        self.start, self.valid_from, self.valid_until = start, valid_from, valid_until
+        self.sequence, self.use = sequence, use
+
+
+def periods_ahead(settings, horizon):
+    """How many periods beyond the current one SETTINGS's door holds, to
+    cover HORIZON seconds (with single use: PERIODS_AHEAD_MIN)."""
+    if settings.single_use:
+        return PERIODS_AHEAD_MIN
+    wanted = -(-horizon // settings.period)
+    return max(PERIODS_AHEAD_MIN, min(wanted, PERIODS_HELD_MAX - 2))
+
+
+def held_windows(settings, now, horizon, uses=None):
+    """The Windows SETTINGS's door holds at NOW (pure): the previous period's
+    (while its grace lasts), the current one's and periods_ahead() more;
+    for a single-use door, USES_AHEAD uses of each, from its counter on."""
+    current = period_start(now, settings.period)
+    ahead = periods_ahead(settings, horizon)
+    windows = []
+    for index in range(-1, ahead + 1):
+        start = current + index * settings.period
+        valid_from = start - settings.lead
+        valid_until = start + settings.period + settings.grace
+        if valid_until <= now:
+            continue
+        if settings.single_use:
+            first = use_count(uses, settings, start)
+            numbers = range(first, first + USES_AHEAD)
+        else:
+            numbers = (None,)
+        windows += [Window(start, valid_from, valid_until,
+                           settings.sequence_at(start, number or 0), number)
+                    for number in numbers]
+    return windows
+
+
+def next_top_up(settings, now, horizon):
+    """When a door of SETTINGS holding held_windows(now) must be topped up:
+    once only two periods beyond the current one are left."""
+    current = period_start(now, settings.period)
+    return current + (periods_ahead(settings, horizon) - 2) * settings.period

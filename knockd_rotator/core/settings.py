@@ -12,6 +12,9 @@ from knockd_rotator.core.generator import (
 
 
 DEFAULT_CONFIG = "/etc/knockd.conf"
+# What enforces the doors (engines/): knockd reads knockd.conf; nftables has
+# the kernel match the knocks, from the doors file (engines/nftables/doors.py).
+ENGINES = ("knockd", "nftables")
 DEFAULT_COMMANDS = {
     "RELOAD_COMMAND": "systemctl reload knockd",
     "CHECK_COMMAND": "systemctl is-active --quiet knockd",
@@ -87,7 +90,18 @@ def server_settings(environ):
     settings["DOORS_PER_KNOCKD"] = whole_number(environ, "KNOCKD_ROTATOR_DOORS_PER_KNOCKD", 0,
                                                 1000, DEFAULT_DOORS_PER_KNOCKD)
     settings["INSTANCE"], settings["UNIT"] = None, "knockd"
+    settings["ENGINE"] = engine_of(environ)
     return settings
+
+
+def engine_of(environ):
+    """KNOCKD_ROTATOR_ENGINE, from ENVIRON or the environment file, checked."""
+    environ = with_env_file(environ, environ.get("KNOCKD_ROTATOR_ENV_FILE") or DEFAULT_ENV_FILE)
+    engine = environ.get("KNOCKD_ROTATOR_ENGINE") or ENGINES[0]
+    if engine not in ENGINES:
+        raise RotatorError("KNOCKD_ROTATOR_ENGINE=%s is no engine" % engine[:40],
+                           "use %s (the default) or %s" % ENGINES, EXIT_ENVIRONMENT)
+    return engine
 
 
 # Before knockd re-reads a file it has not run in this shape (doors added or

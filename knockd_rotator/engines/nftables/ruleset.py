@@ -39,8 +39,8 @@ MAX_DOORS = 1 << 14          # door numbers 0 .. 16383 (14 bits of a node id)
 MAX_LENGTH = 32              # knockd's own limit (5 bits of a node id)
 MAX_PORTS = 4                # guarded ports per door
 MAX_CLASSES = 15             # 4 bits of a node id; class 0 marks the roots
-PERIOD_SLOTS = 4             # windows of a door (7 bits): 128 periods, or with
-USE_SLOTS = 32               # single use 4 periods x 32 uses
+PERIOD_SLOTS = 8             # windows of a door (7 bits): 128 periods, or with
+USE_SLOTS = 16               # single use 8 periods x 16 uses
 DYNAMIC_SIZE = 65536         # sources tracked at once, per family and map
 SCRATCH_TIMEOUT = 1          # s; the saved mark lives only while a packet is inside
 

@@ -1,0 +1,201 @@
+"""A run of the nftables engine: the doors file and the settings, planned
+ahead (core/plan.py's held_windows), loaded into the table in one `nft -f`
+transaction; the single-use sequences that the kernel burned are read back
+first, so that the counters move on.
+
+The kernel switches sequences at the boundaries by itself, so a run only
+has to come before the windows it loaded run out (next_top_up): a run that
+finds the table present, no new burn, and the doors and settings as the last
+load planned them (planned.py's record) loads nothing.
+"""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+from knockd_rotator.core.errors import EXIT_CONFIG, EXIT_ENVIRONMENT, EXIT_FAILED
+from knockd_rotator.core.files import keep_state, log, read_config, take_lock, utc
+from knockd_rotator.core.generator import RotatorError
+from knockd_rotator.core.plan import held_windows, next_top_up, Plan
+from knockd_rotator.core.settings import (
+    rotation_settings, server_settings, settings_reader, with_env_file)
+from knockd_rotator.core.uses import read_uses, with_burn, write_uses
+from knockd_rotator.engines.nftables import kernel, ruleset
+from knockd_rotator.engines.nftables.doors import parse_doors
+from knockd_rotator.planned import as_planned, record_planned
+
+RECORD = "nftables.json"
+# The rulesets this process loaded, per doors file: the watch tops them up.
+LOADED = {}
+
+
+def horizon(settings):
+    """How far ahead the doors hold their sequences: two runs of the timer."""
+    return 2 * settings["SERVER_INTERVAL"]
+
+
+def read_record(state_dir):
+    """STATE_DIR/RECORD: what the last load held (door numbers, final edges
+    of single-use windows, windows per door), or {}."""
+    try:
+        with open(os.path.join(state_dir, RECORD), "rb") as handle:
+            record = json.loads(handle.read())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def door_numbers(previous, names):
+    """{door: number}: each door keeps the number it had (node ids are built
+    from it, so knocks in progress and burned uses survive a load); a new
+    door takes the lowest free one."""
+    numbers = {}
+    for name in names:
+        number = previous.get(name) if isinstance(previous, dict) else None
+        if isinstance(number, int) and 0 <= number < ruleset.MAX_DOORS \
+                and number not in numbers.values():
+            numbers[name] = number
+    free = (number for number in range(ruleset.MAX_DOORS) if number not in set(numbers.values()))
+    for name in names:
+        if name not in numbers:
+            numbers[name] = next(free)
+    return numbers
+
+
+def knock_items(sequence):
+    """b"38734:tcp,52248:udp" -> ((38734, "tcp"), (52248, "udp"))."""
+    return tuple((int(port), proto) for port, proto in
+                 (item.split(":") for item in sequence.decode().split(",")))
+
+
+def kernel_doors(doors, settings_of, uses, numbers, now, ahead):
+    """The ruleset's Doors for DOORS (DoorLines) at NOW (pure)."""
+    planned = []
+    for door in doors:
+        settings = settings_of(door.name)
+        windows = tuple(ruleset.Window(held.start, held.valid_from, held.valid_until,
+                                       knock_items(held.sequence), held.use)
+                        for held in held_windows(settings, now, ahead, uses))
+        planned.append(ruleset.Door(door.name, numbers[door.name], door.guard,
+                                    door.open_seconds, door.seq_timeout, settings.period,
+                                    door.family, windows))
+    return planned
+
+
+def burned_uses(record):
+    """[(door, start, use)] that the kernel burned since the last load, or
+    None when the table is not there (or nft cannot be asked)."""
+    finals = {(node, proto, port): (door, start, use)
+              for node, proto, port, door, start, use in record.get("finals", [])}
+    try:
+        spent = kernel.read_spent()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return kernel.spent_uses(spent, ruleset.Ruleset({}, {}, [], finals))
+
+
+def follow_burns(uses, burned, now, settings_of, doors):
+    """USES with every burned use counted (a use burnt already counts once)."""
+    names = {door.name for door in doors}
+    for door, start, use in burned:
+        if door in names and settings_of(door).single_use:
+            uses = with_burn(uses, door, now, settings_of, (start, use))
+    return uses
+
+
+def nft_apply(text):
+    """kernel.apply, its failures as RotatorError."""
+    try:
+        kernel.apply(text)
+    except FileNotFoundError:
+        raise RotatorError("nft is not installed", "apt-get install nftables",
+                           EXIT_ENVIRONMENT) from None
+    except RuntimeError as exc:
+        raise RotatorError("nft refused the table: %s" % " ".join(str(exc).split()),
+                           "the previous table is still loaded, unchanged (one transaction); "
+                           "run as root, and see `check`", EXIT_FAILED) from None
+
+
+def record_load(state_dir, numbers, loaded, planned, now):
+    record = {"numbers": numbers, "loaded": int(now),
+              "finals": [list(key) + list(value) for key, value in sorted(loaded.finals.items())],
+              "doors": {door.name: {"number": door.number, "guard": list(door.ports),
+                                    "period": door.period,
+                                    "windows": [[w.start, w.use, w.valid_from, w.valid_until]
+                                                for w in door.windows if w.valid_until > now]}
+                        for door in planned}}
+    keep_state(os.path.join(state_dir, RECORD), json.dumps(record, sort_keys=True).encode())
+
+
+def rotate(doors_path, environ, now, dry_run=False, verbose=False):
+    """Load the table for DOORS_PATH at NOW (read the burns back first).
+    Returns a Plan with .doors and .event (when the next load is due)."""
+    settings = server_settings(environ)
+    state_dir = settings["STATE_DIR"]
+    with contextlib.nullcontext() if dry_run else take_lock(state_dir):
+        data = read_config(doors_path)
+        doors = parse_doors(data, doors_path)
+        environ = with_env_file(environ, settings["ENV_FILE"])
+        settings_of = settings_reader(environ)
+        record, uses = read_record(state_dir), read_uses(state_dir)
+        burned = None if dry_run else burned_uses(record)
+        counted = follow_burns(uses, burned or [], now, settings_of, doors)
+        if counted != uses:
+            write_uses(state_dir, counted)
+            uses = counted
+        # Timings only: settings_of would derive every PIN door's key.
+        events = [next_top_up(rotation_settings(environ, door.name), now, horizon(settings))
+                  for door in doors]
+        event = min(events, default=None)
+        recorded = not (dry_run or verbose) and burned is not None \
+            and as_planned(state_dir, data, environ, uses, now)
+        if recorded:
+            return recorded
+        numbers = door_numbers(record.get("numbers"), [door.name for door in doors])
+        planned = kernel_doors(doors, settings_of, uses, numbers, now, horizon(settings))
+        try:
+            previous = LOADED.get(doors_path) if burned is not None else None
+            text, loaded = ruleset.render(planned, now, previous)
+        except ValueError as exc:
+            raise RotatorError("%s: %s" % (doors_path, exc),
+                               "see docs/NFTABLES.md, Limits", EXIT_CONFIG) from None
+        plan = Plan(doors=[door.name for door in doors], event=event,
+                    starts={door.name: min((w.start for w in door.windows), default=now)
+                            for door in planned})
+        if dry_run:
+            print_windows(planned, now)
+            return plan
+        try:
+            nft_apply(text)
+        except RotatorError:
+            if previous is None:
+                raise
+            # A top-up assumes the table as this process left it: load it whole.
+            text, loaded = ruleset.render(planned, now)
+            nft_apply(text)
+        LOADED[doors_path] = loaded
+        record_load(state_dir, numbers, loaded, planned, now)
+        record_planned(state_dir, data, environ, uses, now, plan)
+    log("loaded the table inet %s: %d doors, their sequences held until %s%s"
+        % (ruleset.TABLE, len(planned), utc(held_until(planned, now)),
+           "" if event is None else "; next top-up at %s" % utc(event)))
+    return plan
+
+
+def held_until(planned, now):
+    """The moment until which every door of PLANNED has a sequence loaded."""
+    return min((max(w.valid_until for w in door.windows) for door in planned if door.windows),
+               default=now)
+
+
+def print_windows(planned, now):
+    """What a dry run says it would load: each door's windows, no sequence."""
+    for door in planned:
+        uses = sorted({w.use for w in door.windows if w.use is not None})
+        sys.stdout.write("%s: guards tcp %s; %d sequences, from %s until %s%s\n" % (
+            door.name, ",".join(map(str, door.ports)), len(door.windows),
+            utc(min(w.valid_from for w in door.windows)),
+            utc(max(w.valid_until for w in door.windows)),
+            "; uses %d to %d of each period" % (uses[0], uses[-1]) if uses else ""))

@@ -1,0 +1,133 @@
+"""check and status under the nftables engine.
+
+check: the doors file, every door's settings, and `nft -c` of the table a
+load would make now.  status: whether the table is there, whether every door
+holds a sequence now and how far ahead, and the openings the kernel counted,
+from the table and the last load's record (no secret needed).
+"""
+
+import json
+import sys
+
+from knockd_rotator.core.errors import EXIT_CONFIG, EXIT_OK
+from knockd_rotator.core.files import log, read_config, utc
+from knockd_rotator.core.generator import RotatorError, unread_variables
+from knockd_rotator.core.settings import server_settings, settings_reader, with_env_file
+from knockd_rotator.core.uses import read_uses
+from knockd_rotator.engines.nftables import kernel, load, ruleset
+from knockd_rotator.engines.nftables.doors import parse_doors
+
+STATUS_CODES = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}
+# A load this late after its planned top-up: the server has stopped.
+LATE_SECONDS = 120
+
+
+def check(doors_path, environ, now):
+    """Check the doors file and the table a load would make; 0 or 4."""
+    settings = server_settings(environ)
+    environ = with_env_file(environ, settings["ENV_FILE"])
+    doors = parse_doors(read_config(doors_path), doors_path)
+    settings_of = settings_reader(environ)
+    algorithms = {settings_of(door.name).algorithm for door in doors}
+    for warning in unread_variables(environ, algorithms):
+        log("warning: " + warning)
+    from knockd_rotator.status import weak_doors
+    for what, fix in weak_doors({door.name: settings_of(door.name) for door in doors}):
+        log("warning: %s (%s)" % (what, fix))
+    record = load.read_record(settings["STATE_DIR"])
+    numbers = load.door_numbers(record.get("numbers"), [door.name for door in doors])
+    planned = load.kernel_doors(doors, settings_of, read_uses(settings["STATE_DIR"]), numbers,
+                                now, load.horizon(settings))
+    try:
+        text, _ = ruleset.render(planned, now)
+        kernel.apply(text, check=True)
+    except (ValueError, RuntimeError) as exc:
+        raise RotatorError("%s: %s" % (doors_path, " ".join(str(exc).split())),
+                           "see docs/NFTABLES.md; nft -c needs root", EXIT_CONFIG) from None
+    except FileNotFoundError:
+        raise RotatorError("nft is not installed", "apt-get install nftables",
+                           EXIT_CONFIG) from None
+    print("%s: %d doors; nft -c accepts the table they make" % (doors_path, len(doors)))
+    return EXIT_OK
+
+
+def door_report(name, entry, now, opens):
+    """One door's part of the status, from the record's ENTRY."""
+    windows = entry.get("windows", [])
+    holding = [w for w in windows if w[2] <= now < w[3]]
+    until = max((w[3] for w in windows), default=None)
+    report = {"door": name, "guard": entry.get("guard"), "period": entry.get("period", 0),
+              "holds_now": bool(holding),
+              "held_until": until, "held_for": None if until is None else int(until - now),
+              "opens": opens.get(entry.get("number"))}
+    uses = sorted({w[1] for w in holding if w[1] is not None})
+    if uses:
+        report["next_uses"] = uses
+    return report
+
+
+def door_status(doors_path, environ, now):
+    """The status report of the table and the doors of DOORS_PATH."""
+    settings = server_settings(environ)
+    doors = parse_doors(read_config(doors_path), doors_path)
+    record = load.read_record(settings["STATE_DIR"])
+    table = kernel.table_state()
+    recorded = record.get("doors", {})
+    opens = table["opens"] if table else {}
+    return {"now": int(now), "doors_file": doors_path, "table": "inet " + ruleset.TABLE,
+            "table_present": bool(table), "loaded": record.get("loaded"),
+            "kernel_windows": table["cohorts"] if table else [],
+            "open_sources": table["open_sources"] if table else 0,
+            "unloaded_doors": [door.name for door in doors if door.name not in recorded],
+            "doors": [door_report(door.name, recorded[door.name], now, opens)
+                      for door in doors if door.name in recorded]}
+
+
+def status_state(report):
+    """(state, reasons) of a door_status() REPORT."""
+    critical, warning = [], []
+    if not report["table_present"]:
+        critical.append("the table %s is not loaded: the guarded ports are not guarded (run "
+                        "knockd_rotator_server.py)" % report["table"])
+    now = report["now"]
+    for door in report["doors"]:
+        spans = [(start, end) for start, end in report["kernel_windows"] if start <= now < end]
+        if not door["holds_now"] or (report["table_present"] and not spans):
+            critical.append("%s holds no sequence now: it opens for nobody" % door["door"])
+        elif door["held_for"] < door["period"]:
+            warning.append("%s holds sequences for %d s only (is the server running?)"
+                           % (door["door"], door["held_for"]))
+    for name in report["unloaded_doors"]:
+        warning.append("%s is in %s but not in the table yet (run knockd_rotator_server.py)"
+                       % (name, report["doors_file"]))
+    if critical:
+        return "CRITICAL", critical + warning
+    return ("WARNING", warning) if warning else ("OK", [])
+
+
+def status(doors_path, environ, now, as_json):
+    """Print the state for monitoring; returns its Nagios exit code."""
+    try:
+        report = door_status(doors_path, environ, now)
+        state, reasons = status_state(report)
+    except RotatorError as exc:
+        report, state, reasons = None, "UNKNOWN", [str(exc)]
+    if as_json:
+        print(json.dumps({"state": state, "reasons": reasons, "report": report}, indent=2))
+        return STATUS_CODES[state]
+    if report is None:
+        print("KNOCKD_ROTATOR UNKNOWN - %s" % reasons[0])
+        return STATUS_CODES[state]
+    print("KNOCKD_ROTATOR %s - %s; table %s %s" % (
+        state, "; ".join(reasons) or "%d doors hold their sequences" % len(report["doors"]),
+        report["table"], "loaded" if report["table_present"] else "NOT loaded"))
+    print("last load: %s" % (utc(report["loaded"]) if report["loaded"] else "none recorded"))
+    for door in report["doors"]:
+        sys.stdout.write("%s: guards tcp %s; %s; sequences held until %s%s%s\n" % (
+            door["door"], ",".join(map(str, door["guard"] or ())),
+            "holds one now" if door["holds_now"] else "holds NONE now",
+            utc(door["held_until"]) if door["held_until"] else "-",
+            "" if door["opens"] is None else "; opened %d times" % door["opens"],
+            "; single use, next uses %s" % ",".join(map(str, door["next_uses"]))
+            if "next_uses" in door else ""))
+    return STATUS_CODES[state]

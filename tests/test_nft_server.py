@@ -1,0 +1,302 @@
+"""The server under KNOCKD_ROTATOR_ENGINE=nftables (issue 25), as an admin
+runs it: the doors file, the environment file, the commands; real `nft` and
+the real client in a network namespace of the test's own, loopback only.
+
+Each check that a door is open or shut connects from a source address of
+its own, so that one check's opening cannot make another pass."""
+
+import json
+import os
+import re
+import sys
+import time
+
+import pytest
+
+from conftest import CLIENT, need_root_and, rotator_env, run_server, wait_until
+
+GUARDED = 2222
+SOURCES = iter("127.%d.%d.%d" % (a, b, c) for a in range(20, 250)
+               for b in range(1, 250) for c in range(1, 250))
+
+# Knock with the real client from SOURCE (its sockets bound there), then
+# connect from SOURCE to the guarded port: prints open or shut.
+#   python3 -c KNOCK_FROM SOURCE CLIENT ARGS...
+KNOCK_FROM = r"""
+import _socket, runpy, socket, sys, types
+source = sys.argv[1]
+real_socket = socket.socket
+def bound(base):
+    class Bound(base):
+        def __init__(self, family=socket.AF_INET, *args, **kwargs):
+            super().__init__(family, *args, **kwargs)
+            if family == socket.AF_INET:
+                self.bind((source, 0))
+    return Bound
+# The client sends its knocks through _socket (imported in its functions),
+# and checks through socket.
+fast = types.ModuleType("_socket")
+fast.__dict__.update(_socket.__dict__)
+fast.socket = bound(_socket.socket)
+sys.modules["_socket"] = fast
+socket.socket = bound(socket.socket)
+sys.argv = sys.argv[2:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = 0
+s = real_socket()
+s.bind((source, 0))
+s.settimeout(0.3)
+print("open" if s.connect_ex(("127.0.0.1", %d)) == 0 else "shut", code)
+""" % GUARDED
+
+
+class Door:
+    """The server's files for the nftables engine, in TMP_PATH, and NETNS."""
+
+    def __init__(self, netns, tmp_path, doors="ssh_ROTATOR guard=%d\n" % GUARDED, **env):
+        need_root_and("nft", "ip")
+        self.ns, self.tmp = netns, tmp_path
+        self.doors = tmp_path / "knockd_rotator.doors"
+        self.doors.write_text(doors)
+        self.env_file = tmp_path / "knockd_rotator.env"
+        settings = {"ENGINE": "nftables", "SECRET": "test-secret-for-the-nft-engine-0123456789"}
+        settings.update(env)
+        self.env_file.write_text("".join("KNOCKD_ROTATOR_%s=%s\n" % item
+                                         for item in settings.items()))
+        os.chmod(self.env_file, 0o600)
+        self.env = rotator_env(SECRET=None, ENV_FILE=self.env_file,
+                               STATE_DIR=tmp_path / "state", SERVER_INTERVAL=60)
+        self.listener = netns.listen(GUARDED)
+
+    def server(self, *args, stdin=None):
+        return run_server("--config", self.doors, *args, env=self.env, netns=self.ns.name,
+                          input=stdin)
+
+    def client_env(self, lines=None):
+        """The client's environment: the env file's settings, or LINES (KEY=VALUE)."""
+        text = lines if lines is not None else self.env_file.read_text()
+        pairs = dict(line.split("=", 1) for line in text.splitlines()
+                     if line.startswith("KNOCKD_ROTATOR_") and "=" in line)
+        pairs.pop("KNOCKD_ROTATOR_ENGINE", None)
+        return dict(rotator_env(SECRET=None, ENV_FILE=self.tmp / "absent"), **pairs)
+
+    def knock(self, service="ssh", env=None, source=None, check=True):
+        """(open or shut, the client's exit code) of a knock from SOURCE."""
+        args = ["knock", "127.0.0.1", service] + (["--check", str(GUARDED)] if check else [])
+        out = self.ns.run(sys.executable, "-c", KNOCK_FROM, source or next(SOURCES),
+                          CLIENT, *args, env=env or self.client_env(), check=False)
+        state, code = out.stdout.split()[-2:]
+        return state, int(code)
+
+    def knock_nothing(self):
+        out = self.ns.run(sys.executable, "-c", "import socket,sys\ns=socket.socket()\n"
+                          "s.bind((sys.argv[1], 0))\ns.settimeout(0.3)\n"
+                          "print('open' if s.connect_ex(('127.0.0.1', %d)) == 0 else 'shut')"
+                          % GUARDED, next(SOURCES))
+        return out.stdout.strip()
+
+    def table(self):
+        out = self.ns.run("nft", "-j", "list", "table", "inet", "knockd_rotator", check=False)
+        return out.returncode == 0
+
+    def stop(self):
+        self.listener.kill()
+        self.listener.wait()
+
+
+@pytest.fixture
+def door(netns, tmp_path):
+    made = []
+
+    def make(**kwargs):
+        made.append(Door(netns, tmp_path, **kwargs))
+        return made[-1]
+    yield make
+    for each in made:
+        each.stop()
+
+
+def test_a_run_loads_the_table_and_the_client_opens(door):
+    d = door()
+    assert d.knock_nothing() == "shut" or not d.table()
+    out = d.server()
+    assert out.returncode == 0, out.stderr
+    assert "loaded the table inet knockd_rotator: 1 doors" in out.stderr
+    assert d.knock_nothing() == "shut"
+    assert d.knock() == ("open", 0)
+    # A second run finds it all as loaded: nothing to do, nothing said.
+    again = d.server()
+    assert again.returncode == 0 and "loaded" not in again.stderr, again.stderr
+    assert d.knock() == ("open", 0)
+    status = d.server("status", "--json")
+    report = json.loads(status.stdout)
+    assert status.returncode == 0, status.stdout
+    assert report["state"] == "OK" and report["report"]["table_present"]
+    assert report["report"]["doors"][0]["holds_now"]
+
+
+def test_a_wrong_secret_opens_nothing(door):
+    d = door()
+    assert d.server().returncode == 0
+    env = dict(d.client_env(), KNOCKD_ROTATOR_SECRET="another-secret-0123456789abcdefghij")
+    assert d.knock(env=env)[0] == "shut"
+
+
+def test_the_kernel_switches_periods_with_the_server_stopped(door):
+    """Period 10 s: the run loads the periods ahead; two boundaries later,
+    with no server run in between, the client's sequence of the moment opens."""
+    d = door(PERIOD_MODULO=10, GRACE=2)
+    assert d.server().returncode == 0
+    start = time.time()
+    boundary = (int(start) // 10 + 2) * 10
+    wait_until(lambda: time.time() > boundary + 3, 30, "two boundaries")
+    assert d.knock() == ("open", 0)
+    record = json.loads((d.tmp / "state" / "nftables.json").read_text())
+    held = max(w[3] for w in record["doors"]["ssh_ROTATOR"]["windows"])
+    # SERVER_INTERVAL 60: two runs of the timer ahead, at 10 s periods.
+    assert held >= start + 120
+
+
+def test_add_client_list_and_remove(door):
+    d = door()
+    assert d.server().returncode == 0
+    before_doors, before_env = d.doors.read_bytes(), d.env_file.read_bytes()
+    out = d.server("add-client", "alice", "--port", str(GUARDED), "--no-single-use",
+                   "--host", "127.0.0.1")
+    assert out.returncode == 0, out.stderr
+    assert "iptables" not in out.stdout and "nft add" not in out.stdout
+    assert d.doors.read_text().endswith("alice_ssh_ROTATOR guard=%d client=alice\n" % GUARDED)
+    lines = re.findall(r"^KNOCKD_ROTATOR_\w+=\S+$", out.stdout, re.M)
+    client = d.client_env("\n".join(lines))
+    assert d.knock("alice_ssh", env=client) == ("open", 0)
+    listed = d.server("list-clients")
+    assert listed.returncode == 0
+    assert re.search(r"^alice +alice_ssh_ROTATOR +secret +no +own .* tcp %d$" % GUARDED,
+                     listed.stdout, re.M), listed.stdout
+    assert "KNOCKD_ROTATOR_SECRET" not in listed.stdout
+    again = d.server("add-client", "alice", "--port", str(GUARDED))
+    assert again.returncode == 2 and "enrolled already" in again.stderr
+    removed = d.server("remove-client", "alice")
+    assert removed.returncode == 0, removed.stderr
+    assert d.doors.read_bytes() == before_doors and d.env_file.read_bytes() == before_env
+    assert d.knock("alice_ssh", env=client)[0] == "shut"
+    assert d.knock() == ("open", 0)
+
+
+def test_a_load_that_fails_changes_no_file(door, tmp_path):
+    """add-client whose load nft refuses: exit 1, the files as they were."""
+    d = door()
+    assert d.server().returncode == 0
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nft").write_text("#!/bin/sh\n[ \"$1\" = -j ] && exec /usr/sbin/nft \"$@\"\n"
+                              "echo 'Error: refused by the test' >&2; exit 1\n")
+    os.chmod(fake / "nft", 0o755)
+    before_doors, before_env = d.doors.read_bytes(), d.env_file.read_bytes()
+    d.env["PATH"] = "%s:%s" % (fake, d.env["PATH"])
+    out = d.server("add-client", "bob", "--port", str(GUARDED))
+    assert out.returncode == 1, out.stderr
+    assert "error: nft refused the table" in out.stderr and "Traceback" not in out.stderr
+    assert d.doors.read_bytes() == before_doors and d.env_file.read_bytes() == before_env
+    assert d.knock() == ("open", 0)
+
+
+def test_single_use_burns_in_the_kernel_and_the_server_follows(door):
+    d = door(SINGLE_USE=1)
+    assert d.server().returncode == 0
+    assert d.knock() == ("open", 0)
+    # Use 0 again (a client that remembers no use), from another address:
+    # the kernel burned it as the first knock completed.
+    replay = dict(d.client_env(), KNOCKD_ROTATOR_USES_FILE=str(d.tmp / "replay-uses.json"))
+    assert d.knock(env=replay, check=False) == ("shut", 0)
+    out = d.server()
+    assert out.returncode == 0 and "loaded the table" in out.stderr, out.stderr
+    counts = json.loads((d.tmp / "state" / "uses").read_text())["ssh_ROTATOR"]["counts"]
+    assert list(counts.values()) == [1]
+    # The client's next uses open, with no server run in between.
+    for _ in range(3):
+        assert d.knock() == ("open", 0)
+
+
+def test_the_watch_puts_a_removed_table_back(door):
+    d = door()
+    watch = d.ns.popen(sys.executable, str(CLIENT.parent / "knockd_rotator_server.py"),
+                       "--config", d.doors, "--watch", env=d.env)
+    try:
+        wait_until(d.table, 20, "the watch's first load")
+        d.ns.run("nft", "delete", "table", "inet", "knockd_rotator")
+        wait_until(d.table, 10, "the table back")
+        assert d.knock() == ("open", 0)
+    finally:
+        watch.terminate()
+        watch.wait(20)
+
+
+def test_burn_and_firewall_are_refused(door):
+    d = door()
+    out = d.server("burn", "ssh_ROTATOR")
+    assert out.returncode == 2 and out.stderr.startswith("error: burn is for knockd")
+    out = d.server("add-client", "carol", "--firewall", "iptables")
+    assert out.returncode == 2 and "leave out --firewall" in out.stderr
+    assert "carol" not in d.doors.read_text()
+
+
+@pytest.mark.parametrize("line, says", [
+    ("ssh guard=22", "ends with _ROTATOR"),
+    ("ssh_ROTATOR", "guards nothing"),
+    ("ssh_ROTATOR guard=0", "from 1 to 65535"),
+    ("ssh_ROTATOR guard=22,22", "different ports"),
+    ("ssh_ROTATOR guard=22 open=0", "open must be"),
+    ("ssh_ROTATOR guard=22 colour=red", "is not KEY=VALUE"),
+    ("ssh_ROTATOR guard=22 guard=23", "each once"),
+    ("ssh_ROTATOR guard=22 family=ipx", "family is one of"),
+    ("ssh_ROTATOR guard=22\nssh_ROTATOR guard=23", "on line 2 already"),
+])
+def test_a_bad_doors_file_is_refused_with_its_line(door, line, says):
+    d = door(doors="# doors\n" + line + "\n")
+    for command in ((), ("check",), ("list-clients",)):
+        out = d.server(*command)
+        assert out.returncode == 4, (command, out.stderr)
+        assert out.stderr.startswith("error: %s:" % d.doors) and says in out.stderr
+        assert "Traceback" not in out.stderr
+    assert not d.table()
+
+
+def test_check_and_dry_run_load_nothing(door):
+    d = door()
+    out = d.server("check")
+    assert out.returncode == 0 and "nft -c accepts" in out.stdout, out.stderr
+    out = d.server("--dry-run")
+    assert out.returncode == 0 and out.stdout.startswith("ssh_ROTATOR: guards tcp %d"
+                                                         % GUARDED)
+    assert not re.search(r"\d+:(tcp|udp)", out.stdout)
+    assert not d.table()
+
+
+def test_status_without_a_table_is_critical(door):
+    d = door()
+    out = d.server("status")
+    assert out.returncode == 2 and "NOT loaded" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("single_use, period, windows", [(1, 10, 5 * 8), (0, 30, 120),
+                                                         (0, 21600, 5)])
+def test_held_windows_fit_the_ruleset(single_use, period, windows):
+    """In a grace, the most windows a door holds: the ruleset takes them all
+    (pure: no kernel)."""
+    sys.path.insert(0, str(CLIENT.parent))
+    from knockd_rotator.core.settings import settings_reader
+    from knockd_rotator.engines.nftables import load, ruleset
+    from knockd_rotator.engines.nftables.doors import parse_doors
+    env = rotator_env(SINGLE_USE=single_use, PERIOD_MODULO=period, GRACE=min(5, period // 2))
+    now = 1796601600 + 1           # a second after a day's start: every grace is on
+    doors = parse_doors(b"ssh_ROTATOR guard=22\n", "doors")
+    planned = load.kernel_doors(doors, settings_reader(env), {}, {"ssh_ROTATOR": 0}, now,
+                                2 * 3600)
+    assert len(planned[0].windows) == windows
+    text, loaded = ruleset.render(planned, now)
+    assert len(loaded.elements["rtrans"]) == windows
