@@ -183,7 +183,7 @@ sed 's/^/   doors: /' "$work/nft/knockd_rotator.doors"
     in_nft() { ip netns exec "$nft_namespace" "$@"; }
     server() { in_nft "$python" "$here/knockd_rotator_server.py" --config "$work/nft/knockd_rotator.doors" "$@"; }
     server check | sed 's/^/   check: /'
-    server | sed 's/^/   /'
+    server 2>&1 | sed 's/^/   /'
     in_nft nft list tables | sed 's/^/   nft: /'
     port_is_open "$nft_namespace" && echo "   port $port: OPEN (unexpected)" || echo "   port $port: closed (the table drops it)"
     # What an eavesdropper would see: this knock's ports (its first use).
