@@ -300,3 +300,12 @@ def test_held_windows_fit_the_ruleset(single_use, period, windows):
     assert len(planned[0].windows) == windows
     text, loaded = ruleset.render(planned, now)
     assert len(loaded.elements["rtrans"]) == windows
+
+
+def test_an_unknown_engine_is_refused(tmp_path):
+    env = rotator_env(ENGINE="iptables", ENV_FILE=tmp_path / "absent", STATE_DIR=tmp_path)
+    for command in ((), ("status",), ("check",), ("list-clients",)):
+        out = run_server(*command, env=env)
+        assert out.returncode == 3, out.stderr
+        assert out.stderr == ("error: KNOCKD_ROTATOR_ENGINE=iptables is no engine (use knockd "
+                              "(the default) or nftables)\n")

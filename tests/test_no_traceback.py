@@ -25,7 +25,8 @@ from knockd_rotator import cli
 from knockd_rotator import scheduling
 from knockd_rotator.core import generator
 from knockd_rotator.engines.knockd import reload
-from conftest import CLIENT, SERVER, need, rotator_env, run_script
+from knockd_rotator.engines.nftables import kernel
+from conftest import CLIENT, in_fast_tier, SERVER, need, rotator_env, run_script
 
 try:
     from hypothesis import HealthCheck, given, settings
@@ -219,7 +220,30 @@ def test_client_crashes_found_before(tmp_path, argv, environ, uses):
     client_run(argv, dict({"SECRET": SECRET}, **environ), uses, "", False, str(tmp_path))
 
 
-def server_run(argv, environ, uses, stdin, folder, state_files=()):
+# The nftables engine's `nft`, in-process runs: never the host's, a script
+# that answers a read with an empty set and a load as NFT_LOADS says.
+FAKE_NFT = """#!/bin/sh
+case "$*" in *-j*) echo '{"nftables": [{"set": {"elem": []}}]}'; exit 0 ;; esac
+cat > /dev/null
+[ "$NFT_LOADS" = yes ] && exit 0
+echo "Error: the test's nft refuses it" >&2
+exit 1
+"""
+
+
+def server_run(argv, environ, uses, stdin, folder, state_files=(), nft_loads=None):
+    if nft_loads is not None:
+        fake = os.path.join(folder, "nft")
+        with open(fake, "w") as handle:
+            handle.write(FAKE_NFT)
+        os.chmod(fake, 0o755)
+        os.environ["NFT_LOADS"] = "yes" if nft_loads else "no"
+        saved, kernel.nft_command = kernel.nft_command, lambda netns=None: [fake]
+        try:
+            return server_run(argv, dict(environ, ENGINE="nftables"), uses, stdin, folder,
+                              state_files)
+        finally:
+            kernel.nft_command = saved
     config = os.path.join(folder, "knockd.conf")
     state = os.path.join(folder, "state")
     os.makedirs(state, mode=0o700, exist_ok=True)
@@ -316,6 +340,35 @@ def test_server_never_raises_anything_else():
     def run(argv, environ, uses, stdin, files):
         with tempfile.TemporaryDirectory() as folder:
             server_run(argv, environ, uses, stdin, folder, files)
+
+    run()
+
+
+def test_nftables_engine_never_raises_anything_else():
+    """The same under KNOCKD_ROTATOR_ENGINE=nftables: a doors file (the
+    --config, here knockd.conf's path) and its record damaged too, with an
+    nft that loads or refuses."""
+    need(given, "needs hypothesis (Debian package python3-hypothesis; tests/run installs it)")
+    need(os.geteuid() == 0, "needs root (the server's state folder, add-client)")
+    doors_files = st.one_of(st.sampled_from([
+        b"ssh_ROTATOR guard=22\nalice_ssh_ROTATOR guard=22 client=alice\n",
+        b"ssh_ROTATOR guard=22,23 open=5 seq_timeout=3 family=ip6\n", b"", b"\xff\n",
+        b"ssh_ROTATOR guard=99999\n", b"x_ROTATOR guard=1 family=\n"]), st.binary(max_size=40))
+    records = st.tuples(st.just("state/nftables.json"), st.one_of(damaged, st.sampled_from([
+        b'{"numbers": {"ssh_ROTATOR": 99999}, "finals": [[1, "tcp", 2, "ssh_ROTATOR", 3, 4]]}',
+        b'{"finals": [[1, "tcp"]], "doors": {"ssh_ROTATOR": {"windows": [[1]]}}}',
+        b'{"doors": {"ssh_ROTATOR": {"number": [], "period": 5, "guard": [22], '
+        b'"windows": []}}}'])))
+
+    @settings(max_examples=in_fast_tier(300, 60), deadline=None, database=None,
+              derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(server_argv, server_environments, server_uses, typed, st.lists(records, max_size=1),
+           doors_files, st.booleans())
+    def run(argv, environ, uses, stdin, files, doors, loads):
+        with tempfile.TemporaryDirectory() as folder:
+            with open(os.path.join(folder, "knockd.conf"), "wb") as handle:
+                handle.write(doors)
+            server_run(argv, environ, uses, stdin, folder, files, nft_loads=loads)
 
     run()
 

@@ -38,13 +38,31 @@ def horizon(settings):
 
 def read_record(state_dir):
     """STATE_DIR/RECORD: what the last load held (door numbers, final edges
-    of single-use windows, windows per door), or {}."""
+    of single-use windows, windows per door), or {}.  What is damaged in it
+    is dropped: the next load writes it anew."""
     try:
         with open(os.path.join(state_dir, RECORD), "rb") as handle:
             record = json.loads(handle.read())
     except (OSError, ValueError, RecursionError):
         return {}
-    return record if isinstance(record, dict) else {}
+    if not isinstance(record, dict):
+        return {}
+    whole = (lambda value: isinstance(value, int) and not isinstance(value, bool))
+    finals = [final for final in record.get("finals") or () if isinstance(final, list)
+              and len(final) == 6 and whole(final[0]) and final[1] in ruleset.PROTOCOLS
+              and whole(final[2]) and isinstance(final[3], str) and whole(final[4])
+              and whole(final[5])]
+    doors = {name: entry for name, entry in (record.get("doors") or {}).items()
+             if isinstance(entry, dict) and whole(entry.get("period"))
+             and whole(entry.get("number")) and isinstance(entry.get("guard"), list)
+             and all(whole(port) for port in entry["guard"])
+             and isinstance(entry.get("windows"), list) and all(
+                 isinstance(w, list) and len(w) == 4 and whole(w[0]) and whole(w[2])
+                 and whole(w[3]) and (w[1] is None or whole(w[1])) for w in entry["windows"])
+             } if isinstance(record.get("doors"), dict) else {}
+    loaded = record.get("loaded") if whole(record.get("loaded")) else None
+    return {"numbers": record.get("numbers"), "finals": finals, "doors": doors,
+            "loaded": loaded}
 
 
 def door_numbers(previous, names):
