@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import wait_until
+from conftest import ROOT, wait_until
 from test_systemd import (ENV_FILE, PROJECT, container, door_shut, knock, listen,  # noqa: F401
                           port_open, project, rootfs)
 
@@ -157,8 +157,19 @@ def test_the_units_sandbox_lets_nft_load_the_table(container):
         assert box.sh("nft list table inet filter", check=False).returncode == 0
     assert port_open(box, SSH), "nothing but our table guards in this test"
 
+    # The units' exposure, as docs/SECURITY.md publishes it.
+    box.sh("rm -r /etc/systemd/system/*.service.d/zz-test.conf && systemctl daemon-reload")
+    result = box.sh("systemd-analyze security --no-pager %s knockd_rotator.service "
+                    "knockd_rotator-watch.service" % BOOT_UNIT, check=False)
+    scores = dict(re.findall(r"Overall exposure level for (\S+): (\d+\.\d+ \w+)",
+                             result.stdout))
+    print("exposure under the nftables engine:", scores)
+    published = re.search(r"nftables engine.*?exposure\s+\*\*(\d+\.\d+ \w+)\*\*",
+                          (ROOT / "docs" / "SECURITY.md").read_text(), re.S)
+    assert published, "docs/SECURITY.md publishes no exposure for the nftables engine"
+    assert set(scores.values()) == {published.group(1)} and len(scores) == 3, result.stdout
+
     # uninstall removes the table (and the guard with it).
-    box.sh("rm -r /etc/systemd/system/*.service.d/zz-test.conf")
     result = box.sh("cd %s && ./install.sh uninstall" % PROJECT)
     assert "removed the nftables table inet knockd_rotator" in result.stdout, result.stdout
     assert not table_loaded(box)
