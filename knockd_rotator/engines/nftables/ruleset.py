@@ -178,46 +178,59 @@ def _groups(plan):
     return groups
 
 
-def build(plan, now):
-    """The ruleset's data for PLAN (a list of Door) at NOW (UNIX seconds):
-    windows whose first knock can no longer come (valid_until <= now) are left
-    out.  Raises ValueError on a plan the ruleset cannot hold."""
-    plan = list(plan)
-    _check(plan)
-    classes = {}
-    entries = []     # (door, window, class index, window key)
+# A window to load, with what its node ids and elements are made of: KEY
+# (door number, slot) names it; BASE is its private nodes' id at depth 0;
+# EXPIRES is when its last knock can no longer come; SEQ its sequence.
+_Entry = namedtuple("_Entry", "door window cls key base expires seq")
+
+
+def _entries(plan, now):
+    """The classes ({index: class key}) and the windows of PLAN still to be
+    knocked at NOW (valid_until > now), as _Entry tuples, in a stable order
+    (door number, then first second of validity), so that ids and their
+    probing are the same from one render to the next."""
     keys = sorted({_class_key(d, w) for d in plan for w in d.windows if w.valid_until > now})
     if len(keys) > MAX_CLASSES:
         raise ValueError("%d classes of door settings (family, seq_timeout, open_seconds, "
                          "ports, single use, period); at most %d" % (len(keys), MAX_CLASSES))
     index = {key: i + 1 for i, key in enumerate(keys)}
-    for i, key in enumerate(keys):
-        classes[i + 1] = key
+    entries = []
     for door in sorted(plan, key=lambda d: d.number):
         for window in sorted(door.windows, key=lambda w: (w.valid_from, w.use or 0)):
             if window.valid_until > now:
                 cls = index[_class_key(door, window)]
-                entries.append((door, window, cls, (door.number, _slot(door, window))))
+                slot = _slot(door, window)
+                entries.append(_Entry(
+                    door, window, cls, (door.number, slot),
+                    (cls << CLASS_SHIFT) | (door.number << 12) | (slot << 5),
+                    window.valid_until + door.seq_timeout,
+                    tuple((int(p), proto) for p, proto in window.sequence)))
+    return {i: key for key, i in index.items()}, entries
 
-    # name -> {key: (value, expires)}: each element lives until the last
-    # moment a knock may still need it, and the kernel then drops it itself.
-    elements = {"trans": {}, "rtrans": {}, "firsts": {}}
-    finals = {}          # final edge key -> (door name, start, use) for single-use windows
-    guarded = {"ip": set(), "ip6": set()}
-    ids = _Ids()
-    groups = _groups(plan)
-    seq_of = {}
 
-    def put(key, value, expires):
+class _Tries:
+    """The edges of the cohorts' tries, as elements: `rtrans` (from a root),
+    `trans` (from any other node) and `firsts` (the first knocks of all), each
+    {key: (value, expires)}: an element lives until the last moment a knock
+    may still need it, and the kernel then drops it itself."""
+
+    def __init__(self, ids, groups):
+        self.elements = {"trans": {}, "rtrans": {}, "firsts": {}}
+        self.finals = {}     # final edge key -> (door name, start, use), single-use windows
+        self.ids = ids
+        self.groups = groups
+        self.done_paths = set()
+
+    def put(self, key, value, expires):
         if key[0] & KIND_MASK == SHARED:
-            table = elements["rtrans"]
+            table = self.elements["rtrans"]
             # The first knocks of all: packets of sources that have made no
             # progress go no further unless they are to one of these.
-            first = elements["firsts"].get(key[1:])
+            first = self.elements["firsts"].get(key[1:])
             if first is None or expires > first[1]:
-                elements["firsts"][key[1:]] = (None, expires)
+                self.elements["firsts"][key[1:]] = (None, expires)
         else:
-            table = elements["trans"]
+            table = self.elements["trans"]
         old = table.get(key)
         if old is None or (old[0] == value and expires > old[1]):
             table[key] = (value, expires)
@@ -225,81 +238,99 @@ def build(plan, now):
             raise ValueError("edge %r leads to two nodes (one sequence is a prefix of "
                              "another valid at the same time?)" % (key,))
 
-    def accept(entry):
-        return (entry[2] << CLASS_SHIFT) | ACCEPT | groups[tuple(entry[0].ports)]
+    def accept(self, entry):
+        """The accepting node of ENTRY's window: its class and port group."""
+        return (entry.cls << CLASS_SHIFT) | ACCEPT | self.groups[tuple(entry.door.ports)]
 
-    def final(entry, key):
-        window = entry[1]
-        if window.use is not None:
-            finals[key] = (entry[0].name, window.start, window.use)
+    def final(self, entry, key):
+        """KEY is the final edge of ENTRY's window: remembered if it burns."""
+        if entry.window.use is not None:
+            self.finals[key] = (entry.door.name, entry.window.start, entry.window.use)
 
-    def whole_path(entry, depth):
-        # Edges private to one window, from its node at DEPTH to its end.
-        seq, base, expires = seq_of[entry[3]], entry[4], entry[5]
+    def whole_path(self, entry, depth):
+        """The edges private to one window, from its node at DEPTH to its end."""
+        seq, base = entry.seq, entry.base
         last = len(seq) - 1
         for k in range(depth, last):
             key = (base | k, seq[k + 1][1], seq[k + 1][0])
-            put(key, base | (k + 1) if k + 1 < last else accept(entry), expires)
-        final(entry, key)
+            self.put(key, base | (k + 1) if k + 1 < last else self.accept(entry), entry.expires)
+        self.final(entry, key)
 
-    done_paths = set()
-
-    def grow(node, depth, group, prefix, expires):
+    def grow(self, node, depth, group, prefix, expires):
+        """The edges out of NODE (at DEPTH, reached by the knocks PREFIX) for
+        the windows of GROUP, and, depth first, everything below them."""
         by_item = {}
         for entry in group:
-            by_item.setdefault(seq_of[entry[3]][depth], []).append(entry)
+            by_item.setdefault(entry.seq[depth], []).append(entry)
         for item, members in by_item.items():
             key = (node, item[1], item[0])
-            ending = [e for e in members if len(seq_of[e[3]]) == depth + 1]
+            ending = [e for e in members if len(e.seq) == depth + 1]
             if ending:
-                if len(ending) != len(members) or len({accept(e) for e in ending}) > 1:
+                if len(ending) != len(members) or len({self.accept(e) for e in ending}) > 1:
                     raise ValueError("doors %s: a sequence that is, or starts, another valid "
                                      "at the same time" % ", ".join(sorted(
-                                         e[0].name for e in members)))
-                put(key, accept(ending[0]), expires)
+                                         e.door.name for e in members)))
+                self.put(key, self.accept(ending[0]), expires)
                 for entry in ending:
-                    final(entry, key)
+                    self.final(entry, key)
             elif len(members) == 1:
+                # One window from here on: its own path, node ids from its base.
                 entry = members[0]
-                put(key, entry[4] | depth, expires)
-                if (entry[3], depth) not in done_paths:
-                    done_paths.add((entry[3], depth))
-                    whole_path(entry, depth)
+                self.put(key, entry.base | depth, expires)
+                if (entry.key, depth) not in self.done_paths:
+                    self.done_paths.add((entry.key, depth))
+                    self.whole_path(entry, depth)
             else:
-                cls = max(members, key=lambda e: (e[0].seq_timeout, -e[2]))[2]
-                child = ids.get(cls, depth, ("node", prefix + (item,),
-                                             tuple(sorted(e[3] for e in members))))
-                put(key, child, expires)
-                grow(child, depth + 1, members, prefix + (item,), expires)
+                # A node shared by several windows: the longest seq_timeout
+                # of theirs keeps the slowest one's progress.
+                cls = max(members, key=lambda e: (e.door.seq_timeout, -e.cls)).cls
+                child = self.ids.get(cls, depth, ("node", prefix + (item,),
+                                                  tuple(sorted(e.key for e in members))))
+                self.put(key, child, expires)
+                self.grow(child, depth + 1, members, prefix + (item,), expires)
 
-    for i, entry in enumerate(entries):
-        door, window, cls, (number, slot) = entry
-        seq_of[entry[3]] = tuple((int(p), proto) for p, proto in window.sequence)
-        base = (cls << CLASS_SHIFT) | (number << 12) | (slot << 5)
-        entries[i] = entry + (base, window.valid_until + door.seq_timeout)
-        families = ("ip", "ip6") if door.family == "inet" else (door.family,)
-        for family in families:
-            guarded[family].update(door.ports)
 
+def _port_elements(entries, groups):
+    """The static elements about ports: the guarded ports of each family (of
+    the windows loaded), the guard's port -> port map and each port group's
+    ports (gp<i>: group -> its i-th port)."""
+    guarded = {"ip": set(), "ip6": set()}
+    for entry in entries:
+        family = entry.door.family
+        for name in ("ip", "ip6") if family == "inet" else (family,):
+            guarded[name].update(entry.door.ports)
+    elements = {"guarded4": {p: (None, None) for p in guarded["ip"]},
+                "guarded6": {p: (None, None) for p in guarded["ip6"]},
+                "gport": {p: (p, None) for p in guarded["ip"] | guarded["ip6"]}}
+    for i in range(MAX_PORTS):
+        elements["gp%d" % i] = {group: (ports[i], None) for ports, group in groups.items()
+                                if len(ports) > i}
+    return elements
+
+
+def build(plan, now):
+    """The ruleset's data for PLAN (a list of Door) at NOW (UNIX seconds):
+    windows whose first knock can no longer come (valid_until <= now) are left
+    out.  Raises ValueError on a plan the ruleset cannot hold."""
+    plan = list(plan)
+    _check(plan)
+    classes, entries = _entries(plan, now)
+    ids = _Ids()
+    groups = _groups(plan)
+    tries = _Tries(ids, groups)
     # Cohorts: the windows valid over the same time (same valid_from and
     # valid_until) share a root; a packet tries the roots of the cohorts
     # valid at its `meta time`, so each window's first edge is loaded once.
     cohorts = {}
     for entry in entries:
-        cohorts.setdefault((entry[1].valid_from, entry[1].valid_until), []).append(entry)
+        cohorts.setdefault((entry.window.valid_from, entry.window.valid_until), []).append(entry)
     cohort_roots = []
     for (valid_from, valid_until), group in sorted(cohorts.items()):
         root = ids.get(0, 0, ("root", valid_from, valid_until))
         cohort_roots.append((valid_from, valid_until, root))
-        grow(root, 0, group, (), valid_until + max(e[0].seq_timeout for e in group))
-
-    elements["guarded4"] = {p: (None, None) for p in guarded["ip"]}
-    elements["guarded6"] = {p: (None, None) for p in guarded["ip6"]}
-    elements["gport"] = {p: (p, None) for p in guarded["ip"] | guarded["ip6"]}
-    for i in range(MAX_PORTS):
-        elements["gp%d" % i] = {group: (ports[i], None) for ports, group in groups.items()
-                                if len(ports) > i}
-    return Ruleset(elements, classes, cohort_roots, finals)
+        tries.grow(root, 0, group, (), valid_until + max(e.door.seq_timeout for e in group))
+    elements = dict(tries.elements, **_port_elements(entries, groups))
+    return Ruleset(elements, classes, cohort_roots, tries.finals)
 
 
 # ------------------------------------------------------------------ rendering
@@ -342,97 +373,138 @@ STATIC = TIMED + ("gp0", "gp1", "gp2", "gp3", "guarded4", "guarded6", "gport")
 MAPS = ("trans", "rtrans", "gp0", "gp1", "gp2", "gp3", "gport")
 
 
+# The base chain: established traffic leaves at once; pure SYNs and new UDP
+# datagrams are knocks; new connections to a guarded port meet the guard.
+INPUT_RULES = [
+    "ct state established,related accept",
+    "meta nfproto ipv4 tcp flags & (fin|syn|rst|ack) == syn jump knock4",
+    "meta nfproto ipv4 meta l4proto udp ct state new jump knock4",
+    "meta nfproto ipv6 tcp flags & (fin|syn|rst|ack) == syn jump knock6",
+    "meta nfproto ipv6 meta l4proto udp ct state new jump knock6",
+    "meta nfproto ipv4 tcp dport @guarded4 jump guard4",
+    "meta nfproto ipv6 tcp dport @guarded6 jump guard6",
+]
+
+# Per family: the chains' suffix, the source address, the door families served.
+CHAIN_FAMILIES = (("4", "ip saddr", ("ip", "inet")), ("6", "ip6 saddr", ("ip6", "inet")))
+
+
 def _rules(ruleset):
     """The rules, chain by chain: their number depends on the cohorts and
     classes, not on the doors."""
-    out = {"input": [
-        "ct state established,related accept",
-        "meta nfproto ipv4 tcp flags & (fin|syn|rst|ack) == syn jump knock4",
-        "meta nfproto ipv4 meta l4proto udp ct state new jump knock4",
-        "meta nfproto ipv6 tcp flags & (fin|syn|rst|ack) == syn jump knock6",
-        "meta nfproto ipv6 meta l4proto udp ct state new jump knock6",
-        "meta nfproto ipv4 tcp dport @guarded4 jump guard4",
-        "meta nfproto ipv6 tcp dport @guarded6 jump guard6",
-    ]}
-    for v, saddr, fam in (("4", "ip saddr", ("ip", "inet")), ("6", "ip6 saddr", ("ip6", "inet"))):
-        classes = sorted(ruleset.classes.items())
-        prev = ("delete @prev%s { %s : 0 } add @prev%s { %s timeout %ds : meta mark }"
-                % (v, saddr, v, saddr, SCRATCH_TIMEOUT))
-        # The roots of the cohorts valid now, tried in turn while the packet
-        # has not moved (its mark is still a root: SHARED with class 0).
-        out["root" + v] = [
-            "meta time >= %d meta time < %d meta mark & 0x%08x == 0x%08x meta mark set 0x%08x "
+    out = {"input": list(INPUT_RULES)}
+    for v, saddr, served in CHAIN_FAMILIES:
+        out["root" + v] = _root_rules(ruleset.cohorts, v, saddr)
+        out["knock" + v] = (_step_rules(v, saddr)
+                            + _class_rules(sorted(ruleset.classes.items()), v, saddr, served)
+                            + ["meta mark set %s map @save%s" % (saddr, v),
+                               "delete @save%s { %s : 0 }" % (v, saddr)])
+        out["guard" + v] = _guard_rules(v, saddr)
+    return out
+
+
+def _keep_prev(v, saddr):
+    """The statements that remember the node a packet leaves (for the burn
+    of a single-use final edge, which is keyed on it)."""
+    return ("delete @prev%s { %s : 0 } add @prev%s { %s timeout %ds : meta mark }"
+            % (v, saddr, v, saddr, SCRATCH_TIMEOUT))
+
+
+def _save_mark(v, saddr):
+    """The packet's own mark, saved: the mark is our scratch register."""
+    return ["delete @save%s { %s : 0 }" % (v, saddr),
+            "add @save%s { %s timeout %ds : meta mark }" % (v, saddr, SCRATCH_TIMEOUT)]
+
+
+def _root_rules(cohorts, v, saddr):
+    """The roots of the cohorts valid now, tried in turn while the packet
+    has not moved (its mark is still a root: SHARED with class 0)."""
+    return ["meta time >= %d meta time < %d meta mark & 0x%08x == 0x%08x meta mark set 0x%08x "
             "meta mark . meta l4proto . th dport != @spent %s "
             "meta mark set meta mark . meta l4proto . th dport map @rtrans"
-            % (valid_from, valid_until, KIND_MASK, SHARED, root, prev)
-            for valid_from, valid_until, root in ruleset.cohorts]
-        knock = [
-            # The fast way out: no progress, and no door starts with this port.
-            "%s != @st%s meta l4proto . th dport != @firsts return" % (saddr, v),
-            # Save the packet's own mark: it is our scratch register.
-            "delete @save%s { %s : 0 }" % (v, saddr),
-            "add @save%s { %s timeout %ds : meta mark }" % (v, saddr, SCRATCH_TIMEOUT),
-            "meta mark set 0x%08x" % SHARED,
-            "meta mark set %s map @st%s" % (saddr, v),
-            # Progress older than seq_timeout, counted from the first knock as
-            # knockd counts it, is void.
-            "meta mark & 0x%08x != 0x%08x %s != @started%s meta mark set 0x%08x"
-            % (KIND_MASK, SHARED, saddr, v, SHARED),
-            # A burned final edge (single use) counts as missing, even if a
-            # top-up racing with the burn loaded it again.
-            "meta mark . meta l4proto . th dport @spent meta mark set 0x%08x" % SHARED,
-            prev,
-            "meta mark & 0x%08x != 0x%08x meta mark set meta mark . meta l4proto . th dport "
-            "map @trans" % (KIND_MASK, SHARED),
-            # No edge (the catch-all gives 0): the same packet from the roots.
-            "meta mark 0 meta mark set 0x%08x" % SHARED,
-            "meta mark & 0x%08x == 0x%08x jump root%s" % (KIND_MASK, SHARED, v),
-            "meta mark & 0x%08x == 0x%08x meta mark set 0" % (KIND_MASK, SHARED),
-            # A first node starts the clock.
-            "meta mark != 0 meta mark & 0x%08x == 0 delete @started%s { %s }"
-            % (ACCEPT | DEPTH_MASK, v, saddr),
-        ]
-        for cls, key in classes:
-            knock.append("meta mark & 0x%08x == 0x%08x add @started%s { %s timeout %ds }"
-                         % (CLASS_MASK | ACCEPT | DEPTH_MASK, cls << CLASS_SHIFT, v, saddr,
-                            key[1]))
-        knock.append("delete @st%s { %s : 0 }" % (v, saddr))
-        for cls, key in classes:
-            knock.append("meta mark & 0x%08x == 0x%08x add @st%s { %s timeout %ds : meta mark }"
-                         % (CLASS_MASK, cls << CLASS_SHIFT, v, saddr, key[1]))
-        for cls, key in classes:
-            family, _, open_seconds, nports, single, ttl = key
-            if family not in fam:
-                continue
-            for i in range(nports):
-                # The accepting node holds the port group; gp<i> its ports.
-                knock.append("meta mark & 0x%08x == 0x%08x meta mark set meta mark & 0x%08x "
-                             "meta mark set meta mark map @gp%d "
-                             "add @allow%s { %s . meta mark timeout %ds }"
-                             % (CLASS_MASK | ACCEPT, cls << CLASS_SHIFT | ACCEPT, GROUP_MASK,
-                                i, v, saddr, open_seconds))
-                knock.append("meta mark set %s map @st%s" % (saddr, v))
-        for cls, key in classes:
-            if key[4] and key[0] in fam:
-                # Single use: the final edge goes, in the packet path, and is recorded.
-                knock.append("meta mark & 0x%08x == 0x%08x meta mark set %s map @prev%s "
-                             "add @spent { meta mark . meta l4proto . th dport timeout %ds } "
-                             "delete @trans { meta mark . meta l4proto . th dport : 0 } "
-                             "delete @rtrans { meta mark . meta l4proto . th dport : 0 }"
-                             % (CLASS_MASK | ACCEPT, cls << CLASS_SHIFT | ACCEPT, saddr, v,
-                                key[5]))
-        knock += ["meta mark set %s map @save%s" % (saddr, v),
-                  "delete @save%s { %s : 0 }" % (v, saddr)]
-        out["knock" + v] = knock
-        out["guard" + v] = [
-            "delete @save%s { %s : 0 }" % (v, saddr),
-            "add @save%s { %s timeout %ds : meta mark }" % (v, saddr, SCRATCH_TIMEOUT),
-            "meta mark set tcp dport map @gport",
-            "%s . meta mark @allow%s meta mark set %s map @save%s delete @save%s { %s : 0 } accept"
-            % (saddr, v, saddr, v, v, saddr),
-            "drop",
-        ]
-    return out
+            % (valid_from, valid_until, KIND_MASK, SHARED, root, _keep_prev(v, saddr))
+            for valid_from, valid_until, root in cohorts]
+
+
+def _step_rules(v, saddr):
+    """A knock moves its source one edge on, whatever the door: the same
+    rules for every class."""
+    return [
+        # The fast way out: no progress, and no door starts with this port.
+        "%s != @st%s meta l4proto . th dport != @firsts return" % (saddr, v),
+    ] + _save_mark(v, saddr) + [
+        "meta mark set 0x%08x" % SHARED,
+        "meta mark set %s map @st%s" % (saddr, v),
+        # Progress older than seq_timeout, counted from the first knock as
+        # knockd counts it, is void.
+        "meta mark & 0x%08x != 0x%08x %s != @started%s meta mark set 0x%08x"
+        % (KIND_MASK, SHARED, saddr, v, SHARED),
+        # A burned final edge (single use) counts as missing, even if a
+        # top-up racing with the burn loaded it again.
+        "meta mark . meta l4proto . th dport @spent meta mark set 0x%08x" % SHARED,
+        _keep_prev(v, saddr),
+        "meta mark & 0x%08x != 0x%08x meta mark set meta mark . meta l4proto . th dport "
+        "map @trans" % (KIND_MASK, SHARED),
+        # No edge (the catch-all gives 0): the same packet from the roots.
+        "meta mark 0 meta mark set 0x%08x" % SHARED,
+        "meta mark & 0x%08x == 0x%08x jump root%s" % (KIND_MASK, SHARED, v),
+        "meta mark & 0x%08x == 0x%08x meta mark set 0" % (KIND_MASK, SHARED),
+        # A first node starts the clock.
+        "meta mark != 0 meta mark & 0x%08x == 0 delete @started%s { %s }"
+        % (ACCEPT | DEPTH_MASK, v, saddr),
+    ]
+
+
+def _class_rules(classes, v, saddr, served):
+    """What depends on the door settings (a dynset's timeout comes from its
+    rule, not from data): one rule a class for the clock and the progress,
+    and for the classes this family serves, the opening and the burn."""
+    rules = []
+    for cls, key in classes:
+        rules.append("meta mark & 0x%08x == 0x%08x add @started%s { %s timeout %ds }"
+                     % (CLASS_MASK | ACCEPT | DEPTH_MASK, cls << CLASS_SHIFT, v, saddr, key[1]))
+    rules.append("delete @st%s { %s : 0 }" % (v, saddr))
+    for cls, key in classes:
+        rules.append("meta mark & 0x%08x == 0x%08x add @st%s { %s timeout %ds : meta mark }"
+                     % (CLASS_MASK, cls << CLASS_SHIFT, v, saddr, key[1]))
+    for cls, key in classes:
+        if key[0] in served:
+            rules += _accept_rules(cls, key, v, saddr)
+    for cls, key in classes:
+        if key[4] and key[0] in served:
+            # Single use: the final edge goes, in the packet path, and is recorded.
+            rules.append("meta mark & 0x%08x == 0x%08x meta mark set %s map @prev%s "
+                         "add @spent { meta mark . meta l4proto . th dport timeout %ds } "
+                         "delete @trans { meta mark . meta l4proto . th dport : 0 } "
+                         "delete @rtrans { meta mark . meta l4proto . th dport : 0 }"
+                         % (CLASS_MASK | ACCEPT, cls << CLASS_SHIFT | ACCEPT, saddr, v, key[5]))
+    return rules
+
+
+def _accept_rules(cls, key, v, saddr):
+    """An accepting node of class CLS opens each of its door's ports for the
+    source (the node holds the port group; gp<i> its i-th port), and each
+    rule puts the node back in the mark for the next one."""
+    rules = []
+    for i in range(key[3]):
+        rules.append("meta mark & 0x%08x == 0x%08x meta mark set meta mark & 0x%08x "
+                     "meta mark set meta mark map @gp%d "
+                     "add @allow%s { %s . meta mark timeout %ds }"
+                     % (CLASS_MASK | ACCEPT, cls << CLASS_SHIFT | ACCEPT, GROUP_MASK,
+                        i, v, saddr, key[2]))
+        rules.append("meta mark set %s map @st%s" % (saddr, v))
+    return rules
+
+
+def _guard_rules(v, saddr):
+    """A new connection to a guarded port passes only from a source the
+    port is open for (with the packet's own mark back); the rest is dropped."""
+    return _save_mark(v, saddr) + [
+        "meta mark set tcp dport map @gport",
+        "%s . meta mark @allow%s meta mark set %s map @save%s delete @save%s { %s : 0 } accept"
+        % (saddr, v, saddr, v, v, saddr),
+        "drop",
+    ]
 
 
 def _element(name, key, value, timeout):
