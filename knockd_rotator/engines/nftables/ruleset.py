@@ -16,9 +16,11 @@ on the number of doors, which are ELEMENTS (one per knock).  The cohorts'
 roots are tried by `meta time` rules (integers, UNIX seconds), so the
 kernel switches sequences at a boundary with no reload.  A missing edge
 resets the source and the same packet is tried again from the roots.  An
-accepting node holds its port group; the source is added to `allow4`/
-`allow6` with the door's open time and the guard drops every other new
-connection to the guarded ports.  A single-use accepting node deletes its
+accepting node holds its door's number; the source is added to `allow4`/
+`allow6` for the door's ports (`gp0`..`gp3`: door -> port) with the door's
+open time, the door's counter (`opens`: door -> a named counter) counts the
+opening, and the guard drops every other new connection to the guarded
+ports.  A single-use accepting node deletes its
 final edge in the packet path and records it in `spent` (read back with
 `nft -j list set`), so a replay finds nothing to follow and the next use's
 sequence, already loaded, opens.  Elements carry timeouts, so a top-up only
@@ -47,7 +49,7 @@ SCRATCH_TIMEOUT = 1          # s; the saved mark lives only while a packet is in
 # Node ids (32 bits, the packet mark while a packet is in our chains):
 #   bit 31      1: a root or a node shared by several windows (a hash)
 #   bits 27-30  class (door settings) 1..15; 0 for a root
-#   bit 26      1: an accepting node; bits 0-15 are then the port group
+#   bit 26      1: an accepting node; bits 0-13 are then the door number
 #   private node: bits 12-25 door number, 5-11 window slot, 0-4 depth
 #   shared node:  bits 5-25 hash, 0-4 depth
 # A first node (the state after a window's first knock) has depth 0.
@@ -58,7 +60,7 @@ ACCEPT = 1 << 26
 KIND_MASK = SHARED | CLASS_MASK          # roots: SHARED with class 0
 HASH_MASK = ((1 << 21) - 1) << 5
 DEPTH_MASK = 0x1F
-GROUP_MASK = 0xFFFF
+DOOR_MASK = MAX_DOORS - 1               # an accepting node's door number
 
 Window = namedtuple("Window", "start valid_from valid_until sequence use")
 Window.__new__.__defaults__ = (None,)
@@ -78,7 +80,7 @@ Door.__new__.__defaults__ = ("inet", ())
 Door.__doc__ = """A door of the plan.
 
 name          text, for reading back
-number        0 .. 32767, stable for the door (node ids are built from it)
+number        0 .. 16383, stable for the door (node ids are built from it)
 ports         guarded TCP ports (1 to 4)
 open_seconds  how long a completed knock opens them for the source
 seq_timeout   seconds from the first knock within which the sequence must end
@@ -161,23 +163,6 @@ class _Ids:
             value += 1
 
 
-def _groups(plan):
-    """Port group ids (16 bits of an accepting node): a single port is its own
-    group; a tuple of ports gets a free id from its hash."""
-    groups, used = {}, set()
-    for door in plan:
-        if len(door.ports) == 1:
-            groups[tuple(door.ports)] = door.ports[0]
-            used.add(door.ports[0])
-    for ports in sorted({tuple(d.ports) for d in plan if len(d.ports) > 1}):
-        value = int.from_bytes(hashlib.sha256(repr(ports).encode()).digest()[:2], "big")
-        while not value or value in used:
-            value = (value + 1) & GROUP_MASK
-        groups[ports] = value
-        used.add(value)
-    return groups
-
-
 # A window to load, with what its node ids and elements are made of: KEY
 # (door number, slot) names it; BASE is its private nodes' id at depth 0;
 # EXPIRES is when its last knock can no longer come; SEQ its sequence.
@@ -214,11 +199,10 @@ class _Tries:
     {key: (value, expires)}: an element lives until the last moment a knock
     may still need it, and the kernel then drops it itself."""
 
-    def __init__(self, ids, groups):
+    def __init__(self, ids):
         self.elements = {"trans": {}, "rtrans": {}, "firsts": {}}
         self.finals = {}     # final edge key -> (door name, start, use), single-use windows
         self.ids = ids
-        self.groups = groups
         self.done_paths = set()
 
     def put(self, key, value, expires):
@@ -239,8 +223,9 @@ class _Tries:
                              "another valid at the same time?)" % (key,))
 
     def accept(self, entry):
-        """The accepting node of ENTRY's window: its class and port group."""
-        return (entry.cls << CLASS_SHIFT) | ACCEPT | self.groups[tuple(entry.door.ports)]
+        """The accepting node of ENTRY's window: its class and door, so that
+        the opening knows the door's ports and counter."""
+        return (entry.cls << CLASS_SHIFT) | ACCEPT | entry.door.number
 
     def final(self, entry, key):
         """KEY is the final edge of ENTRY's window: remembered if it burns."""
@@ -290,10 +275,12 @@ class _Tries:
                 self.grow(child, depth + 1, members, prefix + (item,), expires)
 
 
-def _port_elements(entries, groups):
-    """The static elements about ports: the guarded ports of each family (of
-    the windows loaded), the guard's port -> port map and each port group's
-    ports (gp<i>: group -> its i-th port)."""
+def _door_elements(plan, entries):
+    """The static elements about doors: the guarded ports of each family (of
+    the windows loaded), the guard's port -> port map, each door's ports
+    (gp<i>: door number -> its i-th port) and counter (opens: door number ->
+    counter name), for every door of PLAN: a knock of a window that has just
+    left the plan may still end."""
     guarded = {"ip": set(), "ip6": set()}
     for entry in entries:
         family = entry.door.family
@@ -303,9 +290,14 @@ def _port_elements(entries, groups):
                 "guarded6": {p: (None, None) for p in guarded["ip6"]},
                 "gport": {p: (p, None) for p in guarded["ip"] | guarded["ip6"]}}
     for i in range(MAX_PORTS):
-        elements["gp%d" % i] = {group: (ports[i], None) for ports, group in groups.items()
-                                if len(ports) > i}
+        elements["gp%d" % i] = {d.number: (d.ports[i], None) for d in plan if len(d.ports) > i}
+    elements["opens"] = {d.number: (counter_name(d.number), None) for d in plan}
     return elements
+
+
+def counter_name(number):
+    """The named counter of door NUMBER's openings."""
+    return "door%d" % number
 
 
 def build(plan, now):
@@ -316,8 +308,7 @@ def build(plan, now):
     _check(plan)
     classes, entries = _entries(plan, now)
     ids = _Ids()
-    groups = _groups(plan)
-    tries = _Tries(ids, groups)
+    tries = _Tries(ids)
     # Cohorts: the windows valid over the same time (same valid_from and
     # valid_until) share a root; a packet tries the roots of the cohorts
     # valid at its `meta time`, so each window's first edge is loaded once.
@@ -329,7 +320,7 @@ def build(plan, now):
         root = ids.get(0, 0, ("root", valid_from, valid_until))
         cohort_roots.append((valid_from, valid_until, root))
         tries.grow(root, 0, group, (), valid_until + max(e.door.seq_timeout for e in group))
-    elements = dict(tries.elements, **_port_elements(entries, groups))
+    elements = dict(tries.elements, **_door_elements(plan, entries))
     return Ruleset(elements, classes, cohort_roots, tries.finals)
 
 
@@ -347,6 +338,7 @@ table inet %(t)s {
 	set guarded4 { type inet_service; }
 	set guarded6 { type inet_service; }
 	map gport { type inet_service : mark; }
+	map opens { type mark : counter; }
 	set spent { type mark . inet_proto . inet_service; flags dynamic,timeout; size %(n)d; }
 	map save4 { type ipv4_addr : mark; flags dynamic,timeout; size %(n)d; }
 	map prev4 { type ipv4_addr : mark; flags dynamic,timeout; size %(n)d; }
@@ -369,8 +361,8 @@ table inet %(t)s {
 """
 
 CHAINS = ("input", "root4", "knock4", "guard4", "root6", "knock6", "guard6")
-STATIC = TIMED + ("gp0", "gp1", "gp2", "gp3", "guarded4", "guarded6", "gport")
-MAPS = ("trans", "rtrans", "gp0", "gp1", "gp2", "gp3", "gport")
+STATIC = TIMED + ("gp0", "gp1", "gp2", "gp3", "guarded4", "guarded6", "gport", "opens")
+MAPS = ("trans", "rtrans", "gp0", "gp1", "gp2", "gp3", "gport", "opens")
 
 
 # The base chain: established traffic leaves at once; pure SYNs and new UDP
@@ -483,15 +475,20 @@ def _class_rules(classes, v, saddr, served):
 
 def _accept_rules(cls, key, v, saddr):
     """An accepting node of class CLS opens each of its door's ports for the
-    source (the node holds the port group; gp<i> its i-th port), and each
-    rule puts the node back in the mark for the next one."""
+    source (the node holds the door number; gp<i> its i-th port), and each
+    rule puts the node back in the mark for the next one.  The first port's
+    rule also counts the opening in the door's counter, once the source is
+    in allow (a full set breaks the rule before it counts): one lookup in
+    `opens` whatever the number of doors."""
     rules = []
     for i in range(key[3]):
+        count = (" meta mark set %s map @st%s meta mark set meta mark & 0x%08x "
+                 "counter name meta mark map @opens" % (saddr, v, DOOR_MASK)) if i == 0 else ""
         rules.append("meta mark & 0x%08x == 0x%08x meta mark set meta mark & 0x%08x "
                      "meta mark set meta mark map @gp%d "
-                     "add @allow%s { %s . meta mark timeout %ds }"
-                     % (CLASS_MASK | ACCEPT, cls << CLASS_SHIFT | ACCEPT, GROUP_MASK,
-                        i, v, saddr, key[2]))
+                     "add @allow%s { %s . meta mark timeout %ds }%s"
+                     % (CLASS_MASK | ACCEPT, cls << CLASS_SHIFT | ACCEPT, DOOR_MASK,
+                        i, v, saddr, key[2], count))
         rules.append("meta mark set %s map @st%s" % (saddr, v))
     return rules
 
@@ -513,6 +510,8 @@ def _element(name, key, value, timeout):
         return "0x%08x . %s . %d%s : 0x%08x" % (key[0], key[1], key[2], t, value)
     if name in ("guarded4", "guarded6"):
         return "%d" % key
+    if name == "opens":
+        return '%d : "%s"' % (key, value)
     if name == "firsts":
         return "%s . %d%s" % (key[0], key[1], t)
     return "%d : %d" % (key, value)        # gport: port -> port; gp<i>: group -> port
@@ -536,14 +535,22 @@ def render(plan, now, loaded=None):
     """The `nft -f` text that makes the table hold PLAN from NOW on.
 
     LOADED None: a full load (creates the table, or replaces every static
-    map of an existing one; packet-path state, open doors and spent uses
-    stay).  LOADED the Ruleset returned with the text applied last: a top-up
-    that only adds what is new and deletes what the plan dropped before its
-    time; elements of the past expire in the kernel by themselves.  Either
-    way the rules are rewritten, in one atomic transaction.  Returns (text,
-    ruleset): keep the ruleset for the next top-up."""
+    map of an existing one; packet-path state, open doors, spent uses and
+    the doors' counters stay).  LOADED the Ruleset returned with the text
+    applied last: a top-up that only adds what is new and deletes what the
+    plan dropped before its time; elements of the past expire in the kernel
+    by themselves.  Either way the rules are rewritten, in one atomic
+    transaction.  Returns (text, ruleset): keep the ruleset for the next
+    top-up."""
     ruleset = build(plan, now)
     lines = [DECLARATIONS % {"t": TABLE, "n": DYNAMIC_SIZE}]
+    # `add counter` of an existing counter keeps its value (a full load
+    # keeps the doors' counts); the counters must exist before `opens`
+    # names them.
+    doors = ruleset.elements["opens"]
+    known = {} if loaded is None else loaded.elements.get("opens", {})
+    lines.extend("add counter inet %s %s" % (TABLE, name)
+                 for number, (name, _) in sorted(doors.items()) if number not in known)
     if loaded is None:
         for name in STATIC:
             lines.append("flush %s inet %s %s" % ("map" if name in MAPS else "set", TABLE, name))
@@ -564,34 +571,45 @@ def render(plan, now, loaded=None):
             state[name] = dict(ruleset.elements[name])
     else:
         for name in STATIC:
-            new, old = ruleset.elements[name], loaded.elements.get(name, {})
-            kept = dict(new)
-            gone, added = [], []
-            for key, (value, expires) in old.items():
-                if key in new and new[key][0] == value:
-                    if expires is not None and new[key][1] > expires:
-                        gone.append((key, (value, expires)))        # to live longer
-                        added.append((key, new[key]))
-                    else:
-                        kept[key] = (value, expires)
-                elif expires is None or expires > now + DELETE_MARGIN:
-                    gone.append((key, (value, expires)))
-                    if key in new:
-                        added.append((key, new[key]))
-            added += [(key, item) for key, item in new.items() if key not in old]
-            if gone:
-                # `delete` of an absent element would fail the transaction:
-                # `add` first what the packet path may have deleted (a burned
-                # edge) or what may just have expired.
-                lines.extend(_element_lines("add", name, [
-                    (k, (v, e)) for k, (v, e) in gone
-                    if name in ("trans", "rtrans") or (e is not None and e <= now + DELETE_MARGIN)
-                ], now))
-                lines.extend(_element_lines("delete", name, [(k, (v, None)) for k, (v, e)
-                                                             in gone], now))
-            lines.extend(_element_lines("add", name, added, now))
-            state[name] = kept
+            changes, state[name] = _topup_lines(name, ruleset.elements[name],
+                                                loaded.elements.get(name, {}), now)
+            lines.extend(changes)
+        # A door gone from the plan: its counter goes, after its `opens` element.
+        lines.extend("delete counter inet %s %s" % (TABLE, name)
+                     for number, (name, _) in sorted(known.items()) if number not in doors)
     return "\n".join(lines) + "\n", ruleset._replace(elements=state, rules=rules)
+
+
+def _topup_lines(name, new, old, now):
+    """The lines that turn set or map NAME from OLD (as loaded) into NEW
+    ({key: (value, expires)} both), and what the kernel then holds."""
+    kept = dict(new)
+    gone, added = [], []
+    for key, (value, expires) in old.items():
+        if key in new and new[key][0] == value:
+            if expires is not None and new[key][1] > expires:
+                gone.append((key, (value, expires)))        # to live longer
+                added.append((key, new[key]))
+            else:
+                kept[key] = (value, expires)
+        elif expires is None or expires > now + DELETE_MARGIN:
+            gone.append((key, (value, expires)))
+            if key in new:
+                added.append((key, new[key]))
+    added += [(key, item) for key, item in new.items() if key not in old]
+    lines = []
+    if gone:
+        # `delete` of an absent element would fail the transaction:
+        # `add` first what the packet path may have deleted (a burned
+        # edge) or what may just have expired.
+        lines.extend(_element_lines("add", name, [
+            (k, (v, e)) for k, (v, e) in gone
+            if name in ("trans", "rtrans") or (e is not None and e <= now + DELETE_MARGIN)
+        ], now))
+        lines.extend(_element_lines("delete", name, [(k, (v, None)) for k, (v, e)
+                                                     in gone], now))
+    lines.extend(_element_lines("add", name, added, now))
+    return lines, kept
 
 
 def remove_text():
