@@ -14,9 +14,6 @@ FUNCTION_LINES_MAX = 60
 LONG_FUNCTIONS = {
     # In the shared block, which must stay byte-identical to the client's.
     "knockd_rotator.core.generator.read_settings",
-    # The nftables engine's renderer, to be split as it is wired in (issue 25).
-    "knockd_rotator.engines.nftables.ruleset.build",
-    "knockd_rotator.engines.nftables.ruleset._rules",
 }
 
 

@@ -130,6 +130,12 @@ class Kernel:
     def raw(self, src, flags, ports):
         self.ns.run(sys.executable, "-c", RAW, src, flags, *ports)
 
+    def state(self):
+        return engine.table_state(self.ns.name)
+
+    def opens_per_door(self):
+        return self.state().opens
+
     def stop(self):
         self.listener.kill()
         self.listener.wait()
@@ -485,3 +491,124 @@ def test_topup_keeps_a_knock_in_progress(kernel):
     kernel.load([door([now_window(SEQ, start=base), later])] + others, topup=True)
     kernel.knock(SEQ[2:], src, check=None)
     assert kernel.opens(src)
+
+
+SEQ2 = ((7105, "tcp"), (7103, "udp"), (7108, "tcp"))
+
+
+def counted_doors(start):
+    """Door 1 (SEQ, two ports) and door 2 (SEQ2, single use 0 and 1)."""
+    return [door([now_window(SEQ, start=start)], number=1, name="one",
+                 ports=(GUARDED, GUARDED + 1)),
+            door([now_window(SEQ2, use=u, start=start) for u in (0, 1)], number=2, name="two")]
+
+
+def test_counters_count_each_opening_of_its_door(kernel):
+    """Each opening adds exactly one to its own door's counter, over IPv4 and
+    IPv6, however many ports the door opens; a wrong or partial knock, or a
+    replay of a burned use, adds nothing."""
+    start = int(time.time()) // PERIOD * PERIOD
+    kernel.load(counted_doors(start))
+    assert kernel.opens_per_door() == {1: 0, 2: 0}
+    assert kernel.knock(SEQ)
+    assert kernel.opens_per_door() == {1: 1, 2: 0}
+    assert not kernel.knock(SEQ[:-1])                              # partial
+    assert not kernel.knock(SEQ[:2] + ((9999, "tcp"),))             # wrong last port
+    assert not kernel.knock(SEQ2[:1] + SEQ[1:])                     # the doors mixed
+    assert kernel.opens_per_door() == {1: 1, 2: 0}
+    assert kernel.knock(SEQ2, host="::1")
+    assert kernel.opens_per_door() == {1: 1, 2: 1}
+    assert not kernel.knock(SEQ2)                                   # use 0 burned
+    assert kernel.knock(SEQ, host="::1")
+    assert kernel.knock(SEQ)
+    assert kernel.opens_per_door() == {1: 3, 2: 1}
+
+
+def test_counters_survive_reloads(kernel):
+    """A top-up and a full load of the same doors keep the counts; a top-up
+    without a door drops its counter, and the others still count."""
+    start = int(time.time()) // PERIOD * PERIOD
+    plan = counted_doors(start)
+    kernel.load(plan)
+    assert kernel.knock(SEQ) and kernel.knock(SEQ2)
+    kernel.load(plan, topup=True)
+    assert kernel.opens_per_door() == {1: 1, 2: 1}
+    kernel.load(plan)
+    assert kernel.opens_per_door() == {1: 1, 2: 1}
+    kernel.load(plan[:1], topup=True)
+    assert kernel.opens_per_door() == {1: 1}
+    assert "door2" not in kernel.nft("list", "counters", "table", "inet", engine.TABLE)
+    assert kernel.knock(SEQ)
+    assert kernel.opens_per_door() == {1: 2}
+
+
+def test_table_state_without_a_table(netns):
+    need_root_and("nft", "ip")
+    assert engine.table_state(netns.name) is None
+    engine.remove(netns.name)                                       # nothing to remove
+    assert engine.table_state(netns.name) is None
+
+
+def test_table_state_matches_what_was_loaded(kernel):
+    """The cohorts read back are the rendered ones; the open sources are
+    counted once whatever their ports; remove deletes the table."""
+    b = int(time.time()) // PERIOD * PERIOD                # this period; the next one's lead
+    ruleset = kernel.load([door([window(SEQ, b - 10, b + PERIOD + 30, start=b),
+                                 window(SEQ2, b + PERIOD - 10, b + 2 * PERIOD + 30,
+                                        start=b + PERIOD)],
+                                ports=(GUARDED, GUARDED + 1)),
+                           door([window(((8000, "tcp"),), b - 10, b + PERIOD + 30, start=b)],
+                                number=2, name="two", family="ip6")])
+    state = kernel.state()
+    assert state.cohorts == [(f, u) for f, u, _ in ruleset.cohorts] == [
+        (b - 10, b + PERIOD + 30), (b + PERIOD - 10, b + 2 * PERIOD + 30)]
+    assert (state.opens, state.sources) == ({1: 0, 2: 0}, 0)
+    assert kernel.knock(SEQ) and kernel.knock(SEQ)
+    assert kernel.knock(((8000, "tcp"),), host="::1")
+    assert kernel.state().sources == 3
+    engine.remove(kernel.ns.name)
+    assert kernel.state() is None
+
+
+def test_ports_of_no_door_take_the_fast_way_out(kernel):
+    """A SYN to a port no door starts with leaves at the first rule: it
+    never reaches the rule that records the node it leaves (prev4, kept 1 s),
+    which a first knock does reach."""
+    kernel.load(counted_doors(int(time.time()) // PERIOD * PERIOD))
+    flood, knocker = source(), source()
+    kernel.raw(flood, "0x02", [1000, 2000, GUARDED])
+    kernel.raw(knocker, "0x02", [SEQ[0][0]])
+    prev = kernel.nft("list", "map", "inet", engine.TABLE, "prev4")
+    assert knocker in prev and flood not in prev
+
+
+NFT_JSON = {"nftables": [
+    {"metainfo": {"version": "1.0.6"}},
+    {"table": {"family": "inet", "name": "knockd_rotator"}},
+    {"counter": {"name": "door1", "packets": 4, "bytes": 240}},
+    {"counter": {"name": "door9", "packets": 7, "bytes": 420}},      # left by a full load
+    {"counter": {"name": "door3", "packets": 0, "bytes": 0}},
+    {"map": {"name": "opens", "map": "counter", "elem": [[1, "door1"], [3, "door3"]]}},
+    {"set": {"name": "allow4", "elem": [
+        {"elem": {"val": {"concat": ["127.0.0.2", 22]}, "timeout": 30, "expires": 12}},
+        {"elem": {"val": {"concat": ["127.0.0.2", 23]}, "timeout": 30, "expires": 12}},
+        {"concat": ["127.0.0.3", 22]}]}},
+    {"set": {"name": "allow6", "elem": [{"elem": {"val": {"concat": ["::1", 22]}}}]}},
+    {"rule": {"chain": "root4", "expr": [
+        {"match": {"op": ">=", "left": {"meta": {"key": "time"}}, "right": "2026-12-06 23:59:00"}},
+        {"match": {"op": "<", "left": {"meta": {"key": "time"}}, "right": 1796623230}},
+        {"mangle": {"key": {"meta": {"key": "mark"}}, "value": 1}}]}},
+    {"rule": {"chain": "root6", "expr": [
+        {"match": {"op": ">=", "left": {"meta": {"key": "time"}}, "right": "2026-12-06 23:59:00"}},
+        {"match": {"op": "<", "left": {"meta": {"key": "time"}}, "right": "2026-12-07 06:00:30"}},
+        "delete @prev6 { ip6 saddr : 0x00000000 }"]}},
+    {"rule": {"chain": "knock4", "expr": [{"match": {"op": ">=", "left": {
+        "meta": {"key": "time"}}, "right": 5}}]}},
+]}
+
+
+def test_parse_table_state_from_json():
+    """Dates as nft prints them in UTC, or integers; one cohort for both
+    families; the counters of the doors in `opens` only; sources once."""
+    state = engine.parse_table_state(json.dumps(NFT_JSON))
+    assert state == engine.TableState([(1796601540, 1796623230)], {1: 4, 3: 0}, 3)

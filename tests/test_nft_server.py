@@ -72,9 +72,9 @@ class Door:
                                STATE_DIR=tmp_path / "state", SERVER_INTERVAL=60)
         self.listener = netns.listen(GUARDED)
 
-    def server(self, *args, stdin=None):
-        return run_server("--config", self.doors, *args, env=self.env, netns=self.ns.name,
-                          input=stdin)
+    def server(self, *args, stdin=None, env=None):
+        return run_server("--config", self.doors, *args, env=env or self.env,
+                          netns=self.ns.name, input=stdin)
 
     def client_env(self, lines=None):
         """The client's environment: the env file's settings, or LINES (KEY=VALUE)."""
@@ -137,6 +137,11 @@ def test_a_run_loads_the_table_and_the_client_opens(door):
     assert status.returncode == 0, status.stdout
     assert report["state"] == "OK" and report["report"]["table_present"]
     assert report["report"]["doors"][0]["holds_now"]
+    # Two knocks, two openings counted by the kernel, read without the secret.
+    assert report["report"]["doors"][0]["opens"] == 2
+    text = d.server("status", env=dict(d.env, KNOCKD_ROTATOR_ENV_FILE=str(d.tmp / "absent"),
+                                       KNOCKD_ROTATOR_ENGINE="nftables"))
+    assert text.returncode == 0 and "opened 2 times" in text.stdout, text.stdout
 
 
 def test_a_wrong_secret_opens_nothing(door):

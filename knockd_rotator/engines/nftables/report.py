@@ -71,13 +71,17 @@ def door_status(doors_path, environ, now):
     settings = server_settings(environ)
     doors = parse_doors(read_config(doors_path), doors_path)
     record = load.read_record(settings["STATE_DIR"])
-    table = kernel.table_state()
+    try:
+        table = kernel.table_state()
+    except (OSError, RuntimeError) as exc:
+        raise RotatorError("cannot read the table: %s" % " ".join(str(exc).split())[:300],
+                           "run as root, with nftables installed", EXIT_CONFIG) from None
     recorded = record.get("doors", {})
-    opens = table["opens"] if table else {}
+    opens = table.opens if table else {}
     return {"now": int(now), "doors_file": doors_path, "table": "inet " + ruleset.TABLE,
-            "table_present": bool(table), "loaded": record.get("loaded"),
-            "kernel_windows": table["cohorts"] if table else [],
-            "open_sources": table["open_sources"] if table else 0,
+            "table_present": table is not None, "loaded": record.get("loaded"),
+            "kernel_windows": table.cohorts if table else [],
+            "open_sources": table.sources if table else 0,
             "unloaded_doors": [door.name for door in doors if door.name not in recorded],
             "doors": [door_report(door.name, recorded[door.name], now, opens)
                       for door in doors if door.name in recorded]}

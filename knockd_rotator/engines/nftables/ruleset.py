@@ -16,9 +16,11 @@ on the number of doors, which are ELEMENTS (one per knock).  The cohorts'
 roots are tried by `meta time` rules (integers, UNIX seconds), so the
 kernel switches sequences at a boundary with no reload.  A missing edge
 resets the source and the same packet is tried again from the roots.  An
-accepting node holds its port group; the source is added to `allow4`/
-`allow6` with the door's open time and the guard drops every other new
-connection to the guarded ports.  A single-use accepting node deletes its
+accepting node holds its door's number; the source is added to `allow4`/
+`allow6` for the door's ports (`gp0`..`gp3`: door -> port) with the door's
+open time, the door's counter (`opens`: door -> a named counter) counts the
+opening, and the guard drops every other new connection to the guarded
+ports.  A single-use accepting node deletes its
 final edge in the packet path and records it in `spent` (read back with
 `nft -j list set`), so a replay finds nothing to follow and the next use's
 sequence, already loaded, opens.  Elements carry timeouts, so a top-up only
@@ -47,7 +49,7 @@ SCRATCH_TIMEOUT = 1          # s; the saved mark lives only while a packet is in
 # Node ids (32 bits, the packet mark while a packet is in our chains):
 #   bit 31      1: a root or a node shared by several windows (a hash)
 #   bits 27-30  class (door settings) 1..15; 0 for a root
-#   bit 26      1: an accepting node; bits 0-15 are then the port group
+#   bit 26      1: an accepting node; bits 0-13 are then the door number
 #   private node: bits 12-25 door number, 5-11 window slot, 0-4 depth
 #   shared node:  bits 5-25 hash, 0-4 depth
 # A first node (the state after a window's first knock) has depth 0.
@@ -58,7 +60,7 @@ ACCEPT = 1 << 26
 KIND_MASK = SHARED | CLASS_MASK          # roots: SHARED with class 0
 HASH_MASK = ((1 << 21) - 1) << 5
 DEPTH_MASK = 0x1F
-GROUP_MASK = 0xFFFF
+DOOR_MASK = MAX_DOORS - 1               # an accepting node's door number
 
 Window = namedtuple("Window", "start valid_from valid_until sequence use")
 Window.__new__.__defaults__ = (None,)
@@ -78,7 +80,7 @@ Door.__new__.__defaults__ = ("inet", ())
 Door.__doc__ = """A door of the plan.
 
 name          text, for reading back
-number        0 .. 32767, stable for the door (node ids are built from it)
+number        0 .. 16383, stable for the door (node ids are built from it)
 ports         guarded TCP ports (1 to 4)
 open_seconds  how long a completed knock opens them for the source
 seq_timeout   seconds from the first knock within which the sequence must end
@@ -161,21 +163,141 @@ class _Ids:
             value += 1
 
 
-def _groups(plan):
-    """Port group ids (16 bits of an accepting node): a single port is its own
-    group; a tuple of ports gets a free id from its hash."""
-    groups, used = {}, set()
-    for door in plan:
-        if len(door.ports) == 1:
-            groups[tuple(door.ports)] = door.ports[0]
-            used.add(door.ports[0])
-    for ports in sorted({tuple(d.ports) for d in plan if len(d.ports) > 1}):
-        value = int.from_bytes(hashlib.sha256(repr(ports).encode()).digest()[:2], "big")
-        while not value or value in used:
-            value = (value + 1) & GROUP_MASK
-        groups[ports] = value
-        used.add(value)
-    return groups
+# A window to load, with what its node ids and elements are made of: KEY
+# (door number, slot) names it; BASE is its private nodes' id at depth 0;
+# EXPIRES is when its last knock can no longer come; SEQ its sequence.
+_Entry = namedtuple("_Entry", "door window cls key base expires seq")
+
+
+def _entries(plan, now):
+    """The classes ({index: class key}) and the windows of PLAN still to be
+    knocked at NOW (valid_until > now), as _Entry tuples, in a stable order
+    (door number, then first second of validity), so that ids and their
+    probing are the same from one render to the next."""
+    keys = sorted({_class_key(d, w) for d in plan for w in d.windows if w.valid_until > now})
+    if len(keys) > MAX_CLASSES:
+        raise ValueError("%d classes of door settings (family, seq_timeout, open_seconds, "
+                         "ports, single use, period); at most %d" % (len(keys), MAX_CLASSES))
+    index = {key: i + 1 for i, key in enumerate(keys)}
+    entries = []
+    for door in sorted(plan, key=lambda d: d.number):
+        for window in sorted(door.windows, key=lambda w: (w.valid_from, w.use or 0)):
+            if window.valid_until > now:
+                cls = index[_class_key(door, window)]
+                slot = _slot(door, window)
+                entries.append(_Entry(
+                    door, window, cls, (door.number, slot),
+                    (cls << CLASS_SHIFT) | (door.number << 12) | (slot << 5),
+                    window.valid_until + door.seq_timeout,
+                    tuple((int(p), proto) for p, proto in window.sequence)))
+    return {i: key for key, i in index.items()}, entries
+
+
+class _Tries:
+    """The edges of the cohorts' tries, as elements: `rtrans` (from a root),
+    `trans` (from any other node) and `firsts` (the first knocks of all), each
+    {key: (value, expires)}: an element lives until the last moment a knock
+    may still need it, and the kernel then drops it itself."""
+
+    def __init__(self, ids):
+        self.elements = {"trans": {}, "rtrans": {}, "firsts": {}}
+        self.finals = {}     # final edge key -> (door name, start, use), single-use windows
+        self.ids = ids
+        self.done_paths = set()
+
+    def put(self, key, value, expires):
+        if key[0] & KIND_MASK == SHARED:
+            table = self.elements["rtrans"]
+            # The first knocks of all: packets of sources that have made no
+            # progress go no further unless they are to one of these.
+            first = self.elements["firsts"].get(key[1:])
+            if first is None or expires > first[1]:
+                self.elements["firsts"][key[1:]] = (None, expires)
+        else:
+            table = self.elements["trans"]
+        old = table.get(key)
+        if old is None or (old[0] == value and expires > old[1]):
+            table[key] = (value, expires)
+        elif old[0] != value:
+            raise ValueError("edge %r leads to two nodes (one sequence is a prefix of "
+                             "another valid at the same time?)" % (key,))
+
+    def accept(self, entry):
+        """The accepting node of ENTRY's window: its class and door, so that
+        the opening knows the door's ports and counter."""
+        return (entry.cls << CLASS_SHIFT) | ACCEPT | entry.door.number
+
+    def final(self, entry, key):
+        """KEY is the final edge of ENTRY's window: remembered if it burns."""
+        if entry.window.use is not None:
+            self.finals[key] = (entry.door.name, entry.window.start, entry.window.use)
+
+    def whole_path(self, entry, depth):
+        """The edges private to one window, from its node at DEPTH to its end."""
+        seq, base = entry.seq, entry.base
+        last = len(seq) - 1
+        for k in range(depth, last):
+            key = (base | k, seq[k + 1][1], seq[k + 1][0])
+            self.put(key, base | (k + 1) if k + 1 < last else self.accept(entry), entry.expires)
+        self.final(entry, key)
+
+    def grow(self, node, depth, group, prefix, expires):
+        """The edges out of NODE (at DEPTH, reached by the knocks PREFIX) for
+        the windows of GROUP, and, depth first, everything below them."""
+        by_item = {}
+        for entry in group:
+            by_item.setdefault(entry.seq[depth], []).append(entry)
+        for item, members in by_item.items():
+            key = (node, item[1], item[0])
+            ending = [e for e in members if len(e.seq) == depth + 1]
+            if ending:
+                if len(ending) != len(members) or len({self.accept(e) for e in ending}) > 1:
+                    raise ValueError("doors %s: a sequence that is, or starts, another valid "
+                                     "at the same time" % ", ".join(sorted(
+                                         e.door.name for e in members)))
+                self.put(key, self.accept(ending[0]), expires)
+                for entry in ending:
+                    self.final(entry, key)
+            elif len(members) == 1:
+                # One window from here on: its own path, node ids from its base.
+                entry = members[0]
+                self.put(key, entry.base | depth, expires)
+                if (entry.key, depth) not in self.done_paths:
+                    self.done_paths.add((entry.key, depth))
+                    self.whole_path(entry, depth)
+            else:
+                # A node shared by several windows: the longest seq_timeout
+                # of theirs keeps the slowest one's progress.
+                cls = max(members, key=lambda e: (e.door.seq_timeout, -e.cls)).cls
+                child = self.ids.get(cls, depth, ("node", prefix + (item,),
+                                                  tuple(sorted(e.key for e in members))))
+                self.put(key, child, expires)
+                self.grow(child, depth + 1, members, prefix + (item,), expires)
+
+
+def _door_elements(plan, entries):
+    """The static elements about doors: the guarded ports of each family (of
+    the windows loaded), the guard's port -> port map, each door's ports
+    (gp<i>: door number -> its i-th port) and counter (opens: door number ->
+    counter name), for every door of PLAN: a knock of a window that has just
+    left the plan may still end."""
+    guarded = {"ip": set(), "ip6": set()}
+    for entry in entries:
+        family = entry.door.family
+        for name in ("ip", "ip6") if family == "inet" else (family,):
+            guarded[name].update(entry.door.ports)
+    elements = {"guarded4": {p: (None, None) for p in guarded["ip"]},
+                "guarded6": {p: (None, None) for p in guarded["ip6"]},
+                "gport": {p: (p, None) for p in guarded["ip"] | guarded["ip6"]}}
+    for i in range(MAX_PORTS):
+        elements["gp%d" % i] = {d.number: (d.ports[i], None) for d in plan if len(d.ports) > i}
+    elements["opens"] = {d.number: (counter_name(d.number), None) for d in plan}
+    return elements
+
+
+def counter_name(number):
+    """The named counter of door NUMBER's openings."""
+    return "door%d" % number
 
 
 def build(plan, now):
@@ -184,122 +306,22 @@ def build(plan, now):
     out.  Raises ValueError on a plan the ruleset cannot hold."""
     plan = list(plan)
     _check(plan)
-    classes = {}
-    entries = []     # (door, window, class index, window key)
-    keys = sorted({_class_key(d, w) for d in plan for w in d.windows if w.valid_until > now})
-    if len(keys) > MAX_CLASSES:
-        raise ValueError("%d classes of door settings (family, seq_timeout, open_seconds, "
-                         "ports, single use, period); at most %d" % (len(keys), MAX_CLASSES))
-    index = {key: i + 1 for i, key in enumerate(keys)}
-    for i, key in enumerate(keys):
-        classes[i + 1] = key
-    for door in sorted(plan, key=lambda d: d.number):
-        for window in sorted(door.windows, key=lambda w: (w.valid_from, w.use or 0)):
-            if window.valid_until > now:
-                cls = index[_class_key(door, window)]
-                entries.append((door, window, cls, (door.number, _slot(door, window))))
-
-    # name -> {key: (value, expires)}: each element lives until the last
-    # moment a knock may still need it, and the kernel then drops it itself.
-    elements = {"trans": {}, "rtrans": {}, "firsts": {}}
-    finals = {}          # final edge key -> (door name, start, use) for single-use windows
-    guarded = {"ip": set(), "ip6": set()}
+    classes, entries = _entries(plan, now)
     ids = _Ids()
-    groups = _groups(plan)
-    seq_of = {}
-
-    def put(key, value, expires):
-        if key[0] & KIND_MASK == SHARED:
-            table = elements["rtrans"]
-            # The first knocks of all: packets of sources that have made no
-            # progress go no further unless they are to one of these.
-            first = elements["firsts"].get(key[1:])
-            if first is None or expires > first[1]:
-                elements["firsts"][key[1:]] = (None, expires)
-        else:
-            table = elements["trans"]
-        old = table.get(key)
-        if old is None or (old[0] == value and expires > old[1]):
-            table[key] = (value, expires)
-        elif old[0] != value:
-            raise ValueError("edge %r leads to two nodes (one sequence is a prefix of "
-                             "another valid at the same time?)" % (key,))
-
-    def accept(entry):
-        return (entry[2] << CLASS_SHIFT) | ACCEPT | groups[tuple(entry[0].ports)]
-
-    def final(entry, key):
-        window = entry[1]
-        if window.use is not None:
-            finals[key] = (entry[0].name, window.start, window.use)
-
-    def whole_path(entry, depth):
-        # Edges private to one window, from its node at DEPTH to its end.
-        seq, base, expires = seq_of[entry[3]], entry[4], entry[5]
-        last = len(seq) - 1
-        for k in range(depth, last):
-            key = (base | k, seq[k + 1][1], seq[k + 1][0])
-            put(key, base | (k + 1) if k + 1 < last else accept(entry), expires)
-        final(entry, key)
-
-    done_paths = set()
-
-    def grow(node, depth, group, prefix, expires):
-        by_item = {}
-        for entry in group:
-            by_item.setdefault(seq_of[entry[3]][depth], []).append(entry)
-        for item, members in by_item.items():
-            key = (node, item[1], item[0])
-            ending = [e for e in members if len(seq_of[e[3]]) == depth + 1]
-            if ending:
-                if len(ending) != len(members) or len({accept(e) for e in ending}) > 1:
-                    raise ValueError("doors %s: a sequence that is, or starts, another valid "
-                                     "at the same time" % ", ".join(sorted(
-                                         e[0].name for e in members)))
-                put(key, accept(ending[0]), expires)
-                for entry in ending:
-                    final(entry, key)
-            elif len(members) == 1:
-                entry = members[0]
-                put(key, entry[4] | depth, expires)
-                if (entry[3], depth) not in done_paths:
-                    done_paths.add((entry[3], depth))
-                    whole_path(entry, depth)
-            else:
-                cls = max(members, key=lambda e: (e[0].seq_timeout, -e[2]))[2]
-                child = ids.get(cls, depth, ("node", prefix + (item,),
-                                             tuple(sorted(e[3] for e in members))))
-                put(key, child, expires)
-                grow(child, depth + 1, members, prefix + (item,), expires)
-
-    for i, entry in enumerate(entries):
-        door, window, cls, (number, slot) = entry
-        seq_of[entry[3]] = tuple((int(p), proto) for p, proto in window.sequence)
-        base = (cls << CLASS_SHIFT) | (number << 12) | (slot << 5)
-        entries[i] = entry + (base, window.valid_until + door.seq_timeout)
-        families = ("ip", "ip6") if door.family == "inet" else (door.family,)
-        for family in families:
-            guarded[family].update(door.ports)
-
+    tries = _Tries(ids)
     # Cohorts: the windows valid over the same time (same valid_from and
     # valid_until) share a root; a packet tries the roots of the cohorts
     # valid at its `meta time`, so each window's first edge is loaded once.
     cohorts = {}
     for entry in entries:
-        cohorts.setdefault((entry[1].valid_from, entry[1].valid_until), []).append(entry)
+        cohorts.setdefault((entry.window.valid_from, entry.window.valid_until), []).append(entry)
     cohort_roots = []
     for (valid_from, valid_until), group in sorted(cohorts.items()):
         root = ids.get(0, 0, ("root", valid_from, valid_until))
         cohort_roots.append((valid_from, valid_until, root))
-        grow(root, 0, group, (), valid_until + max(e[0].seq_timeout for e in group))
-
-    elements["guarded4"] = {p: (None, None) for p in guarded["ip"]}
-    elements["guarded6"] = {p: (None, None) for p in guarded["ip6"]}
-    elements["gport"] = {p: (p, None) for p in guarded["ip"] | guarded["ip6"]}
-    for i in range(MAX_PORTS):
-        elements["gp%d" % i] = {group: (ports[i], None) for ports, group in groups.items()
-                                if len(ports) > i}
-    return Ruleset(elements, classes, cohort_roots, finals)
+        tries.grow(root, 0, group, (), valid_until + max(e.door.seq_timeout for e in group))
+    elements = dict(tries.elements, **_door_elements(plan, entries))
+    return Ruleset(elements, classes, cohort_roots, tries.finals)
 
 
 # ------------------------------------------------------------------ rendering
@@ -316,6 +338,7 @@ table inet %(t)s {
 	set guarded4 { type inet_service; }
 	set guarded6 { type inet_service; }
 	map gport { type inet_service : mark; }
+	map opens { type mark : counter; }
 	set spent { type mark . inet_proto . inet_service; flags dynamic,timeout; size %(n)d; }
 	map save4 { type ipv4_addr : mark; flags dynamic,timeout; size %(n)d; }
 	map prev4 { type ipv4_addr : mark; flags dynamic,timeout; size %(n)d; }
@@ -338,101 +361,147 @@ table inet %(t)s {
 """
 
 CHAINS = ("input", "root4", "knock4", "guard4", "root6", "knock6", "guard6")
-STATIC = TIMED + ("gp0", "gp1", "gp2", "gp3", "guarded4", "guarded6", "gport")
-MAPS = ("trans", "rtrans", "gp0", "gp1", "gp2", "gp3", "gport")
+STATIC = TIMED + ("gp0", "gp1", "gp2", "gp3", "guarded4", "guarded6", "gport", "opens")
+MAPS = ("trans", "rtrans", "gp0", "gp1", "gp2", "gp3", "gport", "opens")
+
+
+# The base chain: established traffic leaves at once; pure SYNs and new UDP
+# datagrams are knocks; new connections to a guarded port meet the guard.
+INPUT_RULES = [
+    "ct state established,related accept",
+    "meta nfproto ipv4 tcp flags & (fin|syn|rst|ack) == syn jump knock4",
+    "meta nfproto ipv4 meta l4proto udp ct state new jump knock4",
+    "meta nfproto ipv6 tcp flags & (fin|syn|rst|ack) == syn jump knock6",
+    "meta nfproto ipv6 meta l4proto udp ct state new jump knock6",
+    "meta nfproto ipv4 tcp dport @guarded4 jump guard4",
+    "meta nfproto ipv6 tcp dport @guarded6 jump guard6",
+]
+
+# Per family: the chains' suffix, the source address, the door families served.
+CHAIN_FAMILIES = (("4", "ip saddr", ("ip", "inet")), ("6", "ip6 saddr", ("ip6", "inet")))
 
 
 def _rules(ruleset):
     """The rules, chain by chain: their number depends on the cohorts and
     classes, not on the doors."""
-    out = {"input": [
-        "ct state established,related accept",
-        "meta nfproto ipv4 tcp flags & (fin|syn|rst|ack) == syn jump knock4",
-        "meta nfproto ipv4 meta l4proto udp ct state new jump knock4",
-        "meta nfproto ipv6 tcp flags & (fin|syn|rst|ack) == syn jump knock6",
-        "meta nfproto ipv6 meta l4proto udp ct state new jump knock6",
-        "meta nfproto ipv4 tcp dport @guarded4 jump guard4",
-        "meta nfproto ipv6 tcp dport @guarded6 jump guard6",
-    ]}
-    for v, saddr, fam in (("4", "ip saddr", ("ip", "inet")), ("6", "ip6 saddr", ("ip6", "inet"))):
-        classes = sorted(ruleset.classes.items())
-        prev = ("delete @prev%s { %s : 0 } add @prev%s { %s timeout %ds : meta mark }"
-                % (v, saddr, v, saddr, SCRATCH_TIMEOUT))
-        # The roots of the cohorts valid now, tried in turn while the packet
-        # has not moved (its mark is still a root: SHARED with class 0).
-        out["root" + v] = [
-            "meta time >= %d meta time < %d meta mark & 0x%08x == 0x%08x meta mark set 0x%08x "
+    out = {"input": list(INPUT_RULES)}
+    for v, saddr, served in CHAIN_FAMILIES:
+        out["root" + v] = _root_rules(ruleset.cohorts, v, saddr)
+        out["knock" + v] = (_step_rules(v, saddr)
+                            + _class_rules(sorted(ruleset.classes.items()), v, saddr, served)
+                            + ["meta mark set %s map @save%s" % (saddr, v),
+                               "delete @save%s { %s : 0 }" % (v, saddr)])
+        out["guard" + v] = _guard_rules(v, saddr)
+    return out
+
+
+def _keep_prev(v, saddr):
+    """The statements that remember the node a packet leaves (for the burn
+    of a single-use final edge, which is keyed on it)."""
+    return ("delete @prev%s { %s : 0 } add @prev%s { %s timeout %ds : meta mark }"
+            % (v, saddr, v, saddr, SCRATCH_TIMEOUT))
+
+
+def _save_mark(v, saddr):
+    """The packet's own mark, saved: the mark is our scratch register."""
+    return ["delete @save%s { %s : 0 }" % (v, saddr),
+            "add @save%s { %s timeout %ds : meta mark }" % (v, saddr, SCRATCH_TIMEOUT)]
+
+
+def _root_rules(cohorts, v, saddr):
+    """The roots of the cohorts valid now, tried in turn while the packet
+    has not moved (its mark is still a root: SHARED with class 0)."""
+    return ["meta time >= %d meta time < %d meta mark & 0x%08x == 0x%08x meta mark set 0x%08x "
             "meta mark . meta l4proto . th dport != @spent %s "
             "meta mark set meta mark . meta l4proto . th dport map @rtrans"
-            % (valid_from, valid_until, KIND_MASK, SHARED, root, prev)
-            for valid_from, valid_until, root in ruleset.cohorts]
-        knock = [
-            # The fast way out: no progress, and no door starts with this port.
-            "%s != @st%s meta l4proto . th dport != @firsts return" % (saddr, v),
-            # Save the packet's own mark: it is our scratch register.
-            "delete @save%s { %s : 0 }" % (v, saddr),
-            "add @save%s { %s timeout %ds : meta mark }" % (v, saddr, SCRATCH_TIMEOUT),
-            "meta mark set 0x%08x" % SHARED,
-            "meta mark set %s map @st%s" % (saddr, v),
-            # Progress older than seq_timeout, counted from the first knock as
-            # knockd counts it, is void.
-            "meta mark & 0x%08x != 0x%08x %s != @started%s meta mark set 0x%08x"
-            % (KIND_MASK, SHARED, saddr, v, SHARED),
-            # A burned final edge (single use) counts as missing, even if a
-            # top-up racing with the burn loaded it again.
-            "meta mark . meta l4proto . th dport @spent meta mark set 0x%08x" % SHARED,
-            prev,
-            "meta mark & 0x%08x != 0x%08x meta mark set meta mark . meta l4proto . th dport "
-            "map @trans" % (KIND_MASK, SHARED),
-            # No edge (the catch-all gives 0): the same packet from the roots.
-            "meta mark 0 meta mark set 0x%08x" % SHARED,
-            "meta mark & 0x%08x == 0x%08x jump root%s" % (KIND_MASK, SHARED, v),
-            "meta mark & 0x%08x == 0x%08x meta mark set 0" % (KIND_MASK, SHARED),
-            # A first node starts the clock.
-            "meta mark != 0 meta mark & 0x%08x == 0 delete @started%s { %s }"
-            % (ACCEPT | DEPTH_MASK, v, saddr),
-        ]
-        for cls, key in classes:
-            knock.append("meta mark & 0x%08x == 0x%08x add @started%s { %s timeout %ds }"
-                         % (CLASS_MASK | ACCEPT | DEPTH_MASK, cls << CLASS_SHIFT, v, saddr,
-                            key[1]))
-        knock.append("delete @st%s { %s : 0 }" % (v, saddr))
-        for cls, key in classes:
-            knock.append("meta mark & 0x%08x == 0x%08x add @st%s { %s timeout %ds : meta mark }"
-                         % (CLASS_MASK, cls << CLASS_SHIFT, v, saddr, key[1]))
-        for cls, key in classes:
-            family, _, open_seconds, nports, single, ttl = key
-            if family not in fam:
-                continue
-            for i in range(nports):
-                # The accepting node holds the port group; gp<i> its ports.
-                knock.append("meta mark & 0x%08x == 0x%08x meta mark set meta mark & 0x%08x "
-                             "meta mark set meta mark map @gp%d "
-                             "add @allow%s { %s . meta mark timeout %ds }"
-                             % (CLASS_MASK | ACCEPT, cls << CLASS_SHIFT | ACCEPT, GROUP_MASK,
-                                i, v, saddr, open_seconds))
-                knock.append("meta mark set %s map @st%s" % (saddr, v))
-        for cls, key in classes:
-            if key[4] and key[0] in fam:
-                # Single use: the final edge goes, in the packet path, and is recorded.
-                knock.append("meta mark & 0x%08x == 0x%08x meta mark set %s map @prev%s "
-                             "add @spent { meta mark . meta l4proto . th dport timeout %ds } "
-                             "delete @trans { meta mark . meta l4proto . th dport : 0 } "
-                             "delete @rtrans { meta mark . meta l4proto . th dport : 0 }"
-                             % (CLASS_MASK | ACCEPT, cls << CLASS_SHIFT | ACCEPT, saddr, v,
-                                key[5]))
-        knock += ["meta mark set %s map @save%s" % (saddr, v),
-                  "delete @save%s { %s : 0 }" % (v, saddr)]
-        out["knock" + v] = knock
-        out["guard" + v] = [
-            "delete @save%s { %s : 0 }" % (v, saddr),
-            "add @save%s { %s timeout %ds : meta mark }" % (v, saddr, SCRATCH_TIMEOUT),
-            "meta mark set tcp dport map @gport",
-            "%s . meta mark @allow%s meta mark set %s map @save%s delete @save%s { %s : 0 } accept"
-            % (saddr, v, saddr, v, v, saddr),
-            "drop",
-        ]
-    return out
+            % (valid_from, valid_until, KIND_MASK, SHARED, root, _keep_prev(v, saddr))
+            for valid_from, valid_until, root in cohorts]
+
+
+def _step_rules(v, saddr):
+    """A knock moves its source one edge on, whatever the door: the same
+    rules for every class."""
+    return [
+        # The fast way out: no progress, and no door starts with this port.
+        "%s != @st%s meta l4proto . th dport != @firsts return" % (saddr, v),
+    ] + _save_mark(v, saddr) + [
+        "meta mark set 0x%08x" % SHARED,
+        "meta mark set %s map @st%s" % (saddr, v),
+        # Progress older than seq_timeout, counted from the first knock as
+        # knockd counts it, is void.
+        "meta mark & 0x%08x != 0x%08x %s != @started%s meta mark set 0x%08x"
+        % (KIND_MASK, SHARED, saddr, v, SHARED),
+        # A burned final edge (single use) counts as missing, even if a
+        # top-up racing with the burn loaded it again.
+        "meta mark . meta l4proto . th dport @spent meta mark set 0x%08x" % SHARED,
+        _keep_prev(v, saddr),
+        "meta mark & 0x%08x != 0x%08x meta mark set meta mark . meta l4proto . th dport "
+        "map @trans" % (KIND_MASK, SHARED),
+        # No edge (the catch-all gives 0): the same packet from the roots.
+        "meta mark 0 meta mark set 0x%08x" % SHARED,
+        "meta mark & 0x%08x == 0x%08x jump root%s" % (KIND_MASK, SHARED, v),
+        "meta mark & 0x%08x == 0x%08x meta mark set 0" % (KIND_MASK, SHARED),
+        # A first node starts the clock.
+        "meta mark != 0 meta mark & 0x%08x == 0 delete @started%s { %s }"
+        % (ACCEPT | DEPTH_MASK, v, saddr),
+    ]
+
+
+def _class_rules(classes, v, saddr, served):
+    """What depends on the door settings (a dynset's timeout comes from its
+    rule, not from data): one rule a class for the clock and the progress,
+    and for the classes this family serves, the opening and the burn."""
+    rules = []
+    for cls, key in classes:
+        rules.append("meta mark & 0x%08x == 0x%08x add @started%s { %s timeout %ds }"
+                     % (CLASS_MASK | ACCEPT | DEPTH_MASK, cls << CLASS_SHIFT, v, saddr, key[1]))
+    rules.append("delete @st%s { %s : 0 }" % (v, saddr))
+    for cls, key in classes:
+        rules.append("meta mark & 0x%08x == 0x%08x add @st%s { %s timeout %ds : meta mark }"
+                     % (CLASS_MASK, cls << CLASS_SHIFT, v, saddr, key[1]))
+    for cls, key in classes:
+        if key[0] in served:
+            rules += _accept_rules(cls, key, v, saddr)
+    for cls, key in classes:
+        if key[4] and key[0] in served:
+            # Single use: the final edge goes, in the packet path, and is recorded.
+            rules.append("meta mark & 0x%08x == 0x%08x meta mark set %s map @prev%s "
+                         "add @spent { meta mark . meta l4proto . th dport timeout %ds } "
+                         "delete @trans { meta mark . meta l4proto . th dport : 0 } "
+                         "delete @rtrans { meta mark . meta l4proto . th dport : 0 }"
+                         % (CLASS_MASK | ACCEPT, cls << CLASS_SHIFT | ACCEPT, saddr, v, key[5]))
+    return rules
+
+
+def _accept_rules(cls, key, v, saddr):
+    """An accepting node of class CLS opens each of its door's ports for the
+    source (the node holds the door number; gp<i> its i-th port), and each
+    rule puts the node back in the mark for the next one.  The first port's
+    rule also counts the opening in the door's counter, once the source is
+    in allow (a full set breaks the rule before it counts): one lookup in
+    `opens` whatever the number of doors."""
+    rules = []
+    for i in range(key[3]):
+        count = (" meta mark set %s map @st%s meta mark set meta mark & 0x%08x "
+                 "counter name meta mark map @opens" % (saddr, v, DOOR_MASK)) if i == 0 else ""
+        rules.append("meta mark & 0x%08x == 0x%08x meta mark set meta mark & 0x%08x "
+                     "meta mark set meta mark map @gp%d "
+                     "add @allow%s { %s . meta mark timeout %ds }%s"
+                     % (CLASS_MASK | ACCEPT, cls << CLASS_SHIFT | ACCEPT, DOOR_MASK,
+                        i, v, saddr, key[2], count))
+        rules.append("meta mark set %s map @st%s" % (saddr, v))
+    return rules
+
+
+def _guard_rules(v, saddr):
+    """A new connection to a guarded port passes only from a source the
+    port is open for (with the packet's own mark back); the rest is dropped."""
+    return _save_mark(v, saddr) + [
+        "meta mark set tcp dport map @gport",
+        "%s . meta mark @allow%s meta mark set %s map @save%s delete @save%s { %s : 0 } accept"
+        % (saddr, v, saddr, v, v, saddr),
+        "drop",
+    ]
 
 
 def _element(name, key, value, timeout):
@@ -441,6 +510,8 @@ def _element(name, key, value, timeout):
         return "0x%08x . %s . %d%s : 0x%08x" % (key[0], key[1], key[2], t, value)
     if name in ("guarded4", "guarded6"):
         return "%d" % key
+    if name == "opens":
+        return '%d : "%s"' % (key, value)
     if name == "firsts":
         return "%s . %d%s" % (key[0], key[1], t)
     return "%d : %d" % (key, value)        # gport: port -> port; gp<i>: group -> port
@@ -464,14 +535,22 @@ def render(plan, now, loaded=None):
     """The `nft -f` text that makes the table hold PLAN from NOW on.
 
     LOADED None: a full load (creates the table, or replaces every static
-    map of an existing one; packet-path state, open doors and spent uses
-    stay).  LOADED the Ruleset returned with the text applied last: a top-up
-    that only adds what is new and deletes what the plan dropped before its
-    time; elements of the past expire in the kernel by themselves.  Either
-    way the rules are rewritten, in one atomic transaction.  Returns (text,
-    ruleset): keep the ruleset for the next top-up."""
+    map of an existing one; packet-path state, open doors, spent uses and
+    the doors' counters stay).  LOADED the Ruleset returned with the text
+    applied last: a top-up that only adds what is new and deletes what the
+    plan dropped before its time; elements of the past expire in the kernel
+    by themselves.  Either way the rules are rewritten, in one atomic
+    transaction.  Returns (text, ruleset): keep the ruleset for the next
+    top-up."""
     ruleset = build(plan, now)
     lines = [DECLARATIONS % {"t": TABLE, "n": DYNAMIC_SIZE}]
+    # `add counter` of an existing counter keeps its value (a full load
+    # keeps the doors' counts); the counters must exist before `opens`
+    # names them.
+    doors = ruleset.elements["opens"]
+    known = {} if loaded is None else loaded.elements.get("opens", {})
+    lines.extend("add counter inet %s %s" % (TABLE, name)
+                 for number, (name, _) in sorted(doors.items()) if number not in known)
     if loaded is None:
         for name in STATIC:
             lines.append("flush %s inet %s %s" % ("map" if name in MAPS else "set", TABLE, name))
@@ -492,34 +571,45 @@ def render(plan, now, loaded=None):
             state[name] = dict(ruleset.elements[name])
     else:
         for name in STATIC:
-            new, old = ruleset.elements[name], loaded.elements.get(name, {})
-            kept = dict(new)
-            gone, added = [], []
-            for key, (value, expires) in old.items():
-                if key in new and new[key][0] == value:
-                    if expires is not None and new[key][1] > expires:
-                        gone.append((key, (value, expires)))        # to live longer
-                        added.append((key, new[key]))
-                    else:
-                        kept[key] = (value, expires)
-                elif expires is None or expires > now + DELETE_MARGIN:
-                    gone.append((key, (value, expires)))
-                    if key in new:
-                        added.append((key, new[key]))
-            added += [(key, item) for key, item in new.items() if key not in old]
-            if gone:
-                # `delete` of an absent element would fail the transaction:
-                # `add` first what the packet path may have deleted (a burned
-                # edge) or what may just have expired.
-                lines.extend(_element_lines("add", name, [
-                    (k, (v, e)) for k, (v, e) in gone
-                    if name in ("trans", "rtrans") or (e is not None and e <= now + DELETE_MARGIN)
-                ], now))
-                lines.extend(_element_lines("delete", name, [(k, (v, None)) for k, (v, e)
-                                                             in gone], now))
-            lines.extend(_element_lines("add", name, added, now))
-            state[name] = kept
+            changes, state[name] = _topup_lines(name, ruleset.elements[name],
+                                                loaded.elements.get(name, {}), now)
+            lines.extend(changes)
+        # A door gone from the plan: its counter goes, after its `opens` element.
+        lines.extend("delete counter inet %s %s" % (TABLE, name)
+                     for number, (name, _) in sorted(known.items()) if number not in doors)
     return "\n".join(lines) + "\n", ruleset._replace(elements=state, rules=rules)
+
+
+def _topup_lines(name, new, old, now):
+    """The lines that turn set or map NAME from OLD (as loaded) into NEW
+    ({key: (value, expires)} both), and what the kernel then holds."""
+    kept = dict(new)
+    gone, added = [], []
+    for key, (value, expires) in old.items():
+        if key in new and new[key][0] == value:
+            if expires is not None and new[key][1] > expires:
+                gone.append((key, (value, expires)))        # to live longer
+                added.append((key, new[key]))
+            else:
+                kept[key] = (value, expires)
+        elif expires is None or expires > now + DELETE_MARGIN:
+            gone.append((key, (value, expires)))
+            if key in new:
+                added.append((key, new[key]))
+    added += [(key, item) for key, item in new.items() if key not in old]
+    lines = []
+    if gone:
+        # `delete` of an absent element would fail the transaction:
+        # `add` first what the packet path may have deleted (a burned
+        # edge) or what may just have expired.
+        lines.extend(_element_lines("add", name, [
+            (k, (v, e)) for k, (v, e) in gone
+            if name in ("trans", "rtrans") or (e is not None and e <= now + DELETE_MARGIN)
+        ], now))
+        lines.extend(_element_lines("delete", name, [(k, (v, None)) for k, (v, e)
+                                                     in gone], now))
+    lines.extend(_element_lines("add", name, added, now))
+    return lines, kept
 
 
 def remove_text():
