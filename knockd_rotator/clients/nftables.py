@@ -6,7 +6,7 @@ command for the admin to paste.
 
 import os
 
-from knockd_rotator.clients.manage import (
+from knockd_rotator.clients.enrol import (
     check_enrolment, door_row, new_secrets, print_enrolment, print_table)
 from knockd_rotator.core.errors import EXIT_OK, EXIT_USAGE
 from knockd_rotator.core.files import (
