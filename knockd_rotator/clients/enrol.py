@@ -15,6 +15,9 @@ from knockd_rotator.core.settings import rotation_settings, TOTP_NEW_KEY_BYTES
 
 
 NAME_MAX = 32            # characters of a client or service name
+# The lock of add-client and remove-client (in STATE_DIR): two enrolments
+# never pick the same place or rewrite the environment file at once.
+CLIENTS_LOCK = "clients-lock"
 
 
 def check_name(kind, text):

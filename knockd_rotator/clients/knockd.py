@@ -7,7 +7,7 @@ import os
 import time
 
 from knockd_rotator.clients.enrol import (
-    check_enrolment, door_row, new_secrets, print_enrolment, print_table)
+    check_enrolment, CLIENTS_LOCK, door_row, new_secrets, print_enrolment, print_table)
 from knockd_rotator.clients.firewalls import (
     CLIENT_CMD_TIMEOUT, CLIENT_SEQ_TIMEOUT, firewall_commands)
 from knockd_rotator.core.errors import EXIT_CONFIG, EXIT_ENVIRONMENT, EXIT_OK, EXIT_USAGE
@@ -23,7 +23,7 @@ from knockd_rotator.engines.knockd.config import (
     with_lines_appended)
 from knockd_rotator.engines.knockd.grace import split_grace_block
 from knockd_rotator.engines.knockd.instances import (
-    client_file, CLIENTS_LOCK, knockd_files, place_client, settings_for)
+    client_file, knockd_files, place_client, settings_for)
 from knockd_rotator.engines.knockd.reload import knockd_runs
 from knockd_rotator.rotation import rotate
 from knockd_rotator.scheduling import tell_next_event
