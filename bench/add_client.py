@@ -68,7 +68,7 @@ from knock_latency import INSIDE, SERVER, in_own_namespace, need_root_and
 
 sys.path.insert(0, str(SERVER.parent))
 from knockd_rotator.clients import firewalls  # noqa: E402
-from knockd_rotator.clients import manage  # noqa: E402
+from knockd_rotator.clients import knockd as manage  # noqa: E402
 from knockd_rotator.core import files as core_files  # noqa: E402
 from knockd_rotator.core import generator  # noqa: E402
 from knockd_rotator.core import settings as core_settings  # noqa: E402

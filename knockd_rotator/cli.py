@@ -8,7 +8,8 @@ import time
 from knockd_rotator import scheduling
 from knockd_rotator.clients import nftables as nftables_clients
 from knockd_rotator.clients.firewalls import FIREWALLS
-from knockd_rotator.clients.manage import add_client, check_name, list_clients, remove_client
+from knockd_rotator.clients.enrol import check_name
+from knockd_rotator.clients.knockd import add_client, list_clients, remove_client
 from knockd_rotator.core import commands
 from knockd_rotator.core.errors import EXIT_OK, EXIT_USAGE
 from knockd_rotator.core.generator import (
@@ -17,11 +18,11 @@ from knockd_rotator.core.plan import AT_MAX
 from knockd_rotator.core.settings import DEFAULT_CONFIG, engine_of, server_settings
 from knockd_rotator.core.uses import parse_use
 from knockd_rotator.engines.knockd.burns import reopen_gate
+from knockd_rotator.engines.knockd.report import check, status
 from knockd_rotator.engines.nftables import report as nftables_report
 from knockd_rotator.engines.nftables.doors import DEFAULT_DOORS
 from knockd_rotator.rotation import rotate, rotate_all
 from knockd_rotator.scheduling import derive_keys, tell_next_event
-from knockd_rotator.status import check, status
 from knockd_rotator.watch import watch
 
 
@@ -277,3 +278,7 @@ def main(script=None):
         return exc.code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`status | head`): what is left has nowhere to go.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

@@ -15,7 +15,8 @@ from knockd_rotator.core.files import (
     warn_if_readable_by_others)
 from knockd_rotator.core.generator import ROTATOR_SUFFIX, RotatorError, unread_variables
 from knockd_rotator.core.plan import door_start, grace_until, GRACE_SUFFIX
-from knockd_rotator.core.settings import server_settings, settings_reader, with_env_file
+from knockd_rotator.core.settings import (
+    server_settings, settings_reader, weak_doors, with_env_file)
 from knockd_rotator.core.uses import BURNING, read_uses, with_burn, with_openings_kept, write_uses
 from knockd_rotator.engines import knockd as engine
 # Several knockd: the files one run rotates (see instances.py).
@@ -23,7 +24,7 @@ from knockd_rotator.engines.knockd.instances import knockd_files, settings_for
 from knockd_rotator.engines.knockd.processes import KNOCKD_CONFIGS
 from knockd_rotator.engines.nftables import load as nftables_load
 from knockd_rotator.planned import as_planned, record_planned
-from knockd_rotator.status import record_fingerprints, weak_doors
+from knockd_rotator.engines.knockd.report import record_fingerprints
 
 
 def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None, burn=None,

@@ -9,15 +9,11 @@ import sys
 import time
 
 from knockd_rotator.core import commands
-from knockd_rotator.core.files import log, process_start, read_config, replace_file, take_lock, utc
+from knockd_rotator import engines
+from knockd_rotator.core.files import log, process_start, replace_file, take_lock, utc
 from knockd_rotator.core.generator import RotatorError
 from knockd_rotator.core.plan import next_event
-from knockd_rotator.core.settings import (
-    rotation_settings, server_settings, settings_reader, with_env_file)
-from knockd_rotator.engines.knockd.config import parse_config, rotator_doors
-from knockd_rotator.engines.knockd.grace import split_grace_block
-from knockd_rotator.engines.knockd.instances import knockd_files
-from knockd_rotator.engines.knockd.render import plan_rotation
+from knockd_rotator.core.settings import server_settings, settings_reader, with_env_file
 
 
 # A boundary this much after the next timer run is still taken by a boundary
@@ -114,11 +110,8 @@ def derive_keys(config_path, environ, moment):
     Whatever fails here, the run at MOMENT meets and reports."""
     try:
         settings = server_settings(environ)
-        if settings["ENGINE"] == "nftables":
-            return           # its doors hold their sequences ahead: nothing is due now
         settings_of = settings_reader(with_env_file(environ, settings["ENV_FILE"]))
-        for path in knockd_files(config_path):
-            plan_rotation(path, read_config(path), moment, settings_of)
+        engines.chosen(settings).derive_keys(config_path, settings_of, moment)
     except RotatorError:
         pass
 
@@ -133,15 +126,9 @@ def sleep_until(moment):
 
 
 def door_timings(config_path, environ, settings):
-    """{(period, grace, lead)} of the rotator doors of CONFIG_PATH and its
-    instances' files; empty when unknown."""
+    """{(period, grace, lead)} of the engine's doors; empty when unknown."""
     try:
         environ = with_env_file(environ, settings["ENV_FILE"])
-        timings = set()
-        for path in knockd_files(config_path):
-            lines, _ = split_grace_block(parse_config(read_config(path)))
-            timings |= {(door.period, door.grace, door.lead) for door in
-                        (rotation_settings(environ, name) for name in rotator_doors(lines))}
-        return timings
+        return engines.chosen(settings).timings(config_path, environ)
     except RotatorError:
         return set()

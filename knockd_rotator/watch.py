@@ -5,11 +5,11 @@ import select
 import signal
 import time
 
+from knockd_rotator import engines
 from knockd_rotator.core.errors import EXIT_OK
 from knockd_rotator.core.files import log, utc
 from knockd_rotator.core.generator import RotatorError
 from knockd_rotator.core.settings import server_settings
-from knockd_rotator.engines.knockd.instances import knockd_files
 from knockd_rotator.rotation import rotate_all
 from knockd_rotator.scheduling import end_pending_boundary_run, retry_moment, RETRY_SECONDS
 
@@ -26,9 +26,6 @@ from knockd_rotator.scheduling import end_pending_boundary_run, retry_moment, RE
 
 WATCH_LOOK = 1        # seconds between two looks at the files' modification times
 WATCH_FAILURES = 3
-# Under the nftables engine, seconds between two looks at the table: a run
-# that finds it present, with no new burn, loads nothing (engines/nftables/load.py).
-TABLE_LOOK = 2
 
 
 def stop_signals():
@@ -89,11 +86,10 @@ def watch(config_path, environ, verbose):
     """Rotate at every event until a stop signal.  Returns an exit code."""
     settings = server_settings(environ)    # a bad setting ends the service now, not later
     wakeup, received = stop_signals()
-    nftables = settings["ENGINE"] == "nftables"
+    engine = engines.chosen(settings)
 
     def files():
-        return [settings["ENV_FILE"]] + ([config_path] if nftables
-                                         else knockd_files(config_path))
+        return [settings["ENV_FILE"]] + engine.files(config_path)
     end_pending_boundary_run(settings["STATE_DIR"])
     log("watching %s" % config_path)
     failures = 0
@@ -104,9 +100,8 @@ def watch(config_path, environ, verbose):
         try:
             # With no door, nothing is due: a change of the files wakes us.
             event = rotate_all(config_path, environ, now, verbose=verbose) or now + RETRY_SECONDS
-            if nftables:
-                # The burns the kernel made, and a table someone removed.
-                event = min(event, now + TABLE_LOOK)
+            if engine.LOOK_SECONDS:
+                event = min(event, now + engine.LOOK_SECONDS)
             failures = 0
             notify_systemd(environ, "STATUS=rotated at %s; next event at %s"
                            % (utc(now), utc(event)))

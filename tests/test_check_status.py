@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from knockd_rotator import status as rotator_status
+from knockd_rotator.engines.knockd import report as rotator_status
 from knockd_rotator.core import errors as core_errors
 from knockd_rotator.engines.knockd import config as knockd_config
 from conftest import SECRET, run_server

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from knockd_rotator.clients import firewalls
-from knockd_rotator.clients import manage
+from knockd_rotator.clients import knockd as manage
 from conftest import ROOT, need_root_and, run_server, wait_until
 
 PORT = 2223

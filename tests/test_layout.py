@@ -56,6 +56,28 @@ def test_core_imports_no_engine():
     assert not wrong
 
 
+# The modules that drive one engine: its rotation, its enrolment (with the
+# knockd doors' firewall commands) and the command line that dispatches to
+# it.  Every other module outside an engine reaches it through its package
+# only (engines.chosen(), the seam).
+DRIVERS = {
+    "knockd_rotator.engines.knockd": {"knockd_rotator.cli", "knockd_rotator.rotation",
+                                      "knockd_rotator.clients.knockd",
+                                      "knockd_rotator.clients.firewalls"},
+    "knockd_rotator.engines.nftables": {"knockd_rotator.cli", "knockd_rotator.rotation",
+                                        "knockd_rotator.clients.nftables"},
+}
+
+
+def test_only_its_drivers_reach_into_an_engine():
+    wrong = {(name, imported) for name, path in modules().items()
+             for imported in imports(name, path)
+             for engine, drivers in DRIVERS.items()
+             if imported.startswith(engine + ".") and not name.startswith(engine)
+             and name not in drivers}
+    assert not wrong
+
+
 def test_no_import_cycles():
     graph = {name: imports(name, path) for name, path in modules().items()}
     done, path = set(), []

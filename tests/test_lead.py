@@ -12,7 +12,7 @@ the 500 doors."""
 import pytest
 
 from knockd_rotator import rotation as rotator_rotation
-from knockd_rotator import status as rotator_status
+from knockd_rotator.engines.knockd import report as rotator_status
 from knockd_rotator.core import files as core_files
 from knockd_rotator.core import generator
 from knockd_rotator.core import settings as core_settings

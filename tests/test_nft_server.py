@@ -92,6 +92,13 @@ class Door:
         state, code = out.stdout.split()[-2:]
         return state, int(code)
 
+    def knock_with_input(self, service, env, *options, text):
+        """open or shut, after a knock that reads TEXT (a PIN, a code) from stdin."""
+        source = next(SOURCES)
+        out = self.ns.run(sys.executable, "-c", KNOCK_FROM, source, CLIENT, "knock",
+                          "127.0.0.1", service, *options, env=env, check=False, input=text)
+        return out.stdout.split()[-2]
+
     def knock_nothing(self):
         out = self.ns.run(sys.executable, "-c", "import socket,sys\ns=socket.socket()\n"
                           "s.bind((sys.argv[1], 0))\ns.settimeout(0.3)\n"
@@ -314,3 +321,62 @@ def test_an_unknown_engine_is_refused(tmp_path):
         assert out.returncode == 3, out.stderr
         assert out.stderr == ("error: KNOCKD_ROTATOR_ENGINE=iptables is no engine (use knockd "
                               "(the default) or nftables)\n")
+
+
+def independent_totp(secret, moment):
+    """RFC 6238 written here, apart from the server's code."""
+    import base64
+    import hashlib
+    import hmac
+    import struct
+    digest = hmac.new(base64.b32decode(secret), struct.pack(">Q", int(moment) // 30),
+                      hashlib.sha1).digest()
+    offset = digest[-1] & 15
+    return "%06d" % ((struct.unpack(">L", digest[offset:offset + 4])[0] & 0x7FFFFFFF) % 1000000)
+
+
+def enrolled(d, name, *options, pin=None):
+    """add-client NAME: the client's environment, from what it printed."""
+    out = d.server("add-client", name, "--port", str(GUARDED), "--no-single-use", *options,
+                   stdin=pin and (pin + "\n").encode())
+    assert out.returncode == 0, out.stderr
+    return d.client_env("\n".join(re.findall(r"^KNOCKD_ROTATOR_\w+=\S+$", out.stdout, re.M)))
+
+
+def test_pin_and_totp_doors(door):
+    d = door()
+    dave = enrolled(d, "dave", "--pin", pin="2580-river-9")
+    carol = enrolled(d, "carol", "--totp", "--pin", pin="1357-ocean-2")
+    assert "KNOCKD_ROTATOR_SECRET_CAROL_SSH" not in carol, "the phone holds no secret"
+    assert d.knock("dave_ssh", env=dave) == ("shut", 1), "no PIN: the client's check fails"
+    assert d.knock_with_input("dave_ssh", dave, "--pin", text="2580-river-9\n") == "open"
+    # A code 3 s or more before its period ends, so that the knock comes in the same period.
+    wait_until(lambda: time.time() % 30 < 27, 5, "a code with time left")
+    secret = dict(line.split("=", 1) for line in d.env_file.read_text().splitlines())[
+        "KNOCKD_ROTATOR_SECRET_CAROL_SSH"]
+    code = independent_totp(secret, time.time())
+    wrong = "%06d" % ((int(code) + 1) % 1000000)
+    assert d.knock_with_input("carol_ssh", carol, "--pin", "--code", wrong,
+                              text="1357-ocean-2\n") == "shut"
+    assert d.knock_with_input("carol_ssh", carol, "--pin", "--code", code,
+                              text="1357-ocean-2\n") == "open"
+
+
+def test_an_ipv6_knock_opens_for_its_address_only(door):
+    d = door()
+    assert d.server().returncode == 0
+    listener = d.ns.popen(sys.executable, "-c", "import socket\ns = socket.socket(socket.AF_INET6)\n"
+                          "s.bind(('::1', %d))\ns.listen(16)\n"
+                          "while True: s.accept()[0].close()\n" % GUARDED)
+    try:
+        wait_until(lambda: d.ns.run("ss", "-ltn").stdout.count(":%d " % GUARDED) >= 2, 10,
+                   "the IPv6 listener")
+        assert not d.ns.tcp_open(GUARDED, host="::1")
+        out = d.ns.run(sys.executable, str(CLIENT), "knock", "::1", "ssh", "-6", "--check",
+                       str(GUARDED), env=d.client_env(), check=False)
+        assert out.returncode == 0, out.stderr
+        assert d.ns.tcp_open(GUARDED, host="::1")
+        assert d.knock_nothing() == "shut", "an IPv6 knock opened IPv4"
+    finally:
+        listener.kill()
+        listener.wait()

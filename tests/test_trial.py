@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from knockd_rotator import rotation as rotator_rotation
-from knockd_rotator import status
+from knockd_rotator.engines.knockd import report as status
 from knockd_rotator.core import errors
 from knockd_rotator.core import files
 from knockd_rotator.core import generator

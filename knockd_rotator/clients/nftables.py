@@ -6,8 +6,8 @@ command for the admin to paste.
 
 import os
 
-from knockd_rotator.clients.manage import (
-    check_enrolment, door_row, new_secrets, print_enrolment, print_table)
+from knockd_rotator.clients.enrol import (
+    check_enrolment, CLIENTS_LOCK, door_row, new_secrets, print_enrolment, print_table)
 from knockd_rotator.core.errors import EXIT_OK, EXIT_USAGE
 from knockd_rotator.core.files import (
     private_fix, read_config, readable_by_others, replace_file, take_lock)
@@ -19,7 +19,6 @@ from knockd_rotator.engines.nftables import load
 from knockd_rotator.engines.nftables.doors import (
     door_line, parse_doors, with_line, without_line)
 
-from knockd_rotator.engines.knockd.instances import CLIENTS_LOCK
 
 
 def read_doors_file(path):

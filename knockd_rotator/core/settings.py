@@ -7,8 +7,9 @@ import hmac
 
 from knockd_rotator.core.errors import EXIT_ENVIRONMENT
 from knockd_rotator.core.generator import (
-    door_key, format_sequence, MAX_PERIOD, own_variable, read_settings, RotatorError,
-    secret_bytes, TOTP_DIGITS, TOTP_PERIOD, use_key, whole_number)
+    door_key, format_sequence, MAX_PERIOD, MIN_LENGTH, MIN_SECRET_BITS, own_variable,
+    read_settings, RotatorError, scan_odds, secret_bits, secret_bytes, TOTP_DIGITS,
+    TOTP_PERIOD, use_key, whole_number)
 
 
 DEFAULT_CONFIG = "/etc/knockd.conf"
@@ -254,3 +255,30 @@ def with_env_file(environ, path):
     except RotatorError:
         return environ       # not root: only the environment the run was given
     return dict(environ, **env_values(data))
+
+
+def weak_doors(settings):
+    """(what, fix) for each legacy door below the floors that
+    knockd-rotator/1 enforces (MIN_SECRET_BITS, MIN_LENGTH); SETTINGS maps
+    doors to their settings."""
+    found = []
+    for door, door_settings in sorted(settings.items()):
+        if door_settings.algorithm == "knockd-rotator/1":
+            continue
+        weak = []
+        if secret_bits(door_settings.secret or "") < MIN_SECRET_BITS:
+            weak.append("a secret of less than %d bits, which a dictionary run against one "
+                        "sniffed knock may find" % MIN_SECRET_BITS)
+        if door_settings.length < MIN_LENGTH:
+            weak.append("%d ports, which a port scan run twice opens in 1 period out of %d"
+                        % (door_settings.length, scan_odds(door_settings.length)))
+        if weak:
+            found.append(("%s door [%s] has %s" % (door_settings.algorithm, door,
+                                                    " and ".join(weak)),
+                          "move its clients to knockd-rotator/1 with a new secret "
+                          "(docs/MIGRATION.md)"))
+    return found
+
+
+# `status`'s states and their exit codes (the monitoring plugins' convention).
+STATUS_CODES = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}

@@ -4,18 +4,21 @@ These functions are the seam through which the rotation (rotation.py) has
 the core's plan of the doors (core/plan.py) enforced, and learns that it
 took.  Before a run reads its file: prepare, resume.  The plan: plan, keep,
 diff.  Applying it, with the evidence that it took: loaded, heal, confirm,
-fallback, apply, settle.  What `status` reports of it: status.
+fallback, apply, settle.  What `status` reports of it: status.  For the
+watch and the timer, as every engine has them: LOOK_SECONDS, files,
+timings, derive_keys.
 """
 
 import os
 
-from knockd_rotator.core.files import log, replace_file
+from knockd_rotator.core.files import log, read_config, replace_file
 from knockd_rotator.core.generator import RotatorError
-from knockd_rotator.core.settings import settings_reader, with_env_file
+from knockd_rotator.core.settings import rotation_settings, settings_reader, with_env_file
 from knockd_rotator.core.uses import BURNING
 from knockd_rotator.engines.knockd.config import (
-    door_sequences, finding, parse_config, refuse_errors, unified_diff)
-from knockd_rotator.engines.knockd.instances import crowded_knockd, door_load
+    door_sequences, finding, parse_config, refuse_errors, rotator_doors, unified_diff)
+from knockd_rotator.engines.knockd.grace import split_grace_block
+from knockd_rotator.engines.knockd.instances import crowded_knockd, door_load, knockd_files
 from knockd_rotator.engines.knockd.one_time import (
     file_errors, keep_one_time_sequences, one_time_supplies)
 from knockd_rotator.engines.knockd.processes import knockd_listening
@@ -137,6 +140,34 @@ def settle(config_path, settings, applied):
     # After a reload, not a start: knockd's first reload keeps the heap
     # of its filter (4.5 to 27.5 MB at 100 doors), which is no leak.
     return was_running and not warning and restart_when_grown(config_path, settings)
+
+# knockd's doors change only at events: the watch has nothing to look at
+# in between (the nftables engine looks at its table).
+LOOK_SECONDS = None
+
+
+def files(config_path):
+    """The files a run reads besides the environment file: knockd.conf and
+    every instance's (the watch follows them)."""
+    return knockd_files(config_path)
+
+
+def timings(config_path, environ):
+    """{(period, grace, lead)} of the rotator doors of CONFIG_PATH and its
+    instances' files."""
+    found = set()
+    for path in knockd_files(config_path):
+        lines, _ = split_grace_block(parse_config(read_config(path)))
+        found |= {(door.period, door.grace, door.lead) for door in
+                  (rotation_settings(environ, name) for name in rotator_doors(lines))}
+    return found
+
+
+def derive_keys(config_path, settings_of, moment):
+    """Plan every file's rotation at MOMENT, for the keys it derives (see
+    scheduling.derive_keys)."""
+    for path in knockd_files(config_path):
+        plan_rotation(path, read_config(path), moment, settings_of)
 
 
 def status(config_path, settings, data):

@@ -55,7 +55,6 @@ def crowded_knockd(lines):
 INSTANCE_FOLDER = "knockd_rotator.d"
 
 INSTANCE_FILE = re.compile(r"[1-9][0-9]{0,5}\.conf")
-CLIENTS_LOCK = "clients-lock"     # add-client and remove-client, across all knockd
 
 
 def instance_folder(config_path):

@@ -183,7 +183,7 @@ def rotate(doors_path, environ, now, dry_run=False, verbose=False):
                     starts={door.name: min((w.start for w in door.windows), default=now)
                             for door in planned})
         if dry_run:
-            print_windows(planned, now)
+            print_windows(planned)
             return plan
         try:
             nft_apply(text)
@@ -208,12 +208,12 @@ def held_until(planned, now):
                default=now)
 
 
-def print_windows(planned, now):
+def print_windows(planned):
     """What a dry run says it would load: each door's windows, no sequence."""
     for door in planned:
-        uses = sorted({w.use for w in door.windows if w.use is not None})
+        single = sum(w.use is not None for w in door.windows)
         sys.stdout.write("%s: guards tcp %s; %d sequences, from %s until %s%s\n" % (
             door.name, ",".join(map(str, door.ports)), len(door.windows),
             utc(min(w.valid_from for w in door.windows)),
             utc(max(w.valid_until for w in door.windows)),
-            "; uses %d to %d of each period" % (uses[0], uses[-1]) if uses else ""))
+            " (single use: several uses of each period)" if single else ""))

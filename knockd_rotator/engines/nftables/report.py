@@ -12,12 +12,12 @@ import sys
 from knockd_rotator.core.errors import EXIT_CONFIG, EXIT_OK
 from knockd_rotator.core.files import log, read_config, utc
 from knockd_rotator.core.generator import RotatorError, unread_variables
-from knockd_rotator.core.settings import server_settings, settings_reader, with_env_file
+from knockd_rotator.core.settings import (
+    server_settings, settings_reader, STATUS_CODES, weak_doors, with_env_file)
 from knockd_rotator.core.uses import read_uses
 from knockd_rotator.engines.nftables import kernel, load, ruleset
 from knockd_rotator.engines.nftables.doors import parse_doors
 
-STATUS_CODES = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}
 # A load this late after its planned top-up: the server has stopped.
 LATE_SECONDS = 120
 
@@ -31,7 +31,6 @@ def check(doors_path, environ, now):
     algorithms = {settings_of(door.name).algorithm for door in doors}
     for warning in unread_variables(environ, algorithms):
         log("warning: " + warning)
-    from knockd_rotator.status import weak_doors
     for what, fix in weak_doors({door.name: settings_of(door.name) for door in doors}):
         log("warning: %s (%s)" % (what, fix))
     record = load.read_record(settings["STATE_DIR"])

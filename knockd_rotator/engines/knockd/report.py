@@ -1,4 +1,5 @@
-"""check (knockd's grammar and its silent traps) and status (for monitoring, Nagios exit codes)."""
+"""The knockd engine's check (knockd's grammar and its silent traps) and status (for
+monitoring, Nagios exit codes)."""
 
 import hashlib
 import os
@@ -8,10 +9,10 @@ from knockd_rotator.core.commands import run_command
 from knockd_rotator.core.errors import EXIT_CONFIG, EXIT_ENVIRONMENT, EXIT_OK, EXIT_RECOVERY
 from knockd_rotator.core.files import keep_state, read_config, readable_by_others, utc
 from knockd_rotator.core.generator import (
-    MAX_PERIOD, MIN_LENGTH, MIN_SECRET_BITS, period_start, ROTATOR_SUFFIX, RotatorError,
-    scan_odds, secret_bits, unread_variables)
+    MAX_PERIOD, period_start, ROTATOR_SUFFIX, RotatorError, unread_variables)
 from knockd_rotator.core.plan import AT_MAX, is_rotator, use_count
-from knockd_rotator.core.settings import server_settings, settings_reader, with_env_file
+from knockd_rotator.core.settings import (
+    server_settings, settings_reader, STATUS_CODES, weak_doors, with_env_file)
 from knockd_rotator.core.uses import BURNING, BURST_BURNS, BURST_SECONDS, door_openings, read_uses
 from knockd_rotator.engines import knockd as engine
 from knockd_rotator.engines.knockd import trial
@@ -24,29 +25,6 @@ from knockd_rotator.engines.knockd.instances import (
 from knockd_rotator.engines.knockd.one_time import file_errors, one_time_supplies
 from knockd_rotator.engines.knockd.processes import knockd_listening
 from knockd_rotator.engines.knockd.render import plan_rotation
-
-
-def weak_doors(settings):
-    """(what, fix) for each legacy door below the floors that
-    knockd-rotator/1 enforces (MIN_SECRET_BITS, MIN_LENGTH); SETTINGS maps
-    doors to their settings."""
-    found = []
-    for door, door_settings in sorted(settings.items()):
-        if door_settings.algorithm == "knockd-rotator/1":
-            continue
-        weak = []
-        if secret_bits(door_settings.secret or "") < MIN_SECRET_BITS:
-            weak.append("a secret of less than %d bits, which a dictionary run against one "
-                        "sniffed knock may find" % MIN_SECRET_BITS)
-        if door_settings.length < MIN_LENGTH:
-            weak.append("%d ports, which a port scan run twice opens in 1 period out of %d"
-                        % (door_settings.length, scan_odds(door_settings.length)))
-        if weak:
-            found.append(("%s door [%s] has %s" % (door_settings.algorithm, door,
-                                                    " and ".join(weak)),
-                          "move its clients to knockd-rotator/1 with a new secret "
-                          "(docs/MIGRATION.md)"))
-    return found
 
 
 def check(config_path, environ):
@@ -158,7 +136,6 @@ def check_file(config_path, environ, settings, whole_run):
 
 
 # Exit codes of `status`: the monitoring (Nagios) convention.
-STATUS_CODES = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}
 # A door may hold the previous sequence this long after its rotation was due
 # (the lead before a boundary) before `status` calls it critical: a rotation
 # of many knockd takes seconds (500 doors in 50 knockd: up to 6.3 s).
