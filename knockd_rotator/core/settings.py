@@ -279,6 +279,3 @@ def weak_doors(settings):
                           "(docs/MIGRATION.md)"))
     return found
 
-
-# `status`'s states and their exit codes (the monitoring plugins' convention).
-STATUS_CODES = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}

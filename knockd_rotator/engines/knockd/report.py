@@ -6,13 +6,14 @@ import os
 import sys
 
 from knockd_rotator.core.commands import run_command
-from knockd_rotator.core.errors import EXIT_CONFIG, EXIT_ENVIRONMENT, EXIT_OK, EXIT_RECOVERY
+from knockd_rotator.core.errors import (
+    EXIT_CONFIG, EXIT_ENVIRONMENT, EXIT_OK, EXIT_RECOVERY, printed_status, STATUS_CODES)
 from knockd_rotator.core.files import keep_state, read_config, readable_by_others, utc
 from knockd_rotator.core.generator import (
     MAX_PERIOD, period_start, ROTATOR_SUFFIX, RotatorError, unread_variables)
 from knockd_rotator.core.plan import AT_MAX, is_rotator, use_count
 from knockd_rotator.core.settings import (
-    server_settings, settings_reader, STATUS_CODES, weak_doors, with_env_file)
+    server_settings, settings_reader, weak_doors, with_env_file)
 from knockd_rotator.core.uses import BURNING, BURST_BURNS, BURST_SECONDS, door_openings, read_uses
 from knockd_rotator.engines import knockd as engine
 from knockd_rotator.engines.knockd import trial
@@ -371,13 +372,9 @@ def status(config_path, environ, now, as_json, show_sequences):
         if not show_sequences:
             for door in (door for each in reports for door in each["doors"]):
                 del door["sequence"]
-    if as_json:
-        import json
-        print(json.dumps({"state": state, "reasons": reasons, "report": report}, indent=2))
-        return STATUS_CODES[state]
-    if report is None:
-        print("KNOCKD_ROTATOR UNKNOWN - %s" % reasons[0])
-        return STATUS_CODES[state]
+    printed = printed_status(state, reasons, report, as_json)
+    if printed is not None:
+        return printed
     next_rotation = min((each["next_rotation_in"] for each in reports
                          if each["next_rotation_in"] is not None), default=None)
     summary = "; ".join(reasons) or "%d doors current" % sum(len(each["doors"])

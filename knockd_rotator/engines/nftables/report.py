@@ -6,14 +6,13 @@ holds a sequence now and how far ahead, and the openings the kernel counted,
 from the table and the last load's record (no secret needed).
 """
 
-import json
 import sys
 
-from knockd_rotator.core.errors import EXIT_CONFIG, EXIT_OK
+from knockd_rotator.core.errors import EXIT_CONFIG, EXIT_OK, printed_status, STATUS_CODES
 from knockd_rotator.core.files import log, read_config, utc
 from knockd_rotator.core.generator import RotatorError, unread_variables
 from knockd_rotator.core.settings import (
-    server_settings, settings_reader, STATUS_CODES, weak_doors, with_env_file)
+    server_settings, settings_reader, weak_doors, with_env_file)
 from knockd_rotator.core.uses import read_uses
 from knockd_rotator.engines.nftables import kernel, load, ruleset
 from knockd_rotator.engines.nftables.doors import parse_doors
@@ -115,12 +114,9 @@ def status(doors_path, environ, now, as_json):
         state, reasons = status_state(report)
     except RotatorError as exc:
         report, state, reasons = None, "UNKNOWN", [str(exc)]
-    if as_json:
-        print(json.dumps({"state": state, "reasons": reasons, "report": report}, indent=2))
-        return STATUS_CODES[state]
-    if report is None:
-        print("KNOCKD_ROTATOR UNKNOWN - %s" % reasons[0])
-        return STATUS_CODES[state]
+    printed = printed_status(state, reasons, report, as_json)
+    if printed is not None:
+        return printed
     print("KNOCKD_ROTATOR %s - %s; table %s %s" % (
         state, "; ".join(reasons) or "%d doors hold their sequences" % len(report["doors"]),
         report["table"], "loaded" if report["table_present"] else "NOT loaded"))
