@@ -380,3 +380,21 @@ def test_an_ipv6_knock_opens_for_its_address_only(door):
     finally:
         listener.kill()
         listener.wait()
+
+
+def test_check_warns_of_a_knockd_beside_the_table(door, tmp_path):
+    d = door()
+    fake = tmp_path / "knockd"
+    fake.write_bytes(open("/bin/sleep", "rb").read())
+    os.chmod(fake, 0o755)
+    knockd = d.ns.popen(fake, "60")
+    try:
+        # `ip netns exec` execs the program: same pid, its name once it runs.
+        comm = "/proc/%d/comm" % knockd.pid
+        wait_until(lambda: open(comm).read().strip() == "knockd", 10, "the knockd")
+        out = d.server("check")
+        assert out.returncode == 0, out.stderr
+        assert "warning: knockd runs, but KNOCKD_ROTATOR_ENGINE=nftables" in out.stderr
+    finally:
+        knockd.kill()
+        knockd.wait()

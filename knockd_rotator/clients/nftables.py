@@ -8,7 +8,7 @@ import os
 
 from knockd_rotator.clients.enrol import (
     check_enrolment, CLIENTS_LOCK, door_row, new_secrets, print_enrolment, print_table)
-from knockd_rotator.core.errors import EXIT_OK, EXIT_USAGE
+from knockd_rotator.core.errors import EXIT_ENVIRONMENT, EXIT_OK, EXIT_USAGE
 from knockd_rotator.core.files import (
     private_fix, read_config, readable_by_others, replace_file, take_lock)
 from knockd_rotator.core.generator import DOOR_SETTINGS, own_variable, ROTATOR_SUFFIX, RotatorError
@@ -20,11 +20,10 @@ from knockd_rotator.engines.nftables.doors import (
     door_line, parse_doors, with_line, without_line)
 
 
-
 def read_doors_file(path):
-    """The doors file's bytes; a missing one is empty (add-client makes it)."""
+    """The doors file's bytes, or None when there is none (add-client makes it)."""
     if not os.path.exists(path):
-        return b""
+        return None
     return read_config(path)
 
 
@@ -56,17 +55,16 @@ def add_client(doors_path, environ, now, args):
     check_enrolment(args, environ)
     settings = server_settings(environ)
     env_path = settings["ENV_FILE"]
-    for path in (env_path, doors_path):
-        if readable_by_others(path):
-            raise RotatorError("%s is readable by others, and would hold a client's door or "
-                               "secret" % path, private_fix(path), EXIT_USAGE)
+    if readable_by_others(env_path):
+        raise RotatorError("%s is readable by others, and would hold a client's secret"
+                           % env_path, private_fix(env_path), EXIT_ENVIRONMENT)
     secret, assignments = new_secrets(args, door)
     if args.single_use:
         assignments.append((own_variable("SINGLE_USE", door), "1"))
     with take_lock(settings["STATE_DIR"], CLIENTS_LOCK):
         data = read_doors_file(doors_path)
         if any(found.client == name or found.name == door
-               for found in parse_doors(data, doors_path)):
+               for found in parse_doors(data or b"", doors_path)):
             raise RotatorError("client %s is enrolled already" % name,
                                "remove-client %s first, or choose another name" % name,
                                EXIT_USAGE)
@@ -77,10 +75,9 @@ def add_client(doors_path, environ, now, args):
                                "delete that line, or choose another name", EXIT_USAGE)
         new_env = with_line(old_env or b"", "".join("%s=%s\n" % pair for pair in assignments))
         # The secret goes first: a door is never without it, even after a crash.
-        swap({env_path: (old_env, new_env),
-                     doors_path: (data or None, with_line(data, door_line(door, args.port,
-                                                                          name)))},
-                 doors_path, environ, now)
+        new_doors = with_line(data or b"", door_line(door, args.port, name))
+        swap({env_path: (old_env, new_env), doors_path: (data, new_doors)},
+             doors_path, environ, now)
     print_enrolment(args, door, doors_path, secret, dict(environ, **dict(assignments)), environ)
     return EXIT_OK
 

@@ -6,6 +6,7 @@ holds a sequence now and how far ahead, and the openings the kernel counted,
 from the table and the last load's record (no secret needed).
 """
 
+import os
 import sys
 
 from knockd_rotator.core.errors import EXIT_CONFIG, EXIT_OK, printed_status, STATUS_CODES
@@ -17,8 +18,19 @@ from knockd_rotator.core.uses import read_uses
 from knockd_rotator.engines.nftables import kernel, load, ruleset
 from knockd_rotator.engines.nftables.doors import parse_doors
 
-# A load this late after its planned top-up: the server has stopped.
-LATE_SECONDS = 120
+
+
+def knockd_running():
+    """Whether a knockd runs: under this engine it opens none of its doors,
+    and its own doors (start_command) open ports beside the table's."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/comm" % pid, "rb") as handle:
+                if handle.read().strip() == b"knockd":
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def check(doors_path, environ, now):
@@ -32,6 +44,10 @@ def check(doors_path, environ, now):
         log("warning: " + warning)
     for what, fix in weak_doors({door.name: settings_of(door.name) for door in doors}):
         log("warning: %s (%s)" % (what, fix))
+    if knockd_running():
+        log("warning: knockd runs, but KNOCKD_ROTATOR_ENGINE=nftables: the table matches the "
+            "knocks, and knockd's own doors open ports beside it (systemctl disable --now "
+            "knockd, once the doors file holds every door)")
     record = load.read_record(settings["STATE_DIR"])
     numbers = load.door_numbers(record.get("numbers"), [door.name for door in doors])
     planned = load.kernel_doors(doors, settings_of, read_uses(settings["STATE_DIR"]), numbers,
