@@ -37,13 +37,14 @@ Parts (--only takes a comma-separated list of them):
   flood       FLOOD_RATE SYNs a second to ports of no door for FLOOD_SECONDS:
               the sender's system CPU (on loopback the receive path runs in
               its context) with no firewall, with the nftables table at 10
-              and 10,000 doors, and with knockd (10 doors in one knockd, and
-              100 doors in 10 knockd as the server lays them out; plus the
-              knockd processes' own CPU).
+              and 10,000 doors, and with knockd (--knockd-flood: 10 doors in
+              one knockd; 100 and 1,000 doors in 10 and 100 knockd, as the
+              server lays them out; plus the knockd processes' own CPU).
 
     nice python3 bench/engines.py [--rounds 15] [--rotations 6] [--knockers 10]
         [--ahead 3] [--probe-doors 500,10000] [--replays 3] [--flood-seconds 5]
-        [--flood-rate 10000] [--only latency,concurrent,probe,replay,flood]
+        [--flood-rate 10000] [--flood-repeats 3] [--knockd-flood 10/1,100/10,1000/100]
+        [--only latency,concurrent,probe,replay,flood]
 """
 
 import argparse
@@ -81,7 +82,6 @@ SEQ_TIMEOUT = 5
 OPEN_SECONDS = 30
 PROBE_EVERY = 0.010
 CROSS_BEFORE, CROSS_AFTER = 0.4, 0.2
-KNOCKD_FLOOD_LAYOUTS = ((10, 1), (100, 10))     # (doors, knockd)
 
 
 # ---------------------------------------------------------------- the engines' doors
@@ -427,6 +427,9 @@ def part_concurrent(folder, args, which):
             "after": tally([entry for entries in after for entry in entries]),
             "after_short": tally([entry for entries in after[:half] for entry in entries]),
             "after_long": tally([entry for entries in after[half:] for entry in entries]),
+            "retried": [(started % period, knockers_bench.RETRY.findall(errors))
+                        for entries in outcomes for started, _, errors, _ in entries
+                        if knockers_bench.RETRY.search(errors)],
             "strays": sum(n for (port, address), n in accepted.items()
                           if address != knockers_bench.source(port - knockers_bench.PORT)),
             "topups": getattr(server, "topups", [])}
@@ -604,7 +607,7 @@ def part_flood(folder, args):
         for doors in tables] + [
         ("knockd, %d doors in %d knockd" % layout,
          lambda layout=layout, run=[0]: knockds(*layout, run.append(0) or len(run)))
-        for layout in KNOCKD_FLOOD_LAYOUTS]
+        for layout in args.knockd_flood]
     runs = collections.defaultdict(list)
     for _ in range(args.flood_repeats):
         for what, run in settings:
@@ -694,6 +697,11 @@ def report_concurrent(results, args):
                   % (args.ahead, half, args.knockers - 1, share(result["after_long"]),
                      share(result["after_long"][1:])))
     for result in results:
+        kinds = collections.Counter(kind[5:] for _, found in result["retried"] for kind in found)
+        print("\n%s: %d knocks retried, started at %s s into the period; retries by kind: %s"
+              % (result["engine"], len(result["retried"]),
+                 ", ".join("%.2f" % second for second, _ in sorted(result["retried"])) or "-",
+                 ", ".join("%s %d" % item for item in sorted(kinds.items())) or "-"))
         if result["strays"]:
             print("\nWARNING (%s): %d connections from an address not the knocker's"
                   % (result["engine"], result["strays"]))
@@ -776,6 +784,11 @@ def main():
     parser.add_argument("--flood-seconds", type=float, default=5)
     parser.add_argument("--flood-rate", type=float, default=10000)
     parser.add_argument("--flood-repeats", type=int, default=3)
+    parser.add_argument("--knockd-flood", default="10/1,100/10,1000/100",
+                        metavar="DOORS/KNOCKD,...",
+                        type=lambda text: [tuple(int(n) for n in item.split("/"))
+                                           for item in text.split(",")],
+                        help="the knockd layouts of the flood part (default %(default)s)")
     parser.add_argument("--only", default=",".join(PARTS),
                         type=lambda text: text.split(","))
     parser.add_argument("--install-fwknop", action="store_true",
