@@ -270,9 +270,20 @@ def rotator_env(folder, doors, per_knockd, lead):
     return env
 
 
-def knocker(number, door, env, first, end, outcomes, knockers):
+def close_iptables(number, knockers):
+    """Delete knocker NUMBER's ACCEPT rules (a retry may have opened it
+    twice: until none is left); how many there were."""
+    deleted = 0
+    while iptables("-D", "INPUT", "-s", source(number), "-p", "tcp", "--dport",
+                   ports(knockers), "-j", "ACCEPT", check=False).returncode == 0:
+        deleted += 1
+    return deleted
+
+
+def knocker(number, door, env, first, end, outcomes, knockers, close=close_iptables):
     """Knock DOOR at each whole second from FIRST until END; append (start
-    time, exit code, stderr, ACCEPT rules deleted after it) to OUTCOMES."""
+    time, exit code, stderr, what CLOSE(number, knockers) closed after it:
+    the ACCEPT rules deleted) to OUTCOMES."""
     moment = first
     while moment < end:
         time.sleep(max(0.0, moment - time.time()))
@@ -281,14 +292,31 @@ def knocker(number, door, env, first, end, outcomes, knockers):
                                  door_name(door), "--check", str(PORT + number)], env=env,
                                 capture_output=True, text=True, user=UID_BASE + number,
                                 group=UID_BASE + number, extra_groups=[])
-        # A retry may have opened it twice: delete until none is left.
-        deleted = 0
-        while iptables("-D", "INPUT", "-s", source(number), "-p", "tcp", "--dport",
-                       ports(knockers), "-j", "ACCEPT", check=False).returncode == 0:
-            deleted += 1
-        outcomes.append((started, result.returncode, result.stderr, deleted))
+        outcomes.append((started, result.returncode, result.stderr, close(number, knockers)))
         # A knock that took over a second (a retry) skips the seconds it used.
         moment = max(moment + 1, int(time.time()) + 1)
+
+
+def distinct_sources(knockers):
+    """Knocker N (0-9) runs as uid UID_BASE+N; an SNAT rule matched on that
+    uid gives its packets the source 127.0.0.(N+2) (see the module's docstring)."""
+    for number in range(knockers):
+        iptables("-t", "nat", "-A", "POSTROUTING", "-o", "lo", "-m", "owner", "--uid-owner",
+                 UID_BASE + number, "-j", "SNAT", "--to-source", source(number))
+
+
+def run_knockers(knocked, env, first, end, close=close_iptables):
+    """Each knocker (KNOCKED: {number: door}) knocks its door once a second
+    from FIRST until END, all at once, in threads; [[its outcomes]] (see knocker)."""
+    outcomes = [[] for _ in knocked]
+    threads = [threading.Thread(target=knocker, args=(n, knocked[n], env, first, end,
+                                                        outcomes[n], len(knocked), close))
+               for n in range(len(knocked))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
 
 
 def watch(knockds, stop, deaf, rewrites):
@@ -329,9 +357,7 @@ def watch(knockds, stop, deaf, rewrites):
 
 def measure(folder, rotations, knockers, doors, per_knockd, lead):
     iptables("-A", "INPUT", "-p", "tcp", "--dport", ports(knockers), "-j", "DROP")
-    for number in range(knockers):
-        iptables("-t", "nat", "-A", "POSTROUTING", "-o", "lo", "-m", "owner", "--uid-owner",
-                 UID_BASE + number, "-j", "SNAT", "--to-source", source(number))
+    distinct_sources(knockers)
     accepted = collections.Counter()
     listen(knockers, accepted)
     files = layout(doors, per_knockd)
@@ -357,17 +383,11 @@ def measure(folder, rotations, knockers, doors, per_knockd, lead):
         # and a period from now, so that the watcher sees its lead's rewrites.
         first = (int(time.time()) // PERIOD + 2) * PERIOD
         end = first + rotations * PERIOD
-        outcomes = [[] for _ in range(knockers)]
-        threads = [threading.Thread(target=knocker, args=(n, knocked[n], env, first, end,
-                                                            outcomes[n], knockers))
-                   for n in range(knockers)]
         # The watcher starts before the first boundary, to see its rewrites.
         stop, deaf, rewrites = threading.Event(), [[] for _ in knockds], []
         watcher = threading.Thread(target=watch, args=(knockds, stop, deaf, rewrites))
-        for thread in [watcher] + threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        watcher.start()
+        outcomes = run_knockers(knocked, env, first, end)
         stop.set()
         watcher.join()
         died = [knockd.index for knockd in knockds

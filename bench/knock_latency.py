@@ -295,25 +295,36 @@ def measure(folder, rounds):
     report(times, failures, retried, rounds)
 
 
+def client_knock(env, door, port):
+    """Our client's `knock --check`, timed (see timed)."""
+    return timed([sys.executable, str(CLIENT), "knock", "127.0.0.1", door,
+                  "--check", str(port)], env=env)
+
+
+def c_knock(env, door, port):
+    """knockd's C `knock` with DOOR's sequence (generated untimed), then a
+    polling connect to PORT, timed (see timed)."""
+    sequence = subprocess.run([sys.executable, str(CLIENT), "generate", door, "--format",
+                               "knock"], env=env, check=True, capture_output=True,
+                              text=True).stdout.split()
+    return timed(["knock", "127.0.0.1"] + sequence, port=port)
+
+
 def methods_for(env, config, rc_file):
     """name: (measure, its port, whether its ACCEPT rule is gone)."""
 
     def ours():
-        return timed([sys.executable, str(CLIENT), "knock", "127.0.0.1", "ssh",
-                      "--check", str(KNOCKD_PORT)], env=env)
+        return client_knock(env, "ssh", KNOCKD_PORT)
 
-    def c_knock():
-        sequence = subprocess.run([sys.executable, str(CLIENT), "generate", "ssh", "--format",
-                                   "knock"], env=env, check=True, capture_output=True,
-                                  text=True).stdout.split()
-        return timed(["knock", "127.0.0.1"] + sequence, port=KNOCKD_PORT)
+    def c_knock_knockd():
+        return c_knock(env, "ssh", KNOCKD_PORT)
 
     def fwknop():
         return timed(["fwknop", "--rc-file", str(rc_file), "-n", "bench", "--no-save-args"],
                      port=FWKNOP_PORT)
 
     return {"ours": (ours, KNOCKD_PORT, knockd_rule_gone),
-            "knock": (c_knock, KNOCKD_PORT, knockd_rule_gone),
+            "knock": (c_knock_knockd, KNOCKD_PORT, knockd_rule_gone),
             "fwknop": (fwknop, FWKNOP_PORT, fwknop_rule_gone)}
 
 

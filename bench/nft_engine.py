@@ -44,9 +44,14 @@ GRACE = 30
 LEAD = 10
 LENGTH = 10
 
+# python3 -c FLOOD COUNT SECONDS [RATE]: COUNT SYNs (at most for SECONDS),
+# at RATE a second (0 or none: as fast as it goes), to ports below 2000 (of
+# no door), from 256 sources; prints the packets sent and its user and
+# system CPU seconds.
 FLOOD = r"""
 import socket, struct, sys, time, resource
-count, deadline = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+count, started = int(sys.argv[1]), time.monotonic()
+deadline, rate = started + float(sys.argv[2]), float(sys.argv[3]) if sys.argv[3:] else 0
 raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
 packets = []
 for i in range(256):
@@ -59,6 +64,8 @@ while sent < count and time.monotonic() < deadline:
     for p in packets:
         raw.sendto(p, ("127.0.0.1", 0))
     sent += len(packets)
+    if rate:
+        time.sleep(max(0.0, started + sent / rate - time.monotonic()))
 u = resource.getrusage(resource.RUSAGE_SELF)
 print(sent, u.ru_utime, u.ru_stime)
 """
@@ -114,11 +121,15 @@ def nft(ns, *args, text=None):
     return result.stdout
 
 
-def flood(ns, count):
-    result = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", FLOOD,
-                             str(count), "30"], capture_output=True, text=True, check=True)
+def flood(ns, count, seconds=30, rate=0, split=False):
+    """FLOOD in namespace NS (None: this one): (packets sent, the sender's
+    CPU seconds; SPLIT: user and system apart)."""
+    command = [sys.executable, "-c", FLOOD, str(count), str(seconds), str(rate)]
+    result = subprocess.run((["ip", "netns", "exec", ns] if ns else []) + command,
+                            capture_output=True, text=True, check=True)
     sent, user, system = result.stdout.split()
-    return int(sent), float(user) + float(system)
+    return (int(sent), float(user), float(system)) if split else \
+        (int(sent), float(user) + float(system))
 
 
 def main():

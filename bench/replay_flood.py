@@ -40,7 +40,7 @@ from knockd_rotator.core import generator  # noqa: E402
 from knockd_rotator.core import settings as core_settings  # noqa: E402
 from knockd_rotator.core import uses  # noqa: E402
 from knockd_rotator.engines.knockd import burns as knockd_burns  # noqa: E402
-from single_use import SEND, wait  # noqa: E402
+from single_use import SEND, knockd_env_file, wait  # noqa: E402
 
 PERIOD = 86400
 OTHER_KNOCKS = 12
@@ -98,19 +98,9 @@ def main():
     sampler = None
     try:
         subprocess.run(["ip", "-n", namespace, "link", "set", "lo", "up"], check=True)
-        config, log, pidfile = folder / "knockd.conf", folder / "knockd.log", folder / "knockd.pid"
-        env_file, state = folder / "rotator.env", folder / "state"
-        start = "ip netns exec %s knockd -d -i lo -c %s -p %s" % (namespace, config, pidfile)
-        settings = dict(SECRET="bench-" + "s" * 40, SINGLE_USE_SSH=1, PERIOD_MODULO=PERIOD,
-                        GRACE=0, STATE_DIR=state, CHECK_SECONDS=1,
-                        RELOAD_COMMAND="kill -HUP $(cat %s)" % pidfile,
-                        CHECK_COMMAND="kill -0 $(cat %s)" % pidfile, RECOVER_COMMAND=start,
-                        KILL_COMMAND="kill -KILL $(cat %s)" % pidfile)
-        descriptor = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write("".join("KNOCKD_ROTATOR_%s=%s\n" % item for item in settings.items()))
-        environ = {"PATH": os.environ.get("PATH", os.defpath),
-                   "KNOCKD_ROTATOR_ENV_FILE": str(env_file)}
+        config, log, pidfile, start, env_file, environ = knockd_env_file(
+            folder, namespace, SINGLE_USE_SSH=1, PERIOD_MODULO=PERIOD, GRACE=0)
+        state = folder / "state"
         if args.ungated:
             burn = "KNOCKD_ROTATOR_ENV_FILE=%s %s --config %s burn ssh_ROTATOR & " % (
                 env_file, script, config)
