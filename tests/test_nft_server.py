@@ -8,6 +8,7 @@ its own, so that one check's opening cannot make another pass."""
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 
@@ -395,6 +396,22 @@ def test_check_warns_of_a_knockd_beside_the_table(door, tmp_path):
         out = d.server("check")
         assert out.returncode == 0, out.stderr
         assert "warning: knockd runs, but KNOCKD_ROTATOR_ENGINE=nftables" in out.stderr
+    finally:
+        knockd.kill()
+        knockd.wait()
+
+
+def test_check_ignores_a_knockd_of_another_namespace(door, tmp_path):
+    d = door()
+    fake = tmp_path / "knockd"
+    fake.write_bytes(open("/bin/sleep", "rb").read())
+    os.chmod(fake, 0o755)
+    knockd = subprocess.Popen(["unshare", "--net", str(fake), "60"])
+    try:
+        comm = "/proc/%d/comm" % knockd.pid
+        wait_until(lambda: open(comm).read().strip() == "knockd", 10, "the knockd")
+        out = d.server("check")
+        assert out.returncode == 0 and "knockd runs" not in out.stderr, out.stderr
     finally:
         knockd.kill()
         knockd.wait()

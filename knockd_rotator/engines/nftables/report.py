@@ -21,12 +21,15 @@ from knockd_rotator.engines.nftables.doors import parse_doors
 
 
 def knockd_running():
-    """Whether a knockd runs: under this engine it opens none of its doors,
-    and its own doors (start_command) open ports beside the table's."""
+    """Whether a knockd runs in this network namespace: under this engine it
+    opens none of its doors, and its own doors (start_command) open ports
+    beside the table's.  One in another namespace hears none of our packets."""
+    here = os.stat("/proc/self/ns/net").st_ino
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open("/proc/%s/comm" % pid, "rb") as handle:
-                if handle.read().strip() == b"knockd":
+                if handle.read().strip() == b"knockd" \
+                        and os.stat("/proc/%s/ns/net" % pid).st_ino == here:
                     return True
         except OSError:
             continue
