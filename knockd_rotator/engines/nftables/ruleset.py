@@ -344,11 +344,19 @@ table inet %(t)s {
 	map prev4 { type ipv4_addr : mark; flags dynamic,timeout; size %(n)d; }
 	map st4 { type ipv4_addr : mark; flags dynamic,timeout; size %(n)d; }
 	set started4 { type ipv4_addr; flags dynamic,timeout; size %(n)d; }
+	map save4s { type ipv4_addr : mark; flags dynamic,timeout; size %(n)d; }
+	map prev4s { type ipv4_addr : mark; flags dynamic,timeout; size %(n)d; }
+	map st4s { type ipv4_addr : mark; flags dynamic,timeout; size %(n)d; }
+	set started4s { type ipv4_addr; flags dynamic,timeout; size %(n)d; }
 	set allow4 { type ipv4_addr . mark; flags dynamic,timeout; size %(n)d; }
 	map save6 { type ipv6_addr : mark; flags dynamic,timeout; size %(n)d; }
 	map prev6 { type ipv6_addr : mark; flags dynamic,timeout; size %(n)d; }
 	map st6 { type ipv6_addr : mark; flags dynamic,timeout; size %(n)d; }
 	set started6 { type ipv6_addr; flags dynamic,timeout; size %(n)d; }
+	map save6s { type ipv6_addr : mark; flags dynamic,timeout; size %(n)d; }
+	map prev6s { type ipv6_addr : mark; flags dynamic,timeout; size %(n)d; }
+	map st6s { type ipv6_addr : mark; flags dynamic,timeout; size %(n)d; }
+	set started6s { type ipv6_addr; flags dynamic,timeout; size %(n)d; }
 	set allow6 { type ipv6_addr . mark; flags dynamic,timeout; size %(n)d; }
 	chain input { type filter hook input priority filter - 10; policy accept; }
 	chain root4 { }
@@ -389,33 +397,72 @@ def _rules(ruleset):
         out["root" + v] = _root_rules(ruleset.cohorts, v, saddr)
         out["knock" + v] = (_step_rules(v, saddr)
                             + _class_rules(sorted(ruleset.classes.items()), v, saddr, served)
-                            + ["meta mark set %s map @save%s" % (saddr, v),
-                               "delete @save%s { %s : 0 }" % (v, saddr)])
+                            + _restore_mark(v, saddr))
         out["guard" + v] = _guard_rules(v, saddr)
     return out
 
 
-def _keep_prev(v, saddr):
-    """The statements that remember the node a packet leaves (for the burn
-    of a single-use final edge, which is keyed on it)."""
-    return ("delete @prev%s { %s : 0 } add @prev%s { %s timeout %ds : meta mark }"
-            % (v, saddr, v, saddr, SCRATCH_TIMEOUT))
+# The per-source maps a packet rewrites (its progress, when its clock
+# started, its own mark, the node it leaves) each have a spare ("s"): on
+# kernel 6.18 a packet-path `add` right after a `delete` of the same key
+# fails now and then (about 1 in 3,000, more under load), and a second `add`
+# in the same map fails too, while one into another map holds (measured:
+# 0 lost in 90,000).  Each write goes to the map, and to its spare when the
+# map did not take it; each read tries the map, then the spare.
+
+def _spare_add(name, saddr, condition, what):
+    """A write of WHAT (`timeout T : DATA`, or `timeout T` for a set) for the
+    source into NAME, and the same into its spare when NAME did not take
+    it; CONDITION: the matches both rules start with."""
+    return ["%sadd @%s { %s %s }" % (condition, name, saddr, what),
+            "%s%s != @%s add @%ss { %s %s }" % (condition, saddr, name, name, saddr, what)]
+
+
+def _spare_delete(name, saddr, condition="", data=True):
+    """The source's entry gone from NAME and from its spare."""
+    key = "%s : 0" % saddr if data else saddr
+    return "%sdelete @%s { %s } delete @%ss { %s }" % (condition, name, key, name, key)
+
+
+def _keep_prev(v, saddr, condition=""):
+    """The rules that remember the node a packet leaves (for the burn of a
+    single-use final edge, which is keyed on it): rules of their own, so
+    that a write that fails costs the record, never the knock."""
+    return [_spare_delete("prev" + v, saddr, condition)] + _spare_add(
+        "prev" + v, saddr, condition, "timeout %ds : meta mark" % SCRATCH_TIMEOUT)
 
 
 def _save_mark(v, saddr):
     """The packet's own mark, saved: the mark is our scratch register."""
-    return ["delete @save%s { %s : 0 }" % (v, saddr),
-            "add @save%s { %s timeout %ds : meta mark }" % (v, saddr, SCRATCH_TIMEOUT)]
+    return [_spare_delete("save" + v, saddr)] + _spare_add(
+        "save" + v, saddr, "", "timeout %ds : meta mark" % SCRATCH_TIMEOUT)
+
+
+def _restore_mark(v, saddr):
+    """The packet's own mark back, from the map or its spare."""
+    return ["meta mark set %s map @save%s" % (saddr, v),
+            "%s != @save%s meta mark set %s map @save%ss" % (saddr, v, saddr, v),
+            _spare_delete("save" + v, saddr)]
+
+
+def _read_progress(v, saddr):
+    """The node the source is at (the mark stays a root when it has none)."""
+    return ["meta mark set %s map @st%s" % (saddr, v),
+            "meta mark 0x%08x meta mark set %s map @st%ss" % (SHARED, saddr, v)]
 
 
 def _root_rules(cohorts, v, saddr):
     """The roots of the cohorts valid now, tried in turn while the packet
     has not moved (its mark is still a root: SHARED with class 0)."""
-    return ["meta time >= %d meta time < %d meta mark & 0x%08x == 0x%08x meta mark set 0x%08x "
-            "meta mark . meta l4proto . th dport != @spent %s "
-            "meta mark set meta mark . meta l4proto . th dport map @rtrans"
-            % (valid_from, valid_until, KIND_MASK, SHARED, root, _keep_prev(v, saddr))
-            for valid_from, valid_until, root in cohorts]
+    rules = []
+    for valid_from, valid_until, root in cohorts:
+        now_a_root = ("meta time >= %d meta time < %d meta mark & 0x%08x == 0x%08x "
+                      % (valid_from, valid_until, KIND_MASK, SHARED))
+        rules += ["%smeta mark set 0x%08x" % (now_a_root, root)]
+        rules += _keep_prev(v, saddr, "meta mark 0x%08x " % root)
+        rules.append("meta mark 0x%08x meta mark . meta l4proto . th dport != @spent "
+                     "meta mark set meta mark . meta l4proto . th dport map @rtrans" % root)
+    return rules
 
 
 def _step_rules(v, saddr):
@@ -423,18 +470,19 @@ def _step_rules(v, saddr):
     rules for every class."""
     return [
         # The fast way out: no progress, and no door starts with this port.
-        "%s != @st%s meta l4proto . th dport != @firsts return" % (saddr, v),
+        "%s != @st%s %s != @st%ss meta l4proto . th dport != @firsts return"
+        % (saddr, v, saddr, v),
     ] + _save_mark(v, saddr) + [
         "meta mark set 0x%08x" % SHARED,
-        "meta mark set %s map @st%s" % (saddr, v),
+    ] + _read_progress(v, saddr) + [
         # Progress older than seq_timeout, counted from the first knock as
         # knockd counts it, is void.
-        "meta mark & 0x%08x != 0x%08x %s != @started%s meta mark set 0x%08x"
-        % (KIND_MASK, SHARED, saddr, v, SHARED),
+        "meta mark & 0x%08x != 0x%08x %s != @started%s %s != @started%ss meta mark set 0x%08x"
+        % (KIND_MASK, SHARED, saddr, v, saddr, v, SHARED),
         # A burned final edge (single use) counts as missing, even if a
         # top-up racing with the burn loaded it again.
         "meta mark . meta l4proto . th dport @spent meta mark set 0x%08x" % SHARED,
-        _keep_prev(v, saddr),
+    ] + _keep_prev(v, saddr, "meta mark & 0x%08x != 0x%08x " % (KIND_MASK, SHARED)) + [
         "meta mark & 0x%08x != 0x%08x meta mark set meta mark . meta l4proto . th dport "
         "map @trans" % (KIND_MASK, SHARED),
         # No edge (the catch-all gives 0): the same packet from the roots.
@@ -442,8 +490,8 @@ def _step_rules(v, saddr):
         "meta mark & 0x%08x == 0x%08x jump root%s" % (KIND_MASK, SHARED, v),
         "meta mark & 0x%08x == 0x%08x meta mark set 0" % (KIND_MASK, SHARED),
         # A first node starts the clock.
-        "meta mark != 0 meta mark & 0x%08x == 0 delete @started%s { %s }"
-        % (ACCEPT | DEPTH_MASK, v, saddr),
+        _spare_delete("started" + v, saddr, "meta mark != 0 meta mark & 0x%08x == 0 "
+                      % (ACCEPT | DEPTH_MASK), data=False),
     ]
 
 
@@ -453,23 +501,25 @@ def _class_rules(classes, v, saddr, served):
     and for the classes this family serves, the opening and the burn."""
     rules = []
     for cls, key in classes:
-        rules.append("meta mark & 0x%08x == 0x%08x add @started%s { %s timeout %ds }"
-                     % (CLASS_MASK | ACCEPT | DEPTH_MASK, cls << CLASS_SHIFT, v, saddr, key[1]))
-    rules.append("delete @st%s { %s : 0 }" % (v, saddr))
+        rules += _spare_add("started" + v, saddr, "meta mark & 0x%08x == 0x%08x " % (
+            CLASS_MASK | ACCEPT | DEPTH_MASK, cls << CLASS_SHIFT), "timeout %ds" % key[1])
+    rules.append(_spare_delete("st" + v, saddr))
     for cls, key in classes:
-        rules.append("meta mark & 0x%08x == 0x%08x add @st%s { %s timeout %ds : meta mark }"
-                     % (CLASS_MASK, cls << CLASS_SHIFT, v, saddr, key[1]))
+        rules += _spare_add("st" + v, saddr, "meta mark & 0x%08x == 0x%08x " % (
+            CLASS_MASK, cls << CLASS_SHIFT), "timeout %ds : meta mark" % key[1])
     for cls, key in classes:
         if key[0] in served:
             rules += _accept_rules(cls, key, v, saddr)
     for cls, key in classes:
         if key[4] and key[0] in served:
             # Single use: the final edge goes, in the packet path, and is recorded.
-            rules.append("meta mark & 0x%08x == 0x%08x meta mark set %s map @prev%s "
-                         "add @spent { meta mark . meta l4proto . th dport timeout %ds } "
-                         "delete @trans { meta mark . meta l4proto . th dport : 0 } "
-                         "delete @rtrans { meta mark . meta l4proto . th dport : 0 }"
-                         % (CLASS_MASK | ACCEPT, cls << CLASS_SHIFT | ACCEPT, saddr, v, key[5]))
+            for prev in ("prev" + v, "prev%ss" % v):
+                rules.append("meta mark & 0x%08x == 0x%08x meta mark set %s map @%s "
+                             "add @spent { meta mark . meta l4proto . th dport timeout %ds } "
+                             "delete @trans { meta mark . meta l4proto . th dport : 0 } "
+                             "delete @rtrans { meta mark . meta l4proto . th dport : 0 }"
+                             % (CLASS_MASK | ACCEPT, cls << CLASS_SHIFT | ACCEPT, saddr, prev,
+                                key[5]))
     return rules
 
 
@@ -489,7 +539,9 @@ def _accept_rules(cls, key, v, saddr):
                      "add @allow%s { %s . meta mark timeout %ds }%s"
                      % (CLASS_MASK | ACCEPT, cls << CLASS_SHIFT | ACCEPT, DOOR_MASK,
                         i, v, saddr, key[2], count))
-        rules.append("meta mark set %s map @st%s" % (saddr, v))
+        rules += _read_progress(v, saddr)[:1] + [
+            "meta mark & 0x%08x != 0x%08x meta mark set %s map @st%ss"
+            % (CLASS_MASK | ACCEPT, cls << CLASS_SHIFT | ACCEPT, saddr, v)]
     return rules
 
 
@@ -498,8 +550,11 @@ def _guard_rules(v, saddr):
     port is open for (with the packet's own mark back); the rest is dropped."""
     return _save_mark(v, saddr) + [
         "meta mark set tcp dport map @gport",
-        "%s . meta mark @allow%s meta mark set %s map @save%s delete @save%s { %s : 0 } accept"
-        % (saddr, v, saddr, v, v, saddr),
+    ] + ["%s . meta mark @allow%s %s @%s meta mark set %s map @%s %s accept"
+         % (saddr, v, saddr, save, saddr, save, _spare_delete("save" + v, saddr))
+         for save in ("save" + v, "save%ss" % v)] + [
+        # Neither copy of the mark (both writes failed): the connection still passes.
+        "%s . meta mark @allow%s accept" % (saddr, v),
         "drop",
     ]
 
