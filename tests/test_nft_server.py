@@ -5,6 +5,7 @@ the real client in a network namespace of the test's own, loopback only.
 Each check that a door is open or shut connects from a source address of
 its own, so that one check's opening cannot make another pass."""
 
+import contextlib
 import json
 import os
 import re
@@ -383,35 +384,34 @@ def test_an_ipv6_knock_opens_for_its_address_only(door):
         listener.wait()
 
 
-def test_check_warns_of_a_knockd_beside_the_table(door, tmp_path):
-    d = door()
+@contextlib.contextmanager
+def a_knockd(tmp_path, *prefix):
+    """A process named knockd (a sleep) for the test's length, started
+    through PREFIX (a command that execs its arguments)."""
     fake = tmp_path / "knockd"
     fake.write_bytes(open("/bin/sleep", "rb").read())
     os.chmod(fake, 0o755)
-    knockd = d.ns.popen(fake, "60")
+    knockd = subprocess.Popen(list(prefix) + [str(fake), "60"])
     try:
-        # `ip netns exec` execs the program: same pid, its name once it runs.
+        # The prefix execs the program: the same pid, its name once it runs.
         comm = "/proc/%d/comm" % knockd.pid
         wait_until(lambda: open(comm).read().strip() == "knockd", 10, "the knockd")
-        out = d.server("check")
-        assert out.returncode == 0, out.stderr
-        assert "warning: knockd runs, but KNOCKD_ROTATOR_ENGINE=nftables" in out.stderr
+        yield
     finally:
         knockd.kill()
         knockd.wait()
+
+
+def test_check_warns_of_a_knockd_beside_the_table(door, tmp_path):
+    d = door()
+    with a_knockd(tmp_path, "ip", "netns", "exec", d.ns.name):
+        out = d.server("check")
+    assert out.returncode == 0, out.stderr
+    assert "warning: knockd runs, but KNOCKD_ROTATOR_ENGINE=nftables" in out.stderr
 
 
 def test_check_ignores_a_knockd_of_another_namespace(door, tmp_path):
     d = door()
-    fake = tmp_path / "knockd"
-    fake.write_bytes(open("/bin/sleep", "rb").read())
-    os.chmod(fake, 0o755)
-    knockd = subprocess.Popen(["unshare", "--net", str(fake), "60"])
-    try:
-        comm = "/proc/%d/comm" % knockd.pid
-        wait_until(lambda: open(comm).read().strip() == "knockd", 10, "the knockd")
+    with a_knockd(tmp_path, "unshare", "--net"):
         out = d.server("check")
-        assert out.returncode == 0 and "knockd runs" not in out.stderr, out.stderr
-    finally:
-        knockd.kill()
-        knockd.wait()
+    assert out.returncode == 0 and "knockd runs" not in out.stderr, out.stderr

@@ -340,25 +340,7 @@ table inet %(t)s {
 	map gport { type inet_service : mark; }
 	map opens { type mark : counter; }
 	set spent { type mark . inet_proto . inet_service; flags dynamic,timeout; size %(n)d; }
-	map save4 { type ipv4_addr : mark; flags dynamic,timeout; size %(n)d; }
-	map prev4 { type ipv4_addr : mark; flags dynamic,timeout; size %(n)d; }
-	map st4 { type ipv4_addr : mark; flags dynamic,timeout; size %(n)d; }
-	set started4 { type ipv4_addr; flags dynamic,timeout; size %(n)d; }
-	map save4s { type ipv4_addr : mark; flags dynamic,timeout; size %(n)d; }
-	map prev4s { type ipv4_addr : mark; flags dynamic,timeout; size %(n)d; }
-	map st4s { type ipv4_addr : mark; flags dynamic,timeout; size %(n)d; }
-	set started4s { type ipv4_addr; flags dynamic,timeout; size %(n)d; }
-	set allow4 { type ipv4_addr . mark; flags dynamic,timeout; size %(n)d; }
-	map save6 { type ipv6_addr : mark; flags dynamic,timeout; size %(n)d; }
-	map prev6 { type ipv6_addr : mark; flags dynamic,timeout; size %(n)d; }
-	map st6 { type ipv6_addr : mark; flags dynamic,timeout; size %(n)d; }
-	set started6 { type ipv6_addr; flags dynamic,timeout; size %(n)d; }
-	map save6s { type ipv6_addr : mark; flags dynamic,timeout; size %(n)d; }
-	map prev6s { type ipv6_addr : mark; flags dynamic,timeout; size %(n)d; }
-	map st6s { type ipv6_addr : mark; flags dynamic,timeout; size %(n)d; }
-	set started6s { type ipv6_addr; flags dynamic,timeout; size %(n)d; }
-	set allow6 { type ipv6_addr . mark; flags dynamic,timeout; size %(n)d; }
-	chain input { type filter hook input priority filter - 10; policy accept; }
+%(sources)s	chain input { type filter hook input priority filter - 10; policy accept; }
 	chain root4 { }
 	chain knock4 { }
 	chain guard4 { }
@@ -367,6 +349,23 @@ table inet %(t)s {
 	chain guard6 { }
 }
 """
+
+
+
+def _source_declarations(size):
+    """Each family's per-source maps and sets, with their spares (see
+    _spare_add), and the sources each port is open for."""
+    lines = []
+    for v, address in (("4", "ipv4_addr"), ("6", "ipv6_addr")):
+        for spare in ("", "s"):
+            lines += ["\tmap %s%s%s { type %s : mark; flags dynamic,timeout; size %d; }"
+                      % (name, v, spare, address, size) for name in ("save", "prev", "st")]
+            lines.append("\tset started%s%s { type %s; flags dynamic,timeout; size %d; }"
+                         % (v, spare, address, size))
+        lines.append("\tset allow%s { type %s . mark; flags dynamic,timeout; size %d; }"
+                     % (v, address, size))
+    return "\n".join(lines) + "\n"
+
 
 CHAINS = ("input", "root4", "knock4", "guard4", "root6", "knock6", "guard6")
 STATIC = TIMED + ("gp0", "gp1", "gp2", "gp3", "guarded4", "guarded6", "gport", "opens")
@@ -598,7 +597,8 @@ def render(plan, now, loaded=None):
     transaction.  Returns (text, ruleset): keep the ruleset for the next
     top-up."""
     ruleset = build(plan, now)
-    lines = [DECLARATIONS % {"t": TABLE, "n": DYNAMIC_SIZE}]
+    lines = [DECLARATIONS % {"t": TABLE, "n": DYNAMIC_SIZE,
+                             "sources": _source_declarations(DYNAMIC_SIZE)}]
     # `add counter` of an existing counter keeps its value (a full load
     # keeps the doors' counts); the counters must exist before `opens`
     # names them.
