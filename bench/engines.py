@@ -104,7 +104,7 @@ def windows(settings, starts, use=None):
     server makes them: valid from LEAD before the start to GRACE after the end."""
     return tuple(engine.Window(start, start - settings.lead,
                                start + settings.period + settings.grace,
-                               items(settings.sequence_at(start, use or 0)), use)
+                               settings.knocks_at(start, use or 0), use)
                  for start in starts)
 
 

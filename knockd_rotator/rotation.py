@@ -22,9 +22,9 @@ from knockd_rotator.engines import knockd as engine
 # Several knockd: the files one run rotates (see instances.py).
 from knockd_rotator.engines.knockd.instances import knockd_files, settings_for
 from knockd_rotator.engines.knockd.processes import KNOCKD_CONFIGS
+from knockd_rotator.engines.knockd.report import record_fingerprints
 from knockd_rotator.engines.nftables import load as nftables_load
 from knockd_rotator.planned import as_planned, record_planned
-from knockd_rotator.engines.knockd.report import record_fingerprints
 
 
 def rotate(config_path, environ, now, dry_run=False, verbose=False, change=None, burn=None,
@@ -172,12 +172,12 @@ def rotate_all(config_path, environ, now, dry_run=False, verbose=False, schedule
     instance's file, or load the nftables engine's table for the doors file
     CONFIG_PATH.  Schedule a boundary run for the next event when SCHEDULE.
     Returns that event."""
-    if server_settings(environ)["ENGINE"] == "nftables":
+    settings = server_settings(environ)
+    if settings["ENGINE"] == "nftables":
         event = nftables_load.rotate(config_path, environ, now, dry_run, verbose).event
     else:
         event = rotate_knockd_files(config_path, environ, now, dry_run, verbose)
     if schedule:
-        settings = server_settings(environ)
         with take_lock(settings["STATE_DIR"]):
             scheduling.schedule_boundary_run(config_path, event, now, settings, verbose)
     return event

@@ -8,8 +8,8 @@ import subprocess
 import sys
 import time
 
-from knockd_rotator.core import commands
 from knockd_rotator import engines
+from knockd_rotator.core import commands
 from knockd_rotator.core.files import log, process_start, replace_file, take_lock, utc
 from knockd_rotator.core.generator import RotatorError
 from knockd_rotator.core.plan import next_event

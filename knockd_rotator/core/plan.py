@@ -2,6 +2,8 @@
 and sequence of each rotator door, its use counter, its grace sibling, the next
 event.  Pure: a function of the settings, the counters and the moment."""
 
+from collections import namedtuple
+
 from knockd_rotator.core.generator import period_start, ROTATOR_SUFFIX
 
 
@@ -87,15 +89,18 @@ PERIODS_HELD_MAX = 120
 USES_AHEAD = 8
 
 
-class Window:
-    """One sequence of a door and when its first knock may come: from
-    VALID_FROM (its period's start less the lead) until VALID_UNTIL (the
-    next period's start plus the grace).  USE: the single-use counter, or
-    None for a door without single use."""
+Window = namedtuple("Window", "start valid_from valid_until sequence use")
+Window.__new__.__defaults__ = (None,)
+Window.__doc__ = """One sequence of a door and when its first knock may come.
 
-    def __init__(self, start, valid_from, valid_until, sequence, use):
-        self.start, self.valid_from, self.valid_until = start, valid_from, valid_until
-        self.sequence, self.use = sequence, use
+start        the period start it belongs to (UNIX seconds)
+valid_from   first second at which the FIRST knock may be sent (the period's
+             start less the lead)
+valid_until  first second at which it may no longer be sent (the next
+             period's start plus the grace); the rest of the knock may
+             follow within the door's seq_timeout
+sequence     ((port, "tcp"|"udp"), ...), 1 to 32 distinct items
+use          the single-use counter, or None for a door without single use"""
 
 
 def periods_ahead(settings, horizon):
@@ -126,7 +131,7 @@ def held_windows(settings, now, horizon, uses=None):
         else:
             numbers = (None,)
         windows += [Window(start, valid_from, valid_until,
-                           settings.sequence_at(start, number or 0), number)
+                           settings.knocks_at(start, number or 0), number)
                     for number in numbers]
     return windows
 

@@ -9,7 +9,7 @@ from knockd_rotator.core.errors import EXIT_ENVIRONMENT
 from knockd_rotator.core.generator import (
     door_key, format_sequence, MAX_PERIOD, MIN_LENGTH, MIN_SECRET_BITS, own_variable,
     read_settings, RotatorError, scan_odds, secret_bits, secret_bytes, TOTP_DIGITS,
-    TOTP_PERIOD, use_key, whole_number)
+    TOTP_PERIOD, unread_variables, use_key, whole_number)
 
 
 DEFAULT_CONFIG = "/etc/knockd.conf"
@@ -163,7 +163,9 @@ def cached_door_key(settings, material):
 
 
 def with_sequences(settings):
-    """SETTINGS with .sequence_at(period start) -> the door's sequence value (bytes)."""
+    """SETTINGS with .knocks_at(period start, use) -> the door's sequence,
+((port, "tcp"|"udp"), ...), and .sequence_at(period start, use) -> the
+same as knockd.conf's value (bytes)."""
     if settings.mode == "totp":
         key = totp_secret(settings)
 
@@ -174,9 +176,11 @@ def with_sequences(settings):
 
         def key_at(start):
             return secret_key
-    settings.sequence_at = lambda start, use=0: format_sequence(settings.generate(
+    settings.knocks_at = lambda start, use=0: tuple(settings.generate(
         use_key(key_at(start), use), settings.door, start, settings.length,
-        settings.port_modulo)).encode()
+        settings.port_modulo))
+    settings.sequence_at = lambda start, use=0: format_sequence(
+        settings.knocks_at(start, use)).encode()
     return settings
 
 
@@ -279,3 +283,12 @@ def weak_doors(settings):
                           "(docs/MIGRATION.md)"))
     return found
 
+
+def settings_warnings(environ, door_settings, whole_run=True):
+    """What `check` warns of in the doors' settings, whatever the engine:
+    legacy doors below the floors (weak_doors) and, for a WHOLE_RUN, the
+    KNOCKD_ROTATOR_* variables of ENVIRON that nothing reads."""
+    found = ["%s (%s)" % weak for weak in weak_doors(door_settings)]
+    if whole_run:
+        found += unread_variables(environ, {door.algorithm for door in door_settings.values()})
+    return found

@@ -10,10 +10,10 @@ from knockd_rotator.core.errors import (
     EXIT_CONFIG, EXIT_ENVIRONMENT, EXIT_OK, EXIT_RECOVERY, printed_status, STATUS_CODES)
 from knockd_rotator.core.files import keep_state, read_config, readable_by_others, utc
 from knockd_rotator.core.generator import (
-    MAX_PERIOD, period_start, ROTATOR_SUFFIX, RotatorError, unread_variables)
+    MAX_PERIOD, period_start, ROTATOR_SUFFIX, RotatorError)
 from knockd_rotator.core.plan import AT_MAX, is_rotator, use_count
 from knockd_rotator.core.settings import (
-    server_settings, settings_reader, weak_doors, with_env_file)
+    server_settings, settings_reader, settings_warnings, with_env_file)
 from knockd_rotator.core.uses import BURNING, BURST_BURNS, BURST_SECONDS, door_openings, read_uses
 from knockd_rotator.engines import knockd as engine
 from knockd_rotator.engines.knockd import trial
@@ -109,9 +109,8 @@ def check_file(config_path, environ, settings, whole_run):
               "journalctl -u %s)" % (deaf, settings["UNIT"]), file=sys.stderr)
     for number, what, fix in sorted(warnings):
         print("warning: " + finding(config_path, number, what, fix), file=sys.stderr)
-    others = ["warning: %s (%s)" % weak for weak in weak_doors(door_settings)]
-    others += ["warning: " + warning for warning in unread_variables(
-        environ, {found.algorithm for found in door_settings.values()}) if whole_run]
+    others = ["warning: " + warning
+              for warning in settings_warnings(environ, door_settings, whole_run)]
     others += ["warning: " + crowded for crowded in [crowded_knockd(lines)] if crowded]
     others += ["warning: %s was not tried on knockd (%s)" % (config_path, untried)
                for untried in [untried] if untried]

@@ -9,12 +9,13 @@ timer ask of every engine: LOOK_SECONDS, files, timings, derive_keys.
 """
 
 from knockd_rotator.core.files import read_config
+from knockd_rotator.core.plan import Window  # noqa: F401 (a door's windows, for render)
 from knockd_rotator.core.settings import rotation_settings
 from knockd_rotator.engines.nftables.doors import parse_doors
 from knockd_rotator.engines.nftables.kernel import (  # noqa: F401
     apply, parse_table_state, read_spent, remove, spent_uses, table_state, TableState)
 from knockd_rotator.engines.nftables.ruleset import (  # noqa: F401
-    Door, remove_text, render, TABLE, Window)
+    Door, remove_text, render, TABLE)
 
 # The watch runs this often even with no event due, for the burns the kernel
 # made and a table someone removed; a run that finds the table as it left

@@ -20,7 +20,7 @@ from knockd_rotator.core.files import keep_state, log, read_config, take_lock, u
 from knockd_rotator.core.generator import RotatorError
 from knockd_rotator.core.plan import held_windows, next_top_up, Plan
 from knockd_rotator.core.settings import (
-    rotation_settings, server_settings, settings_reader, with_env_file)
+    rotation_settings, server_settings, settings_reader, settings_warnings, with_env_file)
 from knockd_rotator.core.uses import read_uses, with_burn, write_uses
 from knockd_rotator.engines.nftables import kernel, ruleset
 from knockd_rotator.engines.nftables.doors import parse_doors
@@ -82,23 +82,15 @@ def door_numbers(previous, names):
     return numbers
 
 
-def knock_items(sequence):
-    """b"38734:tcp,52248:udp" -> ((38734, "tcp"), (52248, "udp"))."""
-    return tuple((int(port), proto) for port, proto in
-                 (item.split(":") for item in sequence.decode().split(",")))
-
-
 def kernel_doors(doors, settings_of, uses, numbers, now, ahead):
     """The ruleset's Doors for DOORS (DoorLines) at NOW (pure)."""
     planned = []
     for door in doors:
         settings = settings_of(door.name)
-        windows = tuple(ruleset.Window(held.start, held.valid_from, held.valid_until,
-                                       knock_items(held.sequence), held.use)
-                        for held in held_windows(settings, now, ahead, uses))
         planned.append(ruleset.Door(door.name, numbers[door.name], door.guard,
                                     door.open_seconds, door.seq_timeout, settings.period,
-                                    door.family, windows))
+                                    door.family,
+                                    tuple(held_windows(settings, now, ahead, uses))))
     return planned
 
 
@@ -171,6 +163,10 @@ def rotate(doors_path, environ, now, dry_run=False, verbose=False):
             and as_planned(state_dir, data, environ, uses, now)
         if recorded:
             return recorded
+        # What a knockd rotation warns of too, on each run that plans again.
+        for warning in settings_warnings(
+                environ, {door.name: settings_of(door.name) for door in doors}):
+            log("warning: " + warning)
         numbers = door_numbers(record.get("numbers"), [door.name for door in doors])
         planned = kernel_doors(doors, settings_of, uses, numbers, now, horizon(settings))
         try:

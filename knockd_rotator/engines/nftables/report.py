@@ -10,10 +10,10 @@ import os
 import sys
 
 from knockd_rotator.core.errors import EXIT_CONFIG, EXIT_OK, printed_status, STATUS_CODES
-from knockd_rotator.core.files import log, read_config, utc
-from knockd_rotator.core.generator import RotatorError, unread_variables
+from knockd_rotator.core.files import read_config, utc
+from knockd_rotator.core.generator import RotatorError
 from knockd_rotator.core.settings import (
-    server_settings, settings_reader, weak_doors, with_env_file)
+    server_settings, settings_reader, settings_warnings, with_env_file)
 from knockd_rotator.core.uses import read_uses
 from knockd_rotator.engines.nftables import kernel, load, ruleset
 from knockd_rotator.engines.nftables.doors import parse_doors
@@ -42,15 +42,13 @@ def check(doors_path, environ, now):
     environ = with_env_file(environ, settings["ENV_FILE"])
     doors = parse_doors(read_config(doors_path), doors_path)
     settings_of = settings_reader(environ)
-    algorithms = {settings_of(door.name).algorithm for door in doors}
-    for warning in unread_variables(environ, algorithms):
-        log("warning: " + warning)
-    for what, fix in weak_doors({door.name: settings_of(door.name) for door in doors}):
-        log("warning: %s (%s)" % (what, fix))
+    warnings = settings_warnings(environ, {door.name: settings_of(door.name) for door in doors})
     if knockd_running():
-        log("warning: knockd runs, but KNOCKD_ROTATOR_ENGINE=nftables: the table matches the "
-            "knocks, and knockd's own doors open ports beside it (systemctl disable --now "
-            "knockd, once the doors file holds every door)")
+        warnings.append("knockd runs, but KNOCKD_ROTATOR_ENGINE=nftables: the table matches "
+                        "the knocks, and knockd's own doors open ports beside it (systemctl "
+                        "disable --now knockd, once the doors file holds every door)")
+    for warning in warnings:
+        print("warning: " + warning, file=sys.stderr)
     record = load.read_record(settings["STATE_DIR"])
     numbers = load.door_numbers(record.get("numbers"), [door.name for door in doors])
     planned = load.kernel_doors(doors, settings_of, read_uses(settings["STATE_DIR"]), numbers,

@@ -62,18 +62,9 @@ HASH_MASK = ((1 << 21) - 1) << 5
 DEPTH_MASK = 0x1F
 DOOR_MASK = MAX_DOORS - 1               # an accepting node's door number
 
-Window = namedtuple("Window", "start valid_from valid_until sequence use")
-Window.__new__.__defaults__ = (None,)
-Window.__doc__ = """One sequence of a door.
-
-start        the period start it belongs to (UNIX seconds; with the door's
-             period it names the window's slot, so node ids stay the same
-             from one render to the next)
-valid_from   first second at which the FIRST knock may be sent (lead included)
-valid_until  first second at which it may no longer be sent (grace included);
-             the rest of the knock may follow within seq_timeout
-sequence     ((port, "tcp"|"udp"), ...), 1 to 32 distinct items
-use          the single-use counter, or None for a door without single use"""
+# A Window (core/plan.py) is one sequence of a door: its start, with the
+# door's period, names the window's slot, so node ids stay the same from one
+# render to the next.
 
 Door = namedtuple("Door", "name number ports open_seconds seq_timeout period family windows")
 Door.__new__.__defaults__ = ("inet", ())
