@@ -74,7 +74,6 @@ from knock_latency import CLIENT, INSIDE, SERVER, iptables, in_own_namespace, ne
 from knockd_scale import MALLOC_ASSIGNMENTS
 
 sys.path.insert(0, str(SERVER.parent))
-from knockd_rotator.core import files as core_files  # noqa: E402
 from knockd_rotator.core import settings as core_settings  # noqa: E402
 from knockd_rotator.engines.knockd import config as knockd_config  # noqa: E402
 from knockd_rotator.engines.knockd import grace as knockd_grace  # noqa: E402

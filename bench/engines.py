@@ -175,9 +175,9 @@ class NftServer(threading.Thread):
         now = time.time()
         plan = [nft_door(settings, number, port, held(settings, now, ahead))
                 for settings, number, port, ahead in self.doors]
-        text, loaded = engine.render(plan, now, self.loaded)
+        load, loaded = engine.render(plan, now, self.loaded)
         started = time.monotonic()
-        engine.apply(text)
+        engine.apply(load)
         self.topups.append(time.monotonic() - started)
         self.loaded = loaded
 
@@ -446,25 +446,25 @@ def part_probe(folder, args):
         now = time.time()
         plan = filler_plan(settings_of, range(doors), PROBE_PORT + 1, now)
         probe_door = nft_door(probe_settings, doors, PROBE_PORT, held(probe_settings, now, 1))
-        text, loaded = engine.render(plan + [probe_door], now)
-        engine.apply(text)
+        load, loaded = engine.render(plan + [probe_door], now)
+        engine.apply(load)
         # A top-up a period on: each door gains the window after next.
         moved = [door._replace(windows=door.windows + windows(
             settings_of(door.name), [door.windows[-1].start + door.period]))
             for door in plan]
         started = time.monotonic()
-        text, _ = engine.render(moved + [probe_door], time.time(), loaded)
+        load, _ = engine.render(moved + [probe_door], time.time(), loaded)
         rendered = time.monotonic() - started
         probe = Probe(probe_door.windows[1].sequence, PROBE_PORT, sources)
         probe.start()
         time.sleep(0.3)
         started = time.monotonic()
-        engine.apply(text)
+        engine.apply(load)
         ended = time.monotonic()
         time.sleep(max(0.3, started + 1.1 - ended))
         probe.stop.set()
         found = probe.connected()
-        rows.append({"what": "nftables top-up", "doors": doors, "changes": changes(text),
+        rows.append({"what": "nftables top-up", "doors": doors, "changes": changes(load),
                      "render": rendered, "seconds": ended - started,
                      "probes": during(probe, found.get, started, ended)})
         nft("delete", "table", "inet", engine.TABLE)
@@ -503,8 +503,8 @@ def part_replay(folder, args):
     door = engine.Door(settings.door, 0, (PROBE_PORT,), OPEN_SECONDS, SEQ_TIMEOUT,
                        settings.period, "inet", tuple(
                            w for use in range(held_uses) for w in windows(settings, [start], use)))
-    text, loaded = engine.render([door], time.time())
-    engine.apply(text)
+    load, loaded = engine.render([door], time.time())
+    engine.apply(load)
     knockers, replayers = Sources(30), Sources(40)
     rows = []
     use = 0
@@ -713,8 +713,8 @@ def report_concurrent(results, args):
 
 def report_probe(result):
     print("\n### A probe every %.0f ms through a top-up or a reload\n" % (PROBE_EVERY * 1000))
-    print("| what | doors | element changes | nft -f (render) | probes opened in the second "
-          "from its start (or until its end) | all probes opened |")
+    print("| what | doors | element changes | applied: netlink + nft -f (render) | probes "
+          "opened in the second from its start (or until its end) | all probes opened |")
     print("|---|---|---|---|---|---|")
     for row in result["rows"]:
         good, sent, all_good, all_sent = row["probes"]

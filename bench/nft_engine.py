@@ -6,8 +6,9 @@ Each door holds three windows of 10 knocks (the previous period's, in its
 grace; the current one; the next one, for the lead), as the server keeps
 them.  Measured:
   - a full load (render + `nft -f`), and the table's size (elements, text);
-  - a top-up: the window moves one period (each door loses one window and
-    gains one: ~24 element changes a door), render and `nft -f` timed
+  - a top-up: the window moves one period (each door gains a window: ~11
+    new elements a door, most staged; the oldest window expires in the
+    kernel by itself), the render, the netlink batch and `nft -f` timed
     apart, ROUNDS times;
   - the kernel memory the table takes: the change of this process tree's
     memory cgroup (v1 memory.kmem.usage_in_bytes: nf_tables charges its
@@ -19,7 +20,6 @@ them.  Measured:
     plan.
 
     nice python3 bench/nft_engine.py [--doors 500,10000] [--rounds 3] [--flood 100000]
-                                     [--split 2]
 """
 
 import argparse
@@ -30,7 +30,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -38,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from knockd_rotator.engines import nftables as engine  # noqa: E402
+from knockd_rotator.engines.nftables import netlink  # noqa: E402
 
 PERIOD = 21600
 GRACE = 30
@@ -92,9 +92,18 @@ def plan(doors, first_period, seed=1):
     return out
 
 
-def changes(text):
-    return sum(line.count(",") + 1 for line in text.splitlines()
-               if line.startswith(("add element", "delete element")))
+def changes(load):
+    """The element changes of a Load: its text's and those it stages."""
+    return sum(line.count(",") + 1 for line in load.text.splitlines()
+               if line.startswith(("add element", "delete element"))) + \
+        sum(len(items) for items in load.staged.values())
+
+
+def cpu_seconds():
+    """User + system CPU of this process and its waited-for children: the
+    staged elements are written from this process, the text by nft."""
+    return sum(usage.ru_utime + usage.ru_stime for usage in (
+        resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def kmem():
@@ -137,8 +146,6 @@ def main():
     parser.add_argument("--doors", default="500,10000")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--flood", type=int, default=0, metavar="N")
-    parser.add_argument("--split", type=int, default=1, metavar="K",
-                        help="also time the top-up as K transactions of doors/K doors")
     args = parser.parse_args()
     if os.geteuid():
         sys.exit("needs root (network namespaces)")
@@ -151,24 +158,25 @@ def main():
         floods = {}
         if args.flood:
             floods["no table"] = flood(ns, args.flood)
-            text, _ = engine.render(plan(10, k - 1), now)
-            engine.apply(text, ns)
+            load, _ = engine.render(plan(10, k - 1), now)
+            engine.apply(load, ns)
             floods["10 doors"] = flood(ns, args.flood)
             nft(ns, "delete", "table", "inet", engine.TABLE)
         for doors in [int(d) for d in args.doors.split(",")]:
             print("== %d doors" % doors)
             kmem0, mem0 = kmem(), meminfo()
             started = time.monotonic()
-            text, loaded = engine.render(plan(doors, k - 1), now)
+            load, loaded = engine.render(plan(doors, k - 1), now)
             rendered = time.monotonic()
-            engine.apply(text, ns)
+            engine.apply(load, ns)
             applied = time.monotonic()
             kmem1, mem1 = kmem(), meminfo()
             elements = sum(len(v) for v in loaded.elements.values())
-            rules = text.count("\nadd rule ")
+            rules = load.text.count("\nadd rule ")
             print("full load: render %.3f s, nft -f %.3f s; %d elements (trans %d), %d rules, "
                   "%.1f MB of nft text" % (rendered - started, applied - rendered, elements,
-                                           len(loaded.elements["trans"]), rules, len(text) / 1e6))
+                                           len(loaded.elements["trans"]), rules,
+                                           len(load.text) / 1e6))
             if kmem0 is not None:
                 print("kernel memory (memory cgroup kmem): %.1f MB, %.0f bytes an element"
                       % ((kmem1 - kmem0) / 1e6, (kmem1 - kmem0) / elements))
@@ -176,45 +184,31 @@ def main():
                   % ((mem1 - mem0) / 1e6))
             listed = nft(ns, "list", "table", "inet", engine.TABLE)
             print("`nft list table`: %.1f MB of text" % (len(listed) / 1e6))
-            renders, applies, cpus = [], [], []
+            renders, applies, cpus, parts = [], [], [], []
             for r in range(1, args.rounds + 1):
                 t0 = time.monotonic()
                 # A period later: the window of two periods ago has expired.
-                text, new = engine.render(plan(doors, k - 1 + r), now + r * PERIOD, loaded)
+                load, new = engine.render(plan(doors, k - 1 + r), now + r * PERIOD, loaded)
                 t1 = time.monotonic()
-                cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-                engine.apply(text, ns)
-                cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu0 = cpu_seconds()
+                # kernel.apply's two steps, timed apart.
+                netlink.add_elements(engine.TABLE, load.staged, ns)
                 t2 = time.monotonic()
+                engine.apply(load._replace(staged={}), ns)
+                t3 = time.monotonic()
+                cpus.append(cpu_seconds() - cpu0)
                 renders.append(t1 - t0)
-                applies.append(t2 - t1)
-                cpus.append(cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime)
+                applies.append(t3 - t1)
+                parts.append((t2 - t1, t3 - t2))
                 loaded = new
-            if args.split > 1:
-                # The same move in SPLIT transactions, a slice of the doors each.
-                base = k - 1 + args.rounds
-                moved = plan(doors, base + 1)
-                current = plan(doors, base)
-                times, cpus_split = [], []
-                size = -(-doors // args.split)
-                for part in range(args.split):
-                    step = moved[:size * (part + 1)] + current[size * (part + 1):]
-                    t0 = time.monotonic()
-                    text_part, new = engine.render(step, now + (args.rounds + 1) * PERIOD, loaded)
-                    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-                    t1 = time.monotonic()
-                    engine.apply(text_part, ns)
-                    times.append(time.monotonic() - t1)
-                    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-                    cpus_split.append(cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime)
-                    loaded = new
-                print("top-up in %d transactions of %d doors: nft -f %s s wall, %s s CPU"
-                      % (args.split, size, " ".join("%.3f" % t for t in times),
-                         " ".join("%.3f" % c for c in cpus_split)))
-            print("top-up (one period ahead, %d rounds): render median %.3f s, nft -f median "
-                  "%.3f s wall (max %.3f s), %.3f s CPU (user + system); %d element changes"
-                  % (args.rounds, statistics.median(renders), statistics.median(applies),
-                     max(applies), statistics.median(cpus), changes(text)))
+            staged = sum(len(items) for items in load.staged.values())
+            print("top-up (one period ahead, %d rounds): render median %.3f s; applied in "
+                  "median %.3f s wall (max %.3f s), %.3f s CPU (user + system, netlink and "
+                  "nft); %d element changes, %d of them staged; netlink %s s, then nft -f "
+                  "%s s" % (args.rounds, statistics.median(renders), statistics.median(applies),
+                            max(applies), statistics.median(cpus), changes(load), staged,
+                            "/".join("%.3f" % n for n, _ in parts),
+                            "/".join("%.3f" % t for _, t in parts)))
             if args.flood and doors == max(int(d) for d in args.doors.split(",")):
                 floods["%d doors" % doors] = flood(ns, args.flood)
             kmem2 = kmem()

@@ -111,9 +111,9 @@ class Kernel:
         return self.ns.run("nft", *args).stdout
 
     def load(self, plan, now=None, topup=False):
-        text, ruleset = engine.render(plan, time.time() if now is None else now,
+        load, ruleset = engine.render(plan, time.time() if now is None else now,
                                       self.loaded if topup else None)
-        engine.apply(text, self.ns.name)
+        engine.apply(load, self.ns.name)
         self.loaded = ruleset
         return ruleset
 
@@ -470,10 +470,10 @@ def test_rule_count_does_not_grow_with_doors():
                              now - 60, now + PERIOD, start=now)], number=i, name="d%d" % i)
                 for i in range(n)]
     def rules(n):
-        return sum(1 for line in engine.render(plan(n), now)[0].splitlines()
+        return sum(1 for line in engine.render(plan(n), now)[0].text.splitlines()
                    if line.startswith("add rule"))
     assert rules(10) == rules(2000)
-    assert "trans" in engine.render(plan(3), now)[0]
+    assert "trans" in engine.render(plan(3), now)[0].text
 
 
 def test_topup_keeps_a_knock_in_progress(kernel):
@@ -491,6 +491,81 @@ def test_topup_keeps_a_knock_in_progress(kernel):
     kernel.load([door([now_window(SEQ, start=base), later])] + others, topup=True)
     kernel.knock(SEQ[2:], src, check=None)
     assert kernel.opens(src)
+
+
+def kernel_elements(kernel, name):
+    """{key: (value, seconds to live)} of the table's set or map NAME, as
+    `nft -j` lists it (the key's parts as render writes them)."""
+    listed = json.loads(kernel.nft("-j", "list", "map" if name != "firsts" else "set", "inet",
+                                   engine.TABLE, name))
+    body = next(item for item in listed["nftables"] if "map" in item or "set" in item)
+    found = {}
+    for element in next(iter(body.values())).get("elem", []):
+        value = None
+        if isinstance(element, list):
+            element, value = element
+        if not isinstance(element, dict):
+            continue                      # trans's catch-all
+        key = tuple(element["elem"]["val"]["concat"])
+        found[key] = (value, element["elem"]["expires"])
+    return found
+
+
+def test_a_topup_stages_what_no_packet_reaches(kernel):
+    """A top-up writes the edges of new windows over netlink (staged) and
+    only what a packet could reach through nft: the kernel then holds exactly
+    the elements the ruleset says, keys, values and lifetimes, and the new
+    windows open their doors."""
+    now = int(time.time())
+    base = now // PERIOD * PERIOD
+    first = [door([now_window(SEQ, start=base)])] + [
+        door([now_window(((8000 + i, "tcp"), (9000 + i, "udp"), (10000 + i, "tcp")),
+                         start=base)], number=10 + i, name="d%d" % i) for i in range(40)]
+    kernel.load(first, now=now)
+    # A window in a new cohort for door 1, and a new door in the loaded cohort.
+    ahead = window(((7205, "udp"), (7203, "tcp"), (7208, "tcp")), now - 30, now + 7200,
+                   start=base + PERIOD)
+    joining = door([now_window(((7305, "tcp"), (7303, "tcp")), start=base)], number=2,
+                   name="joining")
+    plan = [door([now_window(SEQ, start=base), ahead])] + first[1:] + [joining]
+    load, ruleset = engine.render(plan, now, kernel.loaded)
+    staged = {name: {key for key, _, _ in items} for name, items in load.staged.items()}
+    # The new cohort's edges are all staged, rtrans's from its new root too;
+    # the joining door's first edge hangs from a loaded root, so it is in
+    # the text, and its second, from its own new node, is staged.
+    assert len(staged["trans"]) == 2 + 1 and len(staged["rtrans"]) == 1
+    assert staged["firsts"] == {("udp", 7205), ("tcp", 7305)}
+    assert "tcp . 7305 timeout" in load.text and "tcp . 7303 timeout" not in load.text
+    assert "udp . 7205" not in load.text
+    engine.apply(load, kernel.ns.name)
+    kernel.loaded = ruleset
+    for name in ("trans", "rtrans", "firsts"):
+        held = kernel_elements(kernel, name)
+        assert {key: value for key, (value, _) in held.items()} == \
+            {key: value for key, (value, _) in ruleset.elements[name].items()}
+        for key, (_, expires) in ruleset.elements[name].items():
+            assert abs(held[key][1] - (expires - time.time())) < 15, (name, key)
+    src = source()
+    assert kernel.knock(ahead.sequence, src) and kernel.opens(src)
+    src = source()
+    assert kernel.knock(joining.windows[0].sequence, src)
+
+
+def test_staged_elements_are_one_transaction(kernel):
+    """netlink.add_elements commits all or nothing, and says why not."""
+    from knockd_rotator.engines.nftables import netlink
+    kernel.load([door([now_window(SEQ)])])
+    before = kernel_elements(kernel, "trans")
+    taken = next(iter(before))
+    elements = [((0x0ABC0000 + i, "tcp", 1000 + i), 0x0ABC0000 + i + 1, 600) for i in range(3000)]
+    clash = (taken, before[taken][0] ^ 1, 600)            # the same edge to another node
+    with pytest.raises(RuntimeError, match="File exists"):
+        netlink.add_elements(engine.TABLE, {"trans": elements + [clash]}, kernel.ns.name)
+    assert kernel_elements(kernel, "trans").keys() == before.keys()
+    netlink.add_elements(engine.TABLE, {"trans": elements}, kernel.ns.name)
+    assert len(kernel_elements(kernel, "trans")) == len(before) + 3000
+    with pytest.raises(RuntimeError, match="No such file or directory"):
+        netlink.add_elements("no_such_table", {"trans": elements}, kernel.ns.name)
 
 
 SEQ2 = ((7105, "tcp"), (7103, "udp"), (7108, "tcp"))

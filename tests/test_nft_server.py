@@ -214,7 +214,8 @@ def test_a_load_that_fails_changes_no_file(door, tmp_path):
     d.env["PATH"] = "%s:%s" % (fake, d.env["PATH"])
     out = d.server("add-client", "bob", "--port", str(GUARDED))
     assert out.returncode == 1, out.stderr
-    assert "error: nft refused the table" in out.stderr and "Traceback" not in out.stderr
+    assert "error: the kernel refused the table: nft -f" in out.stderr
+    assert "Traceback" not in out.stderr
     assert d.doors.read_bytes() == before_doors and d.env_file.read_bytes() == before_env
     assert d.knock() == ("open", 0)
 
@@ -248,6 +249,31 @@ def test_the_watch_puts_a_removed_table_back(door):
     finally:
         watch.terminate()
         watch.wait(20)
+
+
+def test_the_watch_tops_up_a_new_door(door):
+    """The watch loads once, then tops up: a door added to the doors file,
+    with a period of its own (so new cohorts too), gets its windows over
+    netlink and what leads to them with nft, with no fall back to a full
+    load; both doors open."""
+    d = door(PERIOD_MODULO=10, GRACE=2)
+    log = d.tmp / "watch.log"
+    with open(log, "wb") as output:
+        watch = d.ns.popen(sys.executable, str(CLIENT.parent / "knockd_rotator_server.py"),
+                           "--config", d.doors, "--watch", stderr=output, env=d.env)
+    try:
+        wait_until(lambda: "loaded the table" in log.read_text(), 20, "the watch's first load")
+        with open(d.env_file, "a") as env_file:
+            env_file.write("KNOCKD_ROTATOR_PERIOD_MODULO_WEB=20\n")
+        with open(d.doors, "a") as doors:
+            doors.write("web_ROTATOR guard=%d\n" % GUARDED)
+        wait_until(lambda: "2 doors" in log.read_text(), 20, "the top-up for the new door")
+        assert d.knock("web") == ("open", 0) and d.knock() == ("open", 0)
+    finally:
+        watch.terminate()
+        watch.wait(20)
+    assert "refused" not in log.read_text() and "Traceback" not in log.read_text(), \
+        log.read_text()
 
 
 def test_burn_and_firewall_are_refused(door):
@@ -312,7 +338,7 @@ def test_held_windows_fit_the_ruleset(single_use, period, windows):
     planned = load.kernel_doors(doors, settings_reader(env), {}, {"ssh_ROTATOR": 0}, now,
                                 2 * 3600)
     assert len(planned[0].windows) == windows
-    text, loaded = ruleset.render(planned, now)
+    _, loaded = ruleset.render(planned, now)
     assert len(loaded.elements["rtrans"]) == windows
 
 

@@ -228,6 +228,18 @@ def test_nftables_engine(container, firewall):
     assert door_shut(box, SSH)
     wait_until(lambda: shut_everywhere(box), OPEN + 5, "the door to shut")
 
+    if mode == "knockd_rotator-watch.service":
+        # A door added while the watch runs: a top-up, its new windows
+        # written over netlink from inside the unit's sandbox.
+        loads = (lambda: box.journal(mode).count("loaded the table"))
+        before = loads()
+        box.write(DOORS_FILE, box.read(DOORS_FILE)
+                  + "web_ROTATOR guard=%d open=%d\n" % (SSH, OPEN))
+        wait_until(lambda: loads() > before, 20, "the watch's top-up")
+        knock(box, "web", port=SSH)
+        assert "refused" not in box.journal(mode), box.journal(mode)
+        wait_until(lambda: shut_everywhere(box), OPEN + 5, "the door to shut")
+
     # Restarts of the units keep the table (nothing unloads it) and the guard.
     box.sh("systemctl restart %s %s" % (BOOT_UNIT, mode.replace(".timer", ".service")))
     if mode == "knockd_rotator.timer":

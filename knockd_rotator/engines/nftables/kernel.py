@@ -1,5 +1,6 @@
-"""The nftables engine's I/O: one `nft -f` transaction in; the burned uses,
-the doors' counters and the table's state back."""
+"""The nftables engine's I/O: a Load in (netlink.py's batch, then one `nft
+-f` transaction); the burned uses, the doors' counters and the table's
+state back."""
 
 import calendar
 import json
@@ -8,7 +9,8 @@ import subprocess
 import time
 from collections import namedtuple
 
-from knockd_rotator.engines.nftables.ruleset import TABLE, remove_text
+from knockd_rotator.engines.nftables import netlink
+from knockd_rotator.engines.nftables.ruleset import Load, TABLE, remove_text
 
 
 def nft_command(netns=None):
@@ -16,14 +18,18 @@ def nft_command(netns=None):
     return (["ip", "netns", "exec", netns] + command) if netns else command
 
 
-def apply(text, netns=None, check=False):
-    """Load TEXT with one `nft -f -` (in network namespace NETNS, if given);
-    CHECK: only `nft -c`.  Raises RuntimeError with nft's message on failure."""
+def apply(load, netns=None, check=False):
+    """Load LOAD (ruleset.render's): its staged elements over netlink, then
+    its text with one `nft -f -` (in network namespace NETNS, if given);
+    CHECK: only `nft -c` of the text.  Raises RuntimeError with the kernel's
+    or nft's message on failure."""
+    if not check:
+        netlink.add_elements(TABLE, load.staged, netns)
     command = nft_command(netns) + (["-c"] if check else []) + ["-f", "-"]
-    result = subprocess.run(command, input=text.encode(), stdout=subprocess.PIPE,
+    result = subprocess.run(command, input=load.text.encode(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     if result.returncode:
-        raise RuntimeError("nft -f failed: %s" % result.stderr.decode("utf-8", "replace")[:2000])
+        raise RuntimeError("nft -f: %s" % result.stderr.decode("utf-8", "replace")[:2000])
 
 
 def read_spent(netns=None):
@@ -90,7 +96,7 @@ def table_state(netns=None):
 def remove(netns=None):
     """Delete the table if there is one (uninstall; nothing to do is fine):
     the open doors, the knocks in progress and the counters go with it."""
-    apply(remove_text(), netns)
+    apply(Load(remove_text(), {}), netns)
 
 
 def _seconds(value):

@@ -115,15 +115,15 @@ def follow_burns(uses, burned, now, settings_of, doors):
     return uses
 
 
-def nft_apply(text):
+def nft_apply(load):
     """kernel.apply, its failures as RotatorError."""
     try:
-        kernel.apply(text)
+        kernel.apply(load)
     except FileNotFoundError:
         raise RotatorError("nft is not installed", "apt-get install nftables",
                            EXIT_ENVIRONMENT) from None
     except RuntimeError as exc:
-        raise RotatorError("nft refused the table: %s" % " ".join(str(exc).split()),
+        raise RotatorError("the kernel refused the table: %s" % " ".join(str(exc).split()),
                            "the previous table is still loaded, unchanged (one transaction); "
                            "run as root, and see `check`", EXIT_FAILED) from None
 
@@ -171,7 +171,7 @@ def rotate(doors_path, environ, now, dry_run=False, verbose=False):
         planned = kernel_doors(doors, settings_of, uses, numbers, now, horizon(settings))
         try:
             previous = LOADED.get(doors_path) if burned is not None else None
-            text, loaded = ruleset.render(planned, now, previous)
+            load, loaded = ruleset.render(planned, now, previous)
         except ValueError as exc:
             raise RotatorError("%s: %s" % (doors_path, exc),
                                "see docs/NFTABLES.md, Limits", EXIT_CONFIG) from None
@@ -182,13 +182,14 @@ def rotate(doors_path, environ, now, dry_run=False, verbose=False):
             print_windows(planned)
             return plan
         try:
-            nft_apply(text)
-        except RotatorError:
+            nft_apply(load)
+        except RotatorError as exc:
             if previous is None:
                 raise
             # A top-up assumes the table as this process left it: load it whole.
-            text, loaded = ruleset.render(planned, now)
-            nft_apply(text)
+            log("warning: the top-up was refused (%s); loading the whole table" % exc.what)
+            load, loaded = ruleset.render(planned, now)
+            nft_apply(load)
         LOADED[doors_path] = loaded
         record_load(state_dir, numbers, loaded, planned, now)
         record_planned(state_dir, data, environ, uses, now, plan)

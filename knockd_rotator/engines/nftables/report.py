@@ -54,8 +54,8 @@ def check(doors_path, environ, now):
     planned = load.kernel_doors(doors, settings_of, read_uses(settings["STATE_DIR"]), numbers,
                                 now, load.horizon(settings))
     try:
-        text, _ = ruleset.render(planned, now)
-        kernel.apply(text, check=True)
+        whole, _ = ruleset.render(planned, now)
+        kernel.apply(whole, check=True)
     except (ValueError, RuntimeError) as exc:
         raise RotatorError("%s: %s" % (doors_path, " ".join(str(exc).split())),
                            "see docs/NFTABLES.md; nft -c needs root", EXIT_CONFIG) from None

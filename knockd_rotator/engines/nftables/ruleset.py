@@ -224,12 +224,17 @@ class _Tries:
             self.finals[key] = (entry.door.name, entry.window.start, entry.window.use)
 
     def whole_path(self, entry, depth):
-        """The edges private to one window, from its node at DEPTH to its end."""
-        seq, base = entry.seq, entry.base
+        """The edges private to one window, from its node at DEPTH (below
+        its last) to its end: written straight into `trans`, since no other
+        window's edge starts at its own nodes."""
+        seq, base, expires = entry.seq, entry.base, entry.expires
         last = len(seq) - 1
-        for k in range(depth, last):
-            key = (base | k, seq[k + 1][1], seq[k + 1][0])
-            self.put(key, base | (k + 1) if k + 1 < last else self.accept(entry), entry.expires)
+        trans = self.elements["trans"]
+        for k in range(depth, last - 1):
+            port, proto = seq[k + 1]
+            trans[(base | k, proto, port)] = (base | (k + 1), expires)
+        key = (base | (last - 1), seq[last][1], seq[last][0])
+        trans[key] = (self.accept(entry), expires)
         self.final(entry, key)
 
     def grow(self, node, depth, group, prefix, expires):
@@ -576,17 +581,25 @@ def _element_lines(verb, name, items, now, chunk=2000):
 DELETE_MARGIN = 10
 
 
+# What render gives kernel.apply: TEXT for one `nft -f` transaction, and
+# STAGED, the elements of a top-up that no packet can reach until TEXT is
+# loaded ({set name: [(key, value, timeout seconds)]}), which netlink.py
+# writes first, in a transaction of its own, without nft's parser.
+Load = namedtuple("Load", "text staged")
+
+
 def render(plan, now, loaded=None):
-    """The `nft -f` text that makes the table hold PLAN from NOW on.
+    """The Load that makes the table hold PLAN from NOW on.
 
     LOADED None: a full load (creates the table, or replaces every static
     map of an existing one; packet-path state, open doors, spent uses and
-    the doors' counters stay).  LOADED the Ruleset returned with the text
-    applied last: a top-up that only adds what is new and deletes what the
-    plan dropped before its time; elements of the past expire in the kernel
-    by themselves.  Either way the rules are rewritten, in one atomic
-    transaction.  Returns (text, ruleset): keep the ruleset for the next
-    top-up."""
+    the doors' counters stay), all in its text.  LOADED the Ruleset returned
+    with the Load applied last: a top-up that only adds what is new and
+    deletes what the plan dropped before its time; elements of the past
+    expire in the kernel by themselves.  A top-up stages the new edges that
+    hang from nodes no packet can reach yet (a new window's) and the new
+    first knocks: what a packet sees still changes in one transaction, the
+    text's.  Returns (load, ruleset): keep the ruleset for the next top-up."""
     ruleset = build(plan, now)
     lines = [DECLARATIONS % {"t": TABLE, "n": DYNAMIC_SIZE,
                              "sources": _source_declarations(DYNAMIC_SIZE)}]
@@ -609,40 +622,64 @@ def render(plan, now, loaded=None):
         if loaded is None or not loaded.rules or loaded.rules.get(chain) != rules[chain]:
             lines.append("flush chain inet %s %s" % (TABLE, chain))
             lines.extend("add rule inet %s %s %s" % (TABLE, chain, rule) for rule in rules[chain])
-    state = {}
+    state, staged = {}, {}
     if loaded is None:
         lines.append("add element inet %s trans { * : 0 }" % TABLE)
         for name in STATIC:
             lines.extend(_element_lines("add", name, ruleset.elements[name].items(), now))
             state[name] = dict(ruleset.elements[name])
     else:
+        hidden = _hidden(loaded)
         for name in STATIC:
-            changes, state[name] = _topup_lines(name, ruleset.elements[name],
-                                                loaded.elements.get(name, {}), now)
+            changes, state[name], staged[name] = _topup_lines(
+                name, ruleset.elements[name], loaded.elements.get(name, {}), now, hidden)
             lines.extend(changes)
         # A door gone from the plan: its counter goes, after its `opens` element.
         lines.extend("delete counter inet %s %s" % (TABLE, name)
                      for number, (name, _) in sorted(known.items()) if number not in doors)
-    return "\n".join(lines) + "\n", ruleset._replace(elements=state, rules=rules)
+    return (Load("\n".join(lines) + "\n", {name: items for name, items in staged.items() if items}),
+            ruleset._replace(elements=state, rules=rules))
 
 
-def _topup_lines(name, new, old, now):
+def _hidden(loaded):
+    """Whether a new element of a set is out of every packet's reach while
+    LOADED is what the kernel holds: a first knock (it only spares a packet
+    the fast way out), or an edge from a node that no rule and no loaded
+    edge leads to."""
+    reached = {root for _, _, root in loaded.cohorts}
+    for name in ("trans", "rtrans"):
+        reached.update(value for value, _ in loaded.elements.get(name, {}).values())
+    return lambda name, key: name == "firsts" or (name in ("trans", "rtrans")
+                                                  and key[0] not in reached)
+
+
+def _topup_lines(name, new, old, now, hidden):
     """The lines that turn set or map NAME from OLD (as loaded) into NEW
-    ({key: (value, expires)} both), and what the kernel then holds."""
+    ({key: (value, expires)} both), the elements staged instead (new ones
+    HIDDEN(name, key) says no packet reaches yet), and what the kernel then
+    holds."""
     kept = dict(new)
     gone, added = [], []
-    for key, (value, expires) in old.items():
-        if key in new and new[key][0] == value:
-            if expires is not None and new[key][1] > expires:
-                gone.append((key, (value, expires)))        # to live longer
-                added.append((key, new[key]))
+    for key, item in old.items() - new.items():            # what is not as loaded
+        fresh = new.get(key)
+        value, expires = item
+        if fresh is not None and fresh[0] == value:
+            if expires is not None and fresh[1] > expires:
+                gone.append((key, item))                   # to live longer
+                added.append((key, fresh))
             else:
-                kept[key] = (value, expires)
+                kept[key] = item
         elif expires is None or expires > now + DELETE_MARGIN:
-            gone.append((key, (value, expires)))
-            if key in new:
-                added.append((key, new[key]))
-    added += [(key, item) for key, item in new.items() if key not in old]
+            gone.append((key, item))
+            if fresh is not None:
+                added.append((key, fresh))
+    staged = []
+    for key in new.keys() - old.keys():
+        value, expires = new[key]
+        if hidden(name, key):
+            staged.append((key, value, int(max(1, expires - now))))
+        else:
+            added.append((key, (value, expires)))
     lines = []
     if gone:
         # `delete` of an absent element would fail the transaction:
@@ -655,7 +692,7 @@ def _topup_lines(name, new, old, now):
         lines.extend(_element_lines("delete", name, [(k, (v, None)) for k, (v, e)
                                                      in gone], now))
     lines.extend(_element_lines("add", name, added, now))
-    return lines, kept
+    return lines, kept, staged
 
 
 def remove_text():
