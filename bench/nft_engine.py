@@ -6,6 +6,8 @@ Each door holds three windows of 10 knocks (the previous period's, in its
 grace; the current one; the next one, for the lead), as the server keeps
 them.  Measured:
   - a full load (render + `nft -f`), and the table's size (elements, text);
+  - what `status` reads of the table (table_state, over netlink), against
+    `nft list table`;
   - a top-up: the window moves one period (each door gains a window: ~11
     new elements a door, most staged; the oldest window expires in the
     kernel by itself), the render, the netlink batch and `nft -f` timed
@@ -182,8 +184,15 @@ def main():
                       % ((kmem1 - kmem0) / 1e6, (kmem1 - kmem0) / elements))
             print("kernel memory (/proc/meminfo Slab + VmallocUsed, machine-wide): %.1f MB"
                   % ((mem1 - mem0) / 1e6))
+            started = time.monotonic()
             listed = nft(ns, "list", "table", "inet", engine.TABLE)
-            print("`nft list table`: %.1f MB of text" % (len(listed) / 1e6))
+            listing = time.monotonic() - started
+            started = time.monotonic()
+            state = engine.table_state(ns)
+            print("`nft list table`: %.1f MB of text, %.2f s; status's read of the table "
+                  "(netlink): %.3f s, %d cohorts, %d doors' counters"
+                  % (len(listed) / 1e6, listing, time.monotonic() - started,
+                     len(state.cohorts), len(state.opens)))
             renders, applies, cpus, parts = [], [], [], []
             for r in range(1, args.rounds + 1):
                 t0 = time.monotonic()

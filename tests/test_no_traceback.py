@@ -12,6 +12,7 @@ real processes, where a traceback would show on stderr.
 """
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -25,7 +26,7 @@ from knockd_rotator import cli
 from knockd_rotator import scheduling
 from knockd_rotator.core import generator
 from knockd_rotator.engines.knockd import reload
-from knockd_rotator.engines.nftables import kernel
+from knockd_rotator.engines.nftables import kernel, netlink
 from conftest import CLIENT, in_fast_tier, SERVER, need, rotator_env, run_script
 
 try:
@@ -221,7 +222,9 @@ def test_client_crashes_found_before(tmp_path, argv, environ, uses):
 
 
 # The nftables engine's `nft`, in-process runs: never the host's, a script
-# that answers a read with an empty set and a load as NFT_LOADS says.
+# that answers a read with an empty set and a load as NFT_LOADS says; its
+# netlink, never the host's either: no table to read, a batch taken as
+# NFT_LOADS says.
 FAKE_NFT = """#!/bin/sh
 case "$*" in *-j*) echo '{"nftables": [{"set": {"elem": []}}]}'; exit 0 ;; esac
 cat > /dev/null
@@ -231,6 +234,14 @@ exit 1
 """
 
 
+def no_table(*args, **kwargs):
+    raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+
+
+def refused(*args, **kwargs):
+    raise RuntimeError("netlink: the kernel refused the elements: the test's")
+
+
 def server_run(argv, environ, uses, stdin, folder, state_files=(), nft_loads=None):
     if nft_loads is not None:
         fake = os.path.join(folder, "nft")
@@ -238,12 +249,15 @@ def server_run(argv, environ, uses, stdin, folder, state_files=(), nft_loads=Non
             handle.write(FAKE_NFT)
         os.chmod(fake, 0o755)
         os.environ["NFT_LOADS"] = "yes" if nft_loads else "no"
-        saved, kernel.nft_command = kernel.nft_command, lambda netns=None: [fake]
+        saved = kernel.nft_command, netlink.request, netlink.add_elements
+        kernel.nft_command = lambda netns=None: [fake]
+        netlink.request = no_table
+        netlink.add_elements = (lambda *args, **kwargs: None) if nft_loads else refused
         try:
             return server_run(argv, dict(environ, ENGINE="nftables"), uses, stdin, folder,
                               state_files)
         finally:
-            kernel.nft_command = saved
+            kernel.nft_command, netlink.request, netlink.add_elements = saved
     config = os.path.join(folder, "knockd.conf")
     state = os.path.join(folder, "state")
     os.makedirs(state, mode=0o700, exist_ok=True)

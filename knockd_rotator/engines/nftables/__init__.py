@@ -13,7 +13,7 @@ from knockd_rotator.core.plan import Window  # noqa: F401 (a door's windows, for
 from knockd_rotator.core.settings import rotation_settings
 from knockd_rotator.engines.nftables.doors import parse_doors
 from knockd_rotator.engines.nftables.kernel import (  # noqa: F401
-    apply, parse_table_state, read_spent, remove, spent_uses, table_state, TableState)
+    apply, read_spent, remove, spent_uses, table_state, TableState)
 from knockd_rotator.engines.nftables.ruleset import (  # noqa: F401
     Door, remove_text, render, TABLE)
 

@@ -176,3 +176,92 @@ def add_elements(table, staged, netns=None):
                     offset += max((length + 3) & ~3, 16)
         except OSError as exc:
             raise RuntimeError("netlink: %s" % exc) from None
+
+
+# ---------------------------------------------------------------- reading
+
+NLM_F_DUMP = 0x300
+NLMSG_DONE = 3
+NFT_MSG_GETTABLE, NFT_MSG_GETRULE, NFT_MSG_GETSETELEM, NFT_MSG_GETOBJ = 1, 7, 13, 19
+# Attribute numbers of what table_state reads (linux/netfilter/nf_tables.h).
+TABLE_NAME = 1                                   # NFTA_TABLE_NAME
+RULE_TABLE, RULE_CHAIN, RULE_EXPRESSIONS = 1, 2, 4
+EXPR_NAME, EXPR_DATA = 1, 2
+META_KEY, META_TIME_NS = 2, 30                   # NFTA_META_KEY, NFT_META_TIME_NS
+CMP_OP, CMP_DATA, CMP_LT, CMP_GTE = 2, 3, 2, 5
+ELEM_KEY, ELEM_OBJREF = 1, 9                     # NFTA_SET_ELEM_*
+OBJ_TABLE, OBJ_NAME, OBJ_TYPE, OBJ_DATA = 1, 2, 3, 4
+OBJECT_COUNTER, COUNTER_PACKETS = 1, 2
+
+
+def attributes(data):
+    """{type: payload} of the attributes in DATA (a nested one's payload is
+    bytes again; a type repeated, as in a list, keeps its last)."""
+    return dict(attribute_list(data))
+
+
+def attribute_list(data):
+    """[(type, payload)] of the attributes in DATA, in order."""
+    found, at = [], 0
+    while at + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, at)
+        if length < 4:
+            break
+        found.append((kind & ~NLA_F_NESTED, data[at + 4:at + length]))
+        at += (length + 3) & ~3
+    return found
+
+
+def string(value):
+    return value.rstrip(b"\0").decode("utf-8", "replace")
+
+
+def name(text):
+    """A name as an attribute's payload."""
+    return text.encode() + b"\0"
+
+
+def elements(table, set_name, netns=None):
+    """[{attribute type: payload}] of each element of TABLE's set SET_NAME
+    (ELEM_KEY: the key's value, ELEM_OBJREF: the object a map names)."""
+    found = []
+    for answer in request(NFT_MSG_GETSETELEM, [(LIST_TABLE, name(table)),
+                                                (LIST_SET, name(set_name))], netns=netns):
+        for _, element in attribute_list(answer.get(LIST_ELEMENTS, b"")):
+            fields = attributes(element)
+            if ELEM_KEY in fields:
+                fields[ELEM_KEY] = attributes(fields[ELEM_KEY]).get(VALUE, b"")
+            found.append(fields)
+    return found
+
+
+def request(kind, fields, dump=True, netns=None):
+    """The kernel's answers to one nf_tables GET message KIND for the inet
+    family with FIELDS ([(attribute type, bytes)]): a list of each answer's
+    attributes ({type: payload}).  Raises OSError with the kernel's errno
+    (ENOENT: no such table, chain or set)."""
+    body = b"".join(_attribute(kind_, value) for kind_, value in fields)
+    message = _message((NFNL_SUBSYS_NFTABLES << 8) | kind,
+                       NLM_F_REQUEST | (NLM_F_DUMP if dump else NLM_F_ACK), 1, NFPROTO_INET, body)
+    answers = []
+    with _netlink_socket(netns) as sock:
+        sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        sock.bind((0, 0))
+        sock.settimeout(10)
+        sock.send(message)
+        while True:
+            reply = sock.recv(1 << 20)
+            offset = 0
+            while offset + 16 <= len(reply):
+                length, answer, _, _, _ = struct.unpack_from("=IHHII", reply, offset)
+                if answer == NLMSG_DONE:
+                    return answers
+                if answer == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", reply, offset + 16)[0]
+                    if code:
+                        raise OSError(code, os.strerror(code))
+                    return answers
+                answers.append(attributes(reply[offset + 20:offset + length]))
+                if not dump:
+                    return answers
+                offset += max((length + 3) & ~3, 16)
