@@ -6,6 +6,7 @@ own (127.x.y.z, bound on loopback), so that one check's opening cannot make
 another pass."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -191,6 +192,24 @@ def test_client_knock_opens_and_guard_drops(kernel, netns, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "open after" in out.stdout
     assert netns.tcp_open(GUARDED)
+
+
+def test_the_guard_holds_beside_iptables_legacy(kernel, netns):
+    """iptables' legacy backend hooks in apart from nftables, after our
+    chain: with its DROP policy letting the guarded port through, the guard
+    still decides (shut before the knock, open after it for the knocker
+    only), and the knocks it drops have been seen by then."""
+    need_root_and("iptables-legacy")
+    for rule in ("-A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+                 "-A INPUT -p tcp --dport %d -j ACCEPT" % GUARDED, "-P INPUT DROP"):
+        netns.run("iptables-legacy", *rule.split())
+    kernel.load([door([now_window(SEQ)])])
+    knocker, other = source(), source()
+    assert not kernel.opens(knocker)
+    assert kernel.knock(SEQ, knocker)
+    assert not kernel.opens(other)
+    dropped = netns.run("iptables-legacy", "-L", "INPUT", "-v", "-n", "-x").stdout
+    assert re.search(r"policy DROP (\d+) packets", dropped).group(1) != "0", dropped
 
 
 def test_raw_syns_open_only_their_source(kernel):
