@@ -25,6 +25,9 @@ from knockd_rotator.scheduling import end_pending_boundary_run, retry_moment, RE
 # shows the failure (and Restart= tries again) instead of a green `active`.
 
 WATCH_LOOK = 1        # seconds between two looks at the files' modification times
+# Seconds the wall clock may move apart from the monotonic one before the
+# watch plans again: NTP slews by at most 0.5 ms a second, a step is larger.
+CLOCK_SET = 1
 WATCH_FAILURES = 3
 
 
@@ -52,10 +55,15 @@ def modification_times(paths):
 
 
 def pause_until(moment, wakeup, received, changed):
-    """Sleep until the wall clock reaches MOMENT, a stop signal comes, or CHANGED()."""
+    """Sleep until the wall clock reaches MOMENT, a stop signal comes,
+    CHANGED(), or the wall clock is set (it moves apart from the monotonic
+    clock): a clock set back a day, say a wrong clock at boot put right,
+    must not leave the doors on the wrong day's sequences until it has
+    caught up with MOMENT."""
+    offset = time.time() - time.monotonic()
     while not received and not changed():
         remaining = moment - time.time()
-        if remaining <= 0:
+        if remaining <= 0 or abs(time.time() - time.monotonic() - offset) > CLOCK_SET:
             return
         # A second at a time: to follow changes of the wall clock, and to see
         # a door that add-client (or an editor) added, which may need an

@@ -276,6 +276,38 @@ def test_the_watch_tops_up_a_new_door(door):
         log.read_text()
 
 
+LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+
+
+def test_the_watch_follows_a_clock_set_right(door):
+    """A clock a day ahead (a wrong clock at boot) set right while the watch
+    runs: the watch plans again for the time now at once, not when the wall
+    clock has caught up with its next event a day later, and the client
+    (with the right time) opens.  libfaketime moves the watch's wall clock
+    only, as an NTP step would; the kernel's `meta time` is the real one."""
+    need_root_and("faketime")
+    assert os.path.exists(LIBFAKETIME), LIBFAKETIME
+    d = door()
+    clock, log = d.tmp / "faketime", d.tmp / "watch.log"
+    clock.write_text("+1d\n")
+    env = dict(d.env, LD_PRELOAD=LIBFAKETIME, FAKETIME_TIMESTAMP_FILE=str(clock),
+               FAKETIME_NO_CACHE="1", FAKETIME_DONT_FAKE_MONOTONIC="1")
+    loads = (lambda: log.read_text().count("loaded the table"))
+    with open(log, "wb") as output:
+        watch = d.ns.popen(sys.executable, str(CLIENT.parent / "knockd_rotator_server.py"),
+                           "--config", d.doors, "--watch", stderr=output, env=env)
+    try:
+        wait_until(lambda: loads() >= 1, 20, "the watch's first load")
+        assert d.knock()[0] == "shut", "the table holds tomorrow's sequences"
+        clock.write_text("+0\n")
+        wait_until(lambda: loads() >= 2, 10, "the watch to plan again for the time now")
+        assert d.knock() == ("open", 0)
+    finally:
+        watch.terminate()
+        watch.wait(20)
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
 def test_burn_and_firewall_are_refused(door):
     d = door()
     out = d.server("burn", "ssh_ROTATOR")

@@ -283,3 +283,28 @@ def test_a_pid_taken_over_by_another_process_is_not_the_pending_run(tmp_path, se
     finally:
         impostor.kill()
         impostor.wait()
+
+
+def test_the_watch_wakes_when_the_clock_is_set(monkeypatch):
+    """A wall clock set back a day (a wrong clock at boot put right) ends the
+    watch's pause at once: its next event, a day ahead by the new clock,
+    must not keep the doors on the wrong day's sequences.  A clock that only
+    runs on pauses until its moment.  (test_nft_server.py shows the whole
+    watch plan again under libfaketime.)"""
+    from knockd_rotator import watch
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)        # as the watch's wake-up pipe
+    set_at = time.monotonic() + 0.3
+    real = time.time
+    monkeypatch.setattr(watch.time, "time",
+                        lambda: real() + (0 if time.monotonic() > set_at else 86400))
+    started = time.monotonic()
+    watch.pause_until(real() + 86400 + 3600, read_end, [],
+                      lambda: time.monotonic() > started + 10)     # a bound on a failure
+    assert time.monotonic() - started < 2.5
+    monkeypatch.setattr(watch.time, "time", real)
+    started = time.monotonic()
+    watch.pause_until(real() + 1.5, read_end, [], lambda: False)
+    assert 1.4 < time.monotonic() - started < 3
+    os.close(read_end)
+    os.close(write_end)

@@ -109,6 +109,7 @@ def test_service_takes_secrets_from_a_file_and_survives_for_boundary_runs():
     assert "\nKillMode=process\n" in service and "\nType=oneshot\n" in service
     timer = (ROOT / "knockd_rotator.timer").read_text()
     assert "\nPersistent=true\n" in timer and "\nOnBootSec=" in timer
+    assert "\nOnClockChange=yes\n" in timer
 
 
 def test_watch_unit_runs_watch_mode_and_excludes_the_timer():
