@@ -308,6 +308,44 @@ def test_the_watch_follows_a_clock_set_right(door):
     assert "Traceback" not in log.read_text(), log.read_text()
 
 
+def test_door_numbers():
+    """A door keeps its number; a new one takes the lowest that no door of
+    the last load held while there is one; damaged numbers are dropped; more
+    doors than numbers is an error (exit 4), not a traceback."""
+    sys.path.insert(0, str(CLIENT.parent))
+    from knockd_rotator.core.generator import RotatorError
+    from knockd_rotator.engines.nftables.load import door_numbers
+    assert door_numbers({"ssh": 0, "web": 1}, ["web", "mail"]) == {"web": 1, "mail": 2}
+    assert door_numbers({"a": 0, "b": [], "c": 16384}, ["c", "d"]) == {"c": 1, "d": 2}
+    held = {"d%d" % n: n for n in range(16383)}
+    assert door_numbers(held, ["new", "d0"]) == {"d0": 0, "new": 16383}
+    assert door_numbers(held, ["new", "other"]) == {"new": 16383, "other": 0}
+    with pytest.raises(RotatorError) as raised:
+        door_numbers({}, ["d%d" % n for n in range(16385)])
+    assert raised.value.code == 4 and "at most 16384" in raised.value.what
+
+
+def test_a_new_door_counts_its_own_openings(door):
+    """A door never inherits a removed door's count: not in the load that
+    removes it (the new door takes another number), nor later, when its
+    number, whose counter a full load keeps, is free again."""
+    d = door()
+    assert d.server().returncode == 0
+    assert d.knock() == ("open", 0)
+    d.doors.write_text("web_ROTATOR guard=%d\n" % GUARDED)
+    assert d.server().returncode == 0
+    d.doors.write_text("web_ROTATOR guard=%d\nmail_ROTATOR guard=%d\n" % (GUARDED, GUARDED))
+    assert d.server().returncode == 0
+    numbers = json.loads((d.tmp / "state" / "nftables.json").read_text())["numbers"]
+    assert numbers == {"web_ROTATOR": 1, "mail_ROTATOR": 0}
+    assert d.knock("mail") == ("open", 0)
+
+    def opens():
+        report = json.loads(d.server("status", "--json").stdout)["report"]
+        return {entry["door"]: entry["opens"] for entry in report["doors"]}
+    assert opens() == {"web_ROTATOR": 0, "mail_ROTATOR": 1}
+
+
 def test_burn_and_firewall_are_refused(door):
     d = door()
     out = d.server("burn", "ssh_ROTATOR")

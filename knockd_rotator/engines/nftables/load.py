@@ -61,24 +61,34 @@ def read_record(state_dir):
                  and whole(w[3]) and (w[1] is None or whole(w[1])) for w in entry["windows"])
              } if isinstance(record.get("doors"), dict) else {}
     loaded = record.get("loaded") if whole(record.get("loaded")) else None
-    return {"numbers": record.get("numbers"), "finals": finals, "doors": doors,
+    numbers = record.get("numbers") if isinstance(record.get("numbers"), dict) else {}
+    return {"numbers": numbers, "finals": finals, "doors": doors,
             "loaded": loaded}
 
 
 def door_numbers(previous, names):
     """{door: number}: each door keeps the number it had (node ids are built
     from it, so knocks in progress and burned uses survive a load); a new
-    door takes the lowest free one."""
-    numbers = {}
+    door takes the lowest free one, and one that no door of PREVIOUS held
+    while there is such a number: a door removed in this load leaves its
+    number, and what the table holds under it, to a later load."""
+    if len(names) > ruleset.MAX_DOORS:
+        raise RotatorError("%d doors; the nftables engine holds at most %d"
+                           % (len(names), ruleset.MAX_DOORS), "see docs/NFTABLES.md, Limits",
+                           EXIT_CONFIG)
+    previous = {name: number for name, number in (previous or {}).items()
+                if isinstance(number, int) and 0 <= number < ruleset.MAX_DOORS}
+    numbers, taken = {}, set()
     for name in names:
-        number = previous.get(name) if isinstance(previous, dict) else None
-        if isinstance(number, int) and 0 <= number < ruleset.MAX_DOORS \
-                and number not in numbers.values():
+        number = previous.get(name)
+        if number is not None and number not in taken:
             numbers[name] = number
-    free = (number for number in range(ruleset.MAX_DOORS) if number not in set(numbers.values()))
-    for name in names:
-        if name not in numbers:
-            numbers[name] = next(free)
+            taken.add(number)
+    held = taken | set(previous.values())
+    free = [n for n in range(ruleset.MAX_DOORS) if n not in held] + \
+        [n for n in range(ruleset.MAX_DOORS) if n in held and n not in taken]
+    for name, number in zip([name for name in names if name not in numbers], free):
+        numbers[name] = number
     return numbers
 
 
@@ -168,10 +178,12 @@ def rotate(doors_path, environ, now, dry_run=False, verbose=False):
                 environ, {door.name: settings_of(door.name) for door in doors}):
             log("warning: " + warning)
         numbers = door_numbers(record.get("numbers"), [door.name for door in doors])
+        # A door new to the record counts its openings from zero.
+        fresh = {numbers[d.name] for d in doors if d.name not in record.get("numbers", {})}
         planned = kernel_doors(doors, settings_of, uses, numbers, now, horizon(settings))
         try:
             previous = LOADED.get(doors_path) if burned is not None else None
-            load, loaded = ruleset.render(planned, now, previous)
+            load, loaded = ruleset.render(planned, now, previous, fresh)
         except ValueError as exc:
             raise RotatorError("%s: %s" % (doors_path, exc),
                                "see docs/NFTABLES.md, Limits", EXIT_CONFIG) from None
@@ -188,7 +200,7 @@ def rotate(doors_path, environ, now, dry_run=False, verbose=False):
                 raise
             # A top-up assumes the table as this process left it: load it whole.
             log("warning: the top-up was refused (%s); loading the whole table" % exc.what)
-            load, loaded = ruleset.render(planned, now)
+            load, loaded = ruleset.render(planned, now, fresh=fresh)
             nft_apply(load)
         LOADED[doors_path] = loaded
         record_load(state_dir, numbers, loaded, planned, now)

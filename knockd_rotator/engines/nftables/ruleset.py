@@ -588,7 +588,7 @@ DELETE_MARGIN = 10
 Load = namedtuple("Load", "text staged")
 
 
-def render(plan, now, loaded=None):
+def render(plan, now, loaded=None, fresh=()):
     """The Load that makes the table hold PLAN from NOW on.
 
     LOADED None: a full load (creates the table, or replaces every static
@@ -599,7 +599,9 @@ def render(plan, now, loaded=None):
     expire in the kernel by themselves.  A top-up stages the new edges that
     hang from nodes no packet can reach yet (a new window's) and the new
     first knocks: what a packet sees still changes in one transaction, the
-    text's.  Returns (load, ruleset): keep the ruleset for the next top-up."""
+    text's.  The counters of the doors numbered in FRESH (new to the
+    caller's record) start from zero.  Returns (load, ruleset): keep the
+    ruleset for the next top-up."""
     ruleset = build(plan, now)
     lines = [DECLARATIONS % {"t": TABLE, "n": DYNAMIC_SIZE,
                              "sources": _source_declarations(DYNAMIC_SIZE)}]
@@ -613,6 +615,11 @@ def render(plan, now, loaded=None):
     if loaded is None:
         for name in STATIC:
             lines.append("flush %s inet %s %s" % ("map" if name in MAPS else "set", TABLE, name))
+    # Not the count a door removed by a full load left under its number:
+    # deleted and made again, after the flush, so that nothing names it.
+    for number in sorted(set(fresh) & set(doors) - set(known)):
+        lines += ["delete counter inet %s %s" % (TABLE, counter_name(number)),
+                  "add counter inet %s %s" % (TABLE, counter_name(number))]
     rules = _rules(ruleset)
     # Only the chains whose rules changed are rewritten: binding a rule's
     # lookup to `trans` makes the kernel walk all its elements (a loop check,
