@@ -126,20 +126,40 @@ def _netlink_socket(netns):
             _setns(own.fileno())
 
 
-def _error(reply, offset, length, flags):
-    """The kernel's message for an NLMSG_ERROR, with its extended ack text."""
-    code = -struct.unpack_from("=i", reply, offset + 16)[0]
+def _exchange(message, netns, send_buffer=None):
+    """Send MESSAGE on a new netfilter socket (in NETNS) and yield each
+    message of the kernel's answer: (type, flags, sequence, what follows
+    its header)."""
+    with _netlink_socket(netns) as sock:
+        if send_buffer:
+            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, send_buffer)
+        sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
+        sock.bind((0, 0))
+        # The kernel handles a batch within send(); its answer is queued
+        # when it returns (the timeout is for one it drops without a word,
+        # which a bug of ours would be).
+        sock.settimeout(10)
+        sock.send(message)
+        while True:
+            reply = sock.recv(1 << 20)
+            offset = 0
+            while offset + 16 <= len(reply):
+                length, kind, flags, sequence, _ = struct.unpack_from("=IHHII", reply, offset)
+                yield kind, flags, sequence, reply[offset + 16:offset + length]
+                offset += max((length + 3) & ~3, 16)
+
+
+def _error(payload, flags):
+    """The errno of an NLMSG_ERROR's PAYLOAD (0: an acknowledgement), and
+    its text, with the kernel's extended ack message if any."""
+    code = -struct.unpack_from("=i", payload)[0]
     text = os.strerror(code)
     if flags & NLM_F_ACK_TLVS:
         # After the error code and the original header (NETLINK_CAP_ACK).
-        at, end = offset + 16 + 4 + 16, offset + length
-        while at + 4 <= end:
-            size, kind = struct.unpack_from("=HH", reply, at)
-            if size < 4:
-                break
-            if kind & ~NLA_F_NESTED == NLMSGERR_ATTR_MSG:
-                text += " (%s)" % reply[at + 4:at + size].rstrip(b"\0").decode("utf-8", "replace")
-            at += (size + 3) & ~3
+        for kind, value in attribute_list(payload[4 + 16:]):
+            if kind == NLMSGERR_ATTR_MSG:
+                text += " (%s)" % string(value)
     return code, text
 
 
@@ -151,35 +171,15 @@ def add_elements(table, staged, netns=None):
         return
     data, end = batch(table, staged)
     try:
-        sock = _netlink_socket(netns)
+        for kind, flags, sequence, payload in _exchange(data, netns, len(data) + 65536):
+            if kind == NLMSG_ERROR:
+                code, text = _error(payload, flags)
+                if code:
+                    raise RuntimeError("netlink: the kernel refused the elements: %s" % text)
+                if sequence == end:
+                    return
     except OSError as exc:
         raise RuntimeError("netlink: %s" % exc) from None
-    with sock:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(data) + 65536)
-            sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-            sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
-            sock.bind((0, 0))
-            # The kernel handles the batch within this call; its answer is
-            # queued when it returns (the timeout is for a batch it drops
-            # without a word, which a bug of ours would be).
-            sock.settimeout(10)
-            sock.send(data)
-            while True:
-                reply = sock.recv(1 << 16)
-                offset = 0
-                while offset + 20 <= len(reply):
-                    length, kind, flags, sequence, _ = struct.unpack_from("=IHHII", reply, offset)
-                    if kind == NLMSG_ERROR:
-                        code, text = _error(reply, offset, length, flags)
-                        if code:
-                            raise RuntimeError("netlink: the kernel refused the elements: %s"
-                                               % text)
-                        if sequence == end:
-                            return
-                    offset += max((length + 3) & ~3, 16)
-        except OSError as exc:
-            raise RuntimeError("netlink: %s" % exc) from None
 
 
 # ---------------------------------------------------------------- reading
@@ -259,25 +259,16 @@ def _answers(message, dump, netns):
     """(answers, whole) for MESSAGE: not WHOLE when the table changed during
     the dump (a load raced it), which the kernel flags."""
     answers, whole = [], True
-    with _netlink_socket(netns) as sock:
-        sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-        sock.bind((0, 0))
-        sock.settimeout(10)
-        sock.send(message)
-        while True:
-            reply = sock.recv(1 << 20)
-            offset = 0
-            while offset + 16 <= len(reply):
-                length, answer, flags, _, _ = struct.unpack_from("=IHHII", reply, offset)
-                whole = whole and not flags & NLM_F_DUMP_INTR
-                if answer == NLMSG_DONE:
-                    return answers, whole
-                if answer == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", reply, offset + 16)[0]
-                    if code:
-                        raise OSError(code, os.strerror(code))
-                    return answers, whole
-                answers.append(attributes(reply[offset + 20:offset + length]))
-                if not dump:
-                    return answers, whole
-                offset += max((length + 3) & ~3, 16)
+    for kind, flags, _, payload in _exchange(message, netns):
+        whole = whole and not flags & NLM_F_DUMP_INTR
+        if kind == NLMSG_DONE:
+            break
+        if kind == NLMSG_ERROR:
+            code, text = _error(payload, flags)
+            if code:
+                raise OSError(code, text)
+            break
+        answers.append(attributes(payload[4:]))          # after the nfgenmsg
+        if not dump:
+            break
+    return answers, whole
