@@ -38,21 +38,22 @@ def horizon(settings):
 
 def read_record(state_dir):
     """STATE_DIR/RECORD: what the last load held (door numbers, final edges
-    of single-use windows, windows per door), or {}.  What is damaged in it
-    is dropped: the next load writes it anew."""
+    of single-use windows, windows per door, when), each empty when there
+    is none.  What is damaged in it is dropped: the next load writes it
+    anew."""
     try:
         with open(os.path.join(state_dir, RECORD), "rb") as handle:
             record = json.loads(handle.read())
     except (OSError, ValueError, RecursionError):
-        return {}
+        record = {}
     if not isinstance(record, dict):
-        return {}
+        record = {}
     whole = (lambda value: isinstance(value, int) and not isinstance(value, bool))
     finals = [final for final in record.get("finals") or () if isinstance(final, list)
               and len(final) == 6 and whole(final[0]) and final[1] in ruleset.PROTOCOLS
               and whole(final[2]) and isinstance(final[3], str) and whole(final[4])
               and whole(final[5])]
-    doors = {name: entry for name, entry in (record.get("doors") or {}).items()
+    doors = {name: entry for name, entry in record["doors"].items()
              if isinstance(entry, dict) and whole(entry.get("period"))
              and whole(entry.get("number")) and isinstance(entry.get("guard"), list)
              and all(whole(port) for port in entry["guard"])
@@ -76,7 +77,7 @@ def door_numbers(previous, names):
         raise RotatorError("%d doors; the nftables engine holds at most %d"
                            % (len(names), ruleset.MAX_DOORS), "see docs/NFTABLES.md, Limits",
                            EXIT_CONFIG)
-    previous = {name: number for name, number in (previous or {}).items()
+    previous = {name: number for name, number in previous.items()
                 if isinstance(number, int) and 0 <= number < ruleset.MAX_DOORS}
     numbers, taken = {}, set()
     for name in names:
@@ -104,11 +105,18 @@ def kernel_doors(doors, settings_of, uses, numbers, now, ahead):
     return planned
 
 
+def plan_doors(doors, settings_of, uses, record, now, settings):
+    """(numbers, planned): each door's number and the ruleset's Doors that a
+    load at NOW makes (and that `check` tries on nft)."""
+    numbers = door_numbers(record["numbers"], [door.name for door in doors])
+    return numbers, kernel_doors(doors, settings_of, uses, numbers, now, horizon(settings))
+
+
 def burned_uses(record):
     """[(door, start, use)] that the kernel burned since the last load, or
     None when the table is not there (or nft cannot be asked)."""
     finals = {(node, proto, port): (door, start, use)
-              for node, proto, port, door, start, use in record.get("finals", [])}
+              for node, proto, port, door, start, use in record["finals"]}
     try:
         spent = kernel.read_spent()
     except (OSError, subprocess.CalledProcessError):
@@ -177,10 +185,9 @@ def rotate(doors_path, environ, now, dry_run=False, verbose=False):
         for warning in settings_warnings(
                 environ, {door.name: settings_of(door.name) for door in doors}):
             log("warning: " + warning)
-        numbers = door_numbers(record.get("numbers"), [door.name for door in doors])
+        numbers, planned = plan_doors(doors, settings_of, uses, record, now, settings)
         # A door new to the record counts its openings from zero.
-        fresh = {numbers[d.name] for d in doors if d.name not in record.get("numbers", {})}
-        planned = kernel_doors(doors, settings_of, uses, numbers, now, horizon(settings))
+        fresh = {numbers[d.name] for d in doors if d.name not in record["numbers"]}
         try:
             previous = LOADED.get(doors_path) if burned is not None else None
             load, loaded = ruleset.render(planned, now, previous, fresh)

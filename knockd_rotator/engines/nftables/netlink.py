@@ -85,10 +85,9 @@ def batch(table, staged, first_sequence=1):
     messages = [_message(BATCH_BEGIN, NLM_F_REQUEST, sequence, socket.AF_UNSPEC, b"",
                          NFNL_SUBSYS_NFTABLES)]
     timeouts = {}
-    for name, items in sorted(staged.items()):
-        encode, size = ENCODERS[name]
-        head = _attribute(LIST_TABLE, table.encode() + b"\0") + \
-            _attribute(LIST_SET, name.encode() + b"\0")
+    for set_name, items in sorted(staged.items()):
+        encode, size = ENCODERS[set_name]
+        head = _attribute(LIST_TABLE, name(table)) + _attribute(LIST_SET, name(set_name))
         per_message = (NEST_LIMIT - 4) // size
         for start in range(0, len(items), per_message):
             elements = b"".join(

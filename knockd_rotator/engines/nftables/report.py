@@ -50,9 +50,8 @@ def check(doors_path, environ, now):
     for warning in warnings:
         print("warning: " + warning, file=sys.stderr)
     record = load.read_record(settings["STATE_DIR"])
-    numbers = load.door_numbers(record.get("numbers"), [door.name for door in doors])
-    planned = load.kernel_doors(doors, settings_of, read_uses(settings["STATE_DIR"]), numbers,
-                                now, load.horizon(settings))
+    _, planned = load.plan_doors(doors, settings_of, read_uses(settings["STATE_DIR"]), record,
+                                 now, settings)
     try:
         whole, _ = ruleset.render(planned, now)
         kernel.apply(whole, check=True)
@@ -91,10 +90,10 @@ def door_status(doors_path, environ, now):
     except (OSError, RuntimeError) as exc:
         raise RotatorError("cannot read the table: %s" % " ".join(str(exc).split())[:300],
                            "run as root, with nftables installed", EXIT_CONFIG) from None
-    recorded = record.get("doors", {})
+    recorded = record["doors"]
     opens = table.opens if table else {}
     return {"now": int(now), "doors_file": doors_path, "table": "inet " + ruleset.TABLE,
-            "table_present": table is not None, "loaded": record.get("loaded"),
+            "table_present": table is not None, "loaded": record["loaded"],
             "kernel_windows": table.cohorts if table else [],
             "open_sources": table.sources if table else 0,
             "unloaded_doors": [door.name for door in doors if door.name not in recorded],
