@@ -371,6 +371,7 @@ def test_nftables_engine_never_raises_anything_else():
     records = st.tuples(st.just("state/nftables.json"), st.one_of(damaged, st.sampled_from([
         b'{"numbers": {"ssh_ROTATOR": 99999}, "finals": [[1, "tcp", 2, "ssh_ROTATOR", 3, 4]]}',
         b'{"finals": [[1, "tcp"]], "doors": {"ssh_ROTATOR": {"windows": [[1]]}}}',
+        b'{"finals": 5, "numbers": [], "doors": []}',
         b'{"doors": {"ssh_ROTATOR": {"number": [], "period": 5, "guard": [22], '
         b'"windows": []}}}'])))
 

@@ -49,10 +49,10 @@ def read_record(state_dir):
     if not isinstance(record, dict):
         record = {}
     whole = (lambda value: isinstance(value, int) and not isinstance(value, bool))
-    finals = [final for final in record.get("finals") or () if isinstance(final, list)
+    finals = [final for final in record.get("finals") if isinstance(final, list)
               and len(final) == 6 and whole(final[0]) and final[1] in ruleset.PROTOCOLS
               and whole(final[2]) and isinstance(final[3], str) and whole(final[4])
-              and whole(final[5])]
+              and whole(final[5])] if isinstance(record.get("finals"), list) else []
     doors = {name: entry for name, entry in record["doors"].items()
              if isinstance(entry, dict) and whole(entry.get("period"))
              and whole(entry.get("number")) and isinstance(entry.get("guard"), list)
