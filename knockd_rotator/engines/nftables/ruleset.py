@@ -347,7 +347,6 @@ table inet %(t)s {
 """
 
 
-
 def _source_declarations(size):
     """Each family's per-source maps and sets, with their spares (see
     _spare_add), and the sources each port is open for."""
